@@ -1,0 +1,122 @@
+"""Backend-neutral entry points for the two ops the optimizer needs: select and sparse step.
+
+`backend="torch"` runs `reference.py`; `backend="triton"` runs the launchers in this package
+(`select.py`, `sparse_adamw.py`), which call the kernels in `ops/triton/`. Triton is imported
+lazily so that the package works where it is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Sequence
+
+import torch
+
+from gallop_kernels import reference
+from gallop_kernels.reference import Score
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def triton_interpreter_enabled() -> bool:
+    """Whether Triton kernels run on the CPU in its interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def check_backend(backend: str) -> None:
+    """Raise if ``backend`` is unknown or cannot run on this machine."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "triton":
+        if not triton_installed():
+            raise ValueError("backend='triton' needs the triton package, which is not installed")
+        if not (torch.cuda.is_available() or triton_interpreter_enabled()):
+            raise ValueError(
+                "backend='triton' needs a CUDA device, or TRITON_INTERPRET=1 set before triton is "
+                "imported to run the kernels on the CPU; use backend='torch' or 'auto' otherwise"
+            )
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend for tensors on ``device``: "auto" means Triton on CUDA, else torch."""
+    if backend != "auto":
+        if backend == "triton" and device.type != "cuda" and not triton_interpreter_enabled():
+            raise ValueError(
+                f"backend='triton' cannot run on {device} tensors without TRITON_INTERPRET=1"
+            )
+        return backend
+    return "triton" if device.type == "cuda" and triton_installed() else "torch"
+
+
+def select_indices(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor | None],
+    *,
+    density: float,
+    score: Score,
+    score_eps: float,
+    seed: int,
+    names: Sequence[str],
+    backend: str,
+) -> list[torch.Tensor]:
+    """Exact top-k selection over one group: per tensor, its sorted flat indices.
+
+    Indices come back in the storage dtype of `reference.index_dtype`. Raises ``ValueError``
+    naming the parameter if any score is NaN or infinite.
+    """
+    if backend == "torch":
+        chosen = reference.select(params, grads, density, score, score_eps, seed, names)
+        return [c.to(reference.index_dtype(p.numel())) for c, p in zip(chosen, params)]
+
+    from gallop_kernels.ops.select import triton_select
+
+    k = reference.k_for_density(sum(p.numel() for p in params), density)
+    precomputed = None
+    if callable(score):
+        offsets = [0]
+        for p in params[:-1]:
+            offsets.append(offsets[-1] + p.numel())
+        precomputed = [
+            reference.compute_score(p, g, score, score_eps, seed, off)
+            for p, g, off in zip(params, grads, offsets)
+        ]
+        score = "precomputed"
+    return triton_select(
+        params, grads, k, score, score_eps=score_eps, seed=seed, names=names,
+        precomputed=precomputed,
+    )
+
+
+def sparse_adamw_update(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    indices: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    masters: Sequence[torch.Tensor | None],
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    backend: str,
+) -> None:
+    """One sparse AdamW step for tensors that share the same step count, in place."""
+    if backend == "torch":
+        for args in zip(params, grads, indices, exp_avgs, exp_avg_sqs, masters):
+            reference.sparse_adamw_step(*args, step, lr, beta1, beta2, eps, weight_decay)
+        return
+
+    from gallop_kernels.ops.sparse_adamw import triton_sparse_adamw_step
+
+    triton_sparse_adamw_step(
+        list(params), list(grads), list(indices), list(exp_avgs), list(exp_avg_sqs),
+        list(masters), step, lr, beta1, beta2, eps, weight_decay,
+    )

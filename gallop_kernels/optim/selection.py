@@ -1,0 +1,98 @@
+"""Phase one of GaLLoP inside the optimizer: which gradient to score, and how state follows a new selection.
+
+Selection is split in two so that nothing changes when it fails: `plan` only computes the new
+index sets (and raises on NaN/inf scores); `apply` installs them into the optimizer state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from gallop_kernels import ops
+
+
+def needs_master(param: torch.Tensor, policy: Any) -> bool:
+    """fp32 master copy of the selected entries: for bf16/fp16 params under "auto", or forced."""
+    if policy == "auto":
+        return param.dtype in (torch.bfloat16, torch.float16)
+    return bool(policy)
+
+
+def selection_gradients(
+    params: Sequence[torch.Tensor], state: dict, steps_since_selection: int | None
+) -> list[torch.Tensor | None]:
+    """The gradient each param is scored with.
+
+    The first selection uses the current ``.grad``. A re-selection (GMT) uses the mean of the
+    gradients accumulated since the previous selection.
+    """
+    if not steps_since_selection:
+        return [p.grad for p in params]
+    grads = []
+    for p in params:
+        accum = state[p].get("grad_accum") if p in state else None
+        grads.append(None if accum is None else (accum / steps_since_selection).view_as(p))
+    return grads
+
+
+def plan(
+    group: dict, state: dict, names: Sequence[str], backend: str, from_accumulated: bool
+) -> list[torch.Tensor]:
+    """New sorted index set per param of ``group``; changes nothing."""
+    params = group["params"]
+    since = group.get("steps_since_selection") if from_accumulated else None
+    grads = selection_gradients(params, state, since)
+    device = params[0].device
+    return ops.select_indices(
+        params,
+        grads,
+        density=group["density"],
+        score=group["score"],
+        score_eps=group["score_eps"],
+        seed=group["seed"],
+        names=names,
+        backend=ops.resolve_backend(backend, device),
+    )
+
+
+def _carry_over(
+    old_indices: torch.Tensor, new_indices: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each new index, whether it was selected before and where it sat in the old set."""
+    old = old_indices.to(torch.int64)
+    new = new_indices.to(torch.int64)
+    if old.numel() == 0:
+        return torch.zeros_like(new, dtype=torch.bool), torch.zeros_like(new)
+    pos = torch.searchsorted(old, new).clamp_(max=old.numel() - 1)
+    return old[pos] == new, pos
+
+
+def apply(group: dict, state: dict, new_indices: Sequence[torch.Tensor]) -> None:
+    """Install a selection: entries that stay keep m, v and master; new entries start at zero."""
+    accumulate = group["reselect_every"] is not None
+    for p, idx in zip(group["params"], new_indices):
+        st = state[p]
+        k = idx.numel()
+        exp_avg = torch.zeros(k, dtype=torch.float32, device=p.device)
+        exp_avg_sq = torch.zeros_like(exp_avg)
+        master = None
+        if needs_master(p, group["master_weights"]):
+            master = p.detach().reshape(-1)[idx.to(torch.int64)].to(torch.float32)
+        if "indices" in st:
+            kept, pos = _carry_over(st["indices"], idx)
+            exp_avg[kept] = st["exp_avg"][pos[kept]]
+            exp_avg_sq[kept] = st["exp_avg_sq"][pos[kept]]
+            if master is not None and "master" in st:
+                master[kept] = st["master"][pos[kept]]
+        st.clear()
+        st["indices"] = idx
+        st["exp_avg"] = exp_avg
+        st["exp_avg_sq"] = exp_avg_sq
+        if master is not None:
+            st["master"] = master
+        st["step"] = torch.tensor(0.0, dtype=torch.float32)
+        if accumulate:
+            st["grad_accum"] = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+    group["steps_since_selection"] = 0
