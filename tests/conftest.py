@@ -20,3 +20,20 @@ def dtype(request) -> torch.dtype:
 @pytest.fixture
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _triton_launchers_present() -> bool:
+    try:
+        import gallop_kernels.ops.select  # noqa: F401
+        import gallop_kernels.ops.sparse_adamw  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request) -> str:
+    """Every optimizer behaviour test runs on both backends (Triton in its interpreter on CPU)."""
+    if request.param == "triton" and not _triton_launchers_present():
+        pytest.skip("Triton launchers are not available")
+    return request.param
