@@ -54,6 +54,8 @@ class SparseAdamW(Optimizer):
         backend: str = "auto",
     ) -> None:
         ops.check_backend(backend)
+        if isinstance(params, (set, frozenset)):
+            raise TypeError("params must be an ordered collection (a list), not a set")
         defaults = dict(
             lr=lr,
             betas=tuple(betas) if isinstance(betas, list) else betas,
