@@ -10,7 +10,8 @@ from typing import Any, Sequence
 
 import torch
 
-from gallop_kernels import ops
+from gallop_kernels import ops, reference
+from gallop_kernels.ops.streaming_select import streaming_select
 
 
 def needs_master(param: torch.Tensor, policy: Any) -> bool:
@@ -38,13 +39,25 @@ def selection_gradients(
 
 
 def plan(
-    group: dict, state: dict, names: Sequence[str], backend: str, from_accumulated: bool
+    group: dict,
+    state: dict,
+    names: Sequence[str],
+    backend: str,
+    from_accumulated: bool,
+    gradients: dict[torch.Tensor, torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
-    """New sorted index set per param of ``group``; changes nothing."""
+    """New sorted index set per param of ``group``; changes nothing.
+
+    ``gradients`` (param -> gradient, possibly on another device) replaces ``.grad``; such
+    gradients go through the chunked radix select, which copies one chunk at a time.
+    """
     params = group["params"]
+    device = params[0].device
+    if gradients is not None:
+        grads = [gradients.get(p) for p in params]
+        return streaming_select_group(group, params, grads, names)
     since = group.get("steps_since_selection") if from_accumulated else None
     grads = selection_gradients(params, state, since)
-    device = params[0].device
     return ops.select_indices(
         params,
         grads,
@@ -55,6 +68,21 @@ def plan(
         names=names,
         backend=ops.resolve_backend(backend, device),
     )
+
+
+def streaming_select_group(
+    group: dict, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None],
+    names: Sequence[str],
+) -> list[torch.Tensor]:
+    for p, g, name in zip(params, grads, names):
+        if g is not None and g.shape != p.shape:
+            raise ValueError(f"gradient given for {name} has shape "
+                             f"{tuple(g.shape)}, expected {tuple(p.shape)}")
+    k = reference.k_for_density(sum(p.numel() for p in params), group["density"])
+    chosen = streaming_select(
+        params, grads, k, group["score"], group["score_eps"], group["seed"], names
+    )
+    return [c.to(reference.index_dtype(p.numel())) for c, p in zip(chosen, params)]
 
 
 def _carry_over(

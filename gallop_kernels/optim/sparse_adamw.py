@@ -10,6 +10,7 @@ from torch.optim import Optimizer
 
 from gallop_kernels import ops
 from gallop_kernels.optim import checkpoint, selection
+from gallop_kernels.optim.lean import LeanGradients
 from gallop_kernels.optim.validation import check_grads, check_group_options, check_params
 from gallop_kernels.reference import Score
 
@@ -35,6 +36,9 @@ class SparseAdamW(Optimizer):
             selection (GMT); entries that stay keep their state. ``None`` selects once.
         master_weights: "auto" (fp32 master copy for bf16/fp16 params), True or False.
         backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+        lean: after selection, gather each gradient's selected entries into a compact fp32
+            buffer in a post-accumulate-grad hook and free the dense gradient at once; freeze
+            (``requires_grad=False``) tensors with no selected entry. See `optim/lean.py`.
     """
 
     def __init__(
@@ -52,6 +56,7 @@ class SparseAdamW(Optimizer):
         reselect_every: int | None = None,
         master_weights: bool | str = "auto",
         backend: str = "auto",
+        lean: bool = False,
     ) -> None:
         ops.check_backend(backend)
         if isinstance(params, (set, frozenset)):
@@ -70,6 +75,8 @@ class SparseAdamW(Optimizer):
         )
         check_group_options(defaults)
         self.backend = backend
+        self._group_index: dict[int, int] = {}
+        self._lean = LeanGradients(lambda: self.state, self._reselection_due) if lean else None
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------------------------------
@@ -96,6 +103,11 @@ class SparseAdamW(Optimizer):
             options["betas"] = tuple(options["betas"])
         check_group_options(options)
         super().add_param_group({**options, "params": params})
+        for p in tensors:
+            self._group_index[id(p)] = len(self.param_groups) - 1
+        if self._lean is not None:
+            for p in tensors:
+                self._lean.watch(p)
 
     def _names(self, group_index: int) -> list[str]:
         group = self.param_groups[group_index]
@@ -111,19 +123,37 @@ class SparseAdamW(Optimizer):
     # ------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def select(self) -> None:
+    def select(self, gradients: dict[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Select now, in every group, from the current ``.grad`` s (a re-selection if selected).
 
         Typical GaLLoP phase one: run backward over calibration batches (gradients accumulate in
-        ``.grad``), call ``select()``, ``zero_grad()``, then train.
+        ``.grad``), call ``select()``, ``zero_grad()``, then train — or use
+        `gallop_kernels.calibrate`, which never holds the model's dense gradient on the GPU.
+
+        Args:
+            gradients: optional ``{param: gradient}`` to score instead of ``.grad`` (may live on
+                another device, e.g. pinned host memory; it is streamed chunk by chunk).
         """
-        check_grads(self._named_params())
+        if gradients is None:
+            check_grads(self._named_params())
         plans = [
-            selection.plan(group, self.state, self._names(i), self.backend, from_accumulated=False)
+            selection.plan(group, self.state, self._names(i), self.backend,
+                           from_accumulated=False, gradients=gradients)
             for i, group in enumerate(self.param_groups)
         ]
         for group, new_indices in zip(self.param_groups, plans):
-            selection.apply(group, self.state, new_indices)
+            self._install(group, new_indices)
+
+    def _install(self, group: dict, new_indices: list[torch.Tensor]) -> None:
+        selection.apply(group, self.state, new_indices)
+        if self._lean is not None and group["reselect_every"] is None:
+            # (GMT re-selection scores every tensor's gradient, so nothing is frozen there.)
+            self._lean.freeze_unselected(group["params"])
+
+    def unfreeze(self) -> None:
+        """Lean mode: give tensors frozen for having no selected entry their gradients back."""
+        if self._lean is not None:
+            self._lean.unfreeze()
 
     def selected_indices(self, param: torch.Tensor) -> torch.Tensor:
         """Sorted flat int64 indices of the selected entries of ``param``."""
@@ -143,6 +173,10 @@ class SparseAdamW(Optimizer):
             for p in group["params"]
             if "indices" in self.state.get(p, {})
         )
+
+    def _reselection_due(self, param: torch.Tensor) -> bool:
+        """Whether the next step re-selects the group of ``param``."""
+        return self._due(self.param_groups[self._group_index[id(param)]]) == "reselect"
 
     def _due(self, group: dict) -> str | None:
         """Which selection a group needs before this step: "first", "reselect" or none."""
@@ -176,7 +210,7 @@ class SparseAdamW(Optimizer):
                     from_accumulated=(due == "reselect"),
                 )
         for i, new_indices in plans.items():
-            selection.apply(self.param_groups[i], self.state, new_indices)
+            self._install(self.param_groups[i], new_indices)
 
         for group in self.param_groups:
             if "steps_since_selection" in group:
@@ -188,19 +222,22 @@ class SparseAdamW(Optimizer):
         backend = ops.resolve_backend(self.backend, group["params"][0].device)
         # Tensors that share a step count go to the fused kernel together (normally all of them).
         by_step: dict[int, list[torch.Tensor]] = {}
+        grads = {}
         for p in group["params"]:
-            if p.grad is None:
+            grad = self._lean.grad(p) if self._lean is not None else p.grad
+            if grad is None:
                 continue
+            grads[p] = grad
             st = self.state[p]
             st["step"] += 1
             by_step.setdefault(int(st["step"].item()), []).append(p)
-            if "grad_accum" in st:
+            if "grad_accum" in st and grad is p.grad:  # (lean hooks accumulate by themselves)
                 st["grad_accum"].add_(p.grad.reshape(-1))
         for step, params in by_step.items():
             states = [self.state[p] for p in params]
             ops.sparse_adamw_update(
                 params,
-                [p.grad for p in params],
+                [grads[p] for p in params],
                 [st["indices"] for st in states],
                 [st["exp_avg"] for st in states],
                 [st["exp_avg_sq"] for st in states],
@@ -214,6 +251,12 @@ class SparseAdamW(Optimizer):
                 backend=backend,
             )
         group["steps_since_selection"] += 1
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As `torch.optim.Optimizer.zero_grad`; also clears lean mode's compact gradients."""
+        super().zero_grad(set_to_none)
+        if self._lean is not None:
+            self._lean.zero()
 
     def _named_params(self) -> Iterable[tuple[str, torch.Tensor]]:
         for i, group in enumerate(self.param_groups):
