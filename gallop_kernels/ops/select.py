@@ -1,0 +1,318 @@
+"""Launcher for exact top-k selection with the Triton kernels (DESIGN §1, §4).
+
+``triton_select`` returns the same index sets as ``reference.select_topk`` over the group's scores:
+the k largest float32 scores, ties to the lower flat index in the group's concatenation.
+
+Algorithm (all on the device, one host synchronisation):
+
+1. radix select over the keys of the scores (``score_histogram_kernel`` + ``choose_bucket_kernel``),
+   three digit passes: 11/10/10 bits for the 31-bit keys of the named scores (all >= 0, first digit
+   at bit 30), 11/11/10 bits for the 32-bit keys of signed precomputed scores. Each pass recomputes
+   the score from θ and g and keeps only the entries matching the prefix chosen so far; the chosen
+   prefix and the remaining k stay in a device state buffer. Once a bucket holds exactly the
+   remaining k entries the later passes exit at once (early stop).
+2. ``count_kernel``: per-chunk counts of keys above / equal to the threshold, scanned with
+   torch.cumsum (device) into per-chunk output positions and tie quotas.
+3. the one host sync: per-tensor NaN/inf counts and per-tensor selected counts (to raise naming
+   the tensor, and to allocate each tensor's output).
+4. ``write_kernel``: writes every tensor's sorted local indices.
+
+Extra device memory: 3 × 2048 int64 bins, a few int64 per chunk (chunk = BLOCK × TILES_PER_CHUNK
+entries), the launch tables and the outputs; never an N-length buffer.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from gallop_kernels.ops.triton.compaction import count_kernel, write_kernel
+from gallop_kernels.ops.triton.radix_select import STATE_SIZE, S_KREM, choose_bucket_kernel
+from gallop_kernels.ops.triton.score import (
+    F_GCHUNK, F_GOFF, F_GRAD, F_NUMEL, F_OUT, F_START, F_THETA, F_TID, NF, SCORE_CODES,
+)
+from gallop_kernels.ops.triton.score_histogram import score_histogram_kernel
+
+__all__ = ["triton_select"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Entries per tile and tiles per chunk (one program per chunk). Module attributes so tests can
+# shrink them; chosen for the interpreter's speed when it is on.
+BLOCK = 128 if _INTERPRET else 1024
+TILES_PER_CHUNK = 4 if _INTERPRET else 16
+NUM_WARPS = 4
+
+INT32_LIMIT = 2**31
+_MASK32 = 0xFFFFFFFF
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+# (shift, digit bits) of the radix passes, most significant digit first.
+_DIGITS_UNSIGNED = ((20, 11), (10, 10), (0, 10))  # 31-bit keys of scores >= 0
+_DIGITS_SIGNED = ((21, 11), (10, 11), (0, 10))  # 32-bit keys of signed scores
+_MAX_BINS = 2048
+
+
+def _lowbias32(x: int) -> int:
+    x &= _MASK32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def _upload(values: list[int], device: torch.device) -> torch.Tensor:
+    """A small int64 table on ``device`` without blocking the host (pinned, non_blocking copy)."""
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def _empty(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A buffer that a kernel overwrites entirely (the tests replace this to poison it)."""
+    return torch.empty(size, dtype=dtype, device=device)
+
+
+def _log_slots(n: int) -> int:
+    return max(1, math.ceil(math.log2(n)) + 1) if n > 1 else 0
+
+
+def _check_inputs(params, grads, k, score, names, precomputed):
+    if score not in SCORE_CODES:
+        raise ValueError(f"unknown score {score!r}; expected one of {tuple(SCORE_CODES)}")
+    params = list(params)
+    grads = list(grads)
+    if len(grads) != len(params):
+        raise ValueError(f"got {len(params)} params but {len(grads)} grads")
+    names = list(names) if names is not None else [f"#{i}" for i in range(len(params))]
+    if len(names) != len(params):
+        raise ValueError(f"got {len(params)} params but {len(names)} names")
+    if not params:
+        raise ValueError("triton_select needs at least one tensor")
+    device = params[0].device
+    for p, g, name in zip(params, grads, names):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"param {name} is not a tensor")
+        if p.device != device:
+            raise ValueError(f"param {name} is on {p.device}, expected {device} like the first one")
+        if p.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"param {name} has dtype {p.dtype}; expected float32, bfloat16 or float16")
+        if not p.is_contiguous():
+            raise ValueError(f"param {name} is not contiguous")
+        if g is None:
+            continue
+        if not isinstance(g, torch.Tensor):
+            raise TypeError(f"grad of {name} is not a tensor")
+        if g.is_sparse:
+            raise TypeError(f"grad of {name} is sparse; dense gradients only")
+        if g.device != device:
+            raise ValueError(f"grad of {name} is on {g.device}, expected {device}")
+        if g.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"grad of {name} has dtype {g.dtype}; expected float32, bfloat16 or float16")
+        if g.shape != p.shape:
+            raise ValueError(f"grad of {name} has shape {tuple(g.shape)}, param {tuple(p.shape)}")
+        if not g.is_contiguous():
+            raise ValueError(f"grad of {name} is not contiguous")
+    if score == "precomputed":
+        if precomputed is None:
+            raise ValueError('score="precomputed" needs the precomputed scores')
+        precomputed = list(precomputed)
+        if len(precomputed) != len(params):
+            raise ValueError(f"got {len(params)} params but {len(precomputed)} precomputed scores")
+        for p, s, name in zip(params, precomputed, names):
+            if not isinstance(s, torch.Tensor):
+                raise TypeError(f"precomputed score of {name} is not a tensor")
+            if s.dtype != torch.float32:
+                raise TypeError(f"precomputed score of {name} has dtype {s.dtype}; expected float32")
+            if s.numel() != p.numel():
+                raise ValueError(
+                    f"precomputed score of {name} has {s.numel()} entries, param {p.numel()}"
+                )
+            if s.device != device:
+                raise ValueError(f"precomputed score of {name} is on {s.device}, expected {device}")
+            if not s.is_contiguous():
+                raise ValueError(f"precomputed score of {name} is not contiguous")
+    total = sum(p.numel() for p in params)
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if not 1 <= k <= total:
+        raise ValueError(f"k={k} must be between 1 and the number of entries {total}")
+    return params, grads, names, precomputed, device, total
+
+
+def triton_select(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor | None],
+    k: int,
+    score: str,
+    score_eps: float = 1e-8,
+    seed: int = 0,
+    names: Sequence[str] | None = None,
+    precomputed: Sequence[torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
+    """Per tensor, the sorted flat indices of its selected entries (int32; int64 for a tensor of
+    >= 2**31 entries): the k largest scores of the group, ties to the lower flat index.
+
+    A NaN or infinite score raises ``ValueError`` naming the tensor.
+    """
+    params, grads, names, precomputed, device, total = _check_inputs(
+        params, grads, k, score, names, precomputed
+    )
+    code = SCORE_CODES[score]
+    signed = score == "precomputed"
+    digits = _DIGITS_SIGNED if signed else _DIGITS_UNSIGNED
+    key_bits = 32 if signed else 31
+    block, tiles = int(BLOCK), int(TILES_PER_CHUNK)
+    chunk = block * tiles
+    eps = float(score_eps)
+    seed_mix = _lowbias32(int(seed))
+
+    # ---- launch tables: tensors grouped by what the kernels read (one launch per group) ----
+    launches: dict[tuple, list[int]] = {}
+    first_chunk = []  # global id of each tensor's first chunk
+    n_chunks = []
+    goff = 0
+    gchunk = 0
+    flat_offsets = []
+    for i, (p, g) in enumerate(zip(params, grads)):
+        n = p.numel()
+        flat_offsets.append(goff)
+        first_chunk.append(gchunk)
+        c = -(-n // chunk)
+        n_chunks.append(c)
+        goff += n
+        gchunk += c
+        if n == 0:
+            continue
+        if score == "random":
+            tkey = (None, None)
+        elif score == "precomputed":
+            tkey = (torch.float32, None)
+        elif score == "gradient":
+            tkey = (None, None if g is None else g.dtype)
+        elif score == "magnitude":
+            tkey = (p.dtype, None)
+        else:
+            tkey = (p.dtype, None if g is None else g.dtype)
+        idx64 = n >= INT32_LIMIT  # module attribute: the tests lower it to exercise int64 output
+        launches.setdefault(tkey + (idx64,), []).append(i)
+    total_chunks = gchunk
+
+    def theta_of(i):
+        return precomputed[i] if signed else params[i]
+
+    def build_rows(out_ptrs=None):
+        values, specs = [], []
+        for (t_dtype, g_dtype, idx64), members in launches.items():
+            row0 = len(values) // NF
+            start = 0
+            for i in members:
+                row = [0] * NF
+                row[F_THETA] = theta_of(i).data_ptr() if t_dtype is not None else 0
+                row[F_GRAD] = grads[i].data_ptr() if g_dtype is not None else 0
+                row[F_NUMEL] = params[i].numel()
+                row[F_GOFF] = flat_offsets[i]
+                row[F_GCHUNK] = first_chunk[i]
+                row[F_START] = start
+                row[F_TID] = i
+                row[F_OUT] = out_ptrs[i] if out_ptrs is not None else 0
+                values.extend(row)
+                start += n_chunks[i]
+            specs.append((row0, len(members), start, t_dtype, g_dtype, idx64))
+        return values, specs
+
+    values, specs = build_rows()
+    # One upload: the launch tables, then each tensor's first and last chunk id.
+    nonempty = [i for i, p in enumerate(params) if p.numel() > 0]
+    bounds = [first_chunk[i] for i in nonempty] + [first_chunk[i] + n_chunks[i] - 1 for i in nonempty]
+    blob = _upload(values + bounds, device)
+    table = blob[: len(values)]
+    first_idx = blob[len(values): len(values) + len(nonempty)]
+    last_idx = blob[len(values) + len(nonempty):]
+
+    def launch_args(spec):
+        row0, n_slots, n_progs, t_dtype, g_dtype, idx64 = spec
+        sub = table[row0 * NF: (row0 + n_slots) * NF]
+        const = dict(
+            LOG_SLOTS=_log_slots(n_slots),
+            THETA_T=_TL_DTYPE[t_dtype] if t_dtype is not None else tl.float32,
+            G_T=_TL_DTYPE[g_dtype] if g_dtype is not None else tl.float32,
+            SCORE=code,
+            HAS_G=g_dtype is not None,
+            SIGNED=signed,
+            BLOCK=block,
+            TILES=tiles,
+        )
+        return sub, n_slots, n_progs, const
+
+    # ---- radix select: the exact k-th largest key, on the device ----
+    state = torch.zeros(STATE_SIZE, dtype=torch.int64, device=device)
+    state[S_KREM] = k
+    hist = torch.zeros(len(digits), _MAX_BINS, dtype=torch.int64, device=device)
+    bad = torch.zeros(len(params), dtype=torch.int64, device=device)
+    for level, (shift, nbits) in enumerate(digits):
+        hi_mask = ((1 << key_bits) - 1) & ~((1 << (shift + nbits)) - 1)
+        for spec in specs:
+            sub, n_slots, n_progs, const = launch_args(spec)
+            score_histogram_kernel[(n_progs,)](
+                sub, n_slots, state, hist[level], bad, eps, seed_mix,
+                FILTER=level > 0, CHECK_BAD=level == 0,
+                SHIFT=shift, DIGIT_BITS=nbits, HI_MASK=hi_mask,
+                num_warps=NUM_WARPS, **const,
+            )
+        # (With sharded parameters: all_reduce(hist[level]) here.)
+        choose_bucket_kernel[(1,)](hist[level], state, SHIFT=shift, DIGIT_BITS=nbits, num_warps=4)
+
+    # ---- compaction: per-chunk counts, scanned on the device ----
+    cnt_gt = _empty(total_chunks, torch.int32, device)
+    cnt_eq = _empty(total_chunks, torch.int32, device)
+    for spec in specs:
+        sub, n_slots, n_progs, const = launch_args(spec)
+        count_kernel[(n_progs,)](
+            sub, n_slots, state, cnt_gt, cnt_eq, eps, seed_mix, num_warps=NUM_WARPS, **const
+        )
+    eq = cnt_eq.to(torch.int64)
+    eq_excl = torch.cumsum(eq, 0) - eq
+    ties = torch.minimum((state[S_KREM] - eq_excl).clamp_(min=0), eq)
+    take = cnt_gt.to(torch.int64) + ties
+    take_incl = torch.cumsum(take, 0)
+    take_excl = take_incl - take
+    per_tensor = take_incl[last_idx] - take_excl[first_idx]
+
+    # ---- the one host sync: NaN/inf check and output sizes ----
+    info = torch.cat([bad, per_tensor]).cpu().tolist()
+    n_bad = info[: len(params)]
+    for i, nb in enumerate(n_bad):
+        if nb:
+            raise ValueError(
+                f"selection score of parameter {names[i]} has {nb} NaN/infinite value(s); "
+                f"check its weights and gradient"
+            )
+    counts = [0] * len(params)
+    for j, i in enumerate(nonempty):
+        counts[i] = info[len(params) + j]
+    if sum(counts) != k:
+        raise RuntimeError(f"internal error: selected {sum(counts)} entries, expected k={k}")
+    outs = [
+        _empty(c, torch.int64 if p.numel() >= INT32_LIMIT else torch.int32, device)
+        for c, p in zip(counts, params)
+    ]
+
+    # ---- write the sorted indices ----
+    values, specs = build_rows([o.data_ptr() for o in outs])
+    table = _upload(values, device)
+    for spec in specs:
+        sub, n_slots, n_progs, const = launch_args(spec)
+        write_kernel[(n_progs,)](
+            sub, n_slots, state, take, take_excl, ties, eps, seed_mix,
+            IDX_T=tl.int64 if spec[5] else tl.int32, num_warps=NUM_WARPS, **const,
+        )
+    return outs

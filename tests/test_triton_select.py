@@ -1,0 +1,292 @@
+"""Triton selection (score + radix select + compaction) against reference.py.
+
+Runs on the CPU in the Triton interpreter (conftest sets TRITON_INTERPRET=1), so shapes stay
+small; the launcher's BLOCK / TILES_PER_CHUNK are shrunk so that even these shapes span many
+chunks and tiles, with tensors that are not multiples of either.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from gallop_kernels import reference as R  # noqa: E402
+from gallop_kernels.ops import select as S  # noqa: E402
+from gallop_kernels.ops.select import triton_select  # noqa: E402
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@pytest.fixture(autouse=True)
+def small_chunks_and_poison(monkeypatch):
+    """Small chunks (many programs per tensor) and poisoned output/count buffers."""
+    monkeypatch.setattr(S, "BLOCK", 64)
+    monkeypatch.setattr(S, "TILES_PER_CHUNK", 2)
+
+    def poisoned(size, dtype, device):
+        return torch.full((size,), -7, dtype=dtype, device=device)
+
+    monkeypatch.setattr(S, "_empty", poisoned)
+
+
+def _device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def reference_select(params, grads, k, score, score_eps=1e-8, seed=0, precomputed=None):
+    if score == "precomputed":
+        scores = [s.reshape(-1) + 0.0 for s in precomputed]
+    else:
+        scores, off = [], 0
+        for p, g in zip(params, grads):
+            scores.append(R.compute_score(p, g, score, score_eps, seed, off))
+            off += p.numel()
+    return R.select_topk(scores, k)
+
+
+def check(params, grads, k, score, **kw):
+    out = triton_select(params, grads, k, score, **kw)
+    ref = reference_select(
+        params, grads, k, score, kw.get("score_eps", 1e-8), kw.get("seed", 0), kw.get("precomputed")
+    )
+    assert len(out) == len(params)
+    for i, (o, r, p) in enumerate(zip(out, ref, params)):
+        assert o.dtype == R.index_dtype(p.numel()), (i, o.dtype)
+        assert o.device == p.device
+        assert torch.equal(o.cpu().long(), r.cpu()), f"tensor {i}: {o} != {r}"
+    assert sum(o.numel() for o in out) == k
+    return out
+
+
+def _group(sizes, pdtypes, gdtypes, levels=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    dev = _device()
+    params, grads = [], []
+    for j, n in enumerate(sizes):
+        p = torch.randn(n, generator=gen)
+        g = torch.randn(n, generator=gen) * 1e-3
+        if levels is not None:  # a few distinct values: many exact ties
+            p = torch.tensor(levels)[torch.randint(len(levels), (n,), generator=gen)]
+            g = torch.tensor(levels)[torch.randint(len(levels), (n,), generator=gen)]
+        params.append(p.to(pdtypes[j % len(pdtypes)]).to(dev))
+        gd = gdtypes[j % len(gdtypes)]
+        grads.append(None if gd is None else g.to(gd).to(dev))
+    return params, grads
+
+
+SIZES = [300, 33, 1, 129, 128]  # BLOCK * TILES = 128: partial tiles/chunks, and an exact one
+
+
+@pytest.mark.parametrize("score", ["gallop", "gradient", "magnitude", "random"])
+def test_named_scores_mixed_dtypes(score):
+    params, grads = _group(SIZES, DTYPES, [torch.bfloat16, torch.float32, None, torch.float16])
+    n = sum(SIZES)
+    for k in (1, 97, n - 1):
+        check(params, grads, k, score, seed=3)
+
+
+@pytest.mark.parametrize("pdtype", DTYPES, ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("gdtype", DTYPES, ids=["g32", "gbf16", "g16"])
+def test_every_dtype_pair(pdtype, gdtype):
+    params, grads = _group([200, 77], [pdtype], [gdtype], seed=1)
+    check(params, grads, 60, "gallop")
+
+
+@pytest.mark.parametrize("score", ["gallop", "gradient", "magnitude"])
+def test_exact_ties_from_few_levels(score):
+    levels = [0.0, -0.0, 0.5, -0.5, 2.0, 1e-9, -3.0]
+    params, grads = _group(SIZES, [torch.float32, torch.bfloat16], [torch.float16, torch.float32],
+                           levels=levels, seed=2)
+    n = sum(SIZES)
+    for k in (5, 300, n):
+        check(params, grads, k, score)
+
+
+def test_tiny_weights_and_subnormal_bf16():
+    """|θ| near ε (where float32 vs double rounding of |θ|+ε would differ) and subnormals."""
+    gen = torch.Generator().manual_seed(4)
+    dev = _device()
+    theta = (torch.rand(300, generator=gen) * 3e-8) * torch.sign(torch.randn(300, generator=gen))
+    theta[:50] = torch.tensor(1e-39)  # float32 subnormal (also bf16 subnormal)
+    theta[50:60] = 0.0
+    g = torch.randn(300, generator=gen)
+    g[100:150] = 1e-40
+    for pd in DTYPES:
+        params = [theta.to(pd).to(dev), theta[:77].to(pd).to(dev)]
+        grads = [g.to(torch.bfloat16).to(dev), g[:77].to(dev)]
+        for score in ("gallop", "magnitude", "gradient"):
+            check(params, grads, 201, score)
+
+
+def test_all_equal_scores_hot_bin():
+    dev = _device()
+    params = [torch.full((n,), 0.25, device=dev) for n in (400, 3, 211)]
+    grads = [torch.full((n,), 0.5, device=dev, dtype=torch.bfloat16) for n in (400, 3, 211)]
+    n = 614
+    for k in (1, 401, 613, n):
+        out = check(params, grads, k, "gallop")
+        # ties -> lowest flat indices: exactly the first k entries of the concatenation
+        flat = torch.cat([o.cpu().long() + off for o, off in zip(out, (0, 400, 403))])
+        assert torch.equal(flat, torch.arange(k))
+
+
+def test_all_zero_gradients():
+    params, _ = _group(SIZES, DTYPES, [None])
+    n = sum(SIZES)
+    zeros = [torch.zeros_like(p) for p in params]
+    for grads in (zeros, [None] * len(params)):
+        for score in ("gallop", "gradient"):
+            for k in (123, n):
+                check(params, grads, k, score)
+
+
+def test_many_one_element_tensors():
+    gen = torch.Generator().manual_seed(5)
+    dev = _device()
+    params = [torch.randn(1, generator=gen).to(DTYPES[i % 3]).to(dev) for i in range(40)]
+    params.insert(21, torch.randn(150, generator=gen).to(dev))  # one larger tensor in between
+    grads = [torch.randn(p.shape, generator=gen).to(dev) for p in params]
+    grads[3] = None
+    n = sum(p.numel() for p in params)
+    for k in (1, 35, n):
+        check(params, grads, k, "gallop")
+    check(params, grads, 50, "random", seed=11)
+
+
+def test_empty_tensor_in_group():
+    params, grads = _group([50, 0, 40], [torch.float32], [torch.float32])
+    check(params, grads, 30, "gallop")
+    check(params, grads, 90, "magnitude")
+
+
+def test_single_tensor_larger(monkeypatch):
+    monkeypatch.setattr(S, "BLOCK", 256)  # fewer, larger programs: the interpreter is slow
+    params, grads = _group([5000], [torch.bfloat16], [torch.bfloat16], seed=6)
+    for k in (1, 2500, 5000):
+        check(params, grads, k, "gallop")
+
+
+@pytest.mark.parametrize("seed", [0, 12345, 2**32 + 7, -1])
+def test_random_score_seeds(seed):
+    params, grads = _group([300, 129], [torch.float16], [None])
+    check(params, grads, 100, "random", seed=seed)
+
+
+def test_precomputed_negative_and_signed_zero():
+    gen = torch.Generator().manual_seed(7)
+    dev = _device()
+    sizes = [333, 1, 250]
+    params = [torch.randn(n, generator=gen).to(dev) for n in sizes]
+    levels = torch.tensor([-0.0, 0.0, -1.5, 1.5, -1e-30, 1e-30, -3.4e38, 3.4e38, -1e-45, 1e-45])
+    pre = []
+    for n in sizes:
+        s = torch.randn(n, generator=gen) * torch.exp(torch.randn(n, generator=gen) * 20)
+        s[: n // 2] = levels[torch.randint(len(levels), (n // 2,), generator=gen)]
+        pre.append(s.to(dev))
+    n = sum(sizes)
+    for k in (1, 290, 400, n):
+        check(params, [None] * 3, k, "precomputed", precomputed=pre)
+    # only signed zeros: -0.0 and +0.0 are the same score, so ties go by index
+    zeros = [torch.where(torch.rand(m, generator=gen) < 0.5, -0.0, 0.0).to(dev) for m in sizes]
+    out = check(params, [None] * 3, 300, "precomputed", precomputed=zeros)
+    assert torch.equal(out[0].cpu().long(), torch.arange(300))
+
+
+def test_precomputed_all_negative():
+    dev = _device()
+    params = [torch.zeros(200, device=dev)]
+    pre = [-torch.arange(200, dtype=torch.float32, device=dev).flip(0) - 1.0]
+    out = check(params, [None], 7, "precomputed", precomputed=pre)
+    assert torch.equal(out[0].cpu().long(), torch.arange(193, 200))
+
+
+def test_int64_output_path(monkeypatch):
+    """Tensors at or above the int64 threshold get int64 indices (threshold lowered to test it)."""
+    monkeypatch.setattr(S, "INT32_LIMIT", 300)
+    params, grads = _group([400, 100, 350], DTYPES, [torch.float32])
+    out = triton_select(params, grads, 250, "gallop")
+    ref = reference_select(params, grads, 250, "gallop")
+    assert [o.dtype for o in out] == [torch.int64, torch.int32, torch.int64]
+    for o, r in zip(out, ref):
+        assert torch.equal(o.cpu().long(), r)
+
+
+def test_matches_reference_select_end_to_end():
+    params, grads = _group(SIZES, DTYPES, [torch.float32, torch.bfloat16])
+    names = [f"layer{i}.weight" for i in range(len(params))]
+    n = sum(SIZES)
+    for density in (0.001, 0.3, 1.0):
+        k = R.k_for_density(n, density)
+        out = triton_select(params, grads, k, "gallop", names=names)
+        ref = R.select(params, grads, density, "gallop", names=names)
+        for o, r in zip(out, ref):
+            assert torch.equal(o.cpu().long(), r.cpu())
+
+
+@pytest.mark.parametrize("score,where,value", [
+    ("gallop", "grad", float("nan")),
+    ("gallop", "grad", float("inf")),
+    ("gallop", "param", float("nan")),
+    ("gradient", "grad", float("-inf")),
+    ("magnitude", "param", float("nan")),
+    ("precomputed", "pre", float("nan")),
+    ("precomputed", "pre", float("-inf")),
+])
+def test_nan_inf_raises_with_name(score, where, value):
+    params, grads = _group([100, 80, 60], DTYPES, [torch.float32])
+    pre = [torch.randn(p.numel(), device=p.device) for p in params]
+    target = {"grad": grads, "param": params, "pre": pre}[where][1]
+    target.view(-1)[17] = value
+    names = ["a.weight", "b.weight", "c.bias"]
+    with pytest.raises(ValueError, match=r"b\.weight"):
+        triton_select(params, grads, 20, score, names=names, precomputed=pre)
+    with pytest.raises(ValueError):  # the reference agrees that this is bad input
+        if score == "precomputed":
+            R.check_finite(pre[1], "b.weight")
+        else:
+            R.select(params, grads, 0.1, score, names=names)
+
+
+def test_overflowing_score_raises():
+    """A finite θ, g whose gallop score overflows float32 is infinite: bad input, as in reference."""
+    dev = _device()
+    params = [torch.zeros(10, device=dev)]
+    grads = [torch.full((10,), 3e38, device=dev)]
+    with pytest.raises(ValueError, match="w0"):
+        triton_select(params, grads, 2, "gallop", names=["w0"])
+
+
+def test_bad_values_ignored_when_score_does_not_read_them():
+    params, grads = _group([100, 50], [torch.float32], [torch.float32])
+    grads[0][3] = float("nan")
+    check(params, grads, 10, "magnitude")  # magnitude ignores g
+    check(params, grads, 10, "random")
+    params[1][4] = float("inf")  # gallop: |g| / inf = 0, finite
+    grads[0][3] = 1.0
+    check(params, grads, 10, "gallop")
+
+
+def test_input_validation():
+    dev = _device()
+    p = torch.randn(10, device=dev)
+    g = torch.randn(10, device=dev)
+    with pytest.raises(ValueError, match="unknown score"):
+        triton_select([p], [g], 1, "bogus")
+    with pytest.raises(ValueError, match="k="):
+        triton_select([p], [g], 0, "gallop")
+    with pytest.raises(ValueError, match="k="):
+        triton_select([p], [g], 11, "gallop")
+    with pytest.raises(TypeError):
+        triton_select([p.double()], [g], 1, "gallop")
+    with pytest.raises(TypeError):
+        triton_select([p], [g.to(torch.int32)], 1, "gallop")
+    with pytest.raises(ValueError, match="contiguous"):
+        triton_select([torch.randn(4, 5, device=dev).t()], [None], 1, "gallop")
+    with pytest.raises(ValueError, match="shape"):
+        triton_select([p], [torch.randn(11, device=dev)], 1, "gallop")
+    with pytest.raises(ValueError, match="precomputed"):
+        triton_select([p], [g], 1, "precomputed")
+    with pytest.raises(TypeError):
+        triton_select([p], [g], 1, "precomputed", precomputed=[torch.randn(10, dtype=torch.float64)])
