@@ -1,0 +1,81 @@
+"""Fused multi-tensor sparse AdamW step (DESIGN §4, kernel 4).
+
+One launch covers every tensor of a group that shares (param dtype, grad dtype, has master,
+index dtype, dense/compact grad): a table row per tensor holds its pointers, its number of
+selected entries and its first program. Each program updates BLOCK selected entries: it reads
+the indices and the float32 m, v (and master) contiguously, gathers θ and g at the indices, and
+applies ``reference.sparse_adamw_step``'s float32 math in the same order of operations:
+
+    w ← w·(1 − lr·wd);  m ← fma(g, 1−β1, β1·m);  v ← fma((1−β2)·g, g, β2·v)
+    w ← w + (−lr/(1−β1^t))·m / (sqrt(v)/sqrt(1−β2^t) + eps)
+
+The scalars are float32 (as torch rounds its Python scalars); division and square root are the
+IEEE ones (``div_rn``, ``sqrt_rn``) and the two fused multiply-adds are where torch's CPU
+kernels fuse (``add_(alpha=)`` and ``addcmul_``), so on CPU the result is bit-identical to the
+reference. (torch's CUDA kernels divide by the scalar ``sqrt(1-β2^t)`` via a reciprocal, so on a
+GPU the two can differ in the last bit.) The new weight goes to the master and, rounded
+to nearest even, to the param, so a bf16 param equals ``master.to(bfloat16)`` exactly.
+"""
+
+import triton
+import triton.language as tl
+
+from gallop_kernels.ops.triton.multi_tensor import as_pointer, find_slot, load_f32, store_from_f32
+
+F_PARAM = 0
+F_GRAD = 1
+F_INDEX = 2
+F_EXP_AVG = 3
+F_EXP_AVG_SQ = 4
+F_MASTER = 5
+F_COUNT = 6
+F_START = 7
+NF = 8
+
+
+@triton.jit
+def sparse_adamw_kernel(
+    table_ptr, n_slots,
+    decay, beta1, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt,
+    step_size, eps,
+    LOG_SLOTS: tl.constexpr, P_T: tl.constexpr, G_T: tl.constexpr, IDX_T: tl.constexpr,
+    HAS_MASTER: tl.constexpr, COMPACT_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    slot = find_slot(table_ptr, pid, n_slots, 8, 7, LOG_SLOTS)
+    row = table_ptr + slot.to(tl.int64) * 8
+    p_ptr = as_pointer(tl.load(row + 0), P_T)
+    g_ptr = as_pointer(tl.load(row + 1), G_T)
+    idx_ptr = tl.load(row + 2).to(tl.pointer_type(IDX_T))
+    m_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+    v_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
+    count = tl.load(row + 6)
+    offs = (pid - tl.load(row + 7)) * BLOCK + tl.arange(0, BLOCK)  # int64
+    mask = offs < count
+    idx = tl.load(idx_ptr + offs, mask=mask, other=0).to(tl.int64)
+    if COMPACT_GRAD:
+        g = load_f32(g_ptr, offs, mask, G_T)
+    else:
+        g = load_f32(g_ptr, idx, mask, G_T)
+    if HAS_MASTER:
+        master_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
+        w = tl.load(master_ptr + offs, mask=mask, other=0.0)
+    else:
+        w = load_f32(p_ptr, idx, mask, P_T)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+
+    w = w * decay
+    # torch: exp_avg.mul_(β1).add_(g, alpha=1-β1) -> fmadd(g, 1-β1, m·β1)
+    m = tl.fma(g, one_minus_beta1, m * beta1)
+    # torch: exp_avg_sq.mul_(β2).addcmul_(g, g, value=1-β2) -> fmadd((1-β2)·g, g, v·β2)
+    v = tl.fma(one_minus_beta2 * g, g, v * beta2)
+    denom = tl.math.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
+    # torch: w.addcdiv_(m, denom, value=-lr/bc1) -> w + (value·m)/denom
+    w = w + tl.math.div_rn(step_size * m, denom)
+
+    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(v_ptr + offs, v, mask=mask)
+    if HAS_MASTER:
+        tl.store(master_ptr + offs, w, mask=mask)
+    store_from_f32(p_ptr, idx, w, mask, P_T)
