@@ -161,6 +161,13 @@ def test_empty_tensor_in_group():
     check(params, grads, 90, "magnitude")
 
 
+def test_all_empty_group():
+    dev = _device()
+    out = triton_select([torch.empty(0, device=dev), torch.empty(0, 3, device=dev)], [None, None],
+                        0, "gallop")
+    assert [o.numel() for o in out] == [0, 0] and all(o.dtype == torch.int32 for o in out)
+
+
 def test_single_tensor_larger(monkeypatch):
     monkeypatch.setattr(S, "BLOCK", 256)  # fewer, larger programs: the interpreter is slow
     params, grads = _group([5000], [torch.bfloat16], [torch.bfloat16], seed=6)
@@ -249,6 +256,7 @@ def test_nan_inf_raises_with_name(score, where, value):
             R.select(params, grads, 0.1, score, names=names)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered")
 def test_overflowing_score_raises():
     """A finite θ, g whose gallop score overflows float32 is infinite: bad input, as in reference."""
     dev = _device()

@@ -38,7 +38,7 @@ from gallop_kernels.ops.triton.score import (
 )
 from gallop_kernels.ops.triton.score_histogram import score_histogram_kernel
 
-__all__ = ["triton_select"]
+__all__ = ["SelectionPlan", "triton_select"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -143,9 +143,160 @@ def _check_inputs(params, grads, k, score, names, precomputed):
     total = sum(p.numel() for p in params)
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
-    if not 1 <= k <= total:
+    if not (1 <= k <= total or k == total == 0):
         raise ValueError(f"k={k} must be between 1 and the number of entries {total}")
     return params, grads, names, precomputed, device, total
+
+
+class SelectionPlan:
+    """The launch tables of one group's selection, and its passes as separate steps.
+
+    The steps are shaped for sharded parameters (DESIGN §4): ``histogram_pass`` takes this rank's
+    tensors and adds into a histogram; ``choose_bucket`` takes the *summed* histogram, so an
+    ``all_reduce`` of the bins (a few KB) can sit between the two, and every rank then finds the
+    same exact threshold in the device ``state``. (Across ranks the tie quota of ``compact_counts``
+    would also need the number of ties on earlier ranks: an exclusive scan of one int per rank.)
+    """
+
+    def __init__(self, params, grads, score, score_eps, seed, precomputed, device):
+        self.params, self.grads, self.device = params, grads, device
+        self.code = SCORE_CODES[score]
+        self.signed = score == "precomputed"
+        self.digits = _DIGITS_SIGNED if self.signed else _DIGITS_UNSIGNED
+        self.key_bits = 32 if self.signed else 31
+        self.block, self.tiles = int(BLOCK), int(TILES_PER_CHUNK)
+        chunk = self.block * self.tiles
+        self.eps = float(score_eps)
+        self.seed_mix = _lowbias32(int(seed))
+        self.theta = precomputed if self.signed else params
+
+        # Tensors grouped by what the kernels read: one launch per group and pass.
+        self.launches: dict[tuple, list[int]] = {}
+        self.first_chunk, self.n_chunks, self.flat_offsets = [], [], []
+        goff = gchunk = 0
+        for i, (p, g) in enumerate(zip(params, grads)):
+            n = p.numel()
+            self.flat_offsets.append(goff)
+            self.first_chunk.append(gchunk)
+            c = -(-n // chunk)
+            self.n_chunks.append(c)
+            goff += n
+            gchunk += c
+            if n == 0:
+                continue
+            if score == "random":
+                tkey = (None, None)
+            elif score == "precomputed":
+                tkey = (torch.float32, None)
+            elif score == "gradient":
+                tkey = (None, None if g is None else g.dtype)
+            elif score == "magnitude":
+                tkey = (p.dtype, None)
+            else:
+                tkey = (p.dtype, None if g is None else g.dtype)
+            idx64 = n >= INT32_LIMIT  # module attribute: the tests lower it to test int64 output
+            self.launches.setdefault(tkey + (idx64,), []).append(i)
+        self.total_chunks = gchunk
+        self.index_dtypes = [
+            torch.int64 if p.numel() >= INT32_LIMIT else torch.int32 for p in params
+        ]
+
+        values, self.specs = self._rows()
+        # One upload: the launch tables, then each non-empty tensor's first and last chunk id.
+        self.nonempty = [i for i, p in enumerate(params) if p.numel() > 0]
+        bounds = [self.first_chunk[i] for i in self.nonempty]
+        bounds += [self.first_chunk[i] + self.n_chunks[i] - 1 for i in self.nonempty]
+        blob = _upload(values + bounds, device)
+        self.table = blob[: len(values)]
+        n_ne = len(self.nonempty)
+        self.first_idx = blob[len(values): len(values) + n_ne]
+        self.last_idx = blob[len(values) + n_ne:]
+
+    def _rows(self, out_ptrs=None):
+        values, specs = [], []
+        for (t_dtype, g_dtype, idx64), members in self.launches.items():
+            row0 = len(values) // NF
+            start = 0
+            for i in members:
+                row = [0] * NF
+                row[F_THETA] = self.theta[i].data_ptr() if t_dtype is not None else 0
+                row[F_GRAD] = self.grads[i].data_ptr() if g_dtype is not None else 0
+                row[F_NUMEL] = self.params[i].numel()
+                row[F_GOFF] = self.flat_offsets[i]
+                row[F_GCHUNK] = self.first_chunk[i]
+                row[F_START] = start
+                row[F_TID] = i
+                row[F_OUT] = out_ptrs[i] if out_ptrs is not None else 0
+                values.extend(row)
+                start += self.n_chunks[i]
+            specs.append((row0, len(members), start, t_dtype, g_dtype, idx64))
+        return values, specs
+
+    def _launches(self, table=None):
+        table = self.table if table is None else table
+        for row0, n_slots, n_progs, t_dtype, g_dtype, idx64 in self.specs:
+            sub = table[row0 * NF: (row0 + n_slots) * NF]
+            const = dict(
+                LOG_SLOTS=_log_slots(n_slots),
+                THETA_T=_TL_DTYPE[t_dtype] if t_dtype is not None else tl.float32,
+                G_T=_TL_DTYPE[g_dtype] if g_dtype is not None else tl.float32,
+                SCORE=self.code, HAS_G=g_dtype is not None, SIGNED=self.signed,
+                BLOCK=self.block, TILES=self.tiles, num_warps=NUM_WARPS,
+            )
+            yield sub, n_slots, n_progs, idx64, const
+
+    def new_state(self, k: int):
+        """Device buffers: selection state, one histogram per level, per-tensor NaN/inf counts."""
+        state = torch.zeros(STATE_SIZE, dtype=torch.int64, device=self.device)
+        state[S_KREM] = k
+        hist = torch.zeros(len(self.digits), _MAX_BINS, dtype=torch.int64, device=self.device)
+        bad = torch.zeros(len(self.params), dtype=torch.int64, device=self.device)
+        return state, hist, bad
+
+    def histogram_pass(self, level: int, state, hist_out, bad) -> None:
+        """Adds the level's digit histogram of the entries matching ``state``'s prefix into
+        ``hist_out`` (level 0: of every entry, and counts NaN/inf scores per tensor into ``bad``)."""
+        shift, nbits = self.digits[level]
+        hi_mask = ((1 << self.key_bits) - 1) & ~((1 << (shift + nbits)) - 1)
+        for sub, n_slots, n_progs, _, const in self._launches():
+            score_histogram_kernel[(n_progs,)](
+                sub, n_slots, state, hist_out, bad, self.eps, self.seed_mix,
+                FILTER=level > 0, CHECK_BAD=level == 0,
+                SHIFT=shift, DIGIT_BITS=nbits, HI_MASK=hi_mask, **const,
+            )
+
+    def choose_bucket(self, level: int, hist, state) -> None:
+        """Picks, on the device, the bucket of the summed histogram holding the k-th largest."""
+        shift, nbits = self.digits[level]
+        choose_bucket_kernel[(1,)](hist, state, SHIFT=shift, DIGIT_BITS=nbits, num_warps=4)
+
+    def compact_counts(self, state):
+        """Per chunk: entries taken, tie quota and exclusive prefix of taken (all on the device),
+        and per non-empty tensor the number selected."""
+        cnt_gt = _empty(self.total_chunks, torch.int32, self.device)
+        cnt_eq = _empty(self.total_chunks, torch.int32, self.device)
+        for sub, n_slots, n_progs, _, const in self._launches():
+            count_kernel[(n_progs,)](
+                sub, n_slots, state, cnt_gt, cnt_eq, self.eps, self.seed_mix, **const
+            )
+        eq = cnt_eq.to(torch.int64)
+        eq_excl = torch.cumsum(eq, 0) - eq
+        ties = torch.minimum((state[S_KREM] - eq_excl).clamp_(min=0), eq)
+        take = cnt_gt.to(torch.int64) + ties
+        take_incl = torch.cumsum(take, 0)
+        take_excl = take_incl - take
+        per_tensor = take_incl[self.last_idx] - take_excl[self.first_idx]
+        return take, take_excl, ties, per_tensor
+
+    def write(self, state, take, take_excl, ties, outs) -> None:
+        """Writes every tensor's sorted selected indices into ``outs``."""
+        values, _ = self._rows([o.data_ptr() for o in outs])
+        table = _upload(values, self.device)
+        for sub, n_slots, n_progs, idx64, const in self._launches(table):
+            write_kernel[(n_progs,)](
+                sub, n_slots, state, take, take_excl, ties, self.eps, self.seed_mix,
+                IDX_T=tl.int64 if idx64 else tl.int32, **const,
+            )
 
 
 def triton_select(
@@ -166,153 +317,32 @@ def triton_select(
     params, grads, names, precomputed, device, total = _check_inputs(
         params, grads, k, score, names, precomputed
     )
-    code = SCORE_CODES[score]
-    signed = score == "precomputed"
-    digits = _DIGITS_SIGNED if signed else _DIGITS_UNSIGNED
-    key_bits = 32 if signed else 31
-    block, tiles = int(BLOCK), int(TILES_PER_CHUNK)
-    chunk = block * tiles
-    eps = float(score_eps)
-    seed_mix = _lowbias32(int(seed))
+    plan = SelectionPlan(params, grads, score, score_eps, seed, precomputed, device)
+    if total == 0:
+        return [torch.empty(0, dtype=dt, device=device) for dt in plan.index_dtypes]
 
-    # ---- launch tables: tensors grouped by what the kernels read (one launch per group) ----
-    launches: dict[tuple, list[int]] = {}
-    first_chunk = []  # global id of each tensor's first chunk
-    n_chunks = []
-    goff = 0
-    gchunk = 0
-    flat_offsets = []
-    for i, (p, g) in enumerate(zip(params, grads)):
-        n = p.numel()
-        flat_offsets.append(goff)
-        first_chunk.append(gchunk)
-        c = -(-n // chunk)
-        n_chunks.append(c)
-        goff += n
-        gchunk += c
-        if n == 0:
-            continue
-        if score == "random":
-            tkey = (None, None)
-        elif score == "precomputed":
-            tkey = (torch.float32, None)
-        elif score == "gradient":
-            tkey = (None, None if g is None else g.dtype)
-        elif score == "magnitude":
-            tkey = (p.dtype, None)
-        else:
-            tkey = (p.dtype, None if g is None else g.dtype)
-        idx64 = n >= INT32_LIMIT  # module attribute: the tests lower it to exercise int64 output
-        launches.setdefault(tkey + (idx64,), []).append(i)
-    total_chunks = gchunk
+    # Radix select: the exact k-th largest key, decided on the device.
+    state, hist, bad = plan.new_state(k)
+    for level in range(len(plan.digits)):
+        plan.histogram_pass(level, state, hist[level], bad)
+        # (sharded parameters: all_reduce(hist[level]) here)
+        plan.choose_bucket(level, hist[level], state)
 
-    def theta_of(i):
-        return precomputed[i] if signed else params[i]
+    take, take_excl, ties, per_tensor = plan.compact_counts(state)
 
-    def build_rows(out_ptrs=None):
-        values, specs = [], []
-        for (t_dtype, g_dtype, idx64), members in launches.items():
-            row0 = len(values) // NF
-            start = 0
-            for i in members:
-                row = [0] * NF
-                row[F_THETA] = theta_of(i).data_ptr() if t_dtype is not None else 0
-                row[F_GRAD] = grads[i].data_ptr() if g_dtype is not None else 0
-                row[F_NUMEL] = params[i].numel()
-                row[F_GOFF] = flat_offsets[i]
-                row[F_GCHUNK] = first_chunk[i]
-                row[F_START] = start
-                row[F_TID] = i
-                row[F_OUT] = out_ptrs[i] if out_ptrs is not None else 0
-                values.extend(row)
-                start += n_chunks[i]
-            specs.append((row0, len(members), start, t_dtype, g_dtype, idx64))
-        return values, specs
-
-    values, specs = build_rows()
-    # One upload: the launch tables, then each tensor's first and last chunk id.
-    nonempty = [i for i, p in enumerate(params) if p.numel() > 0]
-    bounds = [first_chunk[i] for i in nonempty] + [first_chunk[i] + n_chunks[i] - 1 for i in nonempty]
-    blob = _upload(values + bounds, device)
-    table = blob[: len(values)]
-    first_idx = blob[len(values): len(values) + len(nonempty)]
-    last_idx = blob[len(values) + len(nonempty):]
-
-    def launch_args(spec):
-        row0, n_slots, n_progs, t_dtype, g_dtype, idx64 = spec
-        sub = table[row0 * NF: (row0 + n_slots) * NF]
-        const = dict(
-            LOG_SLOTS=_log_slots(n_slots),
-            THETA_T=_TL_DTYPE[t_dtype] if t_dtype is not None else tl.float32,
-            G_T=_TL_DTYPE[g_dtype] if g_dtype is not None else tl.float32,
-            SCORE=code,
-            HAS_G=g_dtype is not None,
-            SIGNED=signed,
-            BLOCK=block,
-            TILES=tiles,
-        )
-        return sub, n_slots, n_progs, const
-
-    # ---- radix select: the exact k-th largest key, on the device ----
-    state = torch.zeros(STATE_SIZE, dtype=torch.int64, device=device)
-    state[S_KREM] = k
-    hist = torch.zeros(len(digits), _MAX_BINS, dtype=torch.int64, device=device)
-    bad = torch.zeros(len(params), dtype=torch.int64, device=device)
-    for level, (shift, nbits) in enumerate(digits):
-        hi_mask = ((1 << key_bits) - 1) & ~((1 << (shift + nbits)) - 1)
-        for spec in specs:
-            sub, n_slots, n_progs, const = launch_args(spec)
-            score_histogram_kernel[(n_progs,)](
-                sub, n_slots, state, hist[level], bad, eps, seed_mix,
-                FILTER=level > 0, CHECK_BAD=level == 0,
-                SHIFT=shift, DIGIT_BITS=nbits, HI_MASK=hi_mask,
-                num_warps=NUM_WARPS, **const,
-            )
-        # (With sharded parameters: all_reduce(hist[level]) here.)
-        choose_bucket_kernel[(1,)](hist[level], state, SHIFT=shift, DIGIT_BITS=nbits, num_warps=4)
-
-    # ---- compaction: per-chunk counts, scanned on the device ----
-    cnt_gt = _empty(total_chunks, torch.int32, device)
-    cnt_eq = _empty(total_chunks, torch.int32, device)
-    for spec in specs:
-        sub, n_slots, n_progs, const = launch_args(spec)
-        count_kernel[(n_progs,)](
-            sub, n_slots, state, cnt_gt, cnt_eq, eps, seed_mix, num_warps=NUM_WARPS, **const
-        )
-    eq = cnt_eq.to(torch.int64)
-    eq_excl = torch.cumsum(eq, 0) - eq
-    ties = torch.minimum((state[S_KREM] - eq_excl).clamp_(min=0), eq)
-    take = cnt_gt.to(torch.int64) + ties
-    take_incl = torch.cumsum(take, 0)
-    take_excl = take_incl - take
-    per_tensor = take_incl[last_idx] - take_excl[first_idx]
-
-    # ---- the one host sync: NaN/inf check and output sizes ----
+    # The one host sync: NaN/inf check and the output sizes.
     info = torch.cat([bad, per_tensor]).cpu().tolist()
-    n_bad = info[: len(params)]
-    for i, nb in enumerate(n_bad):
+    for i, nb in enumerate(info[: len(params)]):
         if nb:
             raise ValueError(
                 f"selection score of parameter {names[i]} has {nb} NaN/infinite value(s); "
                 f"check its weights and gradient"
             )
     counts = [0] * len(params)
-    for j, i in enumerate(nonempty):
+    for j, i in enumerate(plan.nonempty):
         counts[i] = info[len(params) + j]
     if sum(counts) != k:
         raise RuntimeError(f"internal error: selected {sum(counts)} entries, expected k={k}")
-    outs = [
-        _empty(c, torch.int64 if p.numel() >= INT32_LIMIT else torch.int32, device)
-        for c, p in zip(counts, params)
-    ]
-
-    # ---- write the sorted indices ----
-    values, specs = build_rows([o.data_ptr() for o in outs])
-    table = _upload(values, device)
-    for spec in specs:
-        sub, n_slots, n_progs, const = launch_args(spec)
-        write_kernel[(n_progs,)](
-            sub, n_slots, state, take, take_excl, ties, eps, seed_mix,
-            IDX_T=tl.int64 if spec[5] else tl.int32, num_warps=NUM_WARPS, **const,
-        )
+    outs = [_empty(c, dt, device) for c, dt in zip(counts, plan.index_dtypes)]
+    plan.write(state, take, take_excl, ties, outs)
     return outs
