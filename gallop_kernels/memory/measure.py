@@ -1,0 +1,338 @@
+"""Measure the memory of ONE real training step of a method, in a fresh process.
+
+    python -m gallop_kernels.memory.measure --config llama-0.3b --method sparse-lean --seq 256
+
+prints one JSON object. What is measured, in order:
+
+1. imports, then a warm-up step of the same method on a tiny model (so code pages, thread pools,
+   oneDNN/bitsandbytes libraries are already resident), then everything is freed;
+2. **baseline** = the process's memory now (CPU: resident set size; CUDA: ``memory_allocated``);
+3. the model is built from the config with random weights (and wrapped/quantized per method), the
+   optimizer created, and one *warm* step taken: it allocates the optimizer state and, for the
+   sparse methods, selects (the selection's transient memory is phase one, not a training step);
+4. ``zero_grad(set_to_none=True)``, then the peak is reset and the **measured step** runs:
+   forward (to the loss), backward, ``optimizer.step()``. The peak is read after each phase and
+   reset between phases, so each phase's own peak is known; the step's peak is their maximum.
+
+On CPU the peak is ``resource.getrusage(RUSAGE_SELF).ru_maxrss``; Linux resets it (with VmHWM) by
+writing ``5`` to ``/proc/self/clear_refs``. Reported numbers are increments over the baseline, so
+they contain the model, its gradients, optimizer state and activations, and not the interpreter
+or the libraries. glibc is told to serve every allocation of 64 KiB or more with ``mmap``
+(``MALLOC_MMAP_THRESHOLD_``; the process re-executes itself with it set), so freed tensors leave
+the resident set at once and RSS follows the live tensors, as ``memory_allocated`` does on CUDA.
+On CUDA, ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
+
+A method whose code does not exist yet in this tree prints ``{"available": false, "reason": ...}``
+and exits 0: no number is made up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import inspect
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from typing import Any
+
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+METHOD_KEYS = ("adamw", "adamw8bit", "lora", "sparse", "sparse-lean", "sparse-lean-8bit",
+               "sparse-4bit-delta")
+
+
+class NotAvailable(Exception):
+    """The method's code is not in this tree (or a dependency is missing)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory probes
+# ----------------------------------------------------------------------------------------------
+
+
+class CpuProbe:
+    """Resident-set size now, and its peak since the last reset (ru_maxrss)."""
+
+    def __init__(self) -> None:
+        self.resettable = self._try_reset()
+
+    @staticmethod
+    def _try_reset() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    def current(self) -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:  # not Linux: the peak is the best we have
+            return self.peak()
+
+    def peak(self) -> int:
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return kib * (1 if sys.platform == "darwin" else 1024)
+
+    def reset(self) -> None:
+        gc.collect()
+        _malloc_trim()
+        if self.resettable:
+            self._try_reset()
+
+
+class CudaProbe:
+    def __init__(self) -> None:
+        import torch
+
+        self.torch = torch
+        self.resettable = True
+
+    def current(self) -> int:
+        self.torch.cuda.synchronize()
+        return self.torch.cuda.memory_allocated()
+
+    def peak(self) -> int:
+        self.torch.cuda.synchronize()
+        return self.torch.cuda.max_memory_allocated()
+
+    def reset(self) -> None:
+        gc.collect()
+        self.torch.cuda.synchronize()
+        self.torch.cuda.reset_peak_memory_stats()
+
+
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Building a method
+# ----------------------------------------------------------------------------------------------
+
+
+def _enable_checkpointing(model) -> None:
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable()
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _random_model(config, dtype, attn: str, device: str):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation=attn)
+    return model.to(device)
+
+
+def sparse_state_bits_supported() -> bool:
+    from gallop_kernels import SparseAdamW
+
+    return "state_bits" in inspect.signature(SparseAdamW.__init__).parameters
+
+
+def four_bit_integration():
+    """The 4-bit base + sparse delta integration module, or raise NotAvailable."""
+    try:
+        from gallop_kernels.integrations import bitsandbytes as integration  # type: ignore
+    except ImportError as e:
+        raise NotAvailable(f"gallop_kernels.integrations.bitsandbytes is not importable ({e})")
+    return integration
+
+
+def build(method: str, config, dtype, attn: str, device: str, density: float):
+    """(model, optimizer, info) for ``method``; raises NotAvailable for code not yet written."""
+    import torch
+
+    info: dict[str, Any] = {}
+    if method == "sparse-4bit-delta":
+        return _build_4bit_delta(config, dtype, attn, device, density)
+    if method == "sparse-lean-8bit" and not sparse_state_bits_supported():
+        raise NotAvailable("SparseAdamW has no state_bits argument in this tree yet")
+    model = _random_model(config, dtype, attn, device)
+    _enable_checkpointing(model)
+    model.train()
+    if method == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    elif method == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise NotAvailable(f"bitsandbytes is not installed ({e})")
+        opt = bnb.optim.AdamW8bit(model.parameters(), lr=1e-5)
+    elif method == "lora":
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError as e:
+            raise NotAvailable(f"peft is not installed ({e})")
+        lcfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                          task_type="CAUSAL_LM")
+        model = get_peft_model(model, lcfg)
+        model.train()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        info["lora_params"] = sum(p.numel() for p in trainable)
+        info["lora_dtype"] = str(trainable[0].dtype)
+        opt = torch.optim.AdamW(trainable, lr=1e-4)
+    elif method in ("sparse", "sparse-lean", "sparse-lean-8bit"):
+        from gallop_kernels import SparseAdamW
+
+        kwargs: dict[str, Any] = dict(lr=1e-5, density=density, lean=method != "sparse")
+        if method == "sparse-lean-8bit":
+            kwargs["state_bits"] = 8
+        opt = SparseAdamW(list(model.named_parameters()), **kwargs)
+    else:
+        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHOD_KEYS)}")
+    return model, opt, info
+
+
+def _build_4bit_delta(config, dtype, attn, device, density):
+    integration = four_bit_integration()
+    # The integration is written by others; use it only through an entry point that takes a model
+    # and returns (model, optimizer). Anything else: not available, rather than a guess.
+    factory = getattr(integration, "memory_report_setup", None)
+    if factory is None:
+        raise NotAvailable(
+            "gallop_kernels.integrations.bitsandbytes exists but has no "
+            "memory_report_setup(model_dir, density, dtype, attn, device) entry point yet"
+        )
+    import torch
+
+    base = _random_model(config, dtype, attn, "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        base.save_pretrained(tmp)
+        del base
+        gc.collect()
+        model, opt = factory(tmp, density=density, dtype=dtype, attn=attn, device=device)
+    _enable_checkpointing(model)
+    model.train()
+    return model, opt, {}
+
+
+# ----------------------------------------------------------------------------------------------
+# The step
+# ----------------------------------------------------------------------------------------------
+
+
+def _batch(config, batch: int, seq: int, device: str):
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, config.vocab_size, (batch, seq), generator=g)
+    return ids.to(device)
+
+
+def _step(model, opt, ids) -> None:
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _warm_up(method: str, dtype, attn: str, device: str, density: float) -> None:
+    from gallop_kernels.memory.presets import load_config
+
+    cfg = load_config("llama-tiny")
+    model, opt, _ = build(method, cfg, dtype, attn, device, density)
+    ids = _batch(cfg, 1, 16, device)
+    for _ in range(2):
+        _step(model, opt, ids)
+    del model, opt, ids
+
+
+def measure(config_name: str, method: str, *, seq: int, batch: int, dtype_name: str,
+            attn: str, device: str, density: float) -> dict[str, Any]:
+    import torch
+
+    from gallop_kernels.memory.presets import load_config
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[dtype_name]
+    config = load_config(config_name)
+    result: dict[str, Any] = dict(
+        config=config_name, method=method, seq=seq, batch=batch, dtype=dtype_name, attn=attn,
+        device=device, density=density, torch=torch.__version__, threads=torch.get_num_threads(),
+    )
+    t0 = time.perf_counter()
+    try:
+        _warm_up(method, dtype, attn, device, density)
+    except NotAvailable as e:
+        return {**result, "available": False, "reason": str(e)}
+    probe = CudaProbe() if device.startswith("cuda") else CpuProbe()
+    probe.reset()
+    baseline = probe.current()
+
+    model, opt, info = build(method, config, dtype, attn, device, density)
+    result.update(info)
+    ids = _batch(config, batch, seq, device)
+    _step(model, opt, ids)  # warm step: optimizer state (and the selection) exist from here on
+    if hasattr(opt, "num_selected"):
+        result["num_selected"] = int(opt.num_selected)
+        lean = getattr(opt, "_lean", None)
+        result["frozen_tensors"] = len(lean.frozen) if lean is not None else 0
+    result["params"] = sum(p.numel() for p in model.parameters())
+
+    probe.reset()
+    result["before_step"] = probe.current() - baseline
+    phases = {}
+    loss = model(input_ids=ids, labels=ids).loss
+    phases["forward"] = probe.peak() - baseline
+    probe.reset()
+    loss.backward()
+    del loss
+    phases["backward"] = probe.peak() - baseline
+    probe.reset()
+    opt.step()
+    phases["step"] = probe.peak() - baseline
+    result.update(
+        available=True, baseline=baseline, phases=phases, peak=max(phases.values()),
+        phase_peaks_exact=probe.resettable, seconds=round(time.perf_counter() - t0, 1),
+    )
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m gallop_kernels.memory.measure",
+        description="Measure the peak memory of one training step of a method (one JSON line).",
+    )
+    parser.add_argument("--config", default="llama-0.3b", help="preset name or config.json path")
+    parser.add_argument("--method", required=True, choices=METHOD_KEYS)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"])
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    parser.add_argument("--density", type=float, default=0.01)
+    args = parser.parse_args(argv)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = measure(args.config, args.method, seq=args.seq, batch=args.batch, dtype_name=args.dtype,
+                  attn=args.attn, device=device, density=args.density)
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+def _reexec_with_malloc_env() -> None:
+    if all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()):
+        return
+    env = {**os.environ, **MALLOC_ENV}
+    os.execve(sys.executable, [sys.executable, "-m", "gallop_kernels.memory.measure",
+                               *sys.argv[1:]], env)
+
+
+if __name__ == "__main__":
+    _reexec_with_malloc_env()
+    sys.exit(main())

@@ -1,0 +1,481 @@
+"""An analytic model of the peak memory of one fine-tuning step of a Llama-architecture model.
+
+The step is the steady-state one (the optimizer state exists already): forward to the loss,
+backward, ``optimizer.step()``, for batch B, sequence S, gradient checkpointing on every decoder
+layer (non-reentrant ``torch.utils.checkpoint``, as transformers enables it). Everything is
+counted in bytes of *live tensors*; the peak is the maximum over the moments listed below, never
+the sum of everything.
+
+Notation: T = B·S tokens, h hidden, I MLP width, V vocabulary, L layers, nh/nkv query/key-value
+heads of width d, w bytes per parameter (2 for bf16), a bytes per activation (the compute dtype:
+w, or bf16 over a 4-bit base), N parameters, k = round(ρ·N) selected entries.
+
+Persistent through the whole step (``persistent``):
+  * weights: N·w; a 4-bit NF4 base keeps every decoder-layer linear at 0.5 byte/entry plus one
+    fp32 absmax per block of 64 (bitsandbytes' default, no double quantization), while the
+    embedding, ``lm_head`` and norms stay in the compute dtype (transformers never quantizes
+    ``lm_head``);
+  * LoRA adapters: r·(in + out) per decoder-layer linear, fp32 (peft's ``autocast_adapter_dtype``
+    upcasts adapters of a bf16 model);
+  * optimizer state, per method:
+      - torch AdamW: exp_avg, exp_avg_sq in the *parameter's* dtype (2·N·w; torch allocates them
+        ``zeros_like(param)``);
+      - AdamW with fp32 master and fp32 moments (the mixed-precision recipe; a reference row):
+        12·N;
+      - bitsandbytes AdamW8bit: 1 byte per entry for each of m, v plus an fp32 absmax per block
+        of 256, for tensors of >= 4096 entries (``min_8bit_size``); smaller ones keep fp32 m, v;
+      - LoRA: fp32 AdamW m, v of the adapters;
+      - SparseAdamW: per selected entry an int32 index + fp32 m + fp32 v (+ fp32 master for
+        bf16/fp16 params) = 12–16 bytes; lean mode adds the compact fp32 gradient buffer
+        (4 bytes per selected entry, kept between steps);
+      - 8-bit state: m, v 1 byte each + an fp32 absmax per 256 entries (blockwise, as
+        bitsandbytes), index and master unchanged;
+      - 4-bit base + delta: per selected entry fp32 delta value + int32 index + fp32 m + v, and
+        the compact fp32 gradient;
+  * framework: a constant — on CPU the tensors that autograd, the model's Python objects and
+    small buffers hold (measured: ~16 MB, independent of the model size); on CUDA the cuBLAS
+    workspace (32 MiB on Hopper), which the caching allocator counts.
+
+Activations with gradient checkpointing:
+  * checkpoint inputs: every decoder layer's input, L·T·h·a, held from the forward until that
+    layer's backward;
+  * the final RMSNorm's saved tensors (an fp32 copy of its input, the normalized and the scaled
+    output): (4 + 2a)·T·h;
+  * logits: ``lm_head`` writes T·V in the compute dtype, transformers' loss upcasts them to fp32
+    (``logits.float()``: 4·T·V, none for fp32) and ``cross_entropy`` keeps its fp32 log-softmax
+    (4·T·V) for the backward. For vocab 128256 these dominate the activations;
+  * one layer's recompute: the tensors autograd saves inside a decoder layer (its RMSNorms,
+    q/k/v after RoPE, attention output and its contiguous copy, logsumexp; eager attention also
+    keeps the fp32 softmax and its cast, B·nh·S²·(4 + a); the MLP's gate, SiLU, up and product,
+    4·a·T·I; LoRA adds fp32 copies of each adapted linear's input) plus the gradients flowing
+    through the MLP (3·a·T·I).
+
+Moments of the step (the phases of ``phases``):
+  * forward: persistent + checkpoint inputs + final norm + logits (a + 4 + 4)·T·V (the bf16
+    logits, their fp32 copy, the log-softmax), or one layer's transient if larger;
+  * backward, loss: the saved log-softmax, the gradient of the loss w.r.t. it and the gradient
+    w.r.t. the logits, 12·T·V, all fp32, at the same moment; then the cast back (4 + a)·T·V; then
+    ``lm_head``'s backward: a·T·V + its weight gradient;
+  * backward, layers: gradients accumulated so far (dense methods keep every trainable tensor's
+    gradient until the step; lean mode gathers each gradient into its compact buffer in the
+    post-accumulate-grad hook and frees it, so at most one dense gradient — the largest tensor's —
+    exists at a time) + the checkpoint inputs still held + one layer's recompute;
+  * backward, end: all dense gradients (the embedding's gradient is the last one written);
+  * step: persistent + dense gradients + the optimizer's temporaries:
+      - torch AdamW on CPU (single-tensor loop, torch's default there): ``sqrt(v)`` and its
+        quotient for the largest tensor, 2·w·max(numel); on CUDA (foreach, the default there):
+        ``_foreach_sqrt(exp_avg_sqs)`` over all tensors at once, N·w (0 with ``fused=True``);
+      - bitsandbytes AdamW8bit on CPU (its pure-torch CPU kernel): fp32 copies of m, v, the
+        gradient, the parameter, ``sqrt(v)`` and the denominator for the largest tensor,
+        24·max(numel) (20 for fp32 params); on CUDA a fused kernel, 0;
+      - SparseAdamW, torch backend: k-sized fp32/int64 temporaries of the largest tensor's
+        selection (26 bytes per selected entry); Triton on CUDA: 0.
+
+What this model does not cover: the memory of the selection itself (phase one; see
+`gallop_kernels.calibrate`, which keeps the dense gradient on the host), allocator
+fragmentation and caching (on CUDA the *reserved* memory can exceed ``max_memory_allocated``), and
+a CUDA context (≈0.5 GB, outside ``max_memory_allocated``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+GB = 1e9
+GIB = 2**30
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+# (key, label, what the measurement runs)
+METHODS: list[tuple[str, str]] = [
+    ("adamw", "torch AdamW"),
+    ("adamw8bit", "bitsandbytes AdamW8bit"),
+    ("lora", "LoRA r=16, all linear (peft)"),
+    ("sparse", "SparseAdamW plain"),
+    ("sparse-lean", "SparseAdamW lean"),
+    ("sparse-lean-8bit", "SparseAdamW lean + 8-bit state"),
+    ("sparse-4bit-delta", "4-bit NF4 base + sparse delta"),
+]
+REFERENCE_METHODS: list[tuple[str, str]] = [
+    ("adamw-mixed", "AdamW, fp32 master + fp32 m, v (reference)"),
+]
+METHOD_LABELS = dict(METHODS + REFERENCE_METHODS)
+
+CPU_FRAMEWORK_BYTES = 16 * 2**20  # measured constant, see the module docstring
+CUDA_FRAMEWORK_BYTES = 32 * 2**20  # cuBLAS workspace on sm90
+NF4_BLOCK = 64
+STATE8_BLOCK = 256
+BNB_MIN_8BIT_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One parameter tensor shape of the model, repeated ``count`` times (e.g. once per layer)."""
+
+    name: str
+    shape: tuple[int, ...]
+    count: int
+    kind: str  # "embedding", "lm_head", "linear" (decoder-layer projection), "norm", "bias"
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def total(self) -> int:
+        return self.numel * self.count
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What is trained, and how."""
+
+    batch: int = 1
+    seq: int = 2048
+    dtype: str = "bf16"  # parameters and compute (bf16 compute over a 4-bit base)
+    device: str = "cuda"  # selects the optimizers' kernels (their temporaries) and the overhead
+    attn: str = "sdpa"  # "sdpa" (flash/efficient kernels) or "eager"
+    density: float = 0.01
+    lora_rank: int = 16
+    adamw_fused: bool = False  # torch's default: foreach on CUDA, a per-tensor loop on CPU
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_BYTES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.attn not in ("sdpa", "eager"):
+            raise ValueError(f"attn must be 'sdpa' or 'eager', got {self.attn!r}")
+        if not 0.0 < self.density <= 1.0:
+            raise ValueError(f"density must be in (0, 1], got {self.density}")
+        if self.batch < 1 or self.seq < 1:
+            raise ValueError("batch and seq must be >= 1")
+
+
+@dataclass
+class Prediction:
+    method: str
+    label: str
+    persistent: dict[str, int]  # bytes held through the whole step, by term
+    phases: dict[str, int]  # peak bytes of each phase
+    moments: dict[str, int] = field(default_factory=dict)  # every modelled moment, bytes
+
+    @property
+    def peak(self) -> int:
+        return max(self.phases.values())
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phases.get)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(method=self.method, label=self.label, peak=self.peak,
+                    peak_phase=self.peak_phase, phases=dict(self.phases),
+                    persistent=dict(self.persistent), moments=dict(self.moments))
+
+
+# ----------------------------------------------------------------------------------------------
+# Shapes and parameter counts
+# ----------------------------------------------------------------------------------------------
+
+
+def _get(config: Any, name: str, default: Any = None) -> Any:
+    if isinstance(config, dict):
+        return config.get(name, default)
+    return getattr(config, name, default)
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    layers: int
+    intermediate: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool
+    attention_bias: bool
+    mlp_bias: bool
+
+    @classmethod
+    def of(cls, config: Any) -> "Shape":
+        hidden = int(_get(config, "hidden_size"))
+        heads = int(_get(config, "num_attention_heads"))
+        kv = _get(config, "num_key_value_heads") or heads
+        head_dim = _get(config, "head_dim") or hidden // heads
+        return cls(
+            hidden=hidden, layers=int(_get(config, "num_hidden_layers")),
+            intermediate=int(_get(config, "intermediate_size")),
+            vocab=int(_get(config, "vocab_size")), heads=heads, kv_heads=int(kv),
+            head_dim=int(head_dim), tied=bool(_get(config, "tie_word_embeddings", False)),
+            attention_bias=bool(_get(config, "attention_bias", False)),
+            mlp_bias=bool(_get(config, "mlp_bias", False)),
+        )
+
+
+def param_specs(config: Any) -> list[TensorSpec]:
+    """Every parameter tensor of ``LlamaForCausalLM(config)``; GQA k/v widths; tied embeddings
+    give no ``lm_head`` entry (the tensor is shared)."""
+    s = Shape.of(config)
+    h, L, q, kv = s.hidden, s.layers, s.heads * s.head_dim, s.kv_heads * s.head_dim
+    specs = [TensorSpec("model.embed_tokens.weight", (s.vocab, h), 1, "embedding")]
+    linears = [
+        ("self_attn.q_proj", q, h, s.attention_bias),
+        ("self_attn.k_proj", kv, h, s.attention_bias),
+        ("self_attn.v_proj", kv, h, s.attention_bias),
+        ("self_attn.o_proj", h, q, s.attention_bias),
+        ("mlp.gate_proj", s.intermediate, h, s.mlp_bias),
+        ("mlp.up_proj", s.intermediate, h, s.mlp_bias),
+        ("mlp.down_proj", h, s.intermediate, s.mlp_bias),
+    ]
+    for name, out, inp, bias in linears:
+        specs.append(TensorSpec(f"model.layers.*.{name}.weight", (out, inp), L, "linear"))
+        if bias:
+            specs.append(TensorSpec(f"model.layers.*.{name}.bias", (out,), L, "bias"))
+    specs.append(TensorSpec("model.layers.*.input_layernorm.weight", (h,), L, "norm"))
+    specs.append(TensorSpec("model.layers.*.post_attention_layernorm.weight", (h,), L, "norm"))
+    specs.append(TensorSpec("model.norm.weight", (h,), 1, "norm"))
+    if not s.tied:
+        specs.append(TensorSpec("lm_head.weight", (s.vocab, h), 1, "lm_head"))
+    return specs
+
+
+def count_params(config: Any) -> int:
+    return sum(t.total for t in param_specs(config))
+
+
+def lora_params(config: Any, rank: int = 16) -> int:
+    """Adapter entries of LoRA on every decoder-layer linear (peft's "all-linear" leaves out
+    ``lm_head``): r·(in + out) each."""
+    return sum(rank * (t.shape[0] + t.shape[1]) * t.count
+               for t in param_specs(config) if t.kind == "linear")
+
+
+def selected_entries(config: Any, density: float) -> int:
+    """k = round(ρ·N) over all parameters (one param group), as SparseAdamW."""
+    n = count_params(config)
+    return min(n, max(1, math.floor(density * n + 0.5)))
+
+
+def _selected_per_tensor(specs: list[TensorSpec], density: float) -> list[tuple[TensorSpec, int]]:
+    # Where the k entries land depends on the gradients; the model assumes each tensor gets its
+    # share ρ·numel (the per-tensor sizes only matter for block rounding and the largest
+    # tensor's temporaries).
+    return [(t, max(0, round(density * t.numel))) for t in specs]
+
+
+# ----------------------------------------------------------------------------------------------
+# Terms
+# ----------------------------------------------------------------------------------------------
+
+
+def weight_bytes(config: Any, setup: Setup, four_bit: bool = False) -> int:
+    w = DTYPE_BYTES[setup.dtype]
+    total = 0
+    for t in param_specs(config):
+        if four_bit and t.kind == "linear":
+            total += t.count * (t.numel // 2 + math.ceil(t.numel / NF4_BLOCK) * 4)
+        else:
+            total += t.total * w
+    return total
+
+
+def optimizer_state_bytes(config: Any, method: str, setup: Setup) -> int:
+    """Bytes of optimizer state (persistent), excluding lean mode's compact gradients."""
+    w = DTYPE_BYTES[setup.dtype]
+    specs = param_specs(config)
+    n = count_params(config)
+    if method == "adamw":
+        return 2 * n * w
+    if method == "adamw-mixed":
+        return 12 * n
+    if method == "adamw8bit":
+        total = 2 * 256 * 4  # the two quantization maps
+        for t in specs:
+            if t.numel >= BNB_MIN_8BIT_SIZE:
+                total += t.count * 2 * (t.numel + 4 * math.ceil(t.numel / STATE8_BLOCK))
+            else:
+                total += t.count * 8 * t.numel
+        return total
+    if method == "lora":
+        return 8 * lora_params(config, setup.lora_rank)
+    per_tensor = _selected_per_tensor(specs, setup.density)
+    master = 4 if w < 4 else 0
+    if method in ("sparse", "sparse-lean"):
+        return sum(t.count * k * (12 + master) for t, k in per_tensor)
+    if method == "sparse-lean-8bit":
+        return sum(t.count * (k * (4 + 2 + master) + 2 * 4 * math.ceil(k / STATE8_BLOCK))
+                   for t, k in per_tensor)
+    if method == "sparse-4bit-delta":
+        return sum(t.count * k * 16 for t, k in per_tensor)
+    raise ValueError(f"unknown method {method!r}")
+
+
+def _trainable(config: Any, method: str, setup: Setup) -> tuple[int, int, int]:
+    """(entries with a dense gradient kept until the step, bytes per gradient entry, largest
+    trainable tensor's numel)."""
+    w = DTYPE_BYTES[setup.dtype]
+    specs = param_specs(config)
+    largest = max(t.numel for t in specs)
+    if method == "lora":
+        lin = [t for t in specs if t.kind == "linear"]
+        largest_adapter = max(setup.lora_rank * max(t.shape) for t in lin)
+        return lora_params(config, setup.lora_rank), 4, largest_adapter
+    if method in ("sparse-lean", "sparse-lean-8bit", "sparse-4bit-delta"):
+        return 0, w, largest
+    return count_params(config), w, largest
+
+
+@dataclass(frozen=True)
+class Activations:
+    ckpt_inputs: int
+    final_norm: int
+    logits_forward: int
+    logits_loss_backward: int
+    logits_cast_backward: int
+    logits_grad: int  # gradient w.r.t. the logits in the compute dtype, during lm_head backward
+    layer_saved: int  # one decoder layer's saved tensors during its recompute
+    layer_grad_transient: int  # gradients flowing through one layer's backward
+    layer_forward_transient: int  # the largest live set inside one layer's forward (no saving)
+
+
+def activation_terms(config: Any, method: str, setup: Setup) -> Activations:
+    s = Shape.of(config)
+    a = 2 if method == "sparse-4bit-delta" else DTYPE_BYTES[setup.dtype]
+    T, h, I, V = setup.batch * setup.seq, s.hidden, s.intermediate, s.vocab
+    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    upcast = 4 if a < 4 else 0  # the fp32 copy RMSNorm and the loss make (none when fp32)
+    lora = method == "lora"
+
+    # One RMSNorm: fp32 copy of the input (pow, mul), the normalized tensor before the weight,
+    # and its output (saved by the next linear when its weight is trained).
+    norm = (upcast + 2 * a) * T * h
+    attn = a * T * (q + 2 * kv)  # q, k after RoPE and v, saved by the attention kernel
+    attn += a * T * q  # attention output saved by the kernel
+    attn += a * T * q  # its contiguous copy, o_proj's input
+    attn += 4 * setup.batch * s.heads * setup.seq  # logsumexp (fp32)
+    if setup.attn == "eager":
+        attn += setup.batch * s.heads * setup.seq**2 * (4 + a)  # fp32 softmax and its cast
+    mlp = 4 * a * T * I  # gate, SiLU(gate), up, product
+    layer_saved = 2 * norm + attn + mlp
+    if lora:
+        # peft casts each adapted linear's input to the adapters' fp32 for lora_A: q, k, v, gate
+        # and up each make their own copy of the norm output, o of the attention output, down of
+        # the MLP product; lora_A's r-wide outputs are saved by lora_B.
+        layer_saved += 4 * T * (5 * h + q + I) + 7 * 4 * T * setup.lora_rank
+    layer_grad = 3 * a * T * I
+    layer_fwd = 3 * a * T * I + 2 * a * T * h
+    if setup.attn == "eager":
+        layer_fwd = max(layer_fwd, setup.batch * s.heads * setup.seq**2 * (2 * a + 4))
+
+    logits_fwd = (a + upcast + 4) * T * V
+    return Activations(
+        ckpt_inputs=s.layers * T * h * a,
+        final_norm=(4 + 2 * a) * T * h,
+        logits_forward=logits_fwd,
+        logits_loss_backward=12 * T * V,
+        logits_cast_backward=(4 + a) * T * V if a < 4 else 4 * T * V,
+        logits_grad=a * T * V,
+        layer_saved=layer_saved,
+        layer_grad_transient=layer_grad,
+        layer_forward_transient=layer_fwd,
+    )
+
+
+def step_temporaries(config: Any, method: str, setup: Setup) -> int:
+    w = DTYPE_BYTES[setup.dtype]
+    specs = param_specs(config)
+    largest = max(t.numel for t in specs)
+    cpu = setup.device == "cpu"
+    if method == "adamw":
+        if setup.adamw_fused:
+            return 0
+        return 2 * w * largest if cpu else w * count_params(config)
+    if method == "adamw-mixed":
+        return 0 if setup.adamw_fused else (2 * 4 * largest if cpu else 4 * count_params(config))
+    if method == "adamw8bit":
+        return ((24 if w < 4 else 20) * largest) if cpu else 0
+    if method == "lora":
+        lin = [t for t in specs if t.kind == "linear"]
+        largest_adapter = max(setup.lora_rank * max(t.shape) for t in lin)
+        return 2 * 4 * largest_adapter if cpu else 4 * lora_params(config, setup.lora_rank)
+    k_max = max(round(setup.density * largest), 1)
+    return 26 * k_max if cpu else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The peak
+# ----------------------------------------------------------------------------------------------
+
+
+def predict(config: Any, method: str, setup: Setup | None = None) -> Prediction:
+    """The predicted peak of one steady-state training step of ``method`` (see module doc)."""
+    setup = setup or Setup()
+    if method not in METHOD_LABELS:
+        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHOD_LABELS)}")
+    four_bit = method == "sparse-4bit-delta"
+    w = DTYPE_BYTES[setup.dtype]
+    specs = param_specs(config)
+    persistent: dict[str, int] = {}
+    if method == "adamw-mixed":
+        persistent["weights"] = weight_bytes(config, setup)
+    else:
+        persistent["weights"] = weight_bytes(config, setup, four_bit)
+    if method == "lora":
+        persistent["adapters"] = 4 * lora_params(config, setup.lora_rank)
+    persistent["optimizer_state"] = optimizer_state_bytes(config, method, setup)
+    if method in ("sparse-lean", "sparse-lean-8bit", "sparse-4bit-delta"):
+        persistent["compact_grads"] = 4 * selected_entries(config, setup.density)
+    persistent["framework"] = CPU_FRAMEWORK_BYTES if setup.device == "cpu" else CUDA_FRAMEWORK_BYTES
+    base = sum(persistent.values())
+
+    dense_n, grad_bytes, largest = _trainable(config, method, setup)
+    grads_all = dense_n * grad_bytes
+    act = activation_terms(config, method, setup)
+    a = 2 if four_bit else w
+    vocab_h = Shape.of(config).vocab * Shape.of(config).hidden
+    lean = method in ("sparse-lean", "sparse-lean-8bit", "sparse-4bit-delta")
+    frozen_base = method == "lora"
+    # The lm_head / embedding gradients: dense methods keep them; lean mode holds each one only
+    # until its hook gathers it; LoRA never computes them.
+    head_grad = 0 if frozen_base else vocab_h * grad_bytes
+    largest_layer_tensor = max(t.numel for t in specs if t.kind == "linear")
+
+    m: dict[str, int] = {}
+    held = act.ckpt_inputs + act.final_norm
+    m["forward: layer transient"] = base + act.ckpt_inputs + act.layer_forward_transient
+    m["forward: logits and loss"] = base + held + act.logits_forward
+    m["backward: loss"] = base + held + act.logits_loss_backward
+    m["backward: logits cast"] = base + held + act.logits_cast_backward
+    m["backward: lm_head"] = base + act.ckpt_inputs + act.logits_grad + head_grad
+    if lean:
+        # one dense gradient at a time (the hook frees it), plus the gather's k-sized copy
+        one_grad = largest_layer_tensor * a
+        m["backward: layer"] = (base + act.ckpt_inputs + act.layer_saved + act.layer_grad_transient
+                                + one_grad)
+        m["backward: embedding"] = base + vocab_h * grad_bytes
+    else:
+        grads_but_embed = grads_all - (0 if frozen_base else vocab_h * grad_bytes)
+        layer_grads_last = 0 if frozen_base else sum(
+            t.numel * grad_bytes for t in specs if t.kind in ("linear", "norm", "bias"))
+        m["backward: layer"] = (base + grads_but_embed - layer_grads_last
+                                + (act.ckpt_inputs // Shape.of(config).layers)
+                                + act.layer_saved + act.layer_grad_transient)
+        m["backward: end"] = base + grads_all
+    m["step"] = base + grads_all + step_temporaries(config, method, setup)
+
+    phases = {
+        "forward": max(v for k, v in m.items() if k.startswith("forward")),
+        "backward": max(v for k, v in m.items() if k.startswith("backward")),
+        "step": m["step"],
+    }
+    return Prediction(method, METHOD_LABELS[method], persistent, phases, m)
+
+
+def predict_all(config: Any, setup: Setup | None = None,
+                methods: list[str] | None = None) -> list[Prediction]:
+    keys = methods or [k for k, _ in METHODS + REFERENCE_METHODS]
+    return [predict(config, k, setup) for k in keys]
