@@ -1,1 +1,1 @@
-"""Integrations with other libraries (bitsandbytes, transformers, ...), imported on demand."""
+"""Integrations with other libraries (Hugging Face ``Trainer``: :mod:`gallop_kernels.integrations.transformers`)."""
