@@ -1,0 +1,187 @@
+"""The benchmarks cannot rot: the quick CPU mode of the report runs here (seconds), and the CMake
+project of the native baselines configures (and, where nvcc is, compiles).
+
+Timing numbers are never asserted; only that the report is produced with its documented fields.
+Set GALLOP_SKIP_CUDA_BUILD=1 to skip the nvcc compile (about 30 s for one target on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+ROW_FIELDS = {"kernel", "impl", "role", "n", "dtype", "density", "k", "bytes_model"}
+TIMED_FIELDS = {"median_s", "p20_s", "p80_s", "reps", "warmup", "copies", "timer", "gbps", "frac_copy_bw"}
+TOP_FIELDS = {"schema", "mode", "label", "date", "device", "software", "copy_bandwidth", "settings",
+              "kernels", "results", "memory", "checks", "owed", "plots", "elapsed_s"}
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    from benchmarks import report
+
+    out = tmp_path_factory.mktemp("bench")
+    threads = torch.get_num_threads()
+    try:
+        rc = report.main(["--quick", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    jsons = list(out.glob("*.json"))
+    assert len(jsons) == 1, jsons
+    return out, jsons[0], json.loads(jsons[0].read_text())
+
+
+def test_quick_report_has_documented_fields(quick_report):
+    out, path, data = quick_report
+    assert TOP_FIELDS <= set(data), TOP_FIELDS - set(data)
+    assert data["mode"] == "quick"
+    assert path.name.startswith(("cpu-", "cuda-")) or data["device"]["kind"] == "cuda"
+    assert data["date"] in path.name
+    dev = data["device"]
+    assert {"kind", "name", "driver"} <= set(dev)
+    sw = data["software"]
+    assert {"torch", "triton", "python", "native_baselines", "bitsandbytes_status"} <= set(sw)
+    assert data["copy_bandwidth"]["gbps"] > 0
+    assert data["settings"]["dtype"] == "bfloat16"
+    assert data["settings"]["densities"]
+
+    kernels = {r["kernel"] for r in data["results"]}
+    assert {"selection", "radix_select", "compaction", "score_histogram", "sparse_step",
+            "optimizer_select_step", "optimizer_steady_step"} <= kernels
+    timed = [r for r in data["results"] if "median_s" in r]
+    assert timed, "no case was timed"
+    for r in data["results"]:
+        assert ROW_FIELDS <= set(r), ROW_FIELDS - set(r)
+        assert r["role"] in ("ours", "baseline")
+        if "median_s" not in r:
+            assert r.get("skipped"), f"row neither timed nor skipped with a reason: {r}"
+    for r in timed:
+        assert TIMED_FIELDS <= set(r) or r["bytes_model"] == 0, TIMED_FIELDS - set(r)
+        assert r["median_s"] > 0
+    # Every timed "ours" row carries its ratio to each baseline timed beside it.
+    for r in timed:
+        if r["role"] == "ours":
+            peers = [p for p in timed if p["role"] == "baseline" and
+                     (p["kernel"], p["n"], p["density"]) == (r["kernel"], r["n"], r["density"])]
+            assert set(r["speedup_vs"]) == {p["impl"] for p in peers}
+    densities = {r["density"] for r in timed if r["kernel"] == "sparse_step"}
+    assert len(densities) >= 2, "the density sweep did not run"
+
+    # CPU numbers are labelled as such, and the GPU runs are listed as owed.
+    if dev["kind"] == "cpu":
+        assert "CPU" in data["label"]
+        assert data["owed"]
+        assert all(r["impl"] != "triton_select" for r in timed)
+
+    memory = data["memory"]
+    assert any(r["source"] == "formula" for r in memory)
+    assert any(r["source"] == "measured" and "state_bytes" in r for r in memory)
+    sparse = [r for r in memory if r["source"] == "measured" and r["optimizer"].startswith("SparseAdamW")
+              and "state_bytes" in r]
+    for r in sparse:  # the measured state matches the 16 B per selected entry of the formula
+        assert r["state_bytes"] == pytest.approx(r["formula_bytes"], rel=0.02)
+
+    md = (out / (path.stem + ".md")).read_text()
+    assert dev["name"] in md and "median" in md
+    if dev["kind"] == "cpu":
+        assert "CPU numbers" in md and "Owed GPU runs" in md
+    for name in data["plots"].values():
+        assert (out / name).is_file()
+
+
+def test_interpreter_checks_pass(quick_report):
+    """In CPU mode the Triton kernels are checked (not timed) against the reference in the
+    interpreter, including the per-kernel staging the GPU microbenchmarks use."""
+    _, _, data = quick_report
+    checks = data["checks"]
+    if data["device"]["kind"] != "cpu" or checks.get("status", "").startswith("skipped"):
+        pytest.skip(f"interpreter checks did not run: {checks.get('status')}")
+    assert checks["status"] == "ran", checks["status"]
+    assert checks["triton_select_equals_reference"] is True
+    assert checks["staged_kernels_equal_triton_select"] is True
+    assert checks["sparse_adamw_max_abs_diff"] <= 1e-6
+
+
+def test_bench_cli_shim_parses_and_finds_checkout():
+    import argparse
+
+    from gallop_kernels import bench
+
+    parser = argparse.ArgumentParser(prog="gallop")
+    sub = parser.add_subparsers(dest="command")
+    bench.register(sub)
+    args = parser.parse_args(["bench", "--quick", "--sizes", "1e3,2e3", "--no-plots"])
+    assert args.mode == "quick" and args.sizes == "1e3,2e3" and args.func is bench.run
+    assert bench.find_checkout() == REPO
+
+
+# --------------------------------------------------------------------------------------------------
+# CMake project of the native baselines
+# --------------------------------------------------------------------------------------------------
+
+CMAKE = shutil.which("cmake")
+NVCC = shutil.which("nvcc")
+
+
+def _cmake(*args, env=None, timeout=300):
+    return subprocess.run([CMAKE, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.skipif(CMAKE is None, reason="cmake is not installed")
+def test_cmake_without_nvcc_stops_cleanly(tmp_path):
+    """Where no CUDA compiler is found, configure succeeds, explains itself, and builds nothing."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDACXX", "CUDA_PATH", "CUDA_HOME")}
+    env["PATH"] = os.pathsep.join(
+        d for d in env.get("PATH", "").split(os.pathsep)
+        if d and not (Path(d) / "nvcc").exists())
+    build = tmp_path / "build"
+    res = _cmake("-S", str(REPO), "-B", str(build), env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    if "Looking for a CUDA compiler - NOTFOUND" not in res.stdout:
+        pytest.skip("cmake still finds a CUDA compiler outside PATH on this machine")
+    assert "No CUDA compiler (nvcc) found" in res.stdout, res.stdout
+    res = _cmake("--build", str(build), env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert not list(build.glob("*.so"))
+
+
+@pytest.mark.skipif(CMAKE is None or NVCC is None, reason="needs cmake and nvcc")
+@pytest.mark.skipif(os.environ.get("GALLOP_SKIP_CUDA_BUILD") == "1", reason="GALLOP_SKIP_CUDA_BUILD=1")
+def test_cmake_builds_native_baselines(tmp_path):
+    """Where nvcc is, the baselines compile (one target, sm_90, to keep CI short) into a library
+    exporting the C ABI of kernels/gallop_baselines.h."""
+    build = tmp_path / "build"
+    res = _cmake("-S", str(REPO), "-B", str(build), "-DCMAKE_CUDA_ARCHITECTURES=90")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "top-k threshold baseline:" in res.stdout
+    res = _cmake("--build", str(build), "-j", str(os.cpu_count() or 2), timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    lib = build / "libgallop_baselines.so"
+    assert lib.is_file()
+    header = (REPO / "kernels" / "gallop_baselines.h").read_text()
+    nm = shutil.which("nm")
+    if nm:
+        symbols = subprocess.run([nm, "-D", "--defined-only", str(lib)], capture_output=True,
+                                 text=True).stdout
+        for name in ("gallop_bl_abi_version", "gallop_bl_topk_method", "gallop_bl_last_error",
+                     "gallop_bl_gallop_score", "gallop_bl_topk_threshold_temp_bytes",
+                     "gallop_bl_topk_threshold", "gallop_bl_sparse_adamw"):
+            assert name in header and name in symbols, name
+    # Loads with ctypes on a machine without a GPU too (calls then fail with a CUDA error).
+    from benchmarks.baselines import NativeBaselines
+
+    nat = NativeBaselines(lib)
+    assert nat.abi_version == 1
+    assert nat.topk_method.startswith("cub::")
