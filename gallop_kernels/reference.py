@@ -10,6 +10,7 @@ Everything here is written to be obviously right rather than fast (DESIGN §1):
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence, Union
 
@@ -237,3 +238,73 @@ def sparse_adamw_step(
     w.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
 
     flat[idx] = w.to(param.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# 8-bit blockwise optimizer state (bitsandbytes' dynamic quantization maps)
+# ----------------------------------------------------------------------------------------------
+
+QUANT_BLOCK = 256
+"""Entries per absmax block of 8-bit state, as bitsandbytes' blockwise 8-bit optimizers."""
+
+
+def quantization_map(signed: bool, device: torch.device | str = "cpu") -> torch.Tensor:
+    """bitsandbytes' dynamic map: signed for ``exp_avg``, unsigned for ``exp_avg_sq``."""
+    return _quantization_map(signed, str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=None)
+def _quantization_map(signed: bool, device: str) -> torch.Tensor:
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.create_dynamic_map(signed=signed).to(device=device, dtype=torch.float32)
+
+
+def quantize_blockwise(values: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 -> (uint8 codes, fp32 absmax per block of 256), with bitsandbytes' own kernel."""
+    import bitsandbytes.functional as bnbf
+
+    if values.numel() == 0:
+        return torch.empty(0, dtype=torch.uint8, device=values.device), torch.empty(
+            0, dtype=torch.float32, device=values.device
+        )
+    code = quantization_map(signed, values.device)
+    codes, state = bnbf.quantize_blockwise(values.float(), code=code, blocksize=QUANT_BLOCK)
+    return codes, state.absmax.float()
+
+
+def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
+    """(uint8 codes, absmax) -> fp32, the inverse of `quantize_blockwise` up to its rounding."""
+    if codes.numel() == 0:
+        return torch.empty(0, dtype=torch.float32, device=codes.device)
+    code = quantization_map(signed, codes.device)
+    block_max = absmax.repeat_interleave(QUANT_BLOCK)[: codes.numel()]
+    return code[codes.long()] * block_max
+
+
+def sparse_adamw_step_8bit(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    indices: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_absmax: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    exp_avg_sq_absmax: torch.Tensor,
+    master: torch.Tensor | None,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """`sparse_adamw_step` with m, v held as 8-bit blockwise codes: dequantize, step, requantize."""
+    m = dequantize_blockwise(exp_avg, exp_avg_absmax, signed=True)
+    v = dequantize_blockwise(exp_avg_sq, exp_avg_sq_absmax, signed=False)
+    sparse_adamw_step(param, grad, indices, m, v, master, step, lr, beta1, beta2, eps, weight_decay)
+    for codes, absmax, value, signed in (
+        (exp_avg, exp_avg_absmax, m, True), (exp_avg_sq, exp_avg_sq_absmax, v, False)
+    ):
+        new_codes, new_absmax = quantize_blockwise(value, signed)
+        codes.copy_(new_codes)
+        absmax.copy_(new_absmax)

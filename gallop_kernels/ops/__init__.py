@@ -120,3 +120,35 @@ def sparse_adamw_update(
         list(params), list(grads), list(indices), list(exp_avgs), list(exp_avg_sqs),
         list(masters), step, lr, beta1, beta2, eps, weight_decay,
     )
+
+
+def sparse_adamw_update_8bit(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    states: Sequence[dict],
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    backend: str,
+) -> None:
+    """`sparse_adamw_update` for 8-bit blockwise m, v (state keys ``exp_avg``, ``exp_avg_absmax``,
+    ``exp_avg_sq``, ``exp_avg_sq_absmax``, ``indices``, optional ``master``)."""
+    keys = ("indices", "exp_avg", "exp_avg_absmax", "exp_avg_sq", "exp_avg_sq_absmax")
+    if backend == "torch":
+        for p, g, st in zip(params, grads, states):
+            reference.sparse_adamw_step_8bit(
+                p, g, *(st[k] for k in keys), st.get("master"),
+                step, lr, beta1, beta2, eps, weight_decay,
+            )
+        return
+
+    from gallop_kernels.ops.sparse_adamw_8bit import triton_sparse_adamw_8bit_step
+
+    triton_sparse_adamw_8bit_step(
+        list(params), list(grads), *([st[k] for st in states] for k in keys),
+        [st.get("master") for st in states], step, lr, beta1, beta2, eps, weight_decay,
+    )

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from gallop_kernels.optim.selection import needs_master
+from gallop_kernels.reference import QUANT_BLOCK
 
 CALLABLE_SCORE = "<callable>"
 """Stands in a saved param group for a score callable (functions are not plain values)."""
@@ -72,10 +73,19 @@ def _check_entry(key: Any, saved: dict, param: torch.Tensor, group: dict) -> Non
     )
     for name in wanted:
         value = saved.get(name)
-        if not isinstance(value, torch.Tensor) or value.dtype != torch.float32:
-            raise ValueError(f"{where}: '{name}' must be a float32 tensor")
+        quantized = name != "master" and isinstance(value, torch.Tensor) and value.dtype == torch.uint8
+        if not isinstance(value, torch.Tensor) or not (value.dtype == torch.float32 or quantized):
+            raise ValueError(f"{where}: '{name}' must be a float32 (or 8-bit uint8) tensor")
         if value.shape != (k,):
             raise ValueError(f"{where}: '{name}' has shape {tuple(value.shape)}, expected ({k},)")
+        if quantized:
+            absmax = saved.get(f"{name}_absmax")
+            blocks = -(-k // QUANT_BLOCK)
+            if not isinstance(absmax, torch.Tensor) or absmax.dtype != torch.float32 or (
+                absmax.shape != (blocks,)
+            ):
+                raise ValueError(f"{where}: 8-bit '{name}' needs a float32 '{name}_absmax' of "
+                                 f"{blocks} blocks")
     if "step" not in saved:
         raise ValueError(f"{where}: 'step' is missing")
     accum = saved.get("grad_accum")

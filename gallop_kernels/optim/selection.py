@@ -14,6 +14,34 @@ from gallop_kernels import ops, reference
 from gallop_kernels.ops.streaming_select import streaming_select
 
 
+MIN_8BIT_ENTRIES = 4096
+"""Tensors with fewer selected entries keep fp32 moments under ``state_bits=8`` (as bitsandbytes)."""
+
+
+def uses_8bit(group: dict, num_selected: int) -> bool:
+    return group["state_bits"] == 8 and num_selected >= MIN_8BIT_ENTRIES
+
+
+def moments_fp32(st: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """A param's (exp_avg, exp_avg_sq) as fp32, dequantizing 8-bit state."""
+    if st["exp_avg"].dtype == torch.uint8:
+        return (
+            reference.dequantize_blockwise(st["exp_avg"], st["exp_avg_absmax"], signed=True),
+            reference.dequantize_blockwise(st["exp_avg_sq"], st["exp_avg_sq_absmax"], signed=False),
+        )
+    return st["exp_avg"], st["exp_avg_sq"]
+
+
+def store_moments(st: dict, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, bits: int) -> None:
+    if bits == 8:
+        st["exp_avg"], st["exp_avg_absmax"] = reference.quantize_blockwise(exp_avg, signed=True)
+        st["exp_avg_sq"], st["exp_avg_sq_absmax"] = reference.quantize_blockwise(
+            exp_avg_sq, signed=False
+        )
+    else:
+        st["exp_avg"], st["exp_avg_sq"] = exp_avg, exp_avg_sq
+
+
 def needs_master(param: torch.Tensor, policy: Any) -> bool:
     """fp32 master copy of the selected entries: for bf16/fp16 params under "auto", or forced."""
     if policy == "auto":
@@ -110,14 +138,14 @@ def apply(group: dict, state: dict, new_indices: Sequence[torch.Tensor]) -> None
             master = p.detach().reshape(-1)[idx.to(torch.int64)].to(torch.float32)
         if "indices" in st:
             kept, pos = _carry_over(st["indices"], idx)
-            exp_avg[kept] = st["exp_avg"][pos[kept]]
-            exp_avg_sq[kept] = st["exp_avg_sq"][pos[kept]]
+            old_exp_avg, old_exp_avg_sq = moments_fp32(st)
+            exp_avg[kept] = old_exp_avg[pos[kept]]
+            exp_avg_sq[kept] = old_exp_avg_sq[pos[kept]]
             if master is not None and "master" in st:
                 master[kept] = st["master"][pos[kept]]
         st.clear()
         st["indices"] = idx
-        st["exp_avg"] = exp_avg
-        st["exp_avg_sq"] = exp_avg_sq
+        store_moments(st, exp_avg, exp_avg_sq, 8 if uses_8bit(group, k) else 32)
         if master is not None:
             st["master"] = master
         st["step"] = torch.tensor(0.0, dtype=torch.float32)

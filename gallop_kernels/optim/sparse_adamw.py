@@ -35,6 +35,9 @@ class SparseAdamW(Optimizer):
         reselect_every: re-select every N steps from the mean gradient since the last
             selection (GMT); entries that stay keep their state. ``None`` selects once.
         master_weights: "auto" (fp32 master copy for bf16/fp16 params), True or False.
+        state_bits: 32, or 8 for blockwise 8-bit m and v with bitsandbytes' dynamic maps
+            (1 byte each + an fp32 absmax per 256 entries; tensors with fewer than 4096
+            selected entries keep fp32 moments, as in bitsandbytes).
         backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
         lean: after selection, gather each gradient's selected entries into a compact fp32
             buffer in a post-accumulate-grad hook and free the dense gradient at once; freeze
@@ -55,6 +58,7 @@ class SparseAdamW(Optimizer):
         seed: int = 0,
         reselect_every: int | None = None,
         master_weights: bool | str = "auto",
+        state_bits: int = 32,
         backend: str = "auto",
         lean: bool = False,
     ) -> None:
@@ -72,6 +76,7 @@ class SparseAdamW(Optimizer):
             seed=seed,
             reselect_every=reselect_every,
             master_weights=master_weights,
+            state_bits=state_bits,
         )
         check_group_options(defaults)
         self.backend = backend
@@ -233,23 +238,29 @@ class SparseAdamW(Optimizer):
             by_step.setdefault(int(st["step"].item()), []).append(p)
             if "grad_accum" in st and grad is p.grad:  # (lean hooks accumulate by themselves)
                 st["grad_accum"].add_(p.grad.reshape(-1))
+        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                     weight_decay=group["weight_decay"], backend=backend)
         for step, params in by_step.items():
             states = [self.state[p] for p in params]
-            ops.sparse_adamw_update(
-                params,
-                [grads[p] for p in params],
-                [st["indices"] for st in states],
-                [st["exp_avg"] for st in states],
-                [st["exp_avg_sq"] for st in states],
-                [st.get("master") for st in states],
-                step=step,
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                backend=backend,
-            )
+            full = [i for i, st in enumerate(states) if st["exp_avg"].dtype == torch.float32]
+            quantized = [i for i, st in enumerate(states) if st["exp_avg"].dtype == torch.uint8]
+            if full:
+                ops.sparse_adamw_update(
+                    [params[i] for i in full],
+                    [grads[params[i]] for i in full],
+                    [states[i]["indices"] for i in full],
+                    [states[i]["exp_avg"] for i in full],
+                    [states[i]["exp_avg_sq"] for i in full],
+                    [states[i].get("master") for i in full],
+                    step=step, **hyper,
+                )
+            if quantized:
+                ops.sparse_adamw_update_8bit(
+                    [params[i] for i in quantized],
+                    [grads[params[i]] for i in quantized],
+                    [states[i] for i in quantized],
+                    step=step, **hyper,
+                )
         group["steps_since_selection"] += 1
 
     def zero_grad(self, set_to_none: bool = True) -> None:

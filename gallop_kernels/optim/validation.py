@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import numbers
 from typing import Any, Iterable
 
@@ -56,6 +57,11 @@ def check_group_options(options: dict[str, Any]) -> None:
             raise TypeError(f"reselect_every must be None or an int, got {type(every).__name__}")
         if every < 1:
             raise ValueError(f"invalid reselect_every: {every} (must be >= 1 or None)")
+
+    if options["state_bits"] not in (8, 32) or isinstance(options["state_bits"], bool):
+        raise ValueError(f"invalid state_bits: {options['state_bits']!r} (expected 32 or 8)")
+    if options["state_bits"] == 8 and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("state_bits=8 uses bitsandbytes' quantization maps: pip install bitsandbytes")
 
     if options["master_weights"] not in MASTER_WEIGHT_CHOICES or (
         not isinstance(options["master_weights"], (bool, str))
