@@ -1,0 +1,3 @@
+from gallop_kernels.finetune.cli import main
+
+raise SystemExit(main())

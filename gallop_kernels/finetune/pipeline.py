@@ -1,0 +1,310 @@
+"""``gallop finetune`` as a function: validate everything, then train with the Trainer integration.
+
+Order of work: all options and the data are checked first (bad density, unknown score, missing or
+malformed data, unavailable flags raise before a model is even loaded); then the model and
+tokenizer load, the chosen weights are made trainable, the ``Trainer`` runs GaLLoP's phase one
+(:class:`~gallop_kernels.integrations.transformers.GallopCallback`) and phase two; finally the
+sparse delta (or the full model), the loss log and the selection summary are written to
+``output``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, TextIO
+
+from gallop_kernels.finetune.data import (
+    CausalLMCollator,
+    DataError,
+    ListDataset,
+    Record,
+    load_records,
+    tokenize,
+)
+from gallop_kernels.reference import SCORE_NAMES
+
+DELTA_FILE = "gallop_delta.safetensors"
+LOSS_LOG = "loss_log.jsonl"
+SELECTION_FILE = "selection.json"
+SUMMARY_FILE = "finetune_summary.json"
+
+
+class NotAvailableYet(ValueError):
+    """A flag for a feature that is planned (the memory-lean issue) but not built yet."""
+
+
+@dataclass
+class FinetuneConfig:
+    """What ``gallop finetune`` runs; the defaults are its defaults."""
+
+    model: str
+    data: str
+    output: str = "gallop-finetune"
+    density: float = 0.01
+    score: str = "gallop"
+    calibration_fraction: float = 0.05
+    lean: bool = False
+    bits: int | None = None
+    epochs: float = 1.0
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 512
+    max_steps: int = -1
+    target_modules: str | list[str] = "all-linear"
+    train_embeddings: bool = False
+    train_norms: bool = False
+    save_full: bool = False
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    data_split: str = "train"
+    logging_steps: int = 10
+    progress: bool = True
+    resume: str | None = None
+    save_steps: int = 0
+
+
+@dataclass
+class FinetuneResult:
+    output: str
+    num_examples: int
+    num_trainable: int
+    num_selected: int
+    calibration_examples: int
+    steps: int
+    final_loss: float | None
+    seconds: float
+    summary: dict[str, dict[str, int]] = field(default_factory=dict)
+    saved: list[str] = field(default_factory=list)
+
+
+def _positive(name: str, value: Any, integer: bool = False) -> None:
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok or not (value > 0) or (not integer and not math.isfinite(value)):
+        raise ValueError(f"{name} must be a positive {'integer' if integer else 'number'}, got {value!r}")
+
+
+def check_options(config: FinetuneConfig) -> None:
+    """Every option that can be checked without loading anything; ValueError says which."""
+    if config.lean:
+        raise NotAvailableYet(
+            "--lean (compact gradients, frozen unselected tensors) is not available yet: it belongs to "
+            "the memory-lean fine-tuning work that is not built; run without --lean")
+    if config.bits is not None:
+        if config.bits != 4:
+            raise ValueError(f"--bits must be 4 (a 4-bit base), got {config.bits}")
+        raise NotAvailableYet(
+            "--bits 4 (a 4-bit bitsandbytes base with a trainable sparse delta) is not available yet; "
+            "run without --bits")
+    if isinstance(config.density, bool) or not isinstance(config.density, (int, float)) \
+            or not 0.0 < config.density <= 1.0:
+        raise ValueError(f"--density must be in (0, 1], got {config.density!r}")
+    if config.score not in SCORE_NAMES:
+        raise ValueError(f"unknown --score {config.score!r}; choose one of {', '.join(SCORE_NAMES)}")
+    if isinstance(config.calibration_fraction, bool) or not isinstance(config.calibration_fraction, (int, float)) \
+            or not 0.0 < config.calibration_fraction <= 1.0:
+        raise ValueError(f"--calibration-fraction must be in (0, 1], got {config.calibration_fraction!r}")
+    _positive("--epochs", config.epochs)
+    _positive("--lr", config.lr)
+    _positive("--batch-size", config.batch_size, integer=True)
+    _positive("--grad-accum", config.grad_accum, integer=True)
+    _positive("--max-length", config.max_length, integer=True)
+    _positive("--logging-steps", config.logging_steps, integer=True)
+    if not isinstance(config.max_steps, int) or config.max_steps == 0 or config.max_steps < -1:
+        raise ValueError(f"--max-steps must be a positive integer (or -1 for --epochs), got {config.max_steps!r}")
+    if config.weight_decay < 0:
+        raise ValueError(f"--weight-decay must be >= 0, got {config.weight_decay}")
+    if config.save_steps < 0:
+        raise ValueError(f"--save-steps must be >= 0, got {config.save_steps}")
+    if config.resume is not None and config.resume != "last" and not os.path.isdir(config.resume):
+        raise FileNotFoundError(f"--resume checkpoint not found: {config.resume!r}")
+    if os.path.exists(config.output) and not os.path.isdir(config.output):
+        raise ValueError(f"--output {config.output!r} exists and is not a directory")
+
+
+def check_model(spec: str) -> None:
+    """A local model directory must hold a config.json; anything else is taken as a hub id."""
+    expanded = os.path.expanduser(spec)
+    if os.path.isdir(expanded):
+        if not os.path.isfile(os.path.join(expanded, "config.json")):
+            raise FileNotFoundError(f"--model {spec!r} is a directory without config.json "
+                                    "(save one with model.save_pretrained(path))")
+        return
+    if os.path.exists(expanded):
+        raise ValueError(f"--model {spec!r} is a file; give the directory written by save_pretrained")
+    if spec.startswith(("/", ".", "~")) or spec.count("/") > 1:
+        raise FileNotFoundError(f"--model path not found: {spec!r}")
+
+
+def prepare(config: FinetuneConfig) -> list[Record]:
+    """All checks that need no model: options, model path, data. Returns the validated records."""
+    check_options(config)
+    check_model(config.model)
+    return load_records(config.data, config.data_split)
+
+
+def _load_model_and_tokenizer(spec: str, bf16: bool) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = os.path.isdir(os.path.expanduser(spec))
+    where = os.path.expanduser(spec) if local else spec
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where)
+        # bf16 weights with --bf16 (SparseAdamW keeps fp32 master copies of the selected entries)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.bfloat16 if bf16 else torch.float32)
+    except OSError as e:
+        hint = "" if local else " (a hub id needs network access; pass a local directory saved with save_pretrained)"
+        raise ValueError(f"could not load model {spec!r}{hint}: {e}") from e
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"the tokenizer of {spec!r} has no pad, eos or unk token to pad with")
+    return model, tokenizer
+
+
+def _loss_logger(path: str):
+    from transformers import TrainerCallback
+
+    class LossLog(TrainerCallback):
+        """Appends every Trainer log (step, loss, lr, grad norm) to a JSONL file."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and state.is_world_process_zero:
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+
+    return LossLog()
+
+
+def _summary_printer(gallop_cb: Any, out: TextIO):
+    from transformers import TrainerCallback
+
+    from gallop_kernels.integrations.transformers import format_selection_summary
+
+    class PrintSelection(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if gallop_cb.summary is not None and state.is_world_process_zero:
+                how = ("loaded from the checkpoint" if gallop_cb.resumed else
+                       f"from the mean gradient of {gallop_cb.num_examples} calibration example(s)")
+                print(f"selection ({how}):\n{format_selection_summary(gallop_cb.summary)}", file=out, flush=True)
+
+    return PrintSelection()
+
+
+def run_finetune(config: FinetuneConfig, out: TextIO | None = None) -> FinetuneResult:
+    """Validate, fine-tune, save. Raises ValueError/FileNotFoundError before training on bad input."""
+    out = out or sys.stdout
+    records = prepare(config)
+    t0 = time.perf_counter()
+
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from gallop_kernels.delta import extract_delta, save_delta
+    from gallop_kernels.integrations.transformers import (
+        GallopCallback,
+        gallop_optimizer_cls_and_kwargs,
+        select_trainable,
+        unwrap_optimizer,
+    )
+
+    model, tokenizer = _load_model_and_tokenizer(config.model, config.bf16)
+    trainable = select_trainable(model, config.target_modules, embeddings=config.train_embeddings,
+                                 norms=config.train_norms)
+    examples = tokenize(records, tokenizer, config.max_length)
+    os.makedirs(config.output, exist_ok=True)
+    loss_log = os.path.join(config.output, LOSS_LOG)
+    if config.resume is None and os.path.exists(loss_log):
+        os.remove(loss_log)
+
+    fields = TrainingArguments.__dataclass_fields__
+    ckpt_flag = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    args = TrainingArguments(
+        output_dir=config.output,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.lr,
+        weight_decay=config.weight_decay,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        logging_steps=config.logging_steps,
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500,
+        report_to=[],
+        seed=config.seed,
+        bf16=config.bf16,
+        disable_tqdm=not config.progress,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        **{ckpt_flag: config.gradient_checkpointing},
+    )
+    gallop_cb = GallopCallback(calibration_fraction=config.calibration_fraction)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=ListDataset(examples),
+        data_collator=CausalLMCollator(tokenizer.pad_token_id),
+        optimizer_cls_and_kwargs=gallop_optimizer_cls_and_kwargs(args, density=config.density, score=config.score,
+                                                                  seed=config.seed),
+        callbacks=[gallop_cb, _summary_printer(gallop_cb, out), _loss_logger(loss_log)],
+    )
+    resume = None if config.resume is None else (True if config.resume == "last" else config.resume)
+    train_out = trainer.train(resume_from_checkpoint=resume)
+    opt = unwrap_optimizer(trainer.optimizer)
+
+    saved = []
+    meta = {"calibration_fraction": config.calibration_fraction, "epochs": config.epochs, "lr": config.lr,
+            "target_modules": json.dumps(config.target_modules), "steps": trainer.state.global_step}
+    delta = extract_delta(model, opt, base_model=config.model, metadata=meta)
+    delta_path = os.path.join(config.output, DELTA_FILE)
+    save_delta(delta_path, delta)
+    saved.append(delta_path)
+    if config.save_full:
+        full = os.path.join(config.output, "model")
+        trainer.save_model(full)
+        tokenizer.save_pretrained(full)
+        saved.append(full)
+    summary = gallop_cb.summary or {}
+    with open(os.path.join(config.output, SELECTION_FILE), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    result = FinetuneResult(
+        output=config.output,
+        num_examples=len(examples),
+        num_trainable=sum(model.get_parameter(n).numel() for n in trainable),
+        num_selected=opt.num_selected,
+        calibration_examples=gallop_cb.num_examples,
+        steps=trainer.state.global_step,
+        final_loss=losses[-1] if losses else train_out.training_loss,
+        seconds=time.perf_counter() - t0,
+        summary=summary,
+        saved=saved + [loss_log, os.path.join(config.output, SELECTION_FILE)],
+    )
+    with open(os.path.join(config.output, SUMMARY_FILE), "w", encoding="utf-8") as f:
+        json.dump({"config": asdict(config), "result": asdict(result)}, f, indent=2, default=str)
+    return result
+
+
+def print_result(result: FinetuneResult, file: TextIO | None = None) -> None:
+    out = file or sys.stdout
+    share = result.num_selected / result.num_trainable if result.num_trainable else 0.0
+    loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
+    print(f"fine-tuned {result.num_selected:,} of {result.num_trainable:,} trainable entries ({share:.2%}) "
+          f"for {result.steps} steps on {result.num_examples} examples in {result.seconds:.1f} s; "
+          f"last logged loss {loss}", file=out)
+    for path in result.saved:
+        print(f"  wrote {path}", file=out)
+
+
+__all__ = ["DataError", "FinetuneConfig", "FinetuneResult", "NotAvailableYet", "check_options", "prepare",
+           "print_result", "run_finetune"]
