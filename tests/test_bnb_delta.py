@@ -463,3 +463,20 @@ def test_target_modules_by_suffix(llama_dir):
     with pytest.raises(ValueError, match="already carries"):
         select_sparse_delta(model, calibration_batches(1), lm_loss(model), density=0.1,
                             target_modules="q_proj")
+
+
+def test_gradient_checkpointing(llama_dir):
+    """With (reentrant) activation checkpointing the taps and the delta gradients still work and
+    give what the plain model gives."""
+    plain, ckpt = load_4bit(llama_dir), load_4bit(llama_dir)
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    batches = calibration_batches(2)
+    got = select_sparse_delta(ckpt, batches, lm_loss(ckpt), density=0.05)
+    expected = select_sparse_delta(plain, batches, lm_loss(plain), density=0.05)
+    for name in expected:
+        assert torch.equal(got[name].delta_indices, expected[name].delta_indices), name
+    lm_loss(ckpt)(batches[0]).backward()
+    lm_loss(plain)(batches[0]).backward()
+    for name, m in expected.items():
+        if m.delta_indices.numel():
+            torch.testing.assert_close(got[name].delta_values.grad, m.delta_values.grad)

@@ -30,6 +30,12 @@ Memory (per wrapped layer of shape out × in, compute dtype c):
 * calibration: an fp32 host accumulator per wrapped layer (4 bytes per weight entry on the host,
   pinned when the model is on CUDA), as in `optim/calibration.py`.
 
+Activation checkpointing (reentrant or not) works: in tap mode a layer whose inputs need no
+gradient still joins the graph through a throw-away leaf, and trained deltas are ordinary
+parameters. ``model.state_dict()`` of a wrapped model holds the 4-bit weights under
+``...<layer>.base.weight``; save the delta with :func:`sparse_delta_state` or
+:func:`extract_sparse_delta` instead of saving the whole model.
+
 Why there is no ``merge()``/``unmerge()`` for a 4-bit base: merging would re-quantize W + Δ to
 NF4, whose step (about absmax/8 per block of 64) is far larger than a fine-tuning delta, so the
 delta would mostly round away and could not be recovered exactly by ``unmerge``. Keep the delta
@@ -272,7 +278,10 @@ class SparseDeltaLinear(nn.Module):
     # -- the delta ---------------------------------------------------------------------------
 
     def set_delta_indices(self, indices: torch.Tensor) -> None:
-        """Install a selection: sorted unique flat indices; the values restart at zero."""
+        """Install a selection: sorted unique flat indices; the values restart at zero.
+
+        ``delta_values`` becomes a new Parameter: build the optimizer after this.
+        """
         idx = torch.as_tensor(indices).reshape(-1).to(torch.int64)
         if idx.numel() > 0:
             if int(idx.min()) < 0 or int(idx.max()) >= self.weight_numel:
