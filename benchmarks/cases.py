@@ -28,6 +28,7 @@ from benchmarks.timing import copies_needed
 
 BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 SECTOR = 32  # bytes per DRAM sector (the unit a gather pays for)
+GEN_CHUNK = 2**26  # entries generated at a time
 EPS = 1e-8
 LR, BETA1, BETA2, ADAM_EPS, WD = 1e-5, 0.9, 0.999, 1e-8, 0.01
 
@@ -93,11 +94,18 @@ def selection_floor_bytes(n: int, k: int, t_bytes: int, g_bytes: int) -> float:
 
 
 def make_pair(n: int, dtype: torch.dtype, device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pre-trained-like weights and a gradient: normal, never zero (ties occur as in real bf16)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    theta = (torch.randn(n, generator=gen) * 0.02).to(device=device, dtype=dtype)
-    grad = (torch.randn(n, generator=gen) * 1e-3).to(device=device, dtype=dtype)
-    return theta, grad
+    """Pre-trained-like weights and a gradient: normal, never zero (ties occur as in real bf16).
+
+    Generated on the device in chunks, so N = 4e9 needs no float32 copy of the whole tensor."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    for scale in (0.02, 1e-3):
+        t = torch.empty(n, dtype=dtype, device=device)
+        for start in range(0, n, GEN_CHUNK):
+            c = min(GEN_CHUNK, n - start)
+            t[start:start + c] = torch.randn(c, generator=gen, device=device) * scale
+        out.append(t)
+    return out[0], out[1]
 
 
 def split_sizes(n: int) -> list[int]:
@@ -119,12 +127,21 @@ def make_model(n: int, dtype: torch.dtype, device: torch.device, seed: int) -> l
 
 
 def sparse_state(n: int, k: int, device: torch.device, seed: int, master_of: torch.Tensor | None):
-    gen = torch.Generator(device="cpu").manual_seed(seed + 7)
-    idx = torch.sort(torch.randperm(n, generator=gen)[:k]).values
-    idx_t = idx.to(device=device, dtype=torch.int32 if n < 2**31 else torch.int64)
-    m = (torch.randn(k, generator=gen) * 1e-4).to(device)
-    v = (torch.rand(k, generator=gen) * 1e-6 + 1e-9).to(device)
-    master = master_of.reshape(-1)[idx.to(master_of.device)].float() if master_of is not None else None
+    """Sorted random indices of k distinct entries and random fp32 m, v (v > 0) [and master]."""
+    gen = torch.Generator(device=device).manual_seed(seed + 7)
+    if n <= 2**26:
+        idx = torch.randperm(n, generator=gen, device=device)[:k]
+    else:  # no N-length permutation: draw with replacement, dedupe, keep k at random
+        idx = torch.unique(torch.randint(0, n, (k + k // 8 + 64,), generator=gen, device=device))
+        while idx.numel() < k:
+            more = torch.randint(0, n, (k,), generator=gen, device=device)
+            idx = torch.unique(torch.cat([idx, more]))
+        idx = idx[torch.randperm(idx.numel(), generator=gen, device=device)[:k]]
+    idx = torch.sort(idx).values
+    idx_t = idx.to(torch.int32 if n < 2**31 else torch.int64)
+    m = torch.randn(k, generator=gen, device=device) * 1e-4
+    v = torch.rand(k, generator=gen, device=device) * 1e-6 + 1e-9
+    master = master_of.reshape(-1)[idx].float() if master_of is not None else None
     return idx_t, m, v, master
 
 

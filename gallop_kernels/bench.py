@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: 1 in CPU modes, so a shared machine gives "
                              "stable numbers; unchanged on GPU)")
+    parser.add_argument("--render", type=Path, default=None, metavar="JSON",
+                        help="re-render the Markdown and plots of an existing results JSON; runs nothing")
     parser.add_argument("--tag", type=str, default=None,
                         help="suffix of the output names (default: the mode for quick runs)")
 
@@ -54,18 +56,19 @@ def find_checkout() -> Path | None:
 
 def load_report():
     """Import ``benchmarks.report`` from the checkout; raise SystemExit with advice if absent."""
+    root = find_checkout()
+    if root is not None and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
     try:
         return importlib.import_module("benchmarks.report")
-    except ImportError:
-        pass
-    root = find_checkout()
-    if root is None:
+    except ImportError as exc:
+        if root is not None:
+            raise
         raise SystemExit(
             "gallop bench: the benchmarks are not part of the installed package; they live in the "
-            "source checkout. Clone the repository, `pip install -e .` there, and run `gallop bench` "
-            "(or `python -m benchmarks.report`) from inside it.")
-    sys.path.insert(0, str(root))
-    return importlib.import_module("benchmarks.report")
+            "source checkout (benchmarks/ beside gallop_kernels/). Clone the repository, "
+            "`pip install -e .` there, and run `gallop bench` (or `python -m benchmarks.report`) "
+            "from inside it.") from exc
 
 
 def run(args: argparse.Namespace) -> int:
