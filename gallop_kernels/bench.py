@@ -5,7 +5,8 @@ installed package. This shim holds the command's options and finds the checkout:
 directory or one of its parents, then the directory the package was imported from (an editable
 install). Without a checkout it says how to get one instead of failing obscurely.
 
-Wiring into the CLI: ``bench.register(subparsers)``; the parser's default ``func`` runs it.
+Wiring into the CLI: ``bench.register(subparsers)``; the parser's defaults ``handler(args,
+subparser)`` (the convention of ``gallop_kernels/cli.py``) and ``func(args)`` both run it.
 """
 
 from __future__ import annotations
@@ -80,8 +81,12 @@ def register(subparsers) -> argparse.ArgumentParser:
         "bench", help="run the benchmarks and write the report (benchmarks/results/)",
         description=__doc__.split("\n\n")[0])
     add_arguments(parser)
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, handler=_handle, subparser=parser)
     return parser
+
+
+def _handle(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    return run(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
