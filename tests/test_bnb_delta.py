@@ -205,24 +205,29 @@ def test_plain_linear_base_and_bias():
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("score", ["gallop", "gradient", "magnitude", "random", "callable"])
-def test_selection_equals_reference_on_dequantized_weights(llama_dir, score):
+@pytest.fixture(scope="module")
+def dense_oracle(llama_dir):
+    """Dense autograd on the dequantized model over the calibration batches: the decoder linears'
+    names, dequantized weights and mean weight gradients."""
     model = load_4bit(llama_dir, torch.float32)
     dense = dequantized_dense_copy(model)
     batches = calibration_batches(3)
-    score_arg = (lambda p, g: g.abs() * (p.abs() + 1.0)) if score == "callable" else score
-
-    # Oracle: dense autograd over the same batches, the mean gradient, reference.select.
     names = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     weights = [dense.get_submodule(n).weight for n in names]
     for w in weights:
         w.requires_grad_(True)
     for ids in batches:
         dense(input_ids=ids, labels=ids).loss.backward()
-    mean_grads = [w.grad / len(batches) for w in weights]
-    expected = reference.select(
-        [w.detach() for w in weights], mean_grads, 0.03, score_arg, seed=7, names=names
-    )
+    return names, [w.detach() for w in weights], [w.grad / len(batches) for w in weights]
+
+
+@pytest.mark.parametrize("score", ["gallop", "gradient", "magnitude", "random", "callable"])
+def test_selection_equals_reference_on_dequantized_weights(llama_dir, dense_oracle, score):
+    model = load_4bit(llama_dir, torch.float32)
+    batches = calibration_batches(3)
+    score_arg = (lambda p, g: g.abs() * (p.abs() + 1.0)) if score == "callable" else score
+    names, weights, mean_grads = dense_oracle
+    expected = reference.select(weights, mean_grads, 0.03, score_arg, seed=7, names=names)
 
     wrapped = select_sparse_delta(
         model, batches, lm_loss(model), density=0.03, score=score_arg, seed=7, chunk=1000
