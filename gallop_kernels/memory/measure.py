@@ -8,8 +8,9 @@ prints one JSON object. What is measured, in order:
    oneDNN/bitsandbytes libraries are already resident), then everything is freed;
 2. **baseline** = the process's memory now (CPU: resident set size; CUDA: ``memory_allocated``);
 3. the model is built from the config with random weights (and wrapped/quantized per method), the
-   optimizer created, and one *warm* step taken: it allocates the optimizer state and, for the
-   sparse methods, selects (the selection's transient memory is phase one, not a training step);
+   optimizer created, and two *warm* steps taken: they allocate the optimizer state, lean mode's
+   compact gradients and, for the sparse methods, select (the selection's transient memory is
+   phase one, not a training step; the 4-bit delta selects with `select_sparse_delta` first);
 4. ``zero_grad(set_to_none=True)``, then the peak is reset and the **measured step** runs:
    forward (to the loss), backward, ``optimizer.step()``. The peak is read after each phase and
    reset between phases, so each phase's own peak is known; the step's peak is their maximum.
@@ -41,6 +42,7 @@ from typing import Any
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
+WARM_STEPS = 2
 METHOD_KEYS = ("adamw", "adamw8bit", "lora", "sparse", "sparse-lean", "sparse-lean-8bit",
                "sparse-4bit-delta")
 
@@ -153,13 +155,14 @@ def four_bit_integration():
     return integration
 
 
-def build(method: str, config, dtype, attn: str, device: str, density: float):
-    """(model, optimizer, info) for ``method``; raises NotAvailable for code not yet written."""
+def build(method: str, config, dtype, attn: str, device: str, density: float, ids=None):
+    """(model, optimizer, info) for ``method``; raises NotAvailable for code not yet written.
+    ``ids``: the batch phase one calibrates on (4-bit delta only)."""
     import torch
 
     info: dict[str, Any] = {}
     if method == "sparse-4bit-delta":
-        return _build_4bit_delta(config, dtype, attn, device, density)
+        return _build_4bit_delta(config, dtype, attn, device, density, ids)
     if method == "sparse-lean-8bit" and not sparse_state_bits_supported():
         raise NotAvailable("SparseAdamW has no state_bits argument in this tree yet")
     model = _random_model(config, dtype, attn, device)
@@ -198,27 +201,34 @@ def build(method: str, config, dtype, attn: str, device: str, density: float):
     return model, opt, info
 
 
-def _build_4bit_delta(config, dtype, attn, device, density):
+def _build_4bit_delta(config, dtype, attn, device, density, ids):
+    """NF4 base (transformers + BitsAndBytesConfig, from a saved random model), wrapped and
+    selected by `select_sparse_delta` (phase one, before the measured step), trained with
+    `delta_optimizer` (fused torch AdamW over the fp32 delta values)."""
     integration = four_bit_integration()
-    # The integration is written by others; use it only through an entry point that takes a model
-    # and returns (model, optimizer). Anything else: not available, rather than a guess.
-    factory = getattr(integration, "memory_report_setup", None)
-    if factory is None:
-        raise NotAvailable(
-            "gallop_kernels.integrations.bitsandbytes exists but has no "
-            "memory_report_setup(model_dir, density, dtype, attn, device) entry point yet"
-        )
-    import torch
+    for name in ("select_sparse_delta", "delta_optimizer"):
+        if not hasattr(integration, name):
+            raise NotAvailable(f"gallop_kernels.integrations.bitsandbytes has no {name}()")
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
     base = _random_model(config, dtype, attn, "cpu")
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                               bnb_4bit_compute_dtype=dtype)
     with tempfile.TemporaryDirectory() as tmp:
         base.save_pretrained(tmp)
         del base
         gc.collect()
-        model, opt = factory(tmp, density=density, dtype=dtype, attn=attn, device=device)
+        model = LlamaForCausalLM.from_pretrained(
+            tmp, quantization_config=quant, dtype=dtype, attn_implementation=attn,
+            device_map={"": device if device == "cpu" else 0},
+        )
     _enable_checkpointing(model)
     model.train()
-    return model, opt, {}
+    integration.select_sparse_delta(
+        model, [ids], lambda b: model(input_ids=b, labels=b).loss, density=density)
+    opt = integration.delta_optimizer(model, lr=1e-5)
+    info = {"num_selected": sum(p.numel() for _, p in integration.delta_parameters(model))}
+    return model, opt, info
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,8 +255,8 @@ def _warm_up(method: str, dtype, attn: str, device: str, density: float) -> None
     from gallop_kernels.memory.presets import load_config
 
     cfg = load_config("llama-tiny")
-    model, opt, _ = build(method, cfg, dtype, attn, device, density)
     ids = _batch(cfg, 1, 16, device)
+    model, opt, _ = build(method, cfg, dtype, attn, device, density, ids)
     for _ in range(2):
         _step(model, opt, ids)
     del model, opt, ids
@@ -273,14 +283,24 @@ def measure(config_name: str, method: str, *, seq: int, batch: int, dtype_name: 
     probe.reset()
     baseline = probe.current()
 
-    model, opt, info = build(method, config, dtype, attn, device, density)
-    result.update(info)
     ids = _batch(config, batch, seq, device)
-    _step(model, opt, ids)  # warm step: optimizer state (and the selection) exist from here on
+    model, opt, info = build(method, config, dtype, attn, device, density, ids)
+    result.update(info)
+    # Warm steps: the first allocates the optimizer state (and selects, for SparseAdamW); the
+    # second is lean mode's first gather, which allocates its compact gradient buffers. The
+    # measured step is then a steady-state one.
+    for _ in range(WARM_STEPS):
+        _step(model, opt, ids)
+    result["warm_steps"] = WARM_STEPS
     if hasattr(opt, "num_selected"):
         result["num_selected"] = int(opt.num_selected)
         lean = getattr(opt, "_lean", None)
         result["frozen_tensors"] = len(lean.frozen) if lean is not None else 0
+        per_tensor = {n: int(opt.state[p]["indices"].numel()) for n, p in model.named_parameters()
+                      if p in opt.state and "indices" in opt.state[p]}
+        if per_tensor:
+            top = max(per_tensor, key=per_tensor.get)
+            result["most_selected_tensor"] = [top, per_tensor[top]]
     result["params"] = sum(p.numel() for p in model.parameters())
 
     probe.reset()

@@ -60,6 +60,9 @@ Moments of the step (the phases of ``phases``):
     gradient until the step; lean mode gathers each gradient into its compact buffer in the
     post-accumulate-grad hook and frees it, so at most one dense gradient — the largest tensor's —
     exists at a time) + the checkpoint inputs still held + one layer's recompute;
+  * a 4-bit base dequantizes each linear's weight for its matmul (one a·(out·in) transient, in
+    the forward and the backward); how the sparse delta gets its gradient is up to the
+    integration — assumed: the linear's dense weight gradient exists until gathered, as in lean;
   * backward, end: all dense gradients (the embedding's gradient is the last one written);
   * step: persistent + dense gradients + the optimizer's temporaries:
       - torch AdamW on CPU (single-tensor loop, torch's default there): ``sqrt(v)`` and its
@@ -108,6 +111,7 @@ CUDA_FRAMEWORK_BYTES = 32 * 2**20  # cuBLAS workspace on sm90
 NF4_BLOCK = 64
 STATE8_BLOCK = 256
 BNB_MIN_8BIT_SIZE = 4096
+MIN_8BIT_ENTRIES = 4096  # SparseAdamW(state_bits=8) keeps fp32 moments below this many entries
 
 
 @dataclass(frozen=True)
@@ -260,6 +264,13 @@ def selected_entries(config: Any, density: float) -> int:
     return min(n, max(1, math.floor(density * n + 0.5)))
 
 
+def delta_entries(config: Any, density: float) -> int:
+    """k of the 4-bit base + delta: `select_sparse_delta` selects round(ρ·N) over the decoder
+    layers' linear weights only (embedding, ``lm_head`` and norms stay frozen)."""
+    n = sum(t.total for t in param_specs(config) if t.kind == "linear")
+    return min(n, max(1, math.floor(density * n + 0.5)))
+
+
 def _selected_per_tensor(specs: list[TensorSpec], density: float) -> list[tuple[TensorSpec, int]]:
     # Where the k entries land depends on the gradients; the model assumes each tensor gets its
     # share ρ·numel (the per-tensor sizes only matter for block rounding and the largest
@@ -307,10 +318,15 @@ def optimizer_state_bytes(config: Any, method: str, setup: Setup) -> int:
     if method in ("sparse", "sparse-lean"):
         return sum(t.count * k * (12 + master) for t, k in per_tensor)
     if method == "sparse-lean-8bit":
-        return sum(t.count * (k * (4 + 2 + master) + 2 * 4 * math.ceil(k / STATE8_BLOCK))
-                   for t, k in per_tensor)
-    if method == "sparse-4bit-delta":
-        return sum(t.count * k * 16 for t, k in per_tensor)
+        # 1-byte m, v + an fp32 absmax per 256 for each of them; a tensor with fewer than 4096
+        # selected entries keeps fp32 m, v (as bitsandbytes' min_8bit_size)
+        total = 0
+        for t, k in per_tensor:
+            moments = (2 * k + 8 * math.ceil(k / STATE8_BLOCK)) if k >= MIN_8BIT_ENTRIES else 8 * k
+            total += t.count * (k * (4 + master) + moments)
+        return total
+    if method == "sparse-4bit-delta":  # fp32 m, v of torch AdamW over the delta values
+        return 8 * delta_entries(config, setup.density)
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -402,8 +418,22 @@ def step_temporaries(config: Any, method: str, setup: Setup) -> int:
         lin = [t for t in specs if t.kind == "linear"]
         largest_adapter = max(setup.lora_rank * max(t.shape) for t in lin)
         return 2 * 4 * largest_adapter if cpu else 4 * lora_params(config, setup.lora_rank)
+    if method == "sparse-4bit-delta":
+        return 0  # delta_optimizer: fused torch AdamW (CPU and CUDA kernels), no temporaries
+    if not cpu:
+        return 0  # the Triton kernels update in place
+    # torch backend, one tensor at a time: int64 copy of the indices (8 bytes per selected
+    # entry), sqrt(v) and the denominator (4 + 4), the gathered fp32 gradient (plain mode: 4;
+    # lean mode's compact gradient is already fp32), a fp32 weight copy without a master (4);
+    # 8-bit state adds the dequantized fp32 m, v (4 + 4) and their int64 codes (8).
+    # Where the selected entries land is data-dependent; assumed: each tensor gets ρ of its
+    # entries, so the largest tensor has the most.
     k_max = max(round(setup.density * largest), 1)
-    return 26 * k_max if cpu else 0
+    per_entry = 16 + (0 if method in ("sparse-lean", "sparse-lean-8bit") else 4)
+    per_entry += 0 if w < 4 else 4
+    if method == "sparse-lean-8bit":
+        per_entry += 16
+    return per_entry * k_max
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,55 +447,74 @@ def predict(config: Any, method: str, setup: Setup | None = None) -> Prediction:
     if method not in METHOD_LABELS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHOD_LABELS)}")
     four_bit = method == "sparse-4bit-delta"
+    lean = method in ("sparse-lean", "sparse-lean-8bit")
     w = DTYPE_BYTES[setup.dtype]
+    a = 2 if four_bit else w  # compute dtype
+    shape = Shape.of(config)
     specs = param_specs(config)
-    persistent: dict[str, int] = {}
-    if method == "adamw-mixed":
-        persistent["weights"] = weight_bytes(config, setup)
-    else:
-        persistent["weights"] = weight_bytes(config, setup, four_bit)
+    vocab_h = shape.vocab * shape.hidden
+    largest_linear = max(t.numel for t in specs if t.kind == "linear")
+
+    persistent: dict[str, int] = {"weights": weight_bytes(config, setup, four_bit)}
     if method == "lora":
         persistent["adapters"] = 4 * lora_params(config, setup.lora_rank)
+    if four_bit:
+        persistent["delta_values_and_indices"] = 8 * delta_entries(config, setup.density)
     persistent["optimizer_state"] = optimizer_state_bytes(config, method, setup)
-    if method in ("sparse-lean", "sparse-lean-8bit", "sparse-4bit-delta"):
+    if lean:
         persistent["compact_grads"] = 4 * selected_entries(config, setup.density)
     persistent["framework"] = CPU_FRAMEWORK_BYTES if setup.device == "cpu" else CUDA_FRAMEWORK_BYTES
     base = sum(persistent.values())
 
-    dense_n, grad_bytes, largest = _trainable(config, method, setup)
-    grads_all = dense_n * grad_bytes
-    act = activation_terms(config, method, setup)
-    a = 2 if four_bit else w
-    vocab_h = Shape.of(config).vocab * Shape.of(config).hidden
-    lean = method in ("sparse-lean", "sparse-lean-8bit", "sparse-4bit-delta")
-    frozen_base = method == "lora"
-    # The lm_head / embedding gradients: dense methods keep them; lean mode holds each one only
-    # until its hook gathers it; LoRA never computes them.
-    head_grad = 0 if frozen_base else vocab_h * grad_bytes
-    largest_layer_tensor = max(t.numel for t in specs if t.kind == "linear")
+    # Gradients. kept: bytes of gradients alive at the end of the backward and in the step;
+    # head/embed: the lm_head's and embedding's weight gradients when they are written (0 when
+    # frozen); before_layers/after_layers: gradients kept when the backward reaches the first /
+    # leaves the last decoder layer.
+    if method == "lora":
+        kept, head, embed = 4 * lora_params(config, setup.lora_rank), 0, 0
+        before_layers, after_layers = 0, kept
+    elif four_bit:  # only the delta values train: their fp32 gradient, k entries
+        kept, head, embed = 4 * delta_entries(config, setup.density), 0, 0
+        before_layers, after_layers = 0, kept
+    elif lean:  # gathered into the compact buffers (persistent) as soon as each is written
+        kept, head, embed = 0, vocab_h * w, vocab_h * w
+        before_layers = after_layers = 0
+    else:
+        kept = count_params(config) * w
+        head = 0 if shape.tied else vocab_h * w
+        embed = vocab_h * w
+        before_layers, after_layers = head, kept - embed
+    # One dense weight gradient in flight inside a layer's backward: lean mode's (the hook frees
+    # it), or the 4-bit delta's fp32 grad_outᵀx (plus, on CPU, fp32 copies of both operands), or
+    # the 4-bit base's dequantized weight for grad_x, whichever is larger (they never coexist).
+    if lean:
+        in_flight = largest_linear * w
+    elif four_bit:
+        big = max((t for t in specs if t.kind == "linear"), key=lambda t: t.numel)
+        copies = 4 * setup.batch * setup.seq * sum(big.shape) if setup.device == "cpu" else 0
+        in_flight = max(4 * largest_linear + copies, a * largest_linear)
+    else:
+        in_flight = 0
 
+    act = activation_terms(config, method, setup)
     m: dict[str, int] = {}
     held = act.ckpt_inputs + act.final_norm
-    m["forward: layer transient"] = base + act.ckpt_inputs + act.layer_forward_transient
+    m["forward: layer transient"] = (base + act.ckpt_inputs + act.layer_forward_transient
+                                     + (a * largest_linear if four_bit else 0))
     m["forward: logits and loss"] = base + held + act.logits_forward
     m["backward: loss"] = base + held + act.logits_loss_backward
     m["backward: logits cast"] = base + held + act.logits_cast_backward
-    m["backward: lm_head"] = base + act.ckpt_inputs + act.logits_grad + head_grad
-    if lean:
-        # one dense gradient at a time (the hook frees it), plus the gather's k-sized copy
-        one_grad = largest_layer_tensor * a
-        m["backward: layer"] = (base + act.ckpt_inputs + act.layer_saved + act.layer_grad_transient
-                                + one_grad)
-        m["backward: embedding"] = base + vocab_h * grad_bytes
-    else:
-        grads_but_embed = grads_all - (0 if frozen_base else vocab_h * grad_bytes)
-        layer_grads_last = 0 if frozen_base else sum(
-            t.numel * grad_bytes for t in specs if t.kind in ("linear", "norm", "bias"))
-        m["backward: layer"] = (base + grads_but_embed - layer_grads_last
-                                + (act.ckpt_inputs // Shape.of(config).layers)
-                                + act.layer_saved + act.layer_grad_transient)
-        m["backward: end"] = base + grads_all
-    m["step"] = base + grads_all + step_temporaries(config, method, setup)
+    m["backward: lm_head"] = base + act.ckpt_inputs + act.logits_grad + head
+    # A decoder layer's backward: its recompute's saved tensors, the gradients flowing through
+    # it and the one in flight, on top of the gradients kept so far and the checkpoint inputs
+    # still held — the worst of the first layer processed (every input still held) and the last
+    # one (every layer's gradients kept).
+    layer = act.layer_saved + act.layer_grad_transient + in_flight
+    one_input = act.ckpt_inputs // shape.layers
+    m["backward: layer"] = base + layer + max(before_layers + act.ckpt_inputs,
+                                              after_layers + one_input)
+    m["backward: end"] = base + max(kept, embed)  # the embedding's gradient is written last
+    m["step"] = base + kept + step_temporaries(config, method, setup)
 
     phases = {
         "forward": max(v for k, v in m.items() if k.startswith("forward")),
