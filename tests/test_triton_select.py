@@ -15,6 +15,7 @@ pytest.importorskip("triton")
 from gallop_kernels import reference as R  # noqa: E402
 from gallop_kernels.ops import select as S  # noqa: E402
 from gallop_kernels.ops.select import triton_select  # noqa: E402
+from gallop_kernels.ops.triton import radix_select as R_  # noqa: E402
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -85,6 +86,33 @@ def test_named_scores_mixed_dtypes(score):
     n = sum(SIZES)
     for k in (1, 97, n - 1):
         check(params, grads, k, score, seed=3)
+
+
+@pytest.mark.parametrize("capacity", [0, 10**9], ids=["no-capture", "always-capture"])
+@pytest.mark.parametrize("score", ["gallop", "magnitude", "precomputed"])
+def test_candidate_capture_modes(monkeypatch, capacity, score):
+    """The AIR-style candidate buffer (captured bucket re-read instead of θ, g) and the full
+    re-read path select the same, with ties; and the capture really happens when allowed."""
+    monkeypatch.setattr(S, "_candidate_capacity", lambda total: capacity)
+    levels = [0.0, 0.5, -0.5, 2.0, 1e-9, -3.0, 7.0]
+    params, grads = _group(SIZES, [torch.float32, torch.float16], [torch.bfloat16],
+                           levels=levels, seed=8)
+    gen = torch.Generator().manual_seed(9)
+    pre = [torch.randn(p.numel(), generator=gen).to(p.device) for p in params]
+    pre[0][:100] = 0.75  # a large tie
+    kw = dict(precomputed=pre) if score == "precomputed" else {}
+    n = sum(SIZES)
+    for k in (1, 120, n - 3):
+        check(params, grads, k, score, **kw)
+    rnd = [torch.randn(p.numel(), generator=gen).to(p.device) for p in params]
+    plan = S.SelectionPlan(params, [None] * len(params), "precomputed", 1e-8, 0, rnd, params[0].device)
+    state, hist, bad = plan.new_state(200)
+    for level in range(3):
+        plan.histogram_pass(level, state, hist[level], bad)
+        plan.choose_bucket(level, hist[level], state)
+    captured = int(state[R_.S_CAPTURE])
+    assert captured == (2 if capacity else 0)
+    check(params, [None] * len(params), 200, "precomputed", precomputed=rnd)
 
 
 @pytest.mark.parametrize("pdtype", DTYPES, ids=["fp32", "bf16", "fp16"])

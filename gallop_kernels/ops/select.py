@@ -31,12 +31,12 @@ import torch
 import triton
 import triton.language as tl
 
-from gallop_kernels.ops.triton.compaction import count_kernel, write_kernel
+from gallop_kernels.ops.triton.compaction import candidate_count_kernel, count_kernel, write_kernel
 from gallop_kernels.ops.triton.radix_select import STATE_SIZE, S_KREM, choose_bucket_kernel
 from gallop_kernels.ops.triton.score import (
     F_GCHUNK, F_GOFF, F_GRAD, F_NUMEL, F_OUT, F_START, F_THETA, F_TID, NF, SCORE_CODES,
 )
-from gallop_kernels.ops.triton.score_histogram import score_histogram_kernel
+from gallop_kernels.ops.triton.score_histogram import candidate_histogram_kernel, score_histogram_kernel
 
 __all__ = ["SelectionPlan", "triton_select"]
 
@@ -79,6 +79,12 @@ def _upload(values: list[int], device: torch.device) -> torch.Tensor:
 def _empty(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A buffer that a kernel overwrites entirely (the tests replace this to poison it)."""
     return torch.empty(size, dtype=dtype, device=device)
+
+
+def _candidate_capacity(total: int) -> int:
+    """Capacity of the candidate buffer (AIR top-k's rule: capture a bucket only when it holds at
+    most N/32 entries), capped so that the buffer (8 bytes per candidate) stays <= 512 MiB."""
+    return min(max(total // 32, 1), 1 << 26)
 
 
 def _log_slots(n: int) -> int:
@@ -169,6 +175,11 @@ class SelectionPlan:
         self.eps = float(score_eps)
         self.seed_mix = _lowbias32(int(seed))
         self.theta = precomputed if self.signed else params
+        total = sum(p.numel() for p in params)
+        self.cap = max(1, min(int(_candidate_capacity(total)), total))
+        self.cand_key = torch.empty(self.cap, dtype=torch.int32, device=device)
+        self.cand_chunk = torch.empty(self.cap, dtype=torch.int32, device=device)
+        self.cnt_gt = _empty(0, torch.int32, device)  # allocated with the state
 
         # Tensors grouped by what the kernels read: one launch per group and pass.
         self.launches: dict[tuple, list[int]] = {}
@@ -251,34 +262,54 @@ class SelectionPlan:
         state[S_KREM] = k
         hist = torch.zeros(len(self.digits), _MAX_BINS, dtype=torch.int64, device=self.device)
         bad = torch.zeros(len(self.params), dtype=torch.int64, device=self.device)
+        # per-chunk counts above the threshold: written by a capturing pass or the count pass
+        self.cnt_gt = _empty(self.total_chunks, torch.int32, self.device)
         return state, hist, bad
 
     def histogram_pass(self, level: int, state, hist_out, bad) -> None:
         """Adds the level's digit histogram of the entries matching ``state``'s prefix into
-        ``hist_out`` (level 0: of every entry, and counts NaN/inf scores per tensor into ``bad``)."""
+        ``hist_out`` (level 0: of every entry, and counts NaN/inf scores per tensor into ``bad``).
+        Reads θ and g, or the candidate buffer once the chosen bucket was captured."""
         shift, nbits = self.digits[level]
         hi_mask = ((1 << self.key_bits) - 1) & ~((1 << (shift + nbits)) - 1)
         for sub, n_slots, n_progs, _, const in self._launches():
             score_histogram_kernel[(n_progs,)](
                 sub, n_slots, state, hist_out, bad, self.eps, self.seed_mix,
+                self.cand_key, self.cand_chunk, self.cnt_gt, self.cap,
                 FILTER=level > 0, CHECK_BAD=level == 0,
                 SHIFT=shift, DIGIT_BITS=nbits, HI_MASK=hi_mask, **const,
             )
+        if level >= 2:  # candidates can be captured by pass 1 at the earliest
+            candidate_histogram_kernel[(self._candidate_programs(),)](
+                self.cand_key, state, hist_out, self.cap,
+                SHIFT=shift, DIGIT_BITS=nbits, HI_MASK=hi_mask,
+                BLOCK=self.block, TILES=self.tiles, num_warps=NUM_WARPS,
+            )
+
+    def _candidate_programs(self) -> int:
+        return -(-self.cap // (self.block * self.tiles))
 
     def choose_bucket(self, level: int, hist, state) -> None:
         """Picks, on the device, the bucket of the summed histogram holding the k-th largest."""
         shift, nbits = self.digits[level]
-        choose_bucket_kernel[(1,)](hist, state, SHIFT=shift, DIGIT_BITS=nbits, num_warps=4)
+        choose_bucket_kernel[(1,)](
+            hist, state, self.cap, SHIFT=shift, DIGIT_BITS=nbits,
+            CAN_CAPTURE=level + 1 < len(self.digits), num_warps=4,
+        )
 
     def compact_counts(self, state):
         """Per chunk: entries taken, tie quota and exclusive prefix of taken (all on the device),
         and per non-empty tensor the number selected."""
-        cnt_gt = _empty(self.total_chunks, torch.int32, self.device)
-        cnt_eq = _empty(self.total_chunks, torch.int32, self.device)
-        for sub, n_slots, n_progs, _, const in self._launches():
+        cnt_gt = self.cnt_gt
+        cnt_eq = torch.zeros(self.total_chunks, dtype=torch.int32, device=self.device)
+        for sub, n_slots, n_progs, _, const in self._launches():  # skipped if captured
             count_kernel[(n_progs,)](
                 sub, n_slots, state, cnt_gt, cnt_eq, self.eps, self.seed_mix, **const
             )
+        candidate_count_kernel[(self._candidate_programs(),)](  # only if captured
+            self.cand_key, self.cand_chunk, state, cnt_gt, cnt_eq, self.cap,
+            BLOCK=self.block, TILES=self.tiles, num_warps=NUM_WARPS,
+        )
         eq = cnt_eq.to(torch.int64)
         eq_excl = torch.cumsum(eq, 0) - eq
         ties = torch.minimum((state[S_KREM] - eq_excl).clamp_(min=0), eq)

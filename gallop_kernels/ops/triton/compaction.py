@@ -31,6 +31,10 @@ def count_kernel(
     thr = tl.load(state_ptr + 0).to(tl.uint32)
     kmask = tl.load(state_ptr + 1).to(tl.uint32)
     n_tiles = tl.minimum(tl.cdiv(numel - base, BLOCK), TILES).to(tl.int32)
+    # With captured candidates, candidate_count_kernel counts instead (cnt_gt already holds the
+    # counts above the captured bucket).
+    not_captured = tl.load(state_ptr + 5) != 2
+    n_tiles = tl.where(not_captured, n_tiles, 0)
     gt = tl.zeros([BLOCK], tl.int32)
     eq = tl.zeros([BLOCK], tl.int32)
     for t in range(0, n_tiles):
@@ -42,8 +46,35 @@ def count_kernel(
         gt += (m & (km > thr)).to(tl.int32)
         eq += (m & (km == thr)).to(tl.int32)
     gchunk = tl.load(row + 4) + chunk
-    tl.store(gt_ptr + gchunk, tl.sum(gt, 0))
-    tl.store(eq_ptr + gchunk, tl.sum(eq, 0))
+    tl.store(gt_ptr + gchunk, tl.sum(gt, 0), mask=not_captured)
+    tl.store(eq_ptr + gchunk, tl.sum(eq, 0), mask=not_captured)
+
+
+@triton.jit
+def candidate_count_kernel(
+    cand_key_ptr, cand_chunk_ptr, state_ptr, gt_ptr, eq_ptr, cap,
+    BLOCK: tl.constexpr, TILES: tl.constexpr,
+):
+    """Adds the captured candidates above / equal to the threshold to their chunk's counts
+    (``eq`` starts at zero, ``gt`` at the counts above the captured bucket). Runs only when
+    S_CAPTURE == 2."""
+    pid = tl.program_id(0)
+    n = tl.minimum(tl.load(state_ptr + 6), cap)
+    base = pid.to(tl.int64) * (BLOCK * TILES)
+    active = tl.load(state_ptr + 5) == 2
+    n_tiles = tl.minimum(tl.maximum(tl.cdiv(n - base, BLOCK), 0), TILES).to(tl.int32)
+    n_tiles = tl.where(active, n_tiles, 0)
+    thr = tl.load(state_ptr + 0).to(tl.uint32)
+    kmask = tl.load(state_ptr + 1).to(tl.uint32)
+    for t in range(0, n_tiles):
+        offs = base + t * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        key = tl.load(cand_key_ptr + offs, mask=m, other=0).to(tl.uint32, bitcast=True)
+        chunk = tl.load(cand_chunk_ptr + offs, mask=m, other=0)
+        km = key & kmask
+        ones = tl.full([BLOCK], 1, tl.int32)
+        tl.atomic_add(gt_ptr + chunk, ones, mask=m & (km > thr))
+        tl.atomic_add(eq_ptr + chunk, ones, mask=m & (km == thr))
 
 
 @triton.jit

@@ -9,6 +9,10 @@ by the previous one without a host round trip:
     state[S_DONE]    1 once the bucket holds exactly S_KREM entries (AIR top-k's early stop):
                      every entry with that prefix is selected, the later digits do not matter
     state[S_COUNT]   number of entries in the chosen bucket
+    state[S_CAPTURE] 0: no candidates; 1: the next full pass captures the entries of the chosen
+                     bucket into the candidate buffer (set once the bucket holds <= ``cap``
+                     entries, AIR top-k's rule); 2: captured, later passes read the buffer
+    state[S_NCAND]   number of captured candidates (the capture pass's atomic counter)
 
 ``choose_bucket_kernel`` takes the *summed* histogram of a pass (one program scans all bins), so
 with sharded parameters an ``all_reduce`` of the histogram can sit between a pass and this kernel.
@@ -22,11 +26,14 @@ S_MASK = 1
 S_KREM = 2
 S_DONE = 3
 S_COUNT = 4
+S_CAPTURE = 5
+S_NCAND = 6
 STATE_SIZE = 8
 
 
 @triton.jit
-def choose_bucket_kernel(hist_ptr, state_ptr, SHIFT: tl.constexpr, DIGIT_BITS: tl.constexpr):
+def choose_bucket_kernel(hist_ptr, state_ptr, cap, SHIFT: tl.constexpr, DIGIT_BITS: tl.constexpr,
+                         CAN_CAPTURE: tl.constexpr):
     BINS: tl.constexpr = 1 << DIGIT_BITS
     DIGIT_MASK: tl.constexpr = (BINS - 1) << SHIFT
     b = tl.arange(0, BINS)
@@ -47,6 +54,12 @@ def choose_bucket_kernel(hist_ptr, state_ptr, SHIFT: tl.constexpr, DIGIT_BITS: t
     new_mask = old_mask | tl.full([], DIGIT_MASK, tl.int64)
     new_done = (new_krem == count).to(tl.int64)
     keep = done != 0
+    capture = tl.load(state_ptr + 5)
+    if CAN_CAPTURE:  # a later full pass exists that can capture the bucket
+        start = (capture == 0) & (done == 0) & (new_done == 0) & (count <= cap)
+    else:
+        start = capture < 0  # False
+    tl.store(state_ptr + 5, tl.where(capture == 1, 2, tl.where(start, 1, capture)))
     tl.store(state_ptr + 0, tl.where(keep, old_prefix, new_prefix))
     tl.store(state_ptr + 1, tl.where(keep, old_mask, new_mask))
     tl.store(state_ptr + 2, tl.where(keep, krem, new_krem))
