@@ -3,22 +3,31 @@
 ``triton_select`` returns the same index sets as ``reference.select_topk`` over the group's scores:
 the k largest float32 scores, ties to the lower flat index in the group's concatenation.
 
-Algorithm (all on the device, one host synchronisation):
+Algorithm (everything decided on the device; one host synchronisation):
 
-1. radix select over the keys of the scores (``score_histogram_kernel`` + ``choose_bucket_kernel``),
-   three digit passes: 11/10/10 bits for the 31-bit keys of the named scores (all >= 0, first digit
-   at bit 30), 11/11/10 bits for the 32-bit keys of signed precomputed scores. Each pass recomputes
-   the score from θ and g and keeps only the entries matching the prefix chosen so far; the chosen
-   prefix and the remaining k stay in a device state buffer. Once a bucket holds exactly the
-   remaining k entries the later passes exit at once (early stop).
-2. ``count_kernel``: per-chunk counts of keys above / equal to the threshold, scanned with
-   torch.cumsum (device) into per-chunk output positions and tie quotas.
-3. the one host sync: per-tensor NaN/inf counts and per-tensor selected counts (to raise naming
-   the tensor, and to allocate each tensor's output).
-4. ``write_kernel``: writes every tensor's sorted local indices.
+1. Radix select over the keys of the scores (``score_histogram_kernel`` + ``choose_bucket_kernel``)
+   with 8-bit digits: 8/8/8/7 bits for the 31-bit keys of the named scores (all >= 0, the first
+   digit starts at bit 30), 8/8/8/8 for the 32-bit keys of signed precomputed scores. 8 bits because
+   ``tl.histogram``'s GPU lowering costs about (bins / 32) ballot-and-popcount steps per element:
+   256 bins keep a pass near memory speed, 2048 bins would make it compute bound. Each pass
+   recomputes the score from θ and g (never stored) and keeps the entries matching the prefix
+   chosen so far, read from a device state buffer. The bucket choice runs on the device.
+   * Early stop: once the chosen bucket holds exactly the remaining k entries, later passes exit.
+   * Candidates (AIR top-k's rule): once the chosen bucket holds <= N/32 entries (capped at 2^26),
+     the next full pass also captures them (key + chunk id) into a buffer and stores per chunk the
+     count above the bucket; later passes and the compaction counts then read only the buffer.
+     Typical large groups: 4 full reads of θ, g (3 radix passes, the last one capturing, + write).
+2. Compaction counts: per chunk, entries above / equal to the threshold (``count_kernel`` over θ, g,
+   or ``candidate_count_kernel`` over the buffer), scanned with torch.cumsum on the device into
+   each chunk's output position and tie quota (ties go to the lowest global flat indices).
+3. The one host sync: per-tensor NaN/inf counts and selected counts (to raise naming the tensor,
+   and to allocate each tensor's output).
+4. ``write_kernel``: every chunk writes its selected local indices, in order (chunks selecting
+   nothing skip reading).
 
-Extra device memory: 3 × 2048 int64 bins, a few int64 per chunk (chunk = BLOCK × TILES_PER_CHUNK
-entries), the launch tables and the outputs; never an N-length buffer.
+Extra device memory: 4 × 256 int64 bins, a few ints per chunk (chunk = BLOCK × TILES_PER_CHUNK
+entries), the candidate buffer (8 bytes × min(N/32, 2^26)), the launch tables and the outputs;
+never an N-length buffer.
 """
 
 from __future__ import annotations
@@ -54,9 +63,8 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 # (shift, digit bits) of the radix passes, most significant digit first.
-_DIGITS_UNSIGNED = ((20, 11), (10, 10), (0, 10))  # 31-bit keys of scores >= 0
-_DIGITS_SIGNED = ((21, 11), (10, 11), (0, 10))  # 32-bit keys of signed scores
-_MAX_BINS = 2048
+DIGITS_UNSIGNED = ((23, 8), (15, 8), (7, 8), (0, 7))  # 31-bit keys of scores >= 0
+DIGITS_SIGNED = ((24, 8), (16, 8), (8, 8), (0, 8))  # 32-bit keys of signed scores
 
 
 def _lowbias32(x: int) -> int:
@@ -168,7 +176,7 @@ class SelectionPlan:
         self.params, self.grads, self.device = params, grads, device
         self.code = SCORE_CODES[score]
         self.signed = score == "precomputed"
-        self.digits = _DIGITS_SIGNED if self.signed else _DIGITS_UNSIGNED
+        self.digits = tuple(DIGITS_SIGNED if self.signed else DIGITS_UNSIGNED)
         self.key_bits = 32 if self.signed else 31
         self.block, self.tiles = int(BLOCK), int(TILES_PER_CHUNK)
         chunk = self.block * self.tiles
@@ -176,9 +184,9 @@ class SelectionPlan:
         self.seed_mix = _lowbias32(int(seed))
         self.theta = precomputed if self.signed else params
         total = sum(p.numel() for p in params)
-        self.cap = max(1, min(int(_candidate_capacity(total)), total))
-        self.cand_key = torch.empty(self.cap, dtype=torch.int32, device=device)
-        self.cand_chunk = torch.empty(self.cap, dtype=torch.int32, device=device)
+        self.cap = max(0, min(int(_candidate_capacity(total)), total))  # 0: never capture
+        self.cand_key = torch.empty(max(self.cap, 1), dtype=torch.int32, device=device)
+        self.cand_chunk = torch.empty(max(self.cap, 1), dtype=torch.int32, device=device)
         self.cnt_gt = _empty(0, torch.int32, device)  # allocated with the state
 
         # Tensors grouped by what the kernels read: one launch per group and pass.
@@ -260,7 +268,8 @@ class SelectionPlan:
         """Device buffers: selection state, one histogram per level, per-tensor NaN/inf counts."""
         state = torch.zeros(STATE_SIZE, dtype=torch.int64, device=self.device)
         state[S_KREM] = k
-        hist = torch.zeros(len(self.digits), _MAX_BINS, dtype=torch.int64, device=self.device)
+        bins = max(1 << nbits for _, nbits in self.digits)
+        hist = torch.zeros(len(self.digits), bins, dtype=torch.int64, device=self.device)
         bad = torch.zeros(len(self.params), dtype=torch.int64, device=self.device)
         # per-chunk counts above the threshold: written by a capturing pass or the count pass
         self.cnt_gt = _empty(self.total_chunks, torch.int32, self.device)
@@ -287,7 +296,7 @@ class SelectionPlan:
             )
 
     def _candidate_programs(self) -> int:
-        return -(-self.cap // (self.block * self.tiles))
+        return max(1, -(-self.cap // (self.block * self.tiles)))
 
     def choose_bucket(self, level: int, hist, state) -> None:
         """Picks, on the device, the bucket of the summed histogram holding the k-th largest."""
