@@ -76,6 +76,16 @@ def test_four_bit_weights_by_hand(cfg8b):
     assert mm.weight_bytes(cfg8b, mm.Setup(), four_bit=True) == expected
 
 
+def test_four_bit_delta_state_by_hand(cfg8b):
+    linear = 32 * (4096 * 4096 * 2 + 2 * 1024 * 4096 + 3 * 4096 * 14336)
+    k = math.floor(0.01 * linear + 0.5)  # decoder linears only: embedding, lm_head frozen
+    assert mm.delta_entries(cfg8b, 0.01) == k
+    p = mm.predict(cfg8b, "sparse-4bit-delta", mm.Setup())
+    assert p.persistent["delta_values_and_indices"] == 8 * k  # fp32 value + int32 index
+    assert p.persistent["optimizer_state"] == 8 * k  # fp32 m, v (fused AdamW)
+    assert p.moments["step"] == sum(p.persistent.values()) + 4 * k  # + the fp32 delta gradient
+
+
 def test_logits_terms_by_hand(cfg8b):
     act = mm.activation_terms(cfg8b, "sparse-lean", mm.Setup())
     tv = 2048 * 128256

@@ -28,10 +28,14 @@ Persistent through the whole step (``persistent``):
       - SparseAdamW: per selected entry an int32 index + fp32 m + fp32 v (+ fp32 master for
         bf16/fp16 params) = 12–16 bytes; lean mode adds the compact fp32 gradient buffer
         (4 bytes per selected entry, kept between steps);
-      - 8-bit state: m, v 1 byte each + an fp32 absmax per 256 entries (blockwise, as
-        bitsandbytes), index and master unchanged;
-      - 4-bit base + delta: per selected entry fp32 delta value + int32 index + fp32 m + v, and
-        the compact fp32 gradient;
+      - 8-bit state (``SparseAdamW(state_bits=8)``): m, v 1 byte each + an fp32 absmax per 256
+        entries (blockwise, bitsandbytes' maps), index and master unchanged; a tensor with
+        fewer than 4096 selected entries keeps fp32 m, v;
+      - 4-bit base + delta (`gallop_kernels.integrations.bitsandbytes`): k = round(ρ·N_linear)
+        over the decoder layers' linear weights only (embedding, ``lm_head``, norms frozen);
+        per selected entry an fp32 delta value + int32 index (module buffers) + fp32 m, v of
+        ``delta_optimizer``'s fused AdamW; the fp32 gradient of the delta values (4 bytes per
+        entry) exists from the backward to the step;
   * framework: a constant — on CPU the tensors that autograd, the model's Python objects and
     small buffers hold (measured: ~16 MB, independent of the model size); on CUDA the cuBLAS
     workspace (32 MiB on Hopper), which the caching allocator counts.
@@ -60,9 +64,10 @@ Moments of the step (the phases of ``phases``):
     gradient until the step; lean mode gathers each gradient into its compact buffer in the
     post-accumulate-grad hook and frees it, so at most one dense gradient — the largest tensor's —
     exists at a time) + the checkpoint inputs still held + one layer's recompute;
-  * a 4-bit base dequantizes each linear's weight for its matmul (one a·(out·in) transient, in
-    the forward and the backward); how the sparse delta gets its gradient is up to the
-    integration — assumed: the linear's dense weight gradient exists until gathered, as in lean;
+  * a 4-bit base dequantizes each linear's weight (W + Δ in the compute dtype, a·out·in) inside
+    its forward and again for grad_x; before that, the delta's backward forms the dense fp32
+    weight gradient grad_outᵀx (4·out·in; on CPU from fp32 copies of both operands) only to
+    gather the selected entries — never at the same time as the dequantized weight;
   * backward, end: all dense gradients (the embedding's gradient is the last one written);
   * step: persistent + dense gradients + the optimizer's temporaries:
       - torch AdamW on CPU (single-tensor loop, torch's default there): ``sqrt(v)`` and its
@@ -71,8 +76,16 @@ Moments of the step (the phases of ``phases``):
       - bitsandbytes AdamW8bit on CPU (its pure-torch CPU kernel): fp32 copies of m, v, the
         gradient, the parameter, ``sqrt(v)`` and the denominator for the largest tensor,
         24·max(numel) (20 for fp32 params); on CUDA a fused kernel, 0;
-      - SparseAdamW, torch backend: k-sized fp32/int64 temporaries of the largest tensor's
-        selection (26 bytes per selected entry); Triton on CUDA: 0.
+      - SparseAdamW, torch backend (CPU): k-sized temporaries of one tensor's selection — int64
+        indices, sqrt(v), the denominator, the gathered fp32 gradient in plain mode, and the
+        dequantized m, v with 8-bit state (16–36 bytes per selected entry); Triton on CUDA: 0;
+      - the 4-bit delta's fused AdamW: 0.
+
+Where the selected entries land is data-dependent; the model assumes every tensor gets ρ of its
+entries. This only moves small terms: the sparse step's k-sized temporaries (sized by the tensor
+with the most selected entries) and which tensors keep fp32 moments under 8-bit state. Measured
+on llama-0.3b with the gallop score, the busiest tensor held ~7 % of its entries and the norms
+none (lean mode freezes them).
 
 What this model does not cover: the memory of the selection itself (phase one; see
 `gallop_kernels.calibrate`, which keeps the dense gradient on the host), allocator
