@@ -326,3 +326,19 @@ def test_input_validation():
         triton_select([p], [g], 1, "precomputed")
     with pytest.raises(TypeError):
         triton_select([p], [g], 1, "precomputed", precomputed=[torch.randn(10, dtype=torch.float64)])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("score", ["gallop", "random", "gradient"])
+def test_gpu_large_group_default_blocks(monkeypatch, score):
+    """Millions of entries with the launcher's GPU block sizes (skipped without CUDA)."""
+    monkeypatch.setattr(S, "BLOCK", 1024)
+    monkeypatch.setattr(S, "TILES_PER_CHUNK", 16)
+    params, grads = _group([3_000_000, 1_000_001, 17], [torch.bfloat16, torch.float16],
+                           [torch.bfloat16, torch.float32], seed=10)
+    params[1][:500_000] = 0.5  # a large block of exact ties
+    grads[1][:500_000] = 0.25
+    n = sum(p.numel() for p in params)
+    for density in (0.01, 0.3):
+        check(params, grads, R.k_for_density(n, density), score, seed=1)

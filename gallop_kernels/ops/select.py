@@ -84,6 +84,14 @@ def _upload(values: list[int], device: torch.device) -> torch.Tensor:
     return host.to(device)
 
 
+def _check_device(device: torch.device) -> None:
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError(
+            f"the Triton kernels need CUDA tensors, got {device} (or set TRITON_INTERPRET=1 before "
+            f"importing triton to run them on the CPU)"
+        )
+
+
 def _empty(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A buffer that a kernel overwrites entirely (the tests replace this to poison it)."""
     return torch.empty(size, dtype=dtype, device=device)
@@ -112,6 +120,7 @@ def _check_inputs(params, grads, k, score, names, precomputed):
     if not params:
         raise ValueError("triton_select needs at least one tensor")
     device = params[0].device
+    _check_device(device)
     for p, g, name in zip(params, grads, names):
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"param {name} is not a tensor")

@@ -78,6 +78,11 @@ def triton_sparse_adamw_step(
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise ValueError(f"step must be an int >= 1, got {step!r}")
     device = params[0].device
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError(
+            f"the Triton kernels need CUDA tensors, got {device} (or set TRITON_INTERPRET=1 before "
+            f"importing triton to run them on the CPU)"
+        )
     launches: dict[tuple, list[tuple]] = {}
     for i, (p, g, idx, m, v, w) in enumerate(zip(*lists)):
         if not isinstance(p, torch.Tensor) or not isinstance(idx, torch.Tensor):
