@@ -35,6 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=None, help="worker processes (default: 2 or the CPU count if fewer)")
     p.add_argument("--smoke", action="store_true", help="seconds-long CI setting: exercises everything, learns nothing")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--cache", default=None, help="directory to keep/reuse the pretrained models (optional)")
     p.set_defaults(func=reproduce_main)
     return p
 
@@ -51,6 +52,8 @@ def reproduce_main(args: argparse.Namespace) -> int:
         changes["lora_ranks"] = args.ranks
     if args.methods is not None:
         changes["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    if args.cache is not None:
+        changes["cache_dir"] = args.cache
     if args.jobs is not None:
         changes["jobs"] = args.jobs
     try:

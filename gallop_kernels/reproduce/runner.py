@@ -50,7 +50,7 @@ class ReproConfig:
     pretrain_steps: int = 1500
     pretrain_batch: int = 64
     pretrain_lr: float = 3e-3
-    finetune_steps: int = 150
+    finetune_steps: int = 200
     finetune_batch: int = 32
     lr_full: float = 3e-4
     lr_lora: float = 3e-3
@@ -59,6 +59,7 @@ class ReproConfig:
     eval_examples: int = 256
     collapse_threshold: float = 0.01
     jobs: int = 2
+    cache_dir: str | None = None  # keep pretrained weights here, keyed by the pretraining settings
 
     def check(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -144,8 +145,27 @@ def _loss(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> to
 # ----------------------------------------------------------------------------------------------
 
 
+def _cache_path(cfg: ReproConfig, seed: int) -> str | None:
+    if cfg.cache_dir is None:
+        return None
+    import hashlib
+
+    key = (T.vocab_size(cfg.num_symbols), [t.name for t in T.PRETRAIN_TASKS], cfg.num_symbols, cfg.length,
+           cfg.hidden_size, cfg.num_layers, cfg.pretrain_steps, cfg.pretrain_batch, cfg.pretrain_lr,
+           cfg.eval_examples, seed)
+    digest = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+    return os.path.join(cfg.cache_dir, f"pretrained-{digest}.pt")
+
+
 def pretrain(cfg: ReproConfig, seed: int) -> dict[str, Any]:
-    """Dense AdamW on the pre-training mixture (warm-up, cosine decay). Returns weights and accuracies."""
+    """Dense AdamW on the pre-training mixture (warm-up, cosine decay). Returns weights and accuracies.
+
+    With ``cfg.cache_dir`` the result is stored there and reused by later runs with the same
+    pretraining settings (its recorded ``seconds`` are those of the run that computed it).
+    """
+    cache = _cache_path(cfg, seed)
+    if cache is not None and os.path.isfile(cache):
+        return torch.load(cache, weights_only=True)
     t0 = time.perf_counter()
     model = build_model(cfg, seed)
     gen = torch.Generator().manual_seed(10_000 + seed)
@@ -163,7 +183,12 @@ def pretrain(cfg: ReproConfig, seed: int) -> dict[str, Any]:
         opt.zero_grad(set_to_none=True)
     accs = evaluate(model, eval_sets(cfg))
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return {"seed": seed, "state": state, "accuracy": accs, "seconds": time.perf_counter() - t0}
+    result = {"seed": seed, "state": state, "accuracy": accs, "seconds": time.perf_counter() - t0}
+    if cache is not None:
+        os.makedirs(cfg.cache_dir, exist_ok=True)
+        torch.save(result, cache + ".tmp")
+        os.replace(cache + ".tmp", cache)
+    return result
 
 
 def finetune(cfg: ReproConfig, seed: int, state: dict[str, torch.Tensor], method: str, rank: int | None
@@ -255,6 +280,13 @@ def jobs_of(cfg: ReproConfig, seed: int) -> list[tuple[str, int | None]]:
     return out
 
 
+def _log_pretrained(log: Callable[[str], None], seed: int, result: dict[str, Any]) -> None:
+    acc = result["accuracy"]
+    ood = [acc[t.name] for t in T.PRETRAIN_TASKS]
+    log(f"  pretrained seed {seed} in {result['seconds']:.1f} s: OOD {sum(ood) / len(ood):.3f} "
+        f"(min {min(ood):.3f}), ID {acc[T.FINETUNE_TASK.name]:.3f}")
+
+
 def run_reproduction(cfg: ReproConfig = ReproConfig(),
                      log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run everything; returns the raw results (JSON-ready)."""
@@ -281,7 +313,7 @@ def run_reproduction(cfg: ReproConfig = ReproConfig(),
     if cfg.jobs == 1:
         for seed in cfg.seeds:
             pretrained[seed] = pretrain(cfg, seed)
-            log(f"  pretrained seed {seed} in {pretrained[seed]['seconds']:.1f} s")
+            _log_pretrained(log, seed, pretrained[seed])
             for method, rank in jobs_of(cfg, seed):
                 done(finetune(cfg, seed, pretrained[seed]["state"], method, rank))
     else:
@@ -293,7 +325,7 @@ def run_reproduction(cfg: ReproConfig = ReproConfig(),
             pending = []
             for seed in cfg.seeds:
                 pretrained[seed] = pre[seed].get()
-                log(f"  pretrained seed {seed} in {pretrained[seed]['seconds']:.1f} s")
+                _log_pretrained(log, seed, pretrained[seed])
                 for method, rank in jobs_of(cfg, seed):
                     pending.append(pool.apply_async(
                         _finetune_job, ((cfg, seed, pretrained[seed]["state"], method, rank),), callback=done))

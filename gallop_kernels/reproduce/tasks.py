@@ -5,10 +5,13 @@ input x to the answer y; loss and accuracy look only at y. Symbols come from two
 ``num_symbols`` each, digits and letters, and a task is a (rule, alphabet) pair, so one rule token
 serves both alphabets.
 
-Pre-training (the "pre-trained knowledge", the OOD tasks of the evaluation) covers all five rules
-on digits and four on letters. The fine-tuning (ID) task is the held-out pair ``increment`` on
-letters: a known rule on a known alphabet, never seen together. Fine-tuning data then touches
-only letters and the increment token; the question is how much of the rest survives it.
+Pre-training (the "pre-trained knowledge", the OOD tasks of the evaluation) covers five rules
+(copy, reverse, increment, sort, rotate) on digits and four of them on letters. The fine-tuning
+(ID) task is ``decrement`` on letters: a new rule (its token never appears in pre-training) on a
+known alphabet. Fine-tuning data touches only letters and the new token; the question is how much
+of the rest survives it. (A first attempt used the held-out pair increment/letters as the ID task:
+no method learned it in the step budget, because the increment token's strong digit prior has to
+be overcome, so that setting measured nothing about the trade-off.)
 
 Accuracy is exact match of the whole answer under teacher forcing, which equals exact match of
 greedy decoding: if every next-token argmax of the answer is right given the right prefix, greedy
@@ -46,8 +49,13 @@ def _rotate(x: torch.Tensor, s: int) -> torch.Tensor:
     return x.roll(-1, dims=-1)
 
 
+def _decrement(x: torch.Tensor, s: int) -> torch.Tensor:
+    return (x - 1) % s
+
+
 RULES: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
     "copy": _copy, "reverse": _reverse, "increment": _increment, "sort": _sort, "rotate": _rotate,
+    "decrement": _decrement,
 }
 ALPHABETS = ("digits", "letters")
 NUM_SPECIAL = 3 + len(RULES)  # PAD, BOS, SEP and one token per rule; the symbols follow
@@ -63,9 +71,10 @@ class Task:
         return f"{self.rule}/{ALPHABETS[self.alphabet]}"
 
 
-PRETRAIN_TASKS: tuple[Task, ...] = tuple(Task(r, 0) for r in RULES) + tuple(
-    Task(r, 1) for r in RULES if r != "increment")
-FINETUNE_TASK = Task("increment", 1)
+PRETRAIN_RULES = ("copy", "reverse", "increment", "sort", "rotate")
+PRETRAIN_TASKS: tuple[Task, ...] = tuple(Task(r, 0) for r in PRETRAIN_RULES) + tuple(
+    Task(r, 1) for r in PRETRAIN_RULES if r != "increment")
+FINETUNE_TASK = Task("decrement", 1)
 ALL_TASKS: tuple[Task, ...] = PRETRAIN_TASKS + (FINETUNE_TASK,)
 
 
