@@ -142,3 +142,12 @@ def test_end_to_end_tiny_finetune_saves_a_delta_that_rebuilds_the_model(tmp_path
     apply_delta(base, delta)
     for (n, p), q in zip(base.named_parameters(), tuned.parameters()):
         assert torch.equal(p, q), n
+
+
+def test_datasets_names_are_guarded():
+    import importlib.util
+
+    if importlib.util.find_spec("datasets") is not None:
+        pytest.skip("`datasets` is installed; loading a name would need the network")
+    with pytest.raises(DataError, match="pip install datasets"):
+        load_records("someone/some-dataset")
