@@ -33,6 +33,7 @@ never an N-length buffer.
 from __future__ import annotations
 
 import math
+import operator
 import os
 from typing import Sequence
 
@@ -164,11 +165,15 @@ def _check_inputs(params, grads, k, score, names, precomputed):
             if not s.is_contiguous():
                 raise ValueError(f"precomputed score of {name} is not contiguous")
     total = sum(p.numel() for p in params)
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if isinstance(k, bool):
+        raise TypeError("k must be an int, got bool")
+    try:
+        k = operator.index(k)
+    except TypeError:
+        raise TypeError(f"k must be an int, got {type(k).__name__}") from None
     if not (1 <= k <= total or k == total == 0):
         raise ValueError(f"k={k} must be between 1 and the number of entries {total}")
-    return params, grads, names, precomputed, device, total
+    return params, grads, names, precomputed, device, total, k
 
 
 class SelectionPlan:
@@ -363,7 +368,7 @@ def triton_select(
 
     A NaN or infinite score raises ``ValueError`` naming the tensor.
     """
-    params, grads, names, precomputed, device, total = _check_inputs(
+    params, grads, names, precomputed, device, total, k = _check_inputs(
         params, grads, k, score, names, precomputed
     )
     plan = SelectionPlan(params, grads, score, score_eps, seed, precomputed, device)

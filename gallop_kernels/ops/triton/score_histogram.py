@@ -74,9 +74,11 @@ def score_histogram_kernel(
             tl.store(cand_key_ptr + pos, key.to(tl.int32, bitcast=True), mask=cw)
             tl.store(cand_chunk_ptr + pos, gchunk.to(tl.int32) + tl.zeros([BLOCK], tl.int32),
                      mask=cw)
+            # Most tiles of a late pass match nothing: skip the histogram's ballots there.
+            if tl.sum(hm.to(tl.int32), 0) > 0:
+                acc += tl.histogram(digit, BINS, mask=hm)
         else:
-            hm = m
-        acc += tl.histogram(digit, BINS, mask=hm)
+            acc += tl.histogram(digit, BINS, mask=m)
         if CHECK_BAD:
             nbad += (bad & m).to(tl.int32)
     bins = tl.arange(0, BINS)
