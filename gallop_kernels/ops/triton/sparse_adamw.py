@@ -20,6 +20,7 @@ to nearest even, to the param, so a bf16 param equals ``master.to(bfloat16)`` ex
 import triton
 import triton.language as tl
 
+from gallop_kernels.ops.triton.adamw_math import adamw_update
 from gallop_kernels.ops.triton.multi_tensor import as_pointer, find_slot, load_f32, store_from_f32
 
 F_PARAM = 0
@@ -65,14 +66,8 @@ def sparse_adamw_kernel(
     m = tl.load(m_ptr + offs, mask=mask, other=0.0)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0)
 
-    w = w * decay
-    # torch: exp_avg.mul_(β1).add_(g, alpha=1-β1) -> fmadd(g, 1-β1, m·β1)
-    m = tl.fma(g, one_minus_beta1, m * beta1)
-    # torch: exp_avg_sq.mul_(β2).addcmul_(g, g, value=1-β2) -> fmadd((1-β2)·g, g, v·β2)
-    v = tl.fma(one_minus_beta2 * g, g, v * beta2)
-    denom = tl.math.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
-    # torch: w.addcdiv_(m, denom, value=-lr/bc1) -> w + (value·m)/denom
-    w = w + tl.math.div_rn(step_size * m, denom)
+    w, m, v = adamw_update(w, g, m, v, decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                           bias_correction2_sqrt, step_size, eps)
 
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
