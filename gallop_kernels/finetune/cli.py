@@ -48,7 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--logging-steps", type=int, default=10)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=finetune_main)
+    # gallop_kernels/cli.py calls handler(args, subparser); func(args) is the same without the parser
+    p.set_defaults(func=finetune_main, handler=lambda args, parser: finetune_main(args), subparser=p)
     return p
 
 

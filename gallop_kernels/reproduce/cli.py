@@ -36,7 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="seconds-long CI setting: exercises everything, learns nothing")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--cache", default=None, help="directory to keep/reuse the pretrained models (optional)")
-    p.set_defaults(func=reproduce_main)
+    # gallop_kernels/cli.py calls handler(args, subparser); func(args) is the same without the parser
+    p.set_defaults(func=reproduce_main, handler=lambda args, parser: reproduce_main(args), subparser=p)
     return p
 
 
