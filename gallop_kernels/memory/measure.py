@@ -88,6 +88,19 @@ class CpuProbe:
         if self.resettable:
             self._try_reset()
 
+    @staticmethod
+    def file_pages() -> int | None:
+        """File-backed resident bytes (library code, mapped files): constant unless the kernel
+        evicts them under memory pressure, which would make RSS increments read low."""
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("RssFile:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None
+
 
 class CudaProbe:
     def __init__(self) -> None:
@@ -306,6 +319,7 @@ def measure(config_name: str, method: str, *, seq: int, batch: int, dtype_name: 
     probe = CudaProbe() if device.startswith("cuda") else CpuProbe()
     probe.reset()
     baseline = probe.current()
+    file_before = probe.file_pages() if isinstance(probe, CpuProbe) else None
 
     ids = _batch(config, batch, seq, device)
     model, opt, info = build(method, config, dtype, attn, device, density, ids)
@@ -339,6 +353,15 @@ def measure(config_name: str, method: str, *, seq: int, batch: int, dtype_name: 
     probe.reset()
     opt.step()
     phases["step"] = probe.peak() - baseline
+    if file_before is not None:
+        # Pages evicted (memory pressure from other processes) shrink the RSS under the
+        # baseline: such a measurement reads low and is refused rather than reported.
+        dropped = file_before - (probe.file_pages() or 0)
+        result["file_pages_dropped"] = dropped
+        if dropped > 16 * 2**20:
+            return {**result, "available": False,
+                    "reason": f"disturbed: {dropped / 2**20:.0f} MiB of file pages were evicted "
+                              "during the measurement (memory pressure); run it again alone"}
     result.update(
         available=True, baseline=baseline, phases=phases, peak=max(phases.values()),
         phase_peaks_exact=probe.resettable, seconds=round(time.perf_counter() - t0, 1),
