@@ -319,3 +319,13 @@ def test_non_finite_score_raises_and_changes_nothing(backend, where) -> None:
     assert torch.equal(b.detach().view(torch.int32), before[1].view(torch.int32))
     assert len(opt.state) == 0 and opt.num_selected == 0
     assert all("steps_since_selection" not in g for g in opt.param_groups)
+
+
+def test_empty_param_group_is_harmless(backend) -> None:
+    p = torch.randn(10, requires_grad=True)
+    opt = SparseAdamW([{"params": [p]}, {"params": [], "weight_decay": 0.0}], density=0.2,
+                      backend=backend)
+    p.grad = torch.randn(10)
+    opt.select()
+    opt.step()
+    assert opt.num_selected == 2

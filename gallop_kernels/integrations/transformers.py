@@ -53,7 +53,6 @@ except ImportError:  # pragma: no cover - transformers is a dependency
 __all__ = [
     "ALL_LINEAR",
     "GallopCallback",
-    "TrainerSparseAdamW",
     "calibrate",
     "format_selection_summary",
     "gallop_optimizer_cls_and_kwargs",
@@ -162,23 +161,6 @@ def select_trainable(
 # ----------------------------------------------------------------------------------------------
 
 
-class TrainerSparseAdamW(SparseAdamW):
-    """SparseAdamW that drops the empty param groups a ``Trainer`` passes.
-
-    The ``Trainer`` always builds two groups (with and without weight decay); when only linear
-    weights are trained the second is empty, and an empty group has nothing to select from.
-    """
-
-    def __init__(self, params: Iterable[Any], *args: Any, **kwargs: Any) -> None:
-        params = list(params)
-        if params and all(isinstance(g, dict) for g in params):
-            params = [{**g, "params": list(g["params"])} for g in params]
-            params = [g for g in params if g["params"]]
-            if not params:
-                raise ValueError("no trainable parameters: did select_trainable() freeze everything?")
-        super().__init__(params, *args, **kwargs)
-
-
 def gallop_optimizer_cls_and_kwargs(
     args: Any = None,
     *,
@@ -187,7 +169,7 @@ def gallop_optimizer_cls_and_kwargs(
     lr: float | None = None,
     **options: Any,
 ) -> tuple[type[SparseAdamW], dict[str, Any]]:
-    """``(TrainerSparseAdamW, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``.
+    """``(SparseAdamW, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``.
 
     ``lr``, ``betas`` and ``eps`` default to the ``TrainingArguments`` ``args`` (learning_rate,
     adam_beta1/2, adam_epsilon); weight decay comes from the ``Trainer``'s param groups
@@ -204,7 +186,9 @@ def gallop_optimizer_cls_and_kwargs(
         kwargs["lr"] = lr
     # Validate now (on a throwaway parameter) rather than deep inside trainer.train().
     SparseAdamW([torch.zeros(1, requires_grad=True)], **kwargs)
-    return TrainerSparseAdamW, kwargs
+    # (The Trainer's no-decay group is empty when only linear weights train: SparseAdamW
+    # accepts empty groups.)
+    return SparseAdamW, kwargs
 
 
 def unwrap_optimizer(optimizer: Any) -> SparseAdamW:

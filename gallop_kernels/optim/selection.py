@@ -80,6 +80,8 @@ def plan(
     gradients go through the chunked radix select, which copies one chunk at a time.
     """
     params = group["params"]
+    if not params:  # an empty group (the Trainer's no-decay group can be) selects nothing
+        return []
     device = params[0].device
     if gradients is not None:
         grads = [gradients.get(p) for p in params]

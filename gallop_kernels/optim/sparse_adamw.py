@@ -223,6 +223,8 @@ class SparseAdamW(Optimizer):
         return loss
 
     def _update_group(self, group: dict) -> None:
+        if not group["params"]:
+            return
         beta1, beta2 = group["betas"]
         backend = ops.resolve_backend(self.backend, group["params"][0].device)
         # Tensors that share a step count go to the fused kernel together (normally all of them).
