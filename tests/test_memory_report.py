@@ -173,16 +173,17 @@ def test_committed_cpu_measurements_match_within_10_percent():
     files = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "memory-cpu-*.json")))
     if not files:
         pytest.skip("no committed memory measurements")
-    with open(files[-1], encoding="utf-8") as f:
-        measured = json.load(f)
-    rows = report.compare(measured["config"], mm.Setup(**measured["setup"]),
-                          measured["measurements"])
-    assert rows
-    for r in rows:
-        if r["measured"] is None:
-            assert r["reason"].startswith("not yet available")
-        else:
-            assert abs(r["error_pct"]) <= 10.0, r
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            measured = json.load(f)
+        rows = report.compare(measured["config"], mm.Setup(**measured["setup"]),
+                              measured["measurements"])
+        assert rows, path
+        for r in rows:
+            if r["measured"] is None:
+                assert r["reason"].startswith("not yet available"), (path, r)
+            else:
+                assert abs(r["error_pct"]) <= 10.0, (path, r)
 
 
 @pytest.mark.slow

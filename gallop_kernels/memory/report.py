@@ -240,7 +240,7 @@ def measurement_header(measured: dict[str, Any]) -> str:
     return (f"Measured vs predicted, one steady-state step: {measured['config']} "
             f"({measured['params'] / 1e9:.2f} B parameters, random weights), {s['device']}, "
             f"{s['dtype']}, batch {s['batch']}, seq {s['seq']}, {s['attn']}, ρ = {s['density']:g}. "
-            "Measured = peak over the process's memory before the model was built "
+            "Measured = peak minus the process's memory before the model was built "
             "(CPU: ru_maxrss; CUDA: max_memory_allocated).")
 
 
