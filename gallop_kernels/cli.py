@@ -1,7 +1,7 @@
 """The ``gallop`` command. One subcommand per job; each registers its own parser and handler.
 
-``demo`` runs the offline demo; ``finetune``, ``select``, ``bench`` and ``memory`` are meant to
-join it as further ``_add_*`` functions registered in ``_SUBCOMMANDS``.
+``demo`` runs the offline demo, ``finetune`` fine-tunes a local model, ``reproduce`` runs the
+small-scale comparison, ``memory`` prints the memory report and ``bench`` the benchmark report.
 """
 
 from __future__ import annotations
@@ -106,7 +106,34 @@ def _run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-_SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_demo,)
+def _add_finetune(subparsers: argparse._SubParsersAction) -> None:
+    from gallop_kernels.finetune.cli import register
+
+    register(subparsers)
+
+
+def _add_reproduce(subparsers: argparse._SubParsersAction) -> None:
+    from gallop_kernels.reproduce.cli import register
+
+    register(subparsers)
+
+
+def _add_bench(subparsers: argparse._SubParsersAction) -> None:
+    from gallop_kernels.bench import register
+
+    register(subparsers)
+
+
+def _add_memory(subparsers: argparse._SubParsersAction) -> None:
+    from gallop_kernels.memory.report import register, run
+
+    parser = register(subparsers)
+    parser.set_defaults(handler=lambda args, _parser: run(args), subparser=parser)
+
+
+_SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_demo, _add_finetune, _add_reproduce, _add_memory, _add_bench,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
