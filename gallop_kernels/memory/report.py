@@ -70,8 +70,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(p)
-    p.set_defaults(func=run, handler=run)
+    p.set_defaults(func=run, handler=_handler, subparser=p)
     return p
+
+
+def _handler(args: argparse.Namespace, _parser: Any = None) -> int:
+    """``run`` under the ``handler(args, subparser)`` convention of `gallop_kernels.cli`."""
+    return run(args)
 
 
 # ----------------------------------------------------------------------------------------------
