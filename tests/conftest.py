@@ -12,6 +12,12 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def seeded() -> None:
+    """Every test starts from the same global RNG state: a failure reproduces."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture(params=[torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def dtype(request) -> torch.dtype:
     return request.param

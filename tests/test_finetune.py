@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 
 import pytest
@@ -12,7 +13,9 @@ pytest.importorskip("accelerate")
 
 from gallop_kernels.finetune.cli import register  # noqa: E402
 from gallop_kernels.finetune.data import DataError, load_jsonl, load_records, tokenize  # noqa: E402
-from gallop_kernels.finetune.pipeline import FinetuneConfig, NotAvailableYet, prepare  # noqa: E402
+from gallop_kernels.finetune.pipeline import (  # noqa: E402
+    FinetuneConfig, NotAvailableYet, prepare, run_finetune,
+)
 from gallop_kernels.finetune.tiny import byte_tokenizer, save_tiny_model  # noqa: E402
 
 
@@ -82,7 +85,6 @@ def test_data_sources(tmp_path, good_data):
     (["--calibration-fraction", "0"], ValueError, "calibration-fraction"),
     (["--epochs", "0"], ValueError, "epochs"),
     (["--lr", "-1"], ValueError, "lr"),
-    (["--lean"], NotAvailableYet, "not available yet"),
     (["--bits", "4"], NotAvailableYet, "not available yet"),
     (["--bits", "8"], ValueError, "must be 4"),
 ])
@@ -151,3 +153,20 @@ def test_datasets_names_are_guarded():
         pytest.skip("`datasets` is installed; loading a name would need the network")
     with pytest.raises(DataError, match="pip install datasets"):
         load_records("someone/some-dataset")
+
+
+def test_lean_finetune_trains_the_same_weights(tmp_path, good_data):
+    """--lean changes memory, not the result (fp32 tiny model, clipping off in both runs)."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = save_tiny_model(tmp_path / "tiny", hidden_size=32, num_layers=1, max_positions=32)
+    tuned = []
+    for lean in (False, True):
+        out = tmp_path / f"out-{lean}"
+        config = FinetuneConfig(model=model_dir, data=good_data, output=str(out), density=0.05, lr=1e-2,
+                                max_steps=3, batch_size=4, calibration_fraction=0.25, save_full=True,
+                                progress=False, max_length=32, lean=lean, max_grad_norm=0.0)
+        run_finetune(config, out=io.StringIO())
+        tuned.append(AutoModelForCausalLM.from_pretrained(out / "model"))
+    for p, q in zip(*(m.parameters() for m in tuned)):
+        assert torch.equal(p, q)

@@ -130,3 +130,17 @@ def test_calibrate_without_batches() -> None:
     with pytest.raises(ValueError, match="no batches"):
         calibrate(opt, [], lambda x: loss_of(model, x))
     assert opt.num_selected == 0
+
+
+def test_step_consumes_compact_gradients_like_model_zero_grad() -> None:
+    """The Trainer calls model.zero_grad(), which cannot clear lean mode's compact buffers."""
+    plain, lean = make_model(), make_model()
+    opt_plain = SparseAdamW(plain.parameters(), lr=1e-2, density=0.2)
+    opt_lean = SparseAdamW(lean.parameters(), lr=1e-2, density=0.2, lean=True)
+    for step in range(4):
+        for model, opt in ((plain, opt_plain), (lean, opt_lean)):
+            loss_of(model, batch(step)).backward()
+            opt.step()
+            model.zero_grad()
+    for a, b in zip(plain.parameters(), lean.parameters()):
+        assert torch.equal(a, b)

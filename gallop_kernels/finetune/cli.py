@@ -26,7 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--score", default="gallop", help=f"selection score: {', '.join(SCORE_NAMES)} (default: gallop)")
     p.add_argument("--calibration-fraction", type=float, default=0.05,
                    help="fraction d_s of the training data whose mean gradient selects (default: %(default)s)")
-    p.add_argument("--lean", action="store_true", help="memory-lean gradients (not available yet)")
+    p.add_argument("--lean", action="store_true", help="memory-lean gradients: keep only the selected entries of each gradient and "
+                        "freeze tensors with none (turns the Trainer's gradient clipping off)")
     p.add_argument("--bits", type=int, default=None, help="4: 4-bit base with a sparse delta (not available yet)")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (overrides --epochs)")

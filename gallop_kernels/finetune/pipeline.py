@@ -50,6 +50,7 @@ class FinetuneConfig:
     calibration_fraction: float = 0.05
     lean: bool = False
     bits: int | None = None
+    max_grad_norm: float = 1.0  # the Trainer's default clipping; 0 disables (forced by lean)
     epochs: float = 1.0
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -93,10 +94,6 @@ def _positive(name: str, value: Any, integer: bool = False) -> None:
 
 def check_options(config: FinetuneConfig) -> None:
     """Every option that can be checked without loading anything; ValueError says which."""
-    if config.lean:
-        raise NotAvailableYet(
-            "--lean (compact gradients, frozen unselected tensors) is not available yet: it belongs to "
-            "the memory-lean fine-tuning work that is not built; run without --lean")
     if config.bits is not None:
         if config.bits != 4:
             raise ValueError(f"--bits must be 4 (a 4-bit base), got {config.bits}")
@@ -246,6 +243,9 @@ def run_finetune(config: FinetuneConfig, out: TextIO | None = None) -> FinetuneR
         disable_tqdm=not config.progress,
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
+        # Lean mode frees each dense gradient as it lands, so there is nothing for the Trainer's
+        # gradient-norm clipping to read: it is off there (said in --lean's help).
+        max_grad_norm=0.0 if config.lean else config.max_grad_norm,
         **{ckpt_flag: config.gradient_checkpointing},
     )
     gallop_cb = GallopCallback(calibration_fraction=config.calibration_fraction)
@@ -255,7 +255,7 @@ def run_finetune(config: FinetuneConfig, out: TextIO | None = None) -> FinetuneR
         train_dataset=ListDataset(examples),
         data_collator=CausalLMCollator(tokenizer.pad_token_id),
         optimizer_cls_and_kwargs=gallop_optimizer_cls_and_kwargs(args, density=config.density, score=config.score,
-                                                                  seed=config.seed),
+                                                                  seed=config.seed, lean=config.lean),
         callbacks=[gallop_cb, _summary_printer(gallop_cb, out), _loss_logger(loss_log)],
     )
     resume = None if config.resume is None else (True if config.resume == "last" else config.resume)

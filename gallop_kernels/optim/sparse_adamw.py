@@ -220,6 +220,10 @@ class SparseAdamW(Optimizer):
         for group in self.param_groups:
             if "steps_since_selection" in group:
                 self._update_group(group)
+        if self._lean is not None:
+            # A step consumes the compact gradients, as if zero_grad() followed: the Trainer and
+            # many loops call model.zero_grad(), which cannot reach these buffers.
+            self._lean.zero()
         return loss
 
     def _update_group(self, group: dict) -> None:
