@@ -144,22 +144,8 @@ def load_delta(path: str | os.PathLike) -> SparseDelta:
     return SparseDelta(indices, values, shapes, meta)
 
 
-@torch.no_grad()
-def apply_delta(
-    model: nn.Module,
-    delta: SparseDelta | str | os.PathLike,
-    *,
-    expected_base: str | None = None,
-    strict: bool = True,
-) -> list[str]:
-    """Write the delta's values into ``model``'s parameters in place; returns the names updated.
-
-    Every named tensor must exist with the recorded shape and every index must be in range;
-    otherwise ``ValueError`` is raised before anything changes. With ``strict=False`` tensors the
-    model lacks are skipped. ``expected_base`` is compared with the recorded base model name.
-    """
-    if not isinstance(delta, SparseDelta):
-        delta = load_delta(delta)
+def _plan(model: nn.Module, delta: SparseDelta, expected_base: str | None, strict: bool) -> list[tuple]:
+    """Validate a delta against ``model``; (name, param, int64 indices, values) per tensor."""
     if expected_base is not None and delta.metadata.get("base_model") != expected_base:
         raise ValueError(f"delta was trained from base {delta.metadata.get('base_model')!r}, "
                          f"not {expected_base!r}")
@@ -177,6 +163,57 @@ def apply_delta(
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= p.numel()):
             raise ValueError(f"{name}: delta index out of range for {p.numel()} entries")
         plan.append((name, p, idx, delta.values[name]))
+    return plan
+
+
+@torch.no_grad()
+def apply_delta(
+    model: nn.Module,
+    delta: SparseDelta | str | os.PathLike,
+    *,
+    expected_base: str | None = None,
+    strict: bool = True,
+) -> list[str]:
+    """Write the delta's values into ``model``'s parameters in place; returns the names updated.
+
+    Every named tensor must exist with the recorded shape and every index must be in range;
+    otherwise ``ValueError`` is raised before anything changes. With ``strict=False`` tensors the
+    model lacks are skipped. ``expected_base`` is compared with the recorded base model name.
+    """
+    if not isinstance(delta, SparseDelta):
+        delta = load_delta(delta)
+    plan = _plan(model, delta, expected_base, strict)
     for _, p, idx, vals in plan:
         p.view(-1)[idx.to(p.device)] = vals.to(device=p.device, dtype=p.dtype)
     return [name for name, *_ in plan]
+
+
+@torch.no_grad()
+def merge_delta(
+    model: nn.Module,
+    delta: SparseDelta | str | os.PathLike,
+    *,
+    expected_base: str | None = None,
+    strict: bool = True,
+) -> SparseDelta:
+    """`apply_delta`, returning the entries it overwrote as a delta of their own.
+
+    ``unmerge_delta(model, merge_delta(model, delta))`` restores the base bit for bit.
+    """
+    if not isinstance(delta, SparseDelta):
+        delta = load_delta(delta)
+    plan = _plan(model, delta, expected_base, strict)
+    previous = SparseDelta(
+        indices={name: delta.indices[name].clone() for name, *_ in plan},
+        values={name: p.view(-1)[idx.to(p.device)].detach().cpu().clone() for name, p, idx, _ in plan},
+        shapes={name: tuple(p.shape) for name, p, *_ in plan},
+        metadata={**delta.metadata, "unmerges": delta.metadata.get("base_model", "")},
+    )
+    for _, p, idx, vals in plan:
+        p.view(-1)[idx.to(p.device)] = vals.to(device=p.device, dtype=p.dtype)
+    return previous
+
+
+def unmerge_delta(model: nn.Module, previous: SparseDelta) -> list[str]:
+    """Undo `merge_delta` with the delta it returned (the base's original entries)."""
+    return apply_delta(model, previous)

@@ -9,7 +9,9 @@ pytest.importorskip("safetensors")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from gallop_kernels import SparseAdamW  # noqa: E402
-from gallop_kernels.delta import apply_delta, extract_delta, load_delta, save_delta  # noqa: E402
+from gallop_kernels.delta import (  # noqa: E402
+    apply_delta, extract_delta, load_delta, merge_delta, save_delta, unmerge_delta,
+)
 from gallop_kernels.integrations.transformers import select_trainable  # noqa: E402
 
 
@@ -100,3 +102,20 @@ def test_bad_deltas_are_refused_before_anything_changes(tmp_path):
         load_delta(tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="no selection"):
         extract_delta(model, SparseAdamW([p for p in model.parameters() if p.requires_grad]))
+
+
+def test_merge_then_unmerge_restores_the_base_exactly(tmp_path):
+    model = tiny()
+    select_trainable(model)
+    opt = finetune(model)
+    delta = extract_delta(model, opt, base_model="tiny-base")
+    base = tiny()
+    original = [p.detach().clone() for p in base.parameters()]
+    previous = merge_delta(base, delta, expected_base="tiny-base")
+    for p, q in zip(base.parameters(), model.parameters()):
+        assert torch.equal(p, q)
+    unmerge_delta(base, previous)
+    for p, q in zip(base.parameters(), original):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="trained from base"):
+        merge_delta(base, delta, expected_base="another-model")
