@@ -15,7 +15,8 @@ from typing import Sequence
 import torch
 
 from gallop_kernels import reference
-from gallop_kernels.ops.streaming_select import streaming_select
+# (bound under another name so that `gallop_kernels.ops.streaming_select` stays the module)
+from gallop_kernels.ops.streaming_select import streaming_select as _streaming_select
 from gallop_kernels.reference import Score
 
 BACKENDS = ("auto", "triton", "torch")
@@ -75,7 +76,7 @@ def select_indices(
     if backend == "torch":
         # The chunked radix select, not the reference's whole-group sort: it needs O(chunk)
         # memory instead of ~32 bytes per entry, and selects the identical set (tested).
-        chosen = streaming_select(params, grads, k, score, score_eps, seed, names)
+        chosen = _streaming_select(params, grads, k, score, score_eps, seed, names)
         return [c.to(reference.index_dtype(p.numel())) for c, p in zip(chosen, params)]
 
     from gallop_kernels.ops.select import triton_select
