@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from gallop_kernels.optim import SparseAdamW
+from gallop_kernels.optim.calibration import calibrate as calibrate_on_host
 
 try:  # the Trainer pieces need transformers; select_trainable and calibrate do not
     from transformers import TrainerCallback
@@ -286,13 +287,26 @@ def calibrate(
     was_training = model.training
     model.train()
     model.zero_grad(set_to_none=True)
+    chunks = [mine[start:start + batch_size] for start in range(0, len(mine), batch_size)]
+
+    def weighted_loss(chunk: list[int]) -> torch.Tensor:
+        inputs = _to_device(collate_fn([dataset[i] for i in chunk]), device)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = loss_fn(model, inputs)
+        return loss.float() * (len(chunk) / total)
+
+    if opt.lean:
+        # Lean mode: never hold the model's dense gradient on the device; each gradient goes to
+        # the host in its hook and the selection streams it back (gallop_kernels.calibrate).
+        if world > 1:
+            raise NotImplementedError("lean calibration under torch.distributed is not supported yet")
+        with torch.random.fork_rng(devices=fork_devices):
+            calibrate_on_host(opt, chunks, weighted_loss, average=False)
+        model.train(was_training)
+        return total
     with torch.random.fork_rng(devices=fork_devices):
-        for start in range(0, len(mine), batch_size):
-            chunk = mine[start:start + batch_size]
-            inputs = _to_device(collate_fn([dataset[i] for i in chunk]), device)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss = loss_fn(model, inputs)
-            (loss.float() * (len(chunk) / total)).backward()
+        for chunk in chunks:
+            weighted_loss(chunk).backward()
     if world > 1:
         for group in opt.param_groups:
             for p in group["params"]:

@@ -27,6 +27,7 @@ def calibrate(
     batches: Iterable[Any],
     loss_fn: Callable[[Any], torch.Tensor],
     max_batches: int | None = None,
+    average: bool = True,
 ) -> int:
     """Average the task gradient over ``batches`` on the host, then ``optimizer.select`` from it.
 
@@ -35,6 +36,8 @@ def calibrate(
         batches: calibration data; each item is passed to ``loss_fn``.
         loss_fn: ``batch -> scalar loss`` (runs the forward pass).
         max_batches: stop after this many batches (the fraction d_s of the training data).
+        average: divide the summed gradient by the number of batches; ``False`` when ``loss_fn``
+            already weights each batch (e.g. by its share of the calibration examples).
 
     Returns the number of batches used. Existing ``.grad`` s are cleared first; on return every
     parameter's ``.grad`` is None and the selection is installed (lean mode freezes as usual).
@@ -68,8 +71,9 @@ def calibrate(
             lean.paused = False
     if used == 0:
         raise ValueError("calibrate() got no batches")
-    for buffer in sums.values():
-        buffer.div_(used)
+    if average:
+        for buffer in sums.values():
+            buffer.div_(used)
     optimizer.select(gradients=sums)
     optimizer.zero_grad(set_to_none=True)
     return used

@@ -155,6 +155,11 @@ class SparseAdamW(Optimizer):
             # (GMT re-selection scores every tensor's gradient, so nothing is frozen there.)
             self._lean.freeze_unselected(group["params"])
 
+    @property
+    def lean(self) -> bool:
+        """Whether lean mode (compact gradients, frozen unselected tensors) is on."""
+        return self._lean is not None
+
     def unfreeze(self) -> None:
         """Lean mode: give tensors frozen for having no selected entry their gradients back."""
         if self._lean is not None:
