@@ -306,7 +306,6 @@ def selection_cases(env: Env, n: int, dtype: torch.dtype, density: float) -> lis
         temp = None
 
         def native_select(x, _n=n):
-            nonlocal temp
             theta, grad, scores, thr = x
             nat.gallop_score(theta, grad, EPS, scores)
             nat.topk_threshold(scores, k, temp, thr)

@@ -38,7 +38,6 @@ import os
 from typing import Sequence
 
 import torch
-import triton
 import triton.language as tl
 
 from gallop_kernels.ops.triton.compaction import candidate_count_kernel, count_kernel, write_kernel
