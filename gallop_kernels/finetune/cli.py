@@ -27,8 +27,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--calibration-fraction", type=float, default=0.05,
                    help="fraction d_s of the training data whose mean gradient selects (default: %(default)s)")
     p.add_argument("--lean", action="store_true", help="memory-lean gradients: keep only the selected entries of each gradient and "
-                        "freeze tensors with none (turns the Trainer's gradient clipping off)")
-    p.add_argument("--bits", type=int, default=None, help="4: 4-bit base with a sparse delta (not available yet)")
+                        "freeze tensors with none (turns the Trainer's gradient clipping off); refused with --bits 4, "
+                        "which is lean already")
+    p.add_argument("--bits", type=int, default=None, help="4: load the model with a 4-bit NF4 bitsandbytes base and train a sparse fp32 delta on the "
+                        "decoder's linear layers; the saved delta holds dequantized base + delta at the selected "
+                        "entries (rebuild with apply_sparse_delta on a 4-bit-loaded base). Not combinable with "
+                        "--lean (redundant), --save-full, --resume/--save-steps, --train-embeddings/--train-norms")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (overrides --epochs)")
     p.add_argument("--lr", type=float, default=1e-4)
@@ -41,9 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "module names, e.g. q_proj,v_proj,lm_head")
     p.add_argument("--train-embeddings", action="store_true", help="also sparsely train the input embedding")
     p.add_argument("--train-norms", action="store_true", help="also sparsely train normalization weights")
-    p.add_argument("--save-full", action="store_true", help="also save the full fine-tuned model")
+    p.add_argument("--save-full", action="store_true", help="also save the full fine-tuned model (not with --bits 4)")
     p.add_argument("--save-steps", type=int, default=0, help="save a resumable checkpoint every N steps")
-    p.add_argument("--resume", default=None, help="checkpoint directory to resume from, or 'last'")
+    p.add_argument("--resume", default=None, help="checkpoint directory to resume from, or 'last' (not with --bits 4 yet)")
     p.add_argument("--bf16", action="store_true", help="bf16 weights and autocast")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--seed", type=int, default=0)

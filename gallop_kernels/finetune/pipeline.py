@@ -6,6 +6,16 @@ tokenizer load, the chosen weights are made trainable, the ``Trainer`` runs GaLL
 (:class:`~gallop_kernels.integrations.transformers.GallopCallback`) and phase two; finally the
 sparse delta (or the full model), the loss log and the selection summary are written to
 ``output``.
+
+With ``bits=4`` (``--bits 4``) the model loads with a 4-bit NF4 bitsandbytes base; phase one runs
+through :func:`~gallop_kernels.integrations.bitsandbytes.select_sparse_delta` on the same seeded
+calibration subset (``calibration_indices``), which wraps the decoder's linear layers in
+``SparseDeltaLinear``; the ``Trainer`` then trains only the fp32 delta values (plain AdamW over them,
+the Trainer's LR schedule on top). The saved delta holds *dequantized base + Δ* at the selected
+entries (:func:`~gallop_kernels.integrations.bitsandbytes.extract_sparse_delta`); rebuild the trained
+model with ``apply_sparse_delta`` on a freshly 4-bit-loaded base. ``--lean`` (redundant: the delta
+path is already lean), ``--save-full``, ``--resume``, ``--save-steps``, ``--train-embeddings`` and
+``--train-norms`` are refused with ``--bits 4``.
 """
 
 from __future__ import annotations
@@ -97,9 +107,17 @@ def check_options(config: FinetuneConfig) -> None:
     if config.bits is not None:
         if config.bits != 4:
             raise ValueError(f"--bits must be 4 (a 4-bit base), got {config.bits}")
-        raise NotAvailableYet(
-            "--bits 4 (a 4-bit bitsandbytes base with a trainable sparse delta) is not available yet; "
-            "run without --bits")
+        if config.lean:
+            raise ValueError("--lean is redundant with --bits 4 (the 4-bit path already keeps only the selected "
+                             "entries as a sparse delta); drop --lean")
+        if config.save_full:
+            raise ValueError("--save-full is not possible with --bits 4: a 4-bit base plus a sparse delta cannot be "
+                             "saved as a plain full-precision model; use the saved delta with apply_sparse_delta")
+        if config.resume is not None or config.save_steps:
+            raise NotAvailableYet("--resume and --save-steps (checkpoints) are not supported with --bits 4 yet")
+        if config.train_embeddings or config.train_norms:
+            raise ValueError("--train-embeddings and --train-norms are not supported with --bits 4 "
+                             "(the 4-bit path trains linear layers only)")
     if isinstance(config.density, bool) or not isinstance(config.density, (int, float)) \
             or not 0.0 < config.density <= 1.0:
         raise ValueError(f"--density must be in (0, 1], got {config.density!r}")
@@ -167,6 +185,61 @@ def _load_model_and_tokenizer(spec: str, bf16: bool) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def _load_4bit_model_and_tokenizer(spec: str, bf16: bool) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    local = os.path.isdir(os.path.expanduser(spec))
+    where = os.path.expanduser(spec) if local else spec
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where)
+        model = AutoModelForCausalLM.from_pretrained(
+            where, quantization_config=quant, dtype=dtype,
+            device_map={"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu")
+    except OSError as e:
+        hint = "" if local else " (a hub id needs network access; pass a local directory saved with save_pretrained)"
+        raise ValueError(f"could not load model {spec!r}{hint}: {e}") from e
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"the tokenizer of {spec!r} has no pad, eos or unk token to pad with")
+    return model, tokenizer
+
+
+def _training_args(config: FinetuneConfig) -> Any:
+    import torch
+    from transformers import TrainingArguments
+
+    fields = TrainingArguments.__dataclass_fields__
+    ckpt_flag = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return TrainingArguments(
+        output_dir=config.output,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.lr,
+        weight_decay=config.weight_decay,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        logging_steps=config.logging_steps,
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500,
+        report_to=[],
+        seed=config.seed,
+        bf16=config.bf16,
+        disable_tqdm=not config.progress,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        # Lean mode frees each dense gradient as it lands, so there is nothing for the Trainer's
+        # gradient-norm clipping to read: it is off there (said in --lean's help).
+        max_grad_norm=0.0 if config.lean else config.max_grad_norm,
+        **{ckpt_flag: config.gradient_checkpointing},
+    )
+
+
 def _loss_logger(path: str):
     from transformers import TrainerCallback
 
@@ -201,9 +274,10 @@ def run_finetune(config: FinetuneConfig, out: TextIO | None = None) -> FinetuneR
     out = out or sys.stdout
     records = prepare(config)
     t0 = time.perf_counter()
+    if config.bits == 4:
+        return _run_finetune_4bit(config, records, out, t0)
 
-    import torch
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     from gallop_kernels.delta import extract_delta, save_delta
     from gallop_kernels.integrations.transformers import (
@@ -222,32 +296,7 @@ def run_finetune(config: FinetuneConfig, out: TextIO | None = None) -> FinetuneR
     if config.resume is None and os.path.exists(loss_log):
         os.remove(loss_log)
 
-    fields = TrainingArguments.__dataclass_fields__
-    ckpt_flag = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-    args = TrainingArguments(
-        output_dir=config.output,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum,
-        learning_rate=config.lr,
-        weight_decay=config.weight_decay,
-        lr_scheduler_type="linear",
-        warmup_steps=0,
-        logging_steps=config.logging_steps,
-        save_strategy="steps" if config.save_steps else "no",
-        save_steps=config.save_steps or 500,
-        report_to=[],
-        seed=config.seed,
-        bf16=config.bf16,
-        disable_tqdm=not config.progress,
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-        # Lean mode frees each dense gradient as it lands, so there is nothing for the Trainer's
-        # gradient-norm clipping to read: it is off there (said in --lean's help).
-        max_grad_norm=0.0 if config.lean else config.max_grad_norm,
-        **{ckpt_flag: config.gradient_checkpointing},
-    )
+    args = _training_args(config)
     gallop_cb = GallopCallback(calibration_fraction=config.calibration_fraction)
     trainer = Trainer(
         model=model,
@@ -289,6 +338,101 @@ def run_finetune(config: FinetuneConfig, out: TextIO | None = None) -> FinetuneR
         seconds=time.perf_counter() - t0,
         summary=summary,
         saved=saved + [loss_log, os.path.join(config.output, SELECTION_FILE)],
+    )
+    with open(os.path.join(config.output, SUMMARY_FILE), "w", encoding="utf-8") as f:
+        json.dump({"config": asdict(config), "result": asdict(result)}, f, indent=2, default=str)
+    return result
+
+
+def _run_finetune_4bit(config: FinetuneConfig, records: list[Record], out: TextIO, t0: float) -> FinetuneResult:
+    """``--bits 4``: 4-bit NF4 base, phase one via ``select_sparse_delta``, the Trainer trains the delta."""
+    import torch
+    from transformers import Trainer
+
+    from gallop_kernels.delta import save_delta
+    from gallop_kernels.integrations import bitsandbytes as bnb_delta
+    from gallop_kernels.integrations.transformers import (
+        calibration_indices,
+        format_selection_summary,
+        layer_type,
+    )
+
+    model, tokenizer = _load_4bit_model_and_tokenizer(config.model, config.bf16)
+    examples = tokenize(records, tokenizer, config.max_length)
+    os.makedirs(config.output, exist_ok=True)
+    loss_log = os.path.join(config.output, LOSS_LOG)
+    if os.path.exists(loss_log):
+        os.remove(loss_log)
+    collate = CausalLMCollator(tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+
+    # Phase one: the same seeded subset and per-example weighting as GallopCallback's calibration.
+    chosen = calibration_indices(len(examples), config.calibration_fraction, config.seed)
+    chunks = [chosen[i:i + config.batch_size] for i in range(0, len(chosen), config.batch_size)]
+
+    def loss_fn(chunk: list[int]) -> torch.Tensor:
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in chunk]).items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+            loss = model(**batch).loss
+        # select_sparse_delta averages over batches; this weighting makes it the mean over examples
+        return loss.float() * (len(chunk) * len(chunks) / len(chosen))
+
+    targets = None if config.target_modules == "all-linear" else config.target_modules
+    fork = [torch.cuda.current_device()] if device.type == "cuda" else []
+    was_training = model.training
+    model.train()
+    with torch.random.fork_rng(devices=fork):
+        wrapped = bnb_delta.select_sparse_delta(model, chunks, loss_fn, config.density, score=config.score,
+                                                target_modules=targets, seed=config.seed)
+    model.train(was_training)
+    summary: dict[str, dict[str, int]] = {}
+    for name, m in wrapped.items():
+        row = summary.setdefault(layer_type(f"{name}.weight"), {"selected": 0, "total": 0, "tensors": 0})
+        row["selected"] += int(m.delta_indices.numel())
+        row["total"] += m.weight_numel
+        row["tensors"] += 1
+    summary = dict(sorted(summary.items()))
+    print(f"selection (4-bit base, from the mean gradient of {len(chosen)} calibration example(s)):\n"
+          f"{format_selection_summary(summary)}", file=out, flush=True)
+
+    args = _training_args(config)
+    optimizer = bnb_delta.delta_optimizer(model, lr=config.lr, weight_decay=config.weight_decay)
+    # The Trainer refuses a "purely quantized" model (it looks for PEFT adapters); the sparse
+    # delta is our adapter, so pass its check while the Trainer is built.
+    flag = getattr(model, "_hf_peft_config_loaded", False)
+    model._hf_peft_config_loaded = True
+    try:
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=ListDataset(examples),
+            data_collator=collate,
+            optimizers=(optimizer, None),
+            callbacks=[_loss_logger(loss_log)],
+        )
+    finally:
+        model._hf_peft_config_loaded = flag
+    train_out = trainer.train()
+
+    meta = {"calibration_fraction": config.calibration_fraction, "epochs": config.epochs, "lr": config.lr,
+            "target_modules": json.dumps(config.target_modules), "steps": trainer.state.global_step, "bits": 4}
+    delta = bnb_delta.extract_sparse_delta(model, base_model=config.model, metadata=meta)
+    delta_path = os.path.join(config.output, DELTA_FILE)
+    save_delta(delta_path, delta)
+    with open(os.path.join(config.output, SELECTION_FILE), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    result = FinetuneResult(
+        output=config.output,
+        num_examples=len(examples),
+        num_trainable=sum(m.weight_numel for m in wrapped.values()),
+        num_selected=sum(int(m.delta_indices.numel()) for m in wrapped.values()),
+        calibration_examples=len(chosen),
+        steps=trainer.state.global_step,
+        final_loss=losses[-1] if losses else train_out.training_loss,
+        seconds=time.perf_counter() - t0,
+        summary=summary,
+        saved=[delta_path, loss_log, os.path.join(config.output, SELECTION_FILE)],
     )
     with open(os.path.join(config.output, SUMMARY_FILE), "w", encoding="utf-8") as f:
         json.dump({"config": asdict(config), "result": asdict(result)}, f, indent=2, default=str)
