@@ -165,39 +165,25 @@ def prepare(config: FinetuneConfig) -> list[Record]:
     return load_records(config.data, config.data_split)
 
 
-def _load_model_and_tokenizer(spec: str, bf16: bool) -> tuple[Any, Any]:
+def _load_model_and_tokenizer(spec: str, bf16: bool, four_bit: bool = False) -> tuple[Any, Any]:
+    """The model (bf16 or fp32; with ``four_bit`` an NF4 bitsandbytes base) and a padding tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local = os.path.isdir(os.path.expanduser(spec))
     where = os.path.expanduser(spec) if local else spec
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(where)
-        # bf16 weights with --bf16 (SparseAdamW keeps fp32 master copies of the selected entries)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.bfloat16 if bf16 else torch.float32)
-    except OSError as e:
-        hint = "" if local else " (a hub id needs network access; pass a local directory saved with save_pretrained)"
-        raise ValueError(f"could not load model {spec!r}{hint}: {e}") from e
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
-    if tokenizer.pad_token_id is None:
-        raise ValueError(f"the tokenizer of {spec!r} has no pad, eos or unk token to pad with")
-    return model, tokenizer
-
-
-def _load_4bit_model_and_tokenizer(spec: str, bf16: bool) -> tuple[Any, Any]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-
-    local = os.path.isdir(os.path.expanduser(spec))
-    where = os.path.expanduser(spec) if local else spec
+    # bf16 weights with --bf16 (SparseAdamW keeps fp32 master copies of the selected entries)
     dtype = torch.bfloat16 if bf16 else torch.float32
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    options: dict[str, Any] = {"dtype": dtype}
+    if four_bit:
+        from transformers import BitsAndBytesConfig
+
+        options["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+        options["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
-        model = AutoModelForCausalLM.from_pretrained(
-            where, quantization_config=quant, dtype=dtype,
-            device_map={"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu")
+        model = AutoModelForCausalLM.from_pretrained(where, **options)
     except OSError as e:
         hint = "" if local else " (a hub id needs network access; pass a local directory saved with save_pretrained)"
         raise ValueError(f"could not load model {spec!r}{hint}: {e}") from e
@@ -357,7 +343,7 @@ def _run_finetune_4bit(config: FinetuneConfig, records: list[Record], out: TextI
         layer_type,
     )
 
-    model, tokenizer = _load_4bit_model_and_tokenizer(config.model, config.bf16)
+    model, tokenizer = _load_model_and_tokenizer(config.model, config.bf16, four_bit=True)
     examples = tokenize(records, tokenizer, config.max_length)
     os.makedirs(config.output, exist_ok=True)
     loss_log = os.path.join(config.output, LOSS_LOG)
