@@ -1,7 +1,39 @@
-"""The AdamW arithmetic shared by the fp32-state and 8-bit-state sparse step kernels."""
+"""What the fp32-state and 8-bit-state sparse step kernels share: loads, the AdamW arithmetic, stores."""
 
 import triton
 import triton.language as tl
+
+from gallop_kernels.ops.triton.multi_tensor import load_f32, store_from_f32
+
+
+@triton.jit
+def load_selected(idx_ptr, g_ptr, p_ptr, master_address, offs, mask,
+                  G_T: tl.constexpr, P_T: tl.constexpr, HAS_MASTER: tl.constexpr,
+                  COMPACT_GRAD: tl.constexpr):
+    """Indices, fp32 gradient and fp32 weight of a block of selected entries.
+
+    The gradient is read at ``offs`` when it is compact (gathered) and at the indices when dense;
+    the weight comes from the fp32 master copy when there is one, else from the param.
+    """
+    idx = tl.load(idx_ptr + offs, mask=mask, other=0).to(tl.int64)
+    if COMPACT_GRAD:
+        g = load_f32(g_ptr, offs, mask, G_T)
+    else:
+        g = load_f32(g_ptr, idx, mask, G_T)
+    if HAS_MASTER:
+        w = tl.load(master_address.to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0.0)
+    else:
+        w = load_f32(p_ptr, idx, mask, P_T)
+    return idx, g, w
+
+
+@triton.jit
+def store_weight(p_ptr, master_address, idx, offs, w, mask, P_T: tl.constexpr,
+                 HAS_MASTER: tl.constexpr):
+    """The new weight to the master copy (if any) and, rounded, to the param."""
+    if HAS_MASTER:
+        tl.store(master_address.to(tl.pointer_type(tl.float32)) + offs, w, mask=mask)
+    store_from_f32(p_ptr, idx, w, mask, P_T)
 
 
 @triton.jit

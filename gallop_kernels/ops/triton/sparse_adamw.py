@@ -20,8 +20,8 @@ to nearest even, to the param, so a bf16 param equals ``master.to(bfloat16)`` ex
 import triton
 import triton.language as tl
 
-from gallop_kernels.ops.triton.adamw_math import adamw_update
-from gallop_kernels.ops.triton.multi_tensor import as_pointer, find_slot, load_f32, store_from_f32
+from gallop_kernels.ops.triton.adamw_math import adamw_update, load_selected, store_weight
+from gallop_kernels.ops.triton.multi_tensor import as_pointer, find_slot
 
 F_PARAM = 0
 F_GRAD = 1
@@ -53,16 +53,9 @@ def sparse_adamw_kernel(
     count = tl.load(row + 6)
     offs = (pid - tl.load(row + 7)) * BLOCK + tl.arange(0, BLOCK)  # int64
     mask = offs < count
-    idx = tl.load(idx_ptr + offs, mask=mask, other=0).to(tl.int64)
-    if COMPACT_GRAD:
-        g = load_f32(g_ptr, offs, mask, G_T)
-    else:
-        g = load_f32(g_ptr, idx, mask, G_T)
-    if HAS_MASTER:
-        master_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
-        w = tl.load(master_ptr + offs, mask=mask, other=0.0)
-    else:
-        w = load_f32(p_ptr, idx, mask, P_T)
+    master_address = tl.load(row + 5)
+    idx, g, w = load_selected(idx_ptr, g_ptr, p_ptr, master_address, offs, mask,
+                              G_T, P_T, HAS_MASTER, COMPACT_GRAD)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0)
 
@@ -71,6 +64,4 @@ def sparse_adamw_kernel(
 
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
-    if HAS_MASTER:
-        tl.store(master_ptr + offs, w, mask=mask)
-    store_from_f32(p_ptr, idx, w, mask, P_T)
+    store_weight(p_ptr, master_address, idx, offs, w, mask, P_T, HAS_MASTER)

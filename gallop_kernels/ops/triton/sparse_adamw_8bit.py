@@ -11,8 +11,8 @@ by an 8-step binary search over the sorted 256-entry map.
 import triton
 import triton.language as tl
 
-from gallop_kernels.ops.triton.adamw_math import adamw_update
-from gallop_kernels.ops.triton.multi_tensor import as_pointer, find_slot, load_f32, store_from_f32
+from gallop_kernels.ops.triton.adamw_math import adamw_update, load_selected, store_weight
+from gallop_kernels.ops.triton.multi_tensor import as_pointer, find_slot
 
 F_PARAM = 0
 F_GRAD = 1
@@ -69,16 +69,9 @@ def sparse_adamw_8bit_kernel(
     offs = block * BLOCK + tl.arange(0, BLOCK)  # int64
     mask = offs < count
 
-    idx = tl.load(idx_ptr + offs, mask=mask, other=0).to(tl.int64)
-    if COMPACT_GRAD:
-        g = load_f32(g_ptr, offs, mask, G_T)
-    else:
-        g = load_f32(g_ptr, idx, mask, G_T)
-    if HAS_MASTER:
-        master_ptr = tl.load(row + F_MASTER).to(tl.pointer_type(tl.float32))
-        w = tl.load(master_ptr + offs, mask=mask, other=0.0)
-    else:
-        w = load_f32(p_ptr, idx, mask, P_T)
+    master_address = tl.load(row + F_MASTER)
+    idx, g, w = load_selected(idx_ptr, g_ptr, p_ptr, master_address, offs, mask,
+                              G_T, P_T, HAS_MASTER, COMPACT_GRAD)
     m_code = tl.load(m_ptr + offs, mask=mask, other=0).to(tl.int32)
     v_code = tl.load(v_ptr + offs, mask=mask, other=0).to(tl.int32)
     m = tl.load(signed_code_ptr + m_code, mask=mask, other=0.0) * tl.load(m_absmax_ptr + block)
@@ -95,6 +88,4 @@ def sparse_adamw_8bit_kernel(
     tl.store(v_ptr + offs, _quantize(v, v_absmax, unsigned_code_ptr, mask), mask=mask)
     tl.store(m_absmax_ptr + block, m_absmax)
     tl.store(v_absmax_ptr + block, v_absmax)
-    if HAS_MASTER:
-        tl.store(master_ptr + offs, w, mask=mask)
-    store_from_f32(p_ptr, idx, w, mask, P_T)
+    store_weight(p_ptr, master_address, idx, offs, w, mask, P_T, HAS_MASTER)
