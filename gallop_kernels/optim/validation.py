@@ -1,107 +1,275 @@
-"""Checks on hyper-parameters and parameters, run before the optimizer changes any state."""
+"""Checks on options, parameters, gradients and optimizer state, run before any state changes.
+
+Where the line is drawn (docs/design.md, "validate everything, then mutate"): the checks that
+`SparseAdamW.step` and `SparseAdamW.select` run every time look at *metadata* only -- Python option
+values, tensor types, shapes, dtypes, devices and contiguity, plus the step counters, which live
+on the CPU -- so they never wait for the GPU. Checks that need the *data* of a device tensor
+(finite moments, exp_avg_sq >= 0, indices sorted, unique and in range) run where that data enters
+the optimizer: `load_state_dict` (`optim/checkpoint.py`) and selection, which builds the indices
+itself and refuses non-finite scores. A param resized after selection is caught from the size
+recorded at selection, not by reading the indices.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import numbers
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 
-from gallop_kernels.reference import SCORE_NAMES
+from gallop_kernels.reference import QUANT_BLOCK, SCORE_NAMES
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MASTER_WEIGHT_CHOICES = ("auto", True, False)
+OPTION_KEYS = (
+    "lr", "betas", "eps", "weight_decay", "density", "score", "score_eps", "seed",
+    "reselect_every", "master_weights", "state_bits",
+)
+"""The options every param group holds (the constructor's keyword arguments)."""
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
-def _real(name: str, value: Any) -> float:
+def _at(where: str) -> str:
+    return f"{where}: " if where else ""
+
+
+def _real(name: str, value: Any, where: str = "") -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        raise TypeError(f"{_at(where)}{name} must be a real number, got {type(value).__name__}")
     return float(value)
 
 
-def _non_negative(name: str, value: Any) -> None:
-    if not _real(name, value) >= 0.0:  # also rejects NaN
-        raise ValueError(f"invalid {name}: {value} (must be >= 0)")
+def _finite_non_negative(name: str, value: Any, where: str) -> None:
+    # The kernels compute in float32: a value beyond its range is infinite there.
+    x = _real(name, value, where)
+    if not 0.0 <= x <= FLOAT32_MAX:  # also refuses NaN and inf
+        raise ValueError(
+            f"{_at(where)}invalid {name}: {value} (must be finite and >= 0, at most {FLOAT32_MAX:.4g})"
+        )
 
 
-def check_group_options(options: dict[str, Any]) -> None:
-    """Validate one param group's hyper-parameters (DESIGN §2)."""
-    _non_negative("learning rate", options["lr"])
-    _non_negative("eps", options["eps"])
-    _non_negative("weight_decay", options["weight_decay"])
-    _non_negative("score_eps", options["score_eps"])
+def _integer(name: str, value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{_at(where)}{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def check_group_options(options: dict[str, Any], where: str = "") -> None:
+    """Validate one param group's options (docs/design.md, public API).
+
+    ``lr``, ``eps``, ``weight_decay`` and ``score_eps`` must be finite and >= 0 (``inf`` is refused:
+    the step would turn every selected weight into NaN); betas in [0, 1); density in (0, 1].
+    ``where`` (e.g. "param group 1") prefixes the messages.
+    """
+    if not isinstance(options, dict):
+        raise TypeError(f"{_at(where)}a param group must be a dict, got {type(options).__name__}")
+    missing = [key for key in OPTION_KEYS if key not in options]
+    if missing:
+        raise ValueError(f"{_at(where)}missing option(s) {missing}")
+    _finite_non_negative("learning rate", options["lr"], where)
+    _finite_non_negative("eps", options["eps"], where)
+    _finite_non_negative("weight_decay", options["weight_decay"], where)
+    _finite_non_negative("score_eps", options["score_eps"], where)
 
     betas = options["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        raise ValueError(f"{_at(where)}betas must be a pair (beta1, beta2), got {betas!r}")
     for i, beta in enumerate(betas):
-        if not 0.0 <= _real(f"beta{i + 1}", beta) < 1.0:
-            raise ValueError(f"invalid beta parameter at index {i}: {beta} (must be in [0, 1))")
+        if not 0.0 <= _real(f"beta{i + 1}", beta, where) < 1.0:
+            raise ValueError(
+                f"{_at(where)}invalid beta parameter at index {i}: {beta} (must be in [0, 1))"
+            )
 
-    density = _real("density", options["density"])
+    density = _real("density", options["density"], where)
     if not 0.0 < density <= 1.0:
-        raise ValueError(f"invalid density: {density} (must be in (0, 1])")
+        raise ValueError(f"{_at(where)}invalid density: {density} (must be in (0, 1])")
 
     score = options["score"]
-    if not callable(score) and score not in SCORE_NAMES:
-        raise ValueError(f"unknown score {score!r}; expected one of {SCORE_NAMES} or a callable")
+    if not callable(score) and (not isinstance(score, str) or score not in SCORE_NAMES):
+        raise ValueError(
+            f"{_at(where)}unknown score {score!r}; expected one of {SCORE_NAMES} or a callable"
+        )
 
-    seed = options["seed"]
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    _integer("seed", options["seed"], where)
 
     every = options["reselect_every"]
     if every is not None:
         if isinstance(every, bool) or not isinstance(every, numbers.Integral):
-            raise TypeError(f"reselect_every must be None or an int, got {type(every).__name__}")
+            raise TypeError(
+                f"{_at(where)}reselect_every must be None or an int, got {type(every).__name__}"
+            )
         if every < 1:
-            raise ValueError(f"invalid reselect_every: {every} (must be >= 1 or None)")
+            raise ValueError(f"{_at(where)}invalid reselect_every: {every} (must be >= 1 or None)")
 
-    if options["state_bits"] not in (8, 32) or isinstance(options["state_bits"], bool):
-        raise ValueError(f"invalid state_bits: {options['state_bits']!r} (expected 32 or 8)")
-    if options["state_bits"] == 8 and importlib.util.find_spec("bitsandbytes") is None:
-        raise ValueError("state_bits=8 uses bitsandbytes' quantization maps: pip install bitsandbytes")
-
-    if options["master_weights"] not in MASTER_WEIGHT_CHOICES or (
-        not isinstance(options["master_weights"], (bool, str))
-    ):
+    bits = options["state_bits"]
+    if isinstance(bits, bool) or bits not in (8, 32):
+        raise ValueError(f"{_at(where)}invalid state_bits: {bits!r} (expected 32 or 8)")
+    if bits == 8 and importlib.util.find_spec("bitsandbytes") is None:
         raise ValueError(
-            f"invalid master_weights: {options['master_weights']!r} (expected 'auto', True or False)"
+            f"{_at(where)}state_bits=8 uses bitsandbytes' quantization maps: pip install bitsandbytes"
+        )
+
+    master = options["master_weights"]
+    if not isinstance(master, (bool, str)) or master not in MASTER_WEIGHT_CHOICES:
+        raise ValueError(
+            f"{_at(where)}invalid master_weights: {master!r} (expected 'auto', True or False)"
         )
 
 
-def check_params(params: Iterable[Any]) -> None:
-    """Every param must be a contiguous float32/bf16/fp16 tensor, each at most once."""
+def check_selection_counter(group: dict[str, Any], where: str = "") -> None:
+    """``steps_since_selection`` (present once the group has selected) is an int >= 0."""
+    if "steps_since_selection" in group:
+        count = _integer("steps_since_selection", group["steps_since_selection"], where)
+        if count < 0:
+            raise ValueError(f"{_at(where)}invalid steps_since_selection: {count} (must be >= 0)")
+
+
+def check_params(params: Iterable[Any], names: Sequence[str] | None = None) -> None:
+    """Every param must be a dense contiguous float32/bf16/fp16 tensor, each at most once."""
     seen: set[int] = set()
-    for p in params:
+    for i, p in enumerate(params):
+        what = f"parameter {names[i]}" if names is not None else "a parameter"
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"SparseAdamW can only optimize tensors, got {type(p).__name__}")
         if p.dtype not in SUPPORTED_DTYPES:
             raise TypeError(
-                f"SparseAdamW supports float32, bfloat16 and float16 parameters, got {p.dtype}"
+                f"SparseAdamW supports float32, bfloat16 and float16 parameters; {what} is {p.dtype}"
             )
         if p.is_sparse or not p.is_contiguous():
             raise ValueError(
                 f"SparseAdamW needs dense contiguous parameters (flat indices address their "
-                f"storage); got a {'sparse' if p.is_sparse else 'non-contiguous'} tensor of "
+                f"storage); {what} is a {'sparse' if p.is_sparse else 'non-contiguous'} tensor of "
                 f"shape {tuple(p.shape)}"
             )
         if id(p) in seen:
-            raise ValueError("a parameter appears twice in the same parameter group")
+            raise ValueError(f"{what} appears twice in the same parameter group")
         seen.add(id(p))
 
 
+def check_grad(name: str, param: torch.Tensor, grad: Any, *, same_device: bool = True) -> None:
+    """A dense gradient: a float tensor shaped like its parameter (on its device, by default)."""
+    if not isinstance(grad, torch.Tensor):
+        raise TypeError(f"gradient of parameter {name} must be a tensor, got {type(grad).__name__}")
+    if grad.is_sparse or grad.layout != torch.strided:
+        raise ValueError(f"SparseAdamW does not support sparse gradients (parameter {name})")
+    if grad.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"gradient of parameter {name} has dtype {grad.dtype}; expected float32, bfloat16 "
+            f"or float16"
+        )
+    if grad.shape != param.shape:
+        raise ValueError(
+            f"gradient of parameter {name} has shape {tuple(grad.shape)}, "
+            f"expected {tuple(param.shape)}"
+        )
+    if same_device and grad.device != param.device:
+        raise ValueError(
+            f"gradient of parameter {name} is on {grad.device}, the parameter on {param.device}"
+        )
+
+
 def check_grads(named_params: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Gradients must be dense and shaped like their parameter."""
+    """Every present ``.grad`` passes `check_grad`."""
     for name, p in named_params:
-        g = p.grad
-        if g is None:
-            continue
-        if g.is_sparse:
-            raise ValueError(f"SparseAdamW does not support sparse gradients (parameter {name})")
-        if g.shape != p.shape:
+        if p.grad is not None:
+            check_grad(name, p, p.grad)
+
+
+def _state_tensor(
+    st: dict, key: str, where: str, dtypes: tuple[torch.dtype, ...], numel: int,
+    device: torch.device,
+) -> torch.Tensor:
+    value = st.get(key)
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{where}: '{key}' is missing or not a tensor")
+    if value.dtype not in dtypes:
+        names = "/".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ValueError(f"{where}: '{key}' has dtype {value.dtype}, expected {names}")
+    if value.dim() != 1 or value.numel() != numel:
+        raise ValueError(f"{where}: '{key}' has shape {tuple(value.shape)}, expected ({numel},)")
+    if value.device != device:
+        raise ValueError(f"{where}: '{key}' is on {value.device}, the parameter on {device}")
+    if not value.is_contiguous():
+        raise ValueError(f"{where}: '{key}' is not contiguous (it is updated in place)")
+    return value
+
+
+def step_count(value: Any, where: str) -> float:
+    """The value of a ``step`` state entry: a finite, integral count >= 0 (a number or 1-element tensor).
+
+    Reading a CPU tensor costs no device synchronisation; the optimizer keeps its counters there.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(f"{where}: 'step' must be a one-element real tensor, "
+                             f"got shape {tuple(value.shape)} of {value.dtype}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{where}: 'step' must be a number, got {type(value).__name__}")
+    count = float(value)
+    if not (math.isfinite(count) and count >= 0 and count == int(count)):
+        raise ValueError(f"{where}: 'step' must be a whole number >= 0, got {value}")
+    return count
+
+
+def check_state_fits(
+    where: str,
+    param: torch.Tensor,
+    st: Any,
+    group: dict[str, Any],
+    selected_numel: int | None,
+    needs_master: bool,
+) -> float:
+    """Metadata checks that one selected param's state fits it; returns its step count.
+
+    ``selected_numel`` is the param's size when its indices were made (None if unknown): a param
+    resized since then would be indexed out of range.
+    """
+    if not isinstance(st, dict) or "indices" not in st:
+        raise ValueError(
+            f"{where} has no selection although its group has selected (was it added to the "
+            f"group's 'params' directly?); use add_param_group, or call select() to select again"
+        )
+    n, device = param.numel(), param.device
+    if selected_numel is not None and selected_numel != n:
+        raise ValueError(
+            f"{where} has {n} entries but was selected when it had {selected_numel} (was it "
+            f"resized?); call select() to select again or load a checkpoint that fits it"
+        )
+    indices = st["indices"]
+    if not isinstance(indices, torch.Tensor):
+        raise ValueError(f"{where}: 'indices' is not a tensor")
+    k = indices.numel()
+    _state_tensor(st, "indices", where, (torch.int32, torch.int64), k, device)
+    if k > n:
+        raise ValueError(f"{where}: {k} selected entries for a parameter of {n} entries")
+    moments = [
+        _state_tensor(st, key, where, (torch.float32, torch.uint8), k, device)
+        for key in ("exp_avg", "exp_avg_sq")
+    ]
+    if moments[0].dtype != moments[1].dtype:
+        raise ValueError(f"{where}: 'exp_avg' is {moments[0].dtype} but 'exp_avg_sq' is "
+                         f"{moments[1].dtype}; both must be float32 or both 8-bit")
+    if moments[0].dtype == torch.uint8:
+        for key in ("exp_avg_absmax", "exp_avg_sq_absmax"):
+            _state_tensor(st, key, where, (torch.float32,), -(-k // QUANT_BLOCK), device)
+    if needs_master or "master" in st:
+        if "master" not in st:
             raise ValueError(
-                f"gradient of parameter {name} has shape {tuple(g.shape)}, "
-                f"expected {tuple(p.shape)}"
+                f"{where} is {param.dtype} but its state has no float32 master copy (did its "
+                f"dtype change after selection?); call select() or load a checkpoint that fits"
             )
+        _state_tensor(st, "master", where, (torch.float32,), k, device)
+    if group["reselect_every"] is not None or "grad_accum" in st:
+        if "grad_accum" not in st:
+            raise ValueError(
+                f"{where}: reselect_every is set but the state has no 'grad_accum' (was "
+                f"reselect_every set after selection?); call select() to start accumulating"
+            )
+        _state_tensor(st, "grad_accum", where, (torch.float32,), n, device)
+    if "step" not in st:
+        raise ValueError(f"{where}: 'step' is missing")
+    return step_count(st["step"], where)
