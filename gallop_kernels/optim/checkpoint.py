@@ -20,6 +20,7 @@ from gallop_kernels.optim.selection import moments_fp32, needs_master, store_mom
 from gallop_kernels.optim.validation import (
     check_group_options,
     check_selection_counter,
+    state_tensor,
     step_count,
 )
 from gallop_kernels.reference import QUANT_BLOCK
@@ -146,21 +147,6 @@ def _prepare_groups(saved_groups: list, groups: list[dict], convert_layout: bool
 # ----------------------------------------------------------------------------------------------
 
 
-def _tensor(saved: Mapping, key: str, where: str, dtypes: tuple[torch.dtype, ...],
-            shape: tuple[int, ...]) -> torch.Tensor:
-    value = saved.get(key)
-    if not isinstance(value, torch.Tensor):
-        raise ValueError(f"{where}: '{key}' is missing or not a tensor")
-    if value.layout != torch.strided:
-        raise ValueError(f"{where}: '{key}' must be a dense tensor, got layout {value.layout}")
-    if value.dtype not in dtypes:
-        names = "/".join(str(d).replace("torch.", "") for d in dtypes)
-        raise ValueError(f"{where}: '{key}' has dtype {value.dtype}, expected {names}")
-    if tuple(value.shape) != shape:
-        raise ValueError(f"{where}: '{key}' has shape {tuple(value.shape)}, expected {shape}")
-    return value
-
-
 def _finite(value: torch.Tensor, key: str, where: str, non_negative: bool = False) -> None:
     if value.numel() and not bool(torch.isfinite(value).all()):
         raise ValueError(f"{where}: '{key}' holds NaN or infinite values")
@@ -187,7 +173,7 @@ def _prepare_entry(
     indices = saved.get("indices")
     if not isinstance(indices, torch.Tensor) or indices.dim() != 1:
         raise ValueError(f"{where}: 'indices' must be a one-dimensional tensor")
-    _tensor(saved, "indices", where, (torch.int32, torch.int64), (indices.numel(),))
+    state_tensor(saved, "indices", where, (torch.int32, torch.int64), (indices.numel(),))
     k = indices.numel()
     if k:
         idx = indices.to(torch.int64)
@@ -196,8 +182,8 @@ def _prepare_entry(
         if k > 1 and not bool((idx[1:] > idx[:-1]).all()):
             raise ValueError(f"{where}: 'indices' must be strictly increasing (sorted, unique)")
 
-    m = _tensor(saved, "exp_avg", where, (torch.float32, torch.uint8), (k,))
-    v = _tensor(saved, "exp_avg_sq", where, (torch.float32, torch.uint8), (k,))
+    m = state_tensor(saved, "exp_avg", where, (torch.float32, torch.uint8), (k,))
+    v = state_tensor(saved, "exp_avg_sq", where, (torch.float32, torch.uint8), (k,))
     if m.dtype != v.dtype:
         raise ValueError(f"{where}: 'exp_avg' is {m.dtype} but 'exp_avg_sq' {v.dtype}; both must "
                          f"be float32 or both 8-bit")
@@ -205,7 +191,7 @@ def _prepare_entry(
     absmax_keys = ("exp_avg_absmax", "exp_avg_sq_absmax")
     if quantized:
         for key in absmax_keys:
-            absmax = _tensor(saved, key, where, (torch.float32,), (-(-k // QUANT_BLOCK),))
+            absmax = state_tensor(saved, key, where, (torch.float32,), (-(-k // QUANT_BLOCK),))
             _finite(absmax, key, where, non_negative=True)
     else:
         extra = [key for key in absmax_keys if key in saved]
@@ -214,11 +200,11 @@ def _prepare_entry(
         _finite(m, "exp_avg", where)
         _finite(v, "exp_avg_sq", where, non_negative=True)
     if "master" in saved:
-        _finite(_tensor(saved, "master", where, (torch.float32,), (k,)), "master", where)
+        _finite(state_tensor(saved, "master", where, (torch.float32,), (k,)), "master", where)
     if group["reselect_every"] is not None and "grad_accum" not in saved:
         raise ValueError(f"{where}: 'grad_accum' is missing but reselect_every is set")
     if "grad_accum" in saved:
-        _finite(_tensor(saved, "grad_accum", where, (torch.float32,), (n,)), "grad_accum", where)
+        _finite(state_tensor(saved, "grad_accum", where, (torch.float32,), (n,)), "grad_accum", where)
     if "step" not in saved:
         raise ValueError(f"{where}: 'step' is missing")
     step = step_count(saved["step"], where)

@@ -22,6 +22,18 @@ from gallop_kernels.optim.validation import (
 from gallop_kernels.reference import Score
 
 
+class _Label:
+    """A param's name for messages, formatted only when a message is built (checks stay cheap)."""
+
+    __slots__ = ("_optimizer", "_group", "_index", "_prefix")
+
+    def __init__(self, optimizer: "SparseAdamW", group: int, index: int, prefix: str = "") -> None:
+        self._optimizer, self._group, self._index, self._prefix = optimizer, group, index, prefix
+
+    def __str__(self) -> str:
+        return self._prefix + self._optimizer._names(self._group)[self._index]
+
+
 class SparseAdamW(Optimizer):
     """AdamW that trains only the top-``density`` entries of each param group by ``score``.
 
@@ -183,6 +195,11 @@ class SparseAdamW(Optimizer):
             for i, p in enumerate(group["params"])
         ]
 
+    def _labels(self, group_index: int, prefix: str = "") -> list[_Label]:
+        """Lazy `_names`: for messages of checks that run every step."""
+        count = len(self.param_groups[group_index]["params"])
+        return [_Label(self, group_index, j, prefix) for j in range(count)]
+
     def _adopt_params(self) -> None:
         """Follow params put into ``param_groups`` directly (accelerate swaps them after sharding)."""
         for i, group in enumerate(self.param_groups):
@@ -206,7 +223,7 @@ class SparseAdamW(Optimizer):
             params = group.get("params")
             if not isinstance(params, list):
                 raise TypeError(f"{where}: 'params' must be a list of tensors")
-            names = self._names(i)
+            names = self._labels(i)
             check_params(params, names)
             for p, name in zip(params, names):
                 if seen.setdefault(id(p), i) != i:
@@ -226,9 +243,9 @@ class SparseAdamW(Optimizer):
         """Metadata checks of a selected group's state; returns each param's step count."""
         group = self.param_groups[i]
         steps = {}
-        for p, name in zip(group["params"], self._names(i)):
+        for p, where in zip(group["params"], self._labels(i, "parameter ")):
             steps[p] = check_state_fits(
-                f"parameter {name}", p, self.state.get(p), group,
+                where, p, self.state.get(p), group,
                 self._selected_numel.get(p), selection.needs_master(p, group["master_weights"]),
             )
         return steps
@@ -265,7 +282,7 @@ class SparseAdamW(Optimizer):
         """
         self._check_groups()
         for i, group in enumerate(self.param_groups):
-            names = self._names(i)
+            names = self._labels(i)
             if "steps_since_selection" in group:
                 self._check_selected_state(i)  # the state that selection.apply carries over
             for p, name in zip(group["params"], names):
@@ -382,7 +399,7 @@ class SparseAdamW(Optimizer):
         for i, group in enumerate(self.param_groups):
             if "steps_since_selection" in group:
                 steps.update(self._check_selected_state(i))
-            for p, name in zip(group["params"], self._names(i)):
+            for p, name in zip(group["params"], self._labels(i)):
                 self._check_step_gradient(name, p)
         # Plan every due selection (it refuses NaN/inf scores) before changing anything.
         plans = {}

@@ -127,10 +127,16 @@ def check_selection_counter(group: dict[str, Any], where: str = "") -> None:
             raise ValueError(f"{_at(where)}invalid steps_since_selection: {count} (must be >= 0)")
 
 
-def check_params(params: Iterable[Any], names: Sequence[str] | None = None) -> None:
+def check_params(params: Iterable[Any], names: Sequence[object] | None = None) -> None:
     """Every param must be a dense contiguous float32/bf16/fp16 tensor, each at most once."""
     seen: set[int] = set()
     for i, p in enumerate(params):
+        if (
+            isinstance(p, torch.Tensor) and p.dtype in SUPPORTED_DTYPES and not p.is_sparse
+            and p.is_contiguous() and id(p) not in seen
+        ):
+            seen.add(id(p))
+            continue
         what = f"parameter {names[i]}" if names is not None else "a parameter"
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"SparseAdamW can only optimize tensors, got {type(p).__name__}")
@@ -144,9 +150,7 @@ def check_params(params: Iterable[Any], names: Sequence[str] | None = None) -> N
                 f"storage); {what} is a {'sparse' if p.is_sparse else 'non-contiguous'} tensor of "
                 f"shape {tuple(p.shape)}"
             )
-        if id(p) in seen:
-            raise ValueError(f"{what} appears twice in the same parameter group")
-        seen.add(id(p))
+        raise ValueError(f"{what} appears twice in the same parameter group")
 
 
 def check_grad(name: str, param: torch.Tensor, grad: Any, *, same_device: bool = True) -> None:
@@ -178,26 +182,32 @@ def check_grads(named_params: Iterable[tuple[str, torch.Tensor]]) -> None:
             check_grad(name, p, p.grad)
 
 
-def _state_tensor(
-    st: dict, key: str, where: str, dtypes: tuple[torch.dtype, ...], numel: int,
-    device: torch.device,
+def state_tensor(
+    st: Any, key: str, where: object, dtypes: tuple[torch.dtype, ...], shape: tuple[int, ...],
+    device: torch.device | None = None,
 ) -> torch.Tensor:
+    """``st[key]``, checked: a dense tensor of one of ``dtypes`` and of ``shape``; on ``device``
+    and contiguous (it is updated in place) when a device is given. ``where`` prefixes messages
+    (any object: it is formatted only when a message is built)."""
     value = st.get(key)
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{where}: '{key}' is missing or not a tensor")
+    if value.layout != torch.strided:
+        raise ValueError(f"{where}: '{key}' must be a dense tensor, got layout {value.layout}")
     if value.dtype not in dtypes:
         names = "/".join(str(d).replace("torch.", "") for d in dtypes)
         raise ValueError(f"{where}: '{key}' has dtype {value.dtype}, expected {names}")
-    if value.dim() != 1 or value.numel() != numel:
-        raise ValueError(f"{where}: '{key}' has shape {tuple(value.shape)}, expected ({numel},)")
-    if value.device != device:
-        raise ValueError(f"{where}: '{key}' is on {value.device}, the parameter on {device}")
-    if not value.is_contiguous():
-        raise ValueError(f"{where}: '{key}' is not contiguous (it is updated in place)")
+    if value.shape != shape:
+        raise ValueError(f"{where}: '{key}' has shape {tuple(value.shape)}, expected {shape}")
+    if device is not None:
+        if value.device != device:
+            raise ValueError(f"{where}: '{key}' is on {value.device}, the parameter on {device}")
+        if not value.is_contiguous():
+            raise ValueError(f"{where}: '{key}' is not contiguous (it is updated in place)")
     return value
 
 
-def step_count(value: Any, where: str) -> float:
+def step_count(value: Any, where: object) -> float:
     """The value of a ``step`` state entry: a finite, integral count >= 0 (a number or 1-element tensor).
 
     Reading a CPU tensor costs no device synchronisation; the optimizer keeps its counters there.
@@ -216,7 +226,7 @@ def step_count(value: Any, where: str) -> float:
 
 
 def check_state_fits(
-    where: str,
+    where: object,
     param: torch.Tensor,
     st: Any,
     group: dict[str, Any],
@@ -225,8 +235,9 @@ def check_state_fits(
 ) -> float:
     """Metadata checks that one selected param's state fits it; returns its step count.
 
-    ``selected_numel`` is the param's size when its indices were made (None if unknown): a param
-    resized since then would be indexed out of range.
+    ``where`` names the param in messages ("parameter X"). ``selected_numel`` is the param's size
+    when its indices were made (None if unknown): a param resized since then would be indexed
+    out of range.
     """
     if not isinstance(st, dict) or "indices" not in st:
         raise ValueError(
@@ -243,33 +254,32 @@ def check_state_fits(
     if not isinstance(indices, torch.Tensor):
         raise ValueError(f"{where}: 'indices' is not a tensor")
     k = indices.numel()
-    _state_tensor(st, "indices", where, (torch.int32, torch.int64), k, device)
+    state_tensor(st, "indices", where, (torch.int32, torch.int64), (k,), device)
     if k > n:
         raise ValueError(f"{where}: {k} selected entries for a parameter of {n} entries")
-    moments = [
-        _state_tensor(st, key, where, (torch.float32, torch.uint8), k, device)
-        for key in ("exp_avg", "exp_avg_sq")
-    ]
-    if moments[0].dtype != moments[1].dtype:
-        raise ValueError(f"{where}: 'exp_avg' is {moments[0].dtype} but 'exp_avg_sq' is "
-                         f"{moments[1].dtype}; both must be float32 or both 8-bit")
-    if moments[0].dtype == torch.uint8:
+    m = state_tensor(st, "exp_avg", where, (torch.float32, torch.uint8), (k,), device)
+    v = state_tensor(st, "exp_avg_sq", where, (torch.float32, torch.uint8), (k,), device)
+    if m.dtype != v.dtype:
+        raise ValueError(f"{where}: 'exp_avg' is {m.dtype} but 'exp_avg_sq' is {v.dtype}; "
+                         f"both must be float32 or both 8-bit")
+    if m.dtype == torch.uint8:
+        blocks = -(-k // QUANT_BLOCK)
         for key in ("exp_avg_absmax", "exp_avg_sq_absmax"):
-            _state_tensor(st, key, where, (torch.float32,), -(-k // QUANT_BLOCK), device)
+            state_tensor(st, key, where, (torch.float32,), (blocks,), device)
     if needs_master or "master" in st:
         if "master" not in st:
             raise ValueError(
                 f"{where} is {param.dtype} but its state has no float32 master copy (did its "
                 f"dtype change after selection?); call select() or load a checkpoint that fits"
             )
-        _state_tensor(st, "master", where, (torch.float32,), k, device)
+        state_tensor(st, "master", where, (torch.float32,), (k,), device)
     if group["reselect_every"] is not None or "grad_accum" in st:
         if "grad_accum" not in st:
             raise ValueError(
                 f"{where}: reselect_every is set but the state has no 'grad_accum' (was "
                 f"reselect_every set after selection?); call select() to start accumulating"
             )
-        _state_tensor(st, "grad_accum", where, (torch.float32,), n, device)
+        state_tensor(st, "grad_accum", where, (torch.float32,), (n,), device)
     if "step" not in st:
         raise ValueError(f"{where}: 'step' is missing")
     return step_count(st["step"], where)
