@@ -13,11 +13,13 @@ from gallop_kernels import ops
 from gallop_kernels.optim import checkpoint, selection
 from gallop_kernels.optim.lean import LeanGradients
 from gallop_kernels.optim.validation import (
+    check_carry_over,
     check_grad,
     check_group_options,
     check_params,
     check_selection_counter,
     check_state_fits,
+    state_is_stale,
 )
 from gallop_kernels.reference import Score
 
@@ -191,7 +193,8 @@ class SparseAdamW(Optimizer):
         if isinstance(names, (list, tuple)) and len(names) == len(group["params"]):
             return [f"{name!r} (param group {group_index})" for name in names]
         return [
-            f"group {group_index} param {i} (shape {tuple(p.shape)})"
+            f"group {group_index} param {i} "
+            + (f"(shape {tuple(p.shape)})" if isinstance(p, torch.Tensor) else f"({type(p).__name__})")
             for i, p in enumerate(group["params"])
         ]
 
@@ -228,6 +231,9 @@ class SparseAdamW(Optimizer):
             for p, name in zip(params, names):
                 if seen.setdefault(id(p), i) != i:
                     raise ValueError(f"parameter {name} is also in param group {seen[id(p)]}")
+                if p.is_meta:
+                    raise ValueError(f"parameter {name} is on the meta device (it has no data); "
+                                     f"materialize it before step() or select()")
             if params:
                 backend = ops.resolve_backend(self.backend, params[0].device)
                 if backend == "triton":
@@ -239,20 +245,31 @@ class SparseAdamW(Optimizer):
                                 f"device per group"
                             )
 
-    def _check_selected_state(self, i: int) -> dict[torch.Tensor, float]:
-        """Metadata checks of a selected group's state; returns each param's step count."""
+    def _check_state(self, i: int, for_step: bool) -> dict[torch.Tensor, float]:
+        """Metadata checks of group ``i``'s state: all a step reads (``for_step``, selected
+        groups; returns each param's step count), else what a new selection carries over."""
         group = self.param_groups[i]
         steps = {}
         for p, where in zip(group["params"], self._labels(i, "parameter ")):
-            steps[p] = check_state_fits(
-                where, p, self.state.get(p), group,
-                self._selected_numel.get(p), selection.needs_master(p, group["master_weights"]),
-            )
+            st, numel = self.state.get(p), self._selected_numel.get(p)
+            if for_step:
+                needs_master = selection.needs_master(p, group["master_weights"])
+                steps[p] = check_state_fits(where, p, st, group, numel, needs_master)
+            else:
+                check_carry_over(where, p, st, numel)
         return steps
 
     def _check_step_gradient(self, name: str, p: torch.Tensor) -> None:
         """The gradient this step will use for ``p``: lean mode's compact buffer, else ``.grad``."""
+        if p.grad is not None:
+            check_grad(name, p, p.grad)
         if self._lean is not None and self._lean.gathered(p):
+            if p.grad is not None:
+                raise ValueError(
+                    f"lean mode gathered the gradient of parameter {name} into its compact "
+                    f"buffer, and .grad was set since, not by backward: the step cannot use both; "
+                    f"set gradients through backward(), or call zero_grad() first"
+                )
             compact = self._lean.grad(p)
             indices = self.state.get(p, {}).get("indices")
             k = indices.numel() if isinstance(indices, torch.Tensor) else -1
@@ -261,8 +278,6 @@ class SparseAdamW(Optimizer):
                     f"lean mode's gathered gradient of parameter {name} no longer fits its "
                     f"selection of {k} entries; call zero_grad() and run backward again"
                 )
-        elif p.grad is not None:
-            check_grad(name, p, p.grad)
 
     # ------------------------------------------------------------------------------------------
     # Selection
@@ -283,8 +298,7 @@ class SparseAdamW(Optimizer):
         self._check_groups()
         for i, group in enumerate(self.param_groups):
             names = self._labels(i)
-            if "steps_since_selection" in group:
-                self._check_selected_state(i)  # the state that selection.apply carries over
+            self._check_state(i, for_step=False)
             for p, name in zip(group["params"], names):
                 if self._lean is not None and self._lean.gathered(p):
                     raise ValueError(
@@ -326,6 +340,9 @@ class SparseAdamW(Optimizer):
             check_grad(names[id(key)], key, grad, same_device=False)
 
     def _install(self, group: dict, new_indices: list[torch.Tensor]) -> None:
+        for p in group["params"]:
+            if state_is_stale(p, self.state.get(p), self._selected_numel.get(p)):
+                self.state[p].clear()  # resized since its selection: nothing can carry over
         selection.apply(group, self.state, new_indices)
         for p in group["params"]:
             self._selected_numel[p] = p.numel()
@@ -397,8 +414,7 @@ class SparseAdamW(Optimizer):
         self._check_groups()
         steps: dict[torch.Tensor, float] = {}
         for i, group in enumerate(self.param_groups):
-            if "steps_since_selection" in group:
-                steps.update(self._check_selected_state(i))
+            steps.update(self._check_state(i, for_step="steps_since_selection" in group))
             for p, name in zip(group["params"], self._labels(i)):
                 self._check_step_gradient(name, p)
         # Plan every due selection (it refuses NaN/inf scores) before changing anything.

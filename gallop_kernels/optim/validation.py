@@ -39,7 +39,10 @@ def _at(where: str) -> str:
 def _real(name: str, value: Any, where: str = "") -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{_at(where)}{name} must be a real number, got {type(value).__name__}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond any float
+        raise ValueError(f"{_at(where)}invalid {name}: {value} (too large)") from None
 
 
 def _finite_non_negative(name: str, value: Any, where: str) -> None:
@@ -105,7 +108,7 @@ def check_group_options(options: dict[str, Any], where: str = "") -> None:
             raise ValueError(f"{_at(where)}invalid reselect_every: {every} (must be >= 1 or None)")
 
     bits = options["state_bits"]
-    if isinstance(bits, bool) or bits not in (8, 32):
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or bits not in (8, 32):
         raise ValueError(f"{_at(where)}invalid state_bits: {bits!r} (expected 32 or 8)")
     if bits == 8 and importlib.util.find_spec("bitsandbytes") is None:
         raise ValueError(
@@ -201,7 +204,10 @@ def state_tensor(
         raise ValueError(f"{where}: '{key}' has shape {tuple(value.shape)}, expected {shape}")
     if device is not None:
         if value.device != device:
-            raise ValueError(f"{where}: '{key}' is on {value.device}, the parameter on {device}")
+            raise ValueError(
+                f"{where}: '{key}' is on {value.device}, the parameter on {device} (after moving "
+                f"params, opt.load_state_dict(opt.state_dict()) moves the state along)"
+            )
         if not value.is_contiguous():
             raise ValueError(f"{where}: '{key}' is not contiguous (it is updated in place)")
     return value
@@ -225,38 +231,24 @@ def step_count(value: Any, where: object) -> float:
     return count
 
 
-def check_state_fits(
-    where: object,
-    param: torch.Tensor,
-    st: Any,
-    group: dict[str, Any],
-    selected_numel: int | None,
-    needs_master: bool,
-) -> float:
-    """Metadata checks that one selected param's state fits it; returns its step count.
+def state_is_stale(param: torch.Tensor, st: Any, selected_numel: int | None) -> bool:
+    """Whether ``param`` changed size since its indices were made (its state cannot carry over)."""
+    return isinstance(st, dict) and selected_numel is not None and selected_numel != param.numel()
 
-    ``where`` names the param in messages ("parameter X"). ``selected_numel`` is the param's size
-    when its indices were made (None if unknown): a param resized since then would be indexed
-    out of range.
-    """
-    if not isinstance(st, dict) or "indices" not in st:
-        raise ValueError(
-            f"{where} has no selection although its group has selected (was it added to the "
-            f"group's 'params' directly?); use add_param_group, or call select() to select again"
-        )
-    n, device = param.numel(), param.device
-    if selected_numel is not None and selected_numel != n:
-        raise ValueError(
-            f"{where} has {n} entries but was selected when it had {selected_numel} (was it "
-            f"resized?); call select() to select again or load a checkpoint that fits it"
-        )
+
+def check_carry_over(where: object, param: torch.Tensor, st: Any, selected_numel: int | None) -> None:
+    """What a re-selection reads of a param's old state (`selection.apply` carries m, v and the
+    master copy of entries that stay selected): indices and moments that fit each other, on the
+    param's device. Nothing to check where there is no old selection or the param was resized
+    (its old state is dropped)."""
+    if not isinstance(st, dict) or "indices" not in st or state_is_stale(param, st, selected_numel):
+        return
+    device = param.device
     indices = st["indices"]
     if not isinstance(indices, torch.Tensor):
         raise ValueError(f"{where}: 'indices' is not a tensor")
     k = indices.numel()
     state_tensor(st, "indices", where, (torch.int32, torch.int64), (k,), device)
-    if k > n:
-        raise ValueError(f"{where}: {k} selected entries for a parameter of {n} entries")
     m = state_tensor(st, "exp_avg", where, (torch.float32, torch.uint8), (k,), device)
     v = state_tensor(st, "exp_avg_sq", where, (torch.float32, torch.uint8), (k,), device)
     if m.dtype != v.dtype:
@@ -266,20 +258,53 @@ def check_state_fits(
         blocks = -(-k // QUANT_BLOCK)
         for key in ("exp_avg_absmax", "exp_avg_sq_absmax"):
             state_tensor(st, key, where, (torch.float32,), (blocks,), device)
-    if needs_master or "master" in st:
-        if "master" not in st:
-            raise ValueError(
-                f"{where} is {param.dtype} but its state has no float32 master copy (did its "
-                f"dtype change after selection?); call select() or load a checkpoint that fits"
-            )
+    if "master" in st:
         state_tensor(st, "master", where, (torch.float32,), (k,), device)
+
+
+def check_state_fits(
+    where: object,
+    param: torch.Tensor,
+    st: Any,
+    group: dict[str, Any],
+    selected_numel: int | None,
+    needs_master: bool,
+) -> float:
+    """Metadata checks that one selected param's state fits it for a step; returns its step count.
+
+    ``where`` names the param in messages ("parameter X"). ``selected_numel`` is the param's size
+    when its indices were made (None if unknown): a param resized since then would be indexed
+    out of range.
+    """
+    if not isinstance(st, dict) or "indices" not in st:
+        raise ValueError(
+            f"{where} has no selection ('indices' in its state) although its group has selected "
+            f"(was it added to the "
+            f"group's 'params' directly?); use add_param_group, or call select() to select again"
+        )
+    n = param.numel()
+    if state_is_stale(param, st, selected_numel):
+        raise ValueError(
+            f"{where} has {n} entries but was selected when it had {selected_numel} (was it "
+            f"resized?); call select() to select again or load a checkpoint that fits it"
+        )
+    check_carry_over(where, param, st, selected_numel)
+    k = st["indices"].numel()
+    if k > n:
+        raise ValueError(f"{where}: {k} selected entries for a parameter of {n} entries")
+    if needs_master and "master" not in st:
+        raise ValueError(
+            f"{where} is {param.dtype} but its state has no float32 master copy, which "
+            f"master_weights={group['master_weights']!r} needs (did the dtype or master_weights "
+            f"change after selection?); call select() or load a checkpoint that fits"
+        )
     if group["reselect_every"] is not None or "grad_accum" in st:
         if "grad_accum" not in st:
             raise ValueError(
                 f"{where}: reselect_every is set but the state has no 'grad_accum' (was "
                 f"reselect_every set after selection?); call select() to start accumulating"
             )
-        state_tensor(st, "grad_accum", where, (torch.float32,), (n,), device)
+        state_tensor(st, "grad_accum", where, (torch.float32,), (n,), param.device)
     if "step" not in st:
         raise ValueError(f"{where}: 'step' is missing")
     return step_count(st["step"], where)
