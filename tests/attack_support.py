@@ -14,9 +14,21 @@ import functools
 import math
 from typing import Any
 
+import numpy as np
 import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 
 from gallop_kernels import SparseAdamW
+from gallop_kernels.reference import SCORE_NAMES
+
+NAN, INF = float("nan"), float("inf")
+REFUSED = (ValueError, TypeError)
+FAST = settings(max_examples=30, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow])
+"""The default run: small and derandomized, so that CI is reproducible."""
+SLOW = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+"""``-m slow``: many more examples, a new random sample every run."""
 
 
 def _tensor_record(t: torch.Tensor) -> tuple:
@@ -191,3 +203,78 @@ def _base(config: str, backend: str) -> SparseAdamW:
 def base(config: str, backend: str = "torch") -> SparseAdamW:
     """A fresh deep copy of a base setup (built once per process)."""
     return copy.deepcopy(_base(config, backend))
+
+
+def record(value: Any) -> Any:
+    """A comparable deep copy of any value (e.g. a state dict), for `assert_same`."""
+    return _record(value, {})
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad option values, by kind
+# ----------------------------------------------------------------------------------------------
+
+_NOT_NUMBERS = st.sampled_from(
+    ["0.1", "", None, [0.1], (0.1,), {"v": 0.1}, 0.1j, b"1", torch.tensor(0.1), object()]
+)
+NON_FINITE = st.sampled_from([NAN, INF, -INF, np.float64("nan"), np.float32("inf")])
+_BEYOND_FLOAT32 = st.one_of(
+    st.floats(min_value=3.5e38, allow_infinity=False), st.integers(min_value=2**128, max_value=2**1100)
+)
+
+
+def _non_negative_finite_bad() -> st.SearchStrategy:
+    """Bad values for lr, eps, weight_decay, score_eps."""
+    return st.one_of(
+        st.floats(max_value=-1e-300, allow_infinity=True, allow_nan=False),
+        st.integers(max_value=-1), NON_FINITE, _BEYOND_FLOAT32, _NOT_NUMBERS, st.booleans(),
+    )
+
+
+def _bad_beta() -> st.SearchStrategy:
+    return st.one_of(
+        st.floats(min_value=1.0, allow_infinity=True, allow_nan=False),
+        st.floats(max_value=-1e-300, allow_infinity=True, allow_nan=False),
+        st.integers().filter(lambda x: x != 0), NON_FINITE, _NOT_NUMBERS, st.booleans(),
+    )
+
+
+_GOOD_BETA = st.floats(min_value=0.0, max_value=0.999)
+
+BAD_OPTIONS: dict[str, st.SearchStrategy] = {
+    "lr": _non_negative_finite_bad(),
+    "eps": _non_negative_finite_bad(),
+    "weight_decay": _non_negative_finite_bad(),
+    "score_eps": _non_negative_finite_bad(),
+    "betas": st.one_of(
+        st.tuples(_bad_beta(), _GOOD_BETA), st.tuples(_GOOD_BETA, _bad_beta()),
+        st.lists(_GOOD_BETA, max_size=4).filter(lambda b: len(b) != 2),
+        st.sampled_from([0.9, "ab", None, {0.9: 0.99}, torch.tensor([0.9, 0.99])]),
+    ),
+    "density": st.one_of(
+        st.floats(max_value=0.0, allow_infinity=True, allow_nan=False),
+        st.floats(min_value=1.0, exclude_min=True, allow_infinity=True),
+        st.integers().filter(lambda x: x != 1), NON_FINITE, _NOT_NUMBERS, st.booleans(),
+    ),
+    "score": st.one_of(
+        st.text(max_size=12).filter(lambda s: s not in SCORE_NAMES), st.integers(), st.none(),
+        st.sampled_from([b"gallop", ["gallop"], ("gallop",), 0.5]),
+    ),
+    "seed": st.one_of(st.floats(allow_nan=True), st.text(max_size=4), st.none(), st.booleans(),
+                      st.sampled_from([torch.tensor(1), [1]])),
+    "reselect_every": st.one_of(st.integers(max_value=0), st.floats(), st.text(max_size=3),
+                                st.booleans()),
+    "master_weights": st.one_of(st.text(max_size=6).filter(lambda s: s != "auto"),
+                                st.integers(), st.none(), st.floats()),
+    "state_bits": st.one_of(st.integers().filter(lambda b: b not in (8, 32)),
+                            st.sampled_from([8.0, 32.0, "8", "32", True, False, None])),
+}
+"""Bad values of every option a param group holds, by kind."""
+
+BAD_STEPS = st.one_of(
+    st.integers(max_value=-1), st.floats(max_value=-0.5), NON_FINITE,
+    st.floats(min_value=0.01, max_value=1e6).filter(lambda x: x != int(x)),
+    st.sampled_from(["1", None, [1], True, torch.tensor([1.0, 2.0]), torch.tensor(-1.0),
+                     torch.tensor(NAN), torch.tensor(1 + 1j), torch.tensor(True), b"\x01"]),
+)
+"""Bad values of a state entry's step counter."""

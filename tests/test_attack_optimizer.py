@@ -22,80 +22,14 @@ import re
 import numpy as np
 import pytest
 import torch
-from attack_support import CONFIGS, assert_same, backward, base, set_grads, snapshot
-from hypothesis import HealthCheck, given, settings
+from attack_support import (
+    BAD_OPTIONS, BAD_STEPS, CONFIGS, FAST, INF, NAN, REFUSED, SLOW, assert_same, backward, base,
+    set_grads, snapshot,
+)
+from hypothesis import given
 from hypothesis import strategies as st
 
-from gallop_kernels.reference import SCORE_NAMES
-
-REFUSED = (ValueError, TypeError)
-NAN, INF = float("nan"), float("inf")
-FAST = settings(max_examples=30, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow])
-SLOW = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SELECTED = [c for c in CONFIGS if c != "fresh"]
-
-
-# ----------------------------------------------------------------------------------------------
-# Bad option values, by kind
-# ----------------------------------------------------------------------------------------------
-
-_NOT_NUMBERS = st.sampled_from(
-    ["0.1", "", None, [0.1], (0.1,), {"v": 0.1}, 0.1j, b"1", torch.tensor(0.1), object()]
-)
-_NON_FINITE = st.sampled_from([NAN, INF, -INF, np.float64("nan"), np.float32("inf")])
-_BEYOND_FLOAT32 = st.one_of(
-    st.floats(min_value=3.5e38, allow_infinity=False), st.integers(min_value=2**128, max_value=2**1100)
-)
-
-
-def _non_negative_finite_bad() -> st.SearchStrategy:
-    """Bad values for lr, eps, weight_decay, score_eps."""
-    return st.one_of(
-        st.floats(max_value=-1e-300, allow_infinity=True, allow_nan=False),
-        st.integers(max_value=-1), _NON_FINITE, _BEYOND_FLOAT32, _NOT_NUMBERS, st.booleans(),
-    )
-
-
-def _bad_beta() -> st.SearchStrategy:
-    return st.one_of(
-        st.floats(min_value=1.0, allow_infinity=True, allow_nan=False),
-        st.floats(max_value=-1e-300, allow_infinity=True, allow_nan=False),
-        st.integers().filter(lambda x: x != 0), _NON_FINITE, _NOT_NUMBERS, st.booleans(),
-    )
-
-
-_GOOD_BETA = st.floats(min_value=0.0, max_value=0.999)
-
-BAD_OPTIONS: dict[str, st.SearchStrategy] = {
-    "lr": _non_negative_finite_bad(),
-    "eps": _non_negative_finite_bad(),
-    "weight_decay": _non_negative_finite_bad(),
-    "score_eps": _non_negative_finite_bad(),
-    "betas": st.one_of(
-        st.tuples(_bad_beta(), _GOOD_BETA), st.tuples(_GOOD_BETA, _bad_beta()),
-        st.lists(_GOOD_BETA, max_size=4).filter(lambda b: len(b) != 2),
-        st.sampled_from([0.9, "ab", None, {0.9: 0.99}, torch.tensor([0.9, 0.99])]),
-    ),
-    "density": st.one_of(
-        st.floats(max_value=0.0, allow_infinity=True, allow_nan=False),
-        st.floats(min_value=1.0, exclude_min=True, allow_infinity=True),
-        st.integers().filter(lambda x: x != 1), _NON_FINITE, _NOT_NUMBERS, st.booleans(),
-    ),
-    "score": st.one_of(
-        st.text(max_size=12).filter(lambda s: s not in SCORE_NAMES), st.integers(), st.none(),
-        st.sampled_from([b"gallop", ["gallop"], ("gallop",), 0.5]),
-    ),
-    "seed": st.one_of(st.floats(allow_nan=True), st.text(max_size=4), st.none(), st.booleans(),
-                      st.sampled_from([torch.tensor(1), [1]])),
-    "reselect_every": st.one_of(st.integers(max_value=0), st.floats(), st.text(max_size=3),
-                                st.booleans()),
-    "master_weights": st.one_of(st.text(max_size=6).filter(lambda s: s != "auto"),
-                                st.integers(), st.none(), st.floats()),
-    "state_bits": st.one_of(st.integers().filter(lambda b: b not in (8, 32)),
-                            st.sampled_from([8.0, 32.0, "8", "32", True, False, None])),
-}
-MESSAGE_WORD = {"lr": "learning rate", "betas": "beta"}
 
 
 def _grads_ready(opt, config: str, seed: int = 7) -> None:
@@ -300,14 +234,6 @@ ALLOWED = {
     "exp_avg": {torch.float32, torch.uint8},
     "exp_avg_sq": {torch.float32, torch.uint8},
 }
-BAD_STEPS = st.one_of(
-    st.integers(max_value=-1), st.floats(max_value=-0.5), _NON_FINITE,
-    st.floats(min_value=0.01, max_value=1e6).filter(lambda x: x != int(x)),
-    st.sampled_from(["1", None, [1], True, torch.tensor([1.0, 2.0]), torch.tensor(-1.0),
-                     torch.tensor(NAN), torch.tensor(1 + 1j), torch.tensor(True)]),
-)
-
-
 def _state_attack(data, opt) -> tuple[str, str]:
     params = [p for g in opt.param_groups for p in g["params"] if opt.state.get(p)]
     p = data.draw(st.sampled_from(params), label="param")

@@ -117,7 +117,7 @@ def _prepare_groups(saved_groups: list, groups: list[dict], convert_layout: bool
         if isinstance(group.get("betas"), list):
             group["betas"] = tuple(group["betas"])
         names = group.get("param_names")
-        if names is not None and (
+        if "param_names" in group and (
             not isinstance(names, (list, tuple)) or len(names) != len(group["params"])
             or not all(isinstance(n, str) for n in names)
         ):
@@ -136,7 +136,7 @@ def _prepare_groups(saved_groups: list, groups: list[dict], convert_layout: bool
                     )
                 group[key] = current[key]
         group["params"] = current["params"]
-        if names is None and "param_names" in current:
+        if "param_names" not in saved and "param_names" in current:
             group["param_names"] = current["param_names"]
         new_groups.append(group)
     return new_groups
