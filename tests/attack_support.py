@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -203,6 +204,13 @@ def _base(config: str, backend: str) -> SparseAdamW:
 def base(config: str, backend: str = "torch") -> SparseAdamW:
     """A fresh deep copy of a base setup (built once per process)."""
     return copy.deepcopy(_base(config, backend))
+
+
+def refusal_kind(error: Exception) -> str:
+    """A refusal's kind for Hypothesis' statistics (``--hypothesis-show-statistics``)."""
+    text = re.sub(r"\((param group|shape)[^)]*\)+|group \d+ param \d+|'[a-z]\.\w+'", "", str(error))
+    text = re.sub(r"-?\d[\d.e+-]*|\[[^]]*\]", "#", text)
+    return f"{type(error).__name__}: {' '.join(text.split()[:10])}"
 
 
 def record(value: Any) -> Any:

@@ -24,9 +24,9 @@ import pytest
 import torch
 from attack_support import (
     BAD_OPTIONS, BAD_STEPS, CONFIGS, FAST, INF, NAN, REFUSED, SLOW, assert_same, backward, base,
-    set_grads, snapshot,
+    refusal_kind, set_grads, snapshot,
 )
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 SELECTED = [c for c in CONFIGS if c != "fresh"]
@@ -45,6 +45,7 @@ def _refused(opt, op: str, *args, match: str | None = None) -> None:
     before = snapshot(opt)
     with pytest.raises(REFUSED) as info:
         getattr(opt, op)(*args)
+    event(f"{op}: {refusal_kind(info.value)}")
     assert_same(before, snapshot(opt))
     if match is not None:
         assert re.search(match, str(info.value)), (match, str(info.value))
@@ -65,7 +66,7 @@ def _group_edit_property(data) -> None:
         set_grads(opt, 3)
     i = data.draw(st.integers(0, len(opt.param_groups) - 1), label="group")
     key = data.draw(st.sampled_from(sorted(BAD_OPTIONS)), label="option")
-    if data.draw(st.booleans(), label="delete"):
+    if data.draw(st.integers(0, 4), label="delete") == 0:
         del opt.param_groups[i][key]
     else:
         opt.param_groups[i][key] = data.draw(BAD_OPTIONS[key], label="value")

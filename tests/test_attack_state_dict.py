@@ -21,9 +21,9 @@ import pytest
 import torch
 from attack_support import (
     BAD_OPTIONS, BAD_STEPS, CONFIGS, FAST, INF, NAN, REFUSED, SLOW, assert_same, backward, base,
-    record, set_grads, snapshot,
+    record, refusal_kind, set_grads, snapshot,
 )
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from gallop_kernels import SparseAdamW, reference
@@ -259,8 +259,9 @@ def _break_values(data, entry: dict) -> None:
 
 def _load_is_refused(opt: SparseAdamW, sd) -> None:
     before, given_dict = snapshot(opt), record(sd)
-    with pytest.raises(REFUSED):
+    with pytest.raises(REFUSED) as info:
         opt.load_state_dict(sd)
+    event(refusal_kind(info.value))
     assert_same(before, snapshot(opt))
     assert_same(given_dict, record(sd))  # the caller's checkpoint is not modified either
 
