@@ -13,11 +13,12 @@ import copy
 import functools
 import math
 import re
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
-from hypothesis import HealthCheck, settings
+import pytest
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gallop_kernels import SparseAdamW
@@ -25,11 +26,25 @@ from gallop_kernels.reference import SCORE_NAMES
 
 NAN, INF = float("nan"), float("inf")
 REFUSED = (ValueError, TypeError)
-FAST = settings(max_examples=30, deadline=None, derandomize=True,
+FAST = settings(max_examples=100, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow])
 """The default run: small and derandomized, so that CI is reproducible."""
-SLOW = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SLOW = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 """``-m slow``: many more examples, a new random sample every run."""
+
+
+def property_tests(prop: Callable[[Any], None]) -> tuple[Callable, Callable]:
+    """A property ``prop(data)`` as two tests: the default run (`FAST`) and ``-m slow`` (`SLOW`)."""
+
+    def fast(data: Any) -> None:
+        prop(data)
+
+    def many(data: Any) -> None:
+        prop(data)
+
+    fast.__name__, many.__name__ = prop.__name__, prop.__name__ + "_many"
+    return (FAST(given(data=st.data())(fast)),
+            pytest.mark.slow(SLOW(given(data=st.data())(many))))
 
 
 def _tensor_record(t: torch.Tensor) -> tuple:
@@ -227,7 +242,8 @@ _NOT_NUMBERS = st.sampled_from(
 )
 NON_FINITE = st.sampled_from([NAN, INF, -INF, np.float64("nan"), np.float32("inf")])
 _BEYOND_FLOAT32 = st.one_of(
-    st.floats(min_value=3.5e38, allow_infinity=False), st.integers(min_value=2**128, max_value=2**1100)
+    st.floats(min_value=3.5e38, allow_infinity=False),
+    st.integers(min_value=2**128, max_value=2**1100),
 )
 
 

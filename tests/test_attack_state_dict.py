@@ -20,8 +20,8 @@ import io
 import pytest
 import torch
 from attack_support import (
-    BAD_OPTIONS, BAD_STEPS, CONFIGS, FAST, INF, NAN, REFUSED, SLOW, assert_same, backward, base,
-    record, refusal_kind, set_grads, snapshot,
+    BAD_OPTIONS, BAD_STEPS, CONFIGS, FAST, INF, NAN, REFUSED, assert_same, backward, base,
+    record, property_tests, refusal_kind, set_grads, snapshot,
 )
 from hypothesis import event, given
 from hypothesis import strategies as st
@@ -280,17 +280,8 @@ def _state_dict_property(data) -> None:
     _load_is_refused(opt, sd)
 
 
-@FAST
-@given(data=st.data())
-def test_broken_checkpoints_are_refused_and_change_nothing(data) -> None:
-    _state_dict_property(data)
-
-
-@pytest.mark.slow
-@SLOW
-@given(data=st.data())
-def test_broken_checkpoints_are_refused_and_change_nothing_many(data) -> None:
-    _state_dict_property(data)
+test_broken_checkpoints_change_nothing, test_broken_checkpoints_change_nothing_many = (
+    property_tests(_state_dict_property))
 
 
 # ----------------------------------------------------------------------------------------------

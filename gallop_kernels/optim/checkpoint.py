@@ -204,7 +204,8 @@ def _prepare_entry(
     if group["reselect_every"] is not None and "grad_accum" not in saved:
         raise ValueError(f"{where}: 'grad_accum' is missing but reselect_every is set")
     if "grad_accum" in saved:
-        _finite(state_tensor(saved, "grad_accum", where, (torch.float32,), (n,)), "grad_accum", where)
+        accum = state_tensor(saved, "grad_accum", where, (torch.float32,), (n,))
+        _finite(accum, "grad_accum", where)
     if "step" not in saved:
         raise ValueError(f"{where}: 'step' is missing")
     step = step_count(saved["step"], where)

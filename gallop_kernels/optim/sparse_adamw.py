@@ -193,8 +193,8 @@ class SparseAdamW(Optimizer):
         if isinstance(names, (list, tuple)) and len(names) == len(group["params"]):
             return [f"{name!r} (param group {group_index})" for name in names]
         return [
-            f"group {group_index} param {i} "
-            + (f"(shape {tuple(p.shape)})" if isinstance(p, torch.Tensor) else f"({type(p).__name__})")
+            f"group {group_index} param {i} ("
+            + (f"shape {tuple(p.shape)}" if isinstance(p, torch.Tensor) else type(p).__name__) + ")"
             for i, p in enumerate(group["params"])
         ]
 
@@ -333,10 +333,10 @@ class SparseAdamW(Optimizer):
         params = {id(p): p for group in self.param_groups for p in group["params"]}
         for key, grad in gradients.items():
             if not isinstance(key, torch.Tensor) or id(key) not in params:
-                raise ValueError(
-                    "gradients has a key that is not a parameter of this optimizer "
-                    f"({type(key).__name__}{' of shape ' + str(tuple(key.shape)) if isinstance(key, torch.Tensor) else ''})"
-                )
+                what = (f"a tensor of shape {tuple(key.shape)}" if isinstance(key, torch.Tensor)
+                        else f"a {type(key).__name__}")
+                raise ValueError(f"gradients has a key that is not a parameter of this optimizer "
+                                 f"({what}); its keys must be the params themselves")
             check_grad(names[id(key)], key, grad, same_device=False)
 
     def _install(self, group: dict, new_indices: list[torch.Tensor]) -> None:

@@ -214,7 +214,7 @@ def state_tensor(
 
 
 def step_count(value: Any, where: object) -> float:
-    """The value of a ``step`` state entry: a finite, integral count >= 0 (a number or 1-element tensor).
+    """The value of a ``step`` state entry: a whole number >= 0 (a number or 1-element tensor).
 
     Reading a CPU tensor costs no device synchronisation; the optimizer keeps its counters there.
     """
