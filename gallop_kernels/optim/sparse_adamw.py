@@ -411,6 +411,9 @@ class SparseAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        # Validate everything this step reads. These per-step checks read metadata only (options,
+        # shapes, dtypes, devices, the CPU step counters), never device data, so they cost no host
+        # synchronisation on a GPU; data checks live in load_state_dict and selection.
         self._check_groups()
         steps: dict[torch.Tensor, float] = {}
         for i, group in enumerate(self.param_groups):
