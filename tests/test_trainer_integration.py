@@ -12,7 +12,6 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 from gallop_kernels import SparseAdamW  # noqa: E402
 from gallop_kernels.integrations.transformers import (  # noqa: E402
     GallopCallback,
-    calibration_indices,
     format_selection_summary,
     gallop_optimizer_cls_and_kwargs,
     layer_type,
@@ -20,6 +19,7 @@ from gallop_kernels.integrations.transformers import (  # noqa: E402
     selection_summary,
     unwrap_optimizer,
 )
+from gallop_kernels.phase_one import calibration_subset as calibration_indices  # noqa: E402
 
 VOCAB, SEQ = 24, 10
 
