@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from gallop_kernels.memory import model as mm
+from gallop_kernels.memory.methods import REGISTRY
 from gallop_kernels.memory import report
 from gallop_kernels.memory.presets import ConfigError, load_config
 
@@ -115,8 +116,8 @@ def test_8b_ordering_and_targets(cfg8b):
 def test_report_prints_every_row(capsys):
     assert report.main(["--config", "llama3-8b"]) == 0
     out = capsys.readouterr().out
-    for _, label in mm.METHODS + mm.REFERENCE_METHODS:
-        assert label in out
+    for method in REGISTRY.values():
+        assert method.label in out
     assert "Targets" in out
 
 
@@ -124,8 +125,7 @@ def test_report_json(capsys):
     assert report.main(["--config", "llama-0.3b", "--seq", "256", "--device", "cpu",
                         "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert [p["method"] for p in data["predictions"]] == [
-        k for k, _ in mm.METHODS + mm.REFERENCE_METHODS]
+    assert [p["method"] for p in data["predictions"]] == list(REGISTRY)
     assert data["params"] == mm.count_params(load_config("llama-0.3b")) > 0.3e9
 
 
