@@ -160,11 +160,27 @@ def test_register_subcommand(capsys):
     assert "SparseAdamW lean" in capsys.readouterr().out
 
 
-def test_cli_help():
-    proc = subprocess.run([sys.executable, "-m", "gallop_kernels.memory", "--help"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode == 0
-    assert "--config" in proc.stdout and "--measure" in proc.stdout
+def test_cli_help_and_no_bitsandbytes_import():
+    """``python -m gallop_kernels.memory --help`` works, and neither importing the package (the
+    4-bit integration and the delta format included) nor running ``gallop memory`` imports
+    bitsandbytes (slow to import and noisy; only a 4-bit model needs it). One fresh process."""
+    code = (
+        "import contextlib, io, json, runpy, sys\n"
+        "import gallop_kernels, gallop_kernels.integrations.bitsandbytes, gallop_kernels.delta\n"
+        "from gallop_kernels.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    assert main(['memory', '--config', 'llama3-8b']) == 0\n"
+        "help_text, sys.argv = io.StringIO(), ['gallop_kernels.memory', '--help']\n"
+        "with contextlib.redirect_stdout(help_text), contextlib.suppress(SystemExit):\n"
+        "    runpy.run_module('gallop_kernels.memory', run_name='__main__')\n"
+        "print(json.dumps({'help': help_text.getvalue(), 'bnb': 'bitsandbytes' in sys.modules}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "--config" in out["help"] and "--measure" in out["help"]
+    assert out["bnb"] is False
 
 
 def test_committed_cpu_measurements_match_within_10_percent():
