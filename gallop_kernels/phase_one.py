@@ -65,11 +65,9 @@ class HostGradientBuffer:
     def __init__(self, shape: Sequence[int], device: torch.device) -> None:
         pin = torch.device(device).type == "cuda"
         self.sum = torch.zeros(tuple(shape), dtype=torch.float32, pin_memory=pin)
-        self.count = 0  # gradients added (a layer may run several times per batch)
 
     def add(self, grad: torch.Tensor) -> None:
         self.sum.add_(grad.detach().to("cpu", torch.float32))
-        self.count += 1
 
 
 class GradientSink:
@@ -90,9 +88,13 @@ class GradientSink:
         raise NotImplementedError
 
     def reduce(self, collective: "Collective") -> None:
-        raise NotImplementedError(
-            f"{type(self).__name__}: phase one under torch.distributed is not supported for "
-            "this gradient sink yet")
+        raise _not_reducible(self)
+
+
+def _not_reducible(sink: GradientSink) -> NotImplementedError:
+    return NotImplementedError(
+        f"{type(sink).__name__}: phase one under torch.distributed is not supported for this "
+        "gradient sink yet (see docs/design.md#distributed)")
 
 
 class DeviceGradients(GradientSink):
@@ -305,13 +307,14 @@ def calibrate_dataset(
     device: torch.device | str | None = None,
     autocast_dtype: torch.dtype | None = None,
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
-    collective: Collective | None | str = "default",
+    collective: Collective | None | str = "auto",
 ) -> int:
     """Accumulate the mean loss gradient over a seeded ``fraction`` of ``dataset`` into ``sink``.
 
-    Each batch's loss is weighted by its share of the calibration examples; under several ranks
-    (``collective``, default: `default_collective`) each rank takes its share of the examples
-    and the sums are reduced, so every rank ends with the same mean. The model runs in train
+    Each batch's loss is weighted by its share of the calibration examples. Under several ranks
+    (``collective``; ``"auto"``: `default_collective`, ``None``: this process alone) each rank
+    takes its share of the examples and the sums are reduced, so every rank ends with the same
+    mean; a sink that cannot be reduced is refused before any batch runs. The model runs in train
     mode (restored afterwards) and the global RNG state is restored. The caller then selects
     (e.g. :func:`select_from_sink`). Returns the number of calibration examples.
     """
@@ -322,11 +325,11 @@ def calibrate_dataset(
         raise TypeError("calibration needs a dataset with a length (not an IterableDataset)") from None
     indices = calibration_subset(n, fraction, seed)
     total = len(indices)
-    if collective == "default":
+    if collective == "auto":
         collective = default_collective()
     world, rank = (1, 0) if collective is None else (collective.world_size, collective.rank)
     if world > 1 and not sink.reducible:
-        sink.reduce(collective)  # raises: refused before any batch runs
+        raise _not_reducible(sink)
     mine = indices[rank::world]
     device = torch.device(device if device is not None else next(model.parameters()).device)
     loss_fn = loss_fn or model_loss

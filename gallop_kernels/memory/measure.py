@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import resource
@@ -224,10 +225,8 @@ def _build_4bit_delta(config, dtype, attn, device, density, ids):
     """NF4 base (transformers + BitsAndBytesConfig, from a saved random model), wrapped and
     selected by `select_sparse_delta` (phase one, before the measured step), trained with
     `delta_optimizer` (fused torch AdamW over the fp32 delta values)."""
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as e:
-        raise NotAvailable(f"bitsandbytes is not installed ({e})")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise NotAvailable("bitsandbytes is not installed")
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
     from gallop_kernels.integrations import bitsandbytes as integration
