@@ -167,19 +167,20 @@ def test_cli_help_and_no_bitsandbytes_import():
     code = (
         "import contextlib, io, json, runpy, sys\n"
         "import gallop_kernels, gallop_kernels.integrations.bitsandbytes, gallop_kernels.delta\n"
-        "from gallop_kernels.cli import main\n"
-        "with contextlib.redirect_stdout(io.StringIO()):\n"
-        "    assert main(['memory', '--config', 'llama3-8b']) == 0\n"
-        "help_text, sys.argv = io.StringIO(), ['gallop_kernels.memory', '--help']\n"
-        "with contextlib.redirect_stdout(help_text), contextlib.suppress(SystemExit):\n"
-        "    runpy.run_module('gallop_kernels.memory', run_name='__main__')\n"
-        "print(json.dumps({'help': help_text.getvalue(), 'bnb': 'bitsandbytes' in sys.modules}))\n"
+        "def run(*argv):\n"
+        "    out, sys.argv = io.StringIO(), ['gallop_kernels.memory', *argv]\n"
+        "    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
+        "        runpy.run_module('gallop_kernels.memory', run_name='__main__')\n"
+        "    return out.getvalue()\n"
+        "report, help_text = run('--config', 'llama3-8b'), run('--help')\n"
+        "print(json.dumps({'report': report, 'help': help_text, 'bnb': 'bitsandbytes' in sys.modules}))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "--config" in out["help"] and "--measure" in out["help"]
+    assert "SparseAdamW lean" in out["report"]
     assert out["bnb"] is False
 
 

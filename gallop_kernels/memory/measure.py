@@ -148,8 +148,10 @@ def _random_model(config, dtype, attn: str, device: str):
     import torch
     from transformers import LlamaForCausalLM
 
+    from gallop_kernels.memory.presets import llama_config
+
     torch.manual_seed(0)
-    model = LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation=attn)
+    model = LlamaForCausalLM._from_config(llama_config(config), dtype=dtype, attn_implementation=attn)
     return model.to(device)
 
 
