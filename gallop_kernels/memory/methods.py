@@ -1,8 +1,8 @@
 """The training methods the memory report compares, and their optimizer-state formulas: one registry.
 
-The analytic model (`memory.model`), the measurement (`memory.measure`) and the benchmarks' state
-table all read a method's traits from here instead of branching on its name
-(`docs/design.md#memory-methods`):
+The analytic model (`memory.model`) and the measurement (`memory.measure`) read a method's traits
+from here instead of branching on its name, and the benchmarks' state table is meant to call
+:func:`state_bytes` as well (`docs/design.md#memory-methods`):
 
 * ``optimizer``: what holds the state -- ``"adamw"`` (torch AdamW, state in the trained tensors'
   dtype), ``"adamw-mixed"`` (fp32 master + fp32 m, v), ``"adamw8bit"`` (bitsandbytes),
