@@ -107,14 +107,6 @@ def test_target_lists_and_regexes():
         resolve_targets(toy, [3])
 
 
-def test_subset_is_seeded_and_never_empty():
-    assert calibration_subset(100, 0.05, 3) == calibration_subset(100, 0.05, 3)
-    assert len(calibration_subset(100, 0.05, 3)) == 5 and len(calibration_subset(3, 0.01, 0)) == 1
-    for bad in (0.0, 1.5, float("nan")):
-        with pytest.raises(ValueError):
-            calibration_subset(10, bad, 0)
-
-
 def test_reduction_is_one_step_over_every_parameter():
     """Under several ranks each rank takes every world_size-th example of the subset and every
     trainable tensor is reduced once, in order, also those without a gradient."""

@@ -32,7 +32,7 @@ Persistent through the whole step (``persistent``):
         entries (blockwise, bitsandbytes' maps), index and master unchanged; a tensor with
         fewer than 4096 selected entries keeps fp32 m, v;
       - 4-bit base + delta (`gallop_kernels.integrations.bitsandbytes`): k = round(ρ·N_linear)
-        over the decoder layers' linear weights only (embedding, ``lm_head``, norms frozen);
+        over the linear weights but ``lm_head`` ("all-linear"; embedding, ``lm_head``, norms frozen);
         per selected entry an fp32 delta value + int32 index (module buffers) + fp32 m, v of
         ``delta_optimizer``'s fused AdamW; the fp32 gradient of the delta values (4 bytes per
         entry) exists from the backward to the step;
