@@ -237,7 +237,8 @@ class Collective(Protocol):
 
 
 class _TorchDistributed:
-    """`Collective` over the default ``torch.distributed`` process group."""
+    """`Collective` over the default ``torch.distributed`` process group (stands in until
+    ``ops.collective.ProcessGroupCollective``, the one adapter, replaces it)."""
 
     def __init__(self) -> None:
         self.world_size = torch.distributed.get_world_size()
