@@ -292,6 +292,8 @@ BAD_OPTIONS: dict[str, st.SearchStrategy] = {
                                 st.integers(), st.none(), st.floats()),
     "state_bits": st.one_of(st.integers().filter(lambda b: b not in (8, 32)),
                             st.sampled_from([8.0, 32.0, "8", "32", True, False, None])),
+    "min_8bit_entries": st.one_of(st.integers(max_value=-1), st.floats(), st.text(max_size=3),
+                                  st.booleans(), st.none()),
 }
 """Bad values of every option a param group holds, by kind."""
 

@@ -27,7 +27,7 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 from gallop_kernels import SparseAdamW, reference
-from gallop_kernels.optim.checkpoint import STATE_KEYS
+from gallop_kernels.optim.checkpoint import LEGACY_OPTION_DEFAULTS, STATE_KEYS
 from gallop_kernels.optim.selection import moments_fp32
 
 WRONG_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int8,
@@ -109,7 +109,8 @@ def _break_group(data, sd: dict, opt: SparseAdamW):
         key = data.draw(st.sampled_from(sorted(BAD_OPTIONS)), label="option")
         group[key] = data.draw(BAD_OPTIONS[key], label="value")
     elif kind == "delete_option":
-        key = data.draw(st.sampled_from(sorted(set(BAD_OPTIONS) - {"state_bits"})), label="option")
+        legacy = set(LEGACY_OPTION_DEFAULTS)  # (a checkpoint older than these options has none)
+        key = data.draw(st.sampled_from(sorted(set(BAD_OPTIONS) - legacy)), label="option")
         del group[key]
     elif kind == "counter":
         if "steps_since_selection" in group:
@@ -291,14 +292,15 @@ test_broken_checkpoints_change_nothing, test_broken_checkpoints_change_nothing_m
 
 def _rewrite(data, sd: dict) -> dict:
     """A checkpoint that means the same: old plain-number steps, list betas, int64 indices,
-    scheduler keys, no state_bits (an older checkpoint), empty state entries."""
+    scheduler keys, no state_bits or min_8bit_entries (an older checkpoint), empty entries."""
     for group in sd["param_groups"]:
         if data.draw(st.booleans(), label="list betas"):
             group["betas"] = list(group["betas"])
         if data.draw(st.booleans(), label="scheduler key"):
             group["initial_lr"] = group["lr"]
-        if group["state_bits"] == 32 and data.draw(st.booleans(), label="no state_bits"):
-            del group["state_bits"]
+        for key, value in LEGACY_OPTION_DEFAULTS.items():
+            if group[key] == value and data.draw(st.booleans(), label=f"no {key}"):
+                del group[key]
         if "steps_since_selection" not in group:
             for key in group["params"]:
                 if data.draw(st.booleans(), label="empty entry"):

@@ -129,7 +129,7 @@ def _corrupt(saved: dict, key: str, value) -> dict:
     "key, value, message",
     [
         ("indices", torch.tensor([1, 0], dtype=torch.int32), "indices|shape"),
-        ("indices", torch.tensor([0, 10_000], dtype=torch.int32), "outside|shape"),
+        ("indices", torch.tensor([0, 10_000], dtype=torch.int32), "out of range|shape"),
         ("indices", torch.zeros(3), "int32/int64"),
         ("exp_avg", torch.zeros(1, dtype=torch.bfloat16), "float32"),
         ("exp_avg_sq", torch.zeros(999), "shape"),

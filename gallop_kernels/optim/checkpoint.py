@@ -24,6 +24,7 @@ from gallop_kernels.optim.validation import (
     step_count,
 )
 from gallop_kernels.reference import QUANT_BLOCK
+from gallop_kernels.rules import DEFAULT_MIN_8BIT_ENTRIES, check_index_set
 
 CALLABLE_SCORE = "<callable>"
 """Stands in a saved param group for a score callable (functions are not plain values)."""
@@ -34,7 +35,7 @@ STATE_KEYS = frozenset({
 })
 LAYOUT_OPTIONS = ("state_bits", "master_weights")
 """Options that fix the state's layout: a checkpoint may change them only with ``convert_layout``."""
-LEGACY_OPTION_DEFAULTS = {"state_bits": 32}
+LEGACY_OPTION_DEFAULTS = {"state_bits": 32, "min_8bit_entries": DEFAULT_MIN_8BIT_ENTRIES}
 """Options younger than some checkpoints, and what their absence meant."""
 
 
@@ -171,16 +172,10 @@ def _prepare_entry(
     device, n = param.device, param.numel()
 
     indices = saved.get("indices")
-    if not isinstance(indices, torch.Tensor) or indices.dim() != 1:
-        raise ValueError(f"{where}: 'indices' must be a one-dimensional tensor")
-    state_tensor(saved, "indices", where, (torch.int32, torch.int64), (indices.numel(),))
+    if isinstance(indices, torch.Tensor) and indices.layout != torch.strided:
+        raise ValueError(f"{where}: 'indices' must be a dense tensor, got layout {indices.layout}")
+    check_index_set(indices, n, where)
     k = indices.numel()
-    if k:
-        idx = indices.to(torch.int64)
-        if int(idx.min()) < 0 or int(idx.max()) >= n:
-            raise ValueError(f"{where}: an index is outside the parameter's {n} entries")
-        if k > 1 and not bool((idx[1:] > idx[:-1]).all()):
-            raise ValueError(f"{where}: 'indices' must be strictly increasing (sorted, unique)")
 
     m = state_tensor(saved, "exp_avg", where, (torch.float32, torch.uint8), (k,))
     v = state_tensor(saved, "exp_avg_sq", where, (torch.float32, torch.uint8), (k,))

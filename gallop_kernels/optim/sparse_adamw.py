@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from collections.abc import Mapping
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch.optim import Optimizer
@@ -22,6 +23,7 @@ from gallop_kernels.optim.validation import (
     state_is_stale,
 )
 from gallop_kernels.reference import Score
+from gallop_kernels.rules import DEFAULT_MIN_8BIT_ENTRIES
 
 
 class _Label:
@@ -71,8 +73,9 @@ class SparseAdamW(Optimizer):
             selection (GMT); entries that stay keep their state. ``None`` selects once.
         master_weights: "auto" (fp32 master copy for bf16/fp16 params), True or False.
         state_bits: 32, or 8 for blockwise 8-bit m and v with bitsandbytes' dynamic maps
-            (1 byte each + an fp32 absmax per 256 entries; tensors with fewer than 4096
-            selected entries keep fp32 moments, as in bitsandbytes).
+            (1 byte each + an fp32 absmax per 256 entries).
+        min_8bit_entries: under ``state_bits=8``, a tensor with fewer selected entries keeps
+            fp32 moments (bitsandbytes' ``min_8bit_size`` rule; default 4096).
         backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
         lean: after selection, gather each gradient's selected entries into a compact fp32
             buffer in a post-accumulate-grad hook and free the dense gradient at once; freeze
@@ -94,6 +97,7 @@ class SparseAdamW(Optimizer):
         reselect_every: int | None = None,
         master_weights: bool | str = "auto",
         state_bits: int = 32,
+        min_8bit_entries: int = DEFAULT_MIN_8BIT_ENTRIES,
         backend: str = "auto",
         lean: bool = False,
     ) -> None:
@@ -112,6 +116,7 @@ class SparseAdamW(Optimizer):
             reselect_every=reselect_every,
             master_weights=master_weights,
             state_bits=state_bits,
+            min_8bit_entries=min_8bit_entries,
         )
         check_group_options(defaults)
         self.backend = backend
@@ -359,6 +364,32 @@ class SparseAdamW(Optimizer):
         """Lean mode: give tensors frozen for having no selected entry their gradients back."""
         if self._lean is not None:
             self._lean.unfreeze()
+
+    # -- for callers (phase one, integrations): public, so nobody reaches into private state --
+
+    def is_selected(self, group: dict | None = None) -> bool:
+        """Whether ``group`` (default: any group) holds a selection, from a step, `select` or a
+        loaded checkpoint."""
+        groups = self.param_groups if group is None else [group]
+        return any("steps_since_selection" in g for g in groups)
+
+    @contextlib.contextmanager
+    def paused_lean(self) -> Iterator[None]:
+        """Within the block lean mode's hooks leave dense gradients alone (phase one takes them
+        itself); a no-op without lean mode."""
+        if self._lean is None:
+            yield
+            return
+        previous, self._lean.paused = self._lean.paused, True
+        try:
+            yield
+        finally:
+            self._lean.paused = previous
+
+    @property
+    def frozen(self) -> list[torch.Tensor]:
+        """Tensors lean mode froze for having no selected entry (empty without lean mode)."""
+        return self._lean.frozen if self._lean is not None else []
 
     def selected_indices(self, param: torch.Tensor) -> torch.Tensor:
         """Sorted flat int64 indices of the selected entries of ``param``."""

@@ -12,122 +12,117 @@ recorded at selection, not by reading the indices.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import numbers
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
-from gallop_kernels.reference import QUANT_BLOCK, SCORE_NAMES
+from gallop_kernels.reference import QUANT_BLOCK
+from gallop_kernels.rules import check_count, check_fraction, check_score
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MASTER_WEIGHT_CHOICES = ("auto", True, False)
 OPTION_KEYS = (
     "lr", "betas", "eps", "weight_decay", "density", "score", "score_eps", "seed",
-    "reselect_every", "master_weights", "state_bits",
+    "reselect_every", "master_weights", "state_bits", "min_8bit_entries",
 )
 """The options every param group holds (the constructor's keyword arguments)."""
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
-def _at(where: str) -> str:
-    return f"{where}: " if where else ""
+@contextlib.contextmanager
+def prefixed(where: object) -> Iterator[None]:
+    """Prefix the messages of the TypeError/ValueError raised inside with ``where`` (e.g.
+    "param group 1"); an int too large for any float (OverflowError) becomes a ValueError."""
+    try:
+        yield
+    except (TypeError, ValueError) as error:
+        if not str(where):
+            raise
+        raise type(error)(f"{where}: {error}") from None
+    except OverflowError:
+        raise ValueError(f"{where}: a value is too large for a float" if str(where)
+                         else "a value is too large for a float") from None
 
 
-def _real(name: str, value: Any, where: str = "") -> float:
+def _real(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{_at(where)}{name} must be a real number, got {type(value).__name__}")
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     try:
         return float(value)
     except OverflowError:  # an int beyond any float
-        raise ValueError(f"{_at(where)}invalid {name}: {value} (too large)") from None
+        raise ValueError(f"invalid {name}: {value} (too large)") from None
 
 
-def _finite_non_negative(name: str, value: Any, where: str) -> None:
+def _finite_non_negative(name: str, value: Any) -> None:
     # The kernels compute in float32: a value beyond its range is infinite there.
-    x = _real(name, value, where)
-    if not 0.0 <= x <= FLOAT32_MAX:  # also refuses NaN and inf
+    if not 0.0 <= _real(name, value) <= FLOAT32_MAX:  # also refuses NaN and inf
         raise ValueError(
-            f"{_at(where)}invalid {name}: {value} (must be finite and >= 0, at most {FLOAT32_MAX:.4g})"
+            f"invalid {name}: {value} (must be finite and >= 0, at most {FLOAT32_MAX:.4g})"
         )
 
 
-def _integer(name: str, value: Any, where: str) -> int:
+def _integer(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{_at(where)}{name} must be an int, got {type(value).__name__}")
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     return int(value)
 
 
 def check_group_options(options: dict[str, Any], where: str = "") -> None:
-    """Validate one param group's options (docs/design.md, public API).
+    """Validate one param group's options (`docs/design.md#rules`).
 
     ``lr``, ``eps``, ``weight_decay`` and ``score_eps`` must be finite and >= 0 (``inf`` is refused:
     the step would turn every selected weight into NaN); betas in [0, 1); density in (0, 1].
     ``where`` (e.g. "param group 1") prefixes the messages.
     """
+    with prefixed(where):
+        _check_options(options)
+
+
+def _check_options(options: dict[str, Any]) -> None:
     if not isinstance(options, dict):
-        raise TypeError(f"{_at(where)}a param group must be a dict, got {type(options).__name__}")
+        raise TypeError(f"a param group must be a dict, got {type(options).__name__}")
     missing = [key for key in OPTION_KEYS if key not in options]
     if missing:
-        raise ValueError(f"{_at(where)}missing option(s) {missing}")
-    _finite_non_negative("learning rate", options["lr"], where)
-    _finite_non_negative("eps", options["eps"], where)
-    _finite_non_negative("weight_decay", options["weight_decay"], where)
-    _finite_non_negative("score_eps", options["score_eps"], where)
+        raise ValueError(f"missing option(s) {missing}")
+    _finite_non_negative("learning rate", options["lr"])
+    _finite_non_negative("eps", options["eps"])
+    _finite_non_negative("weight_decay", options["weight_decay"])
+    _finite_non_negative("score_eps", options["score_eps"])
 
     betas = options["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"{_at(where)}betas must be a pair (beta1, beta2), got {betas!r}")
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     for i, beta in enumerate(betas):
-        if not 0.0 <= _real(f"beta{i + 1}", beta, where) < 1.0:
-            raise ValueError(
-                f"{_at(where)}invalid beta parameter at index {i}: {beta} (must be in [0, 1))"
-            )
+        if not 0.0 <= _real(f"beta{i + 1}", beta) < 1.0:
+            raise ValueError(f"invalid beta parameter at index {i}: {beta} (must be in [0, 1))")
 
-    density = _real("density", options["density"], where)
-    if not 0.0 < density <= 1.0:
-        raise ValueError(f"{_at(where)}invalid density: {density} (must be in (0, 1])")
-
-    score = options["score"]
-    if not callable(score) and (not isinstance(score, str) or score not in SCORE_NAMES):
-        raise ValueError(
-            f"{_at(where)}unknown score {score!r}; expected one of {SCORE_NAMES} or a callable"
-        )
-
-    _integer("seed", options["seed"], where)
-
-    every = options["reselect_every"]
-    if every is not None:
-        if isinstance(every, bool) or not isinstance(every, numbers.Integral):
-            raise TypeError(
-                f"{_at(where)}reselect_every must be None or an int, got {type(every).__name__}"
-            )
-        if every < 1:
-            raise ValueError(f"{_at(where)}invalid reselect_every: {every} (must be >= 1 or None)")
+    check_fraction(options["density"], "density")
+    check_score(options["score"])
+    _integer("seed", options["seed"])
+    check_count(options["reselect_every"], "reselect_every", allow_none=True)
+    check_count(options["min_8bit_entries"], "min_8bit_entries", minimum=0)
 
     bits = options["state_bits"]
     if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or bits not in (8, 32):
-        raise ValueError(f"{_at(where)}invalid state_bits: {bits!r} (expected 32 or 8)")
+        raise ValueError(f"invalid state_bits: {bits!r} (expected 32 or 8)")
     if bits == 8 and importlib.util.find_spec("bitsandbytes") is None:
-        raise ValueError(
-            f"{_at(where)}state_bits=8 uses bitsandbytes' quantization maps: pip install bitsandbytes"
-        )
+        raise ValueError("state_bits=8 uses bitsandbytes' quantization maps: pip install bitsandbytes")
 
     master = options["master_weights"]
     if not isinstance(master, (bool, str)) or master not in MASTER_WEIGHT_CHOICES:
-        raise ValueError(
-            f"{_at(where)}invalid master_weights: {master!r} (expected 'auto', True or False)"
-        )
+        raise ValueError(f"invalid master_weights: {master!r} (expected 'auto', True or False)")
 
 
 def check_selection_counter(group: dict[str, Any], where: str = "") -> None:
     """``steps_since_selection`` (present once the group has selected) is an int >= 0."""
     if "steps_since_selection" in group:
-        count = _integer("steps_since_selection", group["steps_since_selection"], where)
-        if count < 0:
-            raise ValueError(f"{_at(where)}invalid steps_since_selection: {count} (must be >= 0)")
+        with prefixed(where):
+            check_count(group["steps_since_selection"], "steps_since_selection", minimum=0)
 
 
 def check_params(params: Iterable[Any], names: Sequence[object] | None = None) -> None:
