@@ -2,8 +2,8 @@
 
 `prepare_load` is everything `SparseAdamW.load_state_dict` does except installing the result:
 it checks the checkpoint's structure, its groups' options (the constructor's checks), the layout
-of its state and the *data* of every state tensor (docs/design.md, "validate everything, then
-mutate"; the per-step checks only look at metadata), and returns fresh groups and state on the
+of its state and the *data* of every state tensor (`docs/design.md#rules`: validate everything, then
+mutate; the per-step checks only look at metadata), and returns fresh groups and state on the
 params' devices. Nothing of the optimizer or of the caller's dict is modified.
 """
 

@@ -47,8 +47,8 @@ class SparseAdamW(Optimizer):
     an fp32 master copy; nothing of the parameters' size is kept (except the gradient accumulator
     of ``reselect_every``, which needs one fp32 value per entry).
 
-    Bad input is refused before anything changes (docs/design.md, "validate everything, then
-    mutate"): :meth:`step` and :meth:`select` first check every group's options (also after a
+    Bad input is refused before anything changes (`docs/design.md#rules`: validate everything, then
+    mutate): :meth:`step` and :meth:`select` first check every group's options (also after a
     group was edited), every param, gradient and state entry, and :meth:`load_state_dict` checks
     the whole checkpoint; a refused call leaves params, state, groups, step counters and lean
     buffers as they were. Non-finite *gradients* during training keep `torch.optim.AdamW`'s

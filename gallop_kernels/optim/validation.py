@@ -1,6 +1,6 @@
 """Checks on options, parameters, gradients and optimizer state, run before any state changes.
 
-Where the line is drawn (docs/design.md, "validate everything, then mutate"): the checks that
+Where the line is drawn (`docs/design.md#rules`: validate everything, then mutate): the checks that
 `SparseAdamW.step` and `SparseAdamW.select` run every time look at *metadata* only -- Python option
 values, tensor types, shapes, dtypes, devices and contiguity, plus the step counters, which live
 on the CPU -- so they never wait for the GPU. Checks that need the *data* of a device tensor
