@@ -7,10 +7,14 @@ small-scale comparison, ``memory`` prints the memory report and ``bench`` the be
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+import traceback
 from typing import Callable, Sequence
 
 from gallop_kernels import __version__
+from gallop_kernels.errors import USER_ERROR_EXIT, UserError, describe, exit_status, terminate_as_interrupt
 
 
 def _density(text: str) -> float:
@@ -147,11 +151,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def report_user_error(command: str, error: BaseException) -> int:
+    """Print a user error as ``gallop <command>: error: ...`` (its notes below it); returns 2.
+    ``GALLOP_TRACEBACK=1`` prints the traceback too, for a bug report."""
+    print(f"gallop {command}: error: {describe(error)}", file=sys.stderr)
+    for note in getattr(error, "__notes__", ()):
+        print(f"  {note}", file=sys.stderr)
+    if os.environ.get("GALLOP_TRACEBACK"):
+        traceback.print_exception(error)
+    return USER_ERROR_EXIT
+
+
+def check_finite_numbers(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Refuse ``inf``/``nan`` for every number option of every subcommand (argparse's ``float``
+    accepts them); a usage error, exit 2."""
+    for dest, value in vars(args).items():
+        values = value if isinstance(value, (list, tuple)) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            parser.error(f"argument --{dest.replace('_', '-')}: must be a finite number, got {value}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``gallop`` and ``python -m gallop_kernels``; returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return args.handler(args, args.subparser)
+    """Entry point of ``gallop`` and ``python -m gallop_kernels``; returns the exit status.
+
+    A user error (`gallop_kernels.errors.UserError`) is one message and exit 2; SIGINT and SIGTERM
+    end the command with 130/143 after its cleanup ran; any other exception is a bug and keeps its
+    traceback."""
+    command = "command"
+    try:
+        with terminate_as_interrupt():
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            command = args.command
+            check_finite_numbers(args, args.subparser)
+            return args.handler(args, args.subparser)
+    except UserError as error:
+        return report_user_error(command, error)
+    except KeyboardInterrupt as interrupt:
+        print(f"gallop {command}: interrupted ({interrupt or 'SIGINT'})", file=sys.stderr)
+        for note in getattr(interrupt, "__notes__", ()):
+            print(f"  {note}", file=sys.stderr)
+        return exit_status(interrupt)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -47,7 +47,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--train-norms", action="store_true", help="also sparsely train normalization weights")
     p.add_argument("--save-full", action="store_true", help="also save the full fine-tuned model (not with --bits 4)")
     p.add_argument("--save-steps", type=int, default=0, help="save a resumable checkpoint every N steps")
-    p.add_argument("--resume", default=None, help="checkpoint directory to resume from, or 'last' (not with --bits 4 yet)")
+    p.add_argument("--resume", default=None, help="checkpoint directory to resume from, or 'last': the newest complete "
+                        "checkpoint of the run in --output (not with --bits 4 yet)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the finished run in --output when this run finishes (or discard an interrupted "
+                        "run's checkpoints); without it such a run is refused before anything loads")
     p.add_argument("--bf16", action="store_true", help="bf16 weights and autocast")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--seed", type=int, default=0)
@@ -72,26 +76,29 @@ def config_from_args(args: argparse.Namespace):
         train_embeddings=args.train_embeddings, train_norms=args.train_norms, save_full=args.save_full,
         bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
         logging_steps=args.logging_steps, progress=not args.no_progress, resume=args.resume,
-        save_steps=args.save_steps,
+        save_steps=args.save_steps, overwrite=args.overwrite,
     )
 
 
 def finetune_main(args: argparse.Namespace) -> int:
     """Handler of ``gallop finetune``; returns the exit status (2 for bad input, before training)."""
+    from gallop_kernels.errors import UserError, user_input
     from gallop_kernels.finetune.pipeline import print_result, run_finetune
 
     try:
-        result = run_finetune(config_from_args(args))
-    except (ValueError, FileNotFoundError, TypeError) as e:
-        print(f"gallop finetune: error: {e}", file=sys.stderr)
-        return 2
+        with user_input():
+            config = config_from_args(args)
+        result = run_finetune(config)
+    except UserError as e:  # bad input: one message, no traceback (anything else is a bug and keeps it)
+        from gallop_kernels.cli import report_user_error
+
+        return report_user_error("finetune", e)
     print_result(result)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry point: ``python -m gallop_kernels.finetune ...``."""
-    parser = argparse.ArgumentParser(prog="gallop")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["finetune", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    from gallop_kernels.cli import main as gallop_main
+
+    return gallop_main(["finetune", *(sys.argv[1:] if argv is None else argv)])

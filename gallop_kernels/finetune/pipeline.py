@@ -25,6 +25,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
+from gallop_kernels.errors import user_input
+from gallop_kernels.finetune import rundir
 from gallop_kernels.finetune.data import (
     CausalLMCollator,
     DataError,
@@ -77,6 +79,7 @@ class FinetuneConfig:
     progress: bool = True
     resume: str | None = None
     save_steps: int = 0
+    overwrite: bool = False  # replace a finished run in ``output`` (or discard an interrupted one)
 
 
 @dataclass
@@ -126,14 +129,15 @@ def check_options(config: FinetuneConfig) -> None:
     _positive("--logging-steps", config.logging_steps, integer=True)
     if not isinstance(config.max_steps, int) or config.max_steps == 0 or config.max_steps < -1:
         raise ValueError(f"--max-steps must be a positive integer (or -1 for --epochs), got {config.max_steps!r}")
-    if config.weight_decay < 0:
-        raise ValueError(f"--weight-decay must be >= 0, got {config.weight_decay}")
-    if config.save_steps < 0:
-        raise ValueError(f"--save-steps must be >= 0, got {config.save_steps}")
-    if config.resume is not None and config.resume != "last" and not os.path.isdir(config.resume):
-        raise FileNotFoundError(f"--resume checkpoint not found: {config.resume!r}")
-    if os.path.exists(config.output) and not os.path.isdir(config.output):
-        raise ValueError(f"--output {config.output!r} exists and is not a directory")
+    if (isinstance(config.weight_decay, bool) or not isinstance(config.weight_decay, (int, float))
+            or not math.isfinite(config.weight_decay) or config.weight_decay < 0):
+        raise ValueError(f"--weight-decay must be a finite number >= 0, got {config.weight_decay!r}")
+    if (isinstance(config.max_grad_norm, bool) or not isinstance(config.max_grad_norm, (int, float))
+            or not math.isfinite(config.max_grad_norm) or config.max_grad_norm < 0):
+        raise ValueError(f"max_grad_norm must be a finite number >= 0, got {config.max_grad_norm!r}")
+    if isinstance(config.save_steps, bool) or not isinstance(config.save_steps, int) or config.save_steps < 0:
+        raise ValueError(f"--save-steps must be an integer >= 0, got {config.save_steps!r}")
+    rundir.check_output(config.output)  # where it is; what it holds is checked by rundir.plan_run
 
 
 def check_model(spec: str) -> None:
@@ -186,14 +190,14 @@ def _load_model_and_tokenizer(spec: str, bf16: bool, four_bit: bool = False) -> 
     return model, tokenizer
 
 
-def _training_args(config: FinetuneConfig) -> Any:
+def _training_args(config: FinetuneConfig, output: str) -> Any:
     import torch
     from transformers import TrainingArguments
 
     fields = TrainingArguments.__dataclass_fields__
     ckpt_flag = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     return TrainingArguments(
-        output_dir=config.output,
+        output_dir=output,
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
         per_device_train_batch_size=config.batch_size,
@@ -247,9 +251,23 @@ def _selection_printer(representation: Any, out: TextIO):
 
 
 def run_finetune(config: FinetuneConfig, out: TextIO | None = None) -> FinetuneResult:
-    """Validate, fine-tune, save. Raises ValueError/FileNotFoundError before training on bad input."""
+    """Validate, fine-tune, save. Bad input raises ``UserError`` (a ValueError) before the output
+    changes; the run is staged and published whole (`finetune.rundir`, `docs/design.md#run-folders`)."""
     out = out or sys.stdout
-    records = prepare(config)
+    with user_input():
+        records = prepare(config)
+        plan = rundir.plan_run(config, loss_log=LOSS_LOG, result_files=(DELTA_FILE, SUMMARY_FILE))
+    for note in plan.notes:
+        print(f"gallop finetune: note: {note}", file=sys.stderr)
+    with rundir.RunFolder(plan) as run:
+        result = _train_and_save(config, records, run, out)
+        rundir.write_json_atomic(os.path.join(run.path, SUMMARY_FILE), {"config": asdict(config), "result": asdict(result)})
+        run.publish()
+    return result
+
+
+def _train_and_save(config: FinetuneConfig, records: list[Record], run: rundir.RunFolder, out: TextIO) -> FinetuneResult:
+    """Load, train and write every result into the run's staging folder ``run.path``."""
     t0 = time.perf_counter()
 
     from transformers import Trainer
@@ -258,42 +276,37 @@ def run_finetune(config: FinetuneConfig, out: TextIO | None = None) -> FinetuneR
     from gallop_kernels.finetune.representations import representation_for
 
     rep = representation_for(config)
-    model, tokenizer = _load_model_and_tokenizer(config.model, config.bf16, four_bit=rep.four_bit)
-    dataset = ListDataset(tokenize(records, tokenizer, config.max_length))
-    collate = CausalLMCollator(tokenizer.pad_token_id)
-    os.makedirs(config.output, exist_ok=True)
-    loss_log = os.path.join(config.output, LOSS_LOG)
-    if config.resume is None and os.path.exists(loss_log):
-        os.remove(loss_log)
-
-    rep.prepare(model, dataset, collate)
-    args = _training_args(config)
+    with user_input():  # the model, the tokenizer, the data as tokenized, the target modules
+        model, tokenizer = _load_model_and_tokenizer(config.model, config.bf16, four_bit=rep.four_bit)
+        dataset = ListDataset(tokenize(records, tokenizer, config.max_length))
+        collate = CausalLMCollator(tokenizer.pad_token_id)
+        rep.prepare(model, dataset, collate)
+        args = _training_args(config, run.path)
+    loss_log = run.loss_log
     with rep.trainer_context(model):
         trainer = Trainer(
             model=model, args=args, train_dataset=dataset, data_collator=collate,
-            callbacks=[*rep.callbacks(), _selection_printer(rep, out), _loss_logger(loss_log)],
+            callbacks=[run.callback(), *rep.callbacks(), _selection_printer(rep, out), _loss_logger(loss_log)],
             **rep.trainer_options(model, args),
         )
-    resume = None if config.resume is None else (True if config.resume == "last" else config.resume)
-    train_out = trainer.train(resume_from_checkpoint=resume)
+    train_out = trainer.train(resume_from_checkpoint=run.resume_from)
 
     meta = {"calibration_fraction": config.calibration_fraction, "epochs": config.epochs, "lr": config.lr,
             "target_modules": json.dumps(config.target_modules), "steps": trainer.state.global_step}
-    delta_path = os.path.join(config.output, DELTA_FILE)
+    delta_path = os.path.join(run.path, DELTA_FILE)
     save_delta(delta_path, rep.extract_delta(model, trainer, meta))
     saved = [delta_path]
     if config.save_full:
-        full = os.path.join(config.output, "model")
+        full = os.path.join(run.path, "model")
         trainer.save_model(full)
         tokenizer.save_pretrained(full)
         saved.append(full)
     summary = rep.selection()[0] or {}
-    selection_path = os.path.join(config.output, SELECTION_FILE)
-    with open(selection_path, "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
+    selection_path = os.path.join(run.path, SELECTION_FILE)
+    rundir.write_json_atomic(selection_path, summary)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    result = FinetuneResult(
-        output=config.output,
+    return FinetuneResult(
+        output=run.final(run.path),
         num_examples=len(dataset),
         num_trainable=rep.num_trainable,
         num_selected=rep.num_selected(trainer),
@@ -302,11 +315,8 @@ def run_finetune(config: FinetuneConfig, out: TextIO | None = None) -> FinetuneR
         final_loss=losses[-1] if losses else train_out.training_loss,
         seconds=time.perf_counter() - t0,
         summary=summary,
-        saved=saved + [loss_log, selection_path],
+        saved=[run.final(p) for p in [*saved, loss_log, selection_path]],
     )
-    with open(os.path.join(config.output, SUMMARY_FILE), "w", encoding="utf-8") as f:
-        json.dump({"config": asdict(config), "result": asdict(result)}, f, indent=2, default=str)
-    return result
 
 
 def print_result(result: FinetuneResult, file: TextIO | None = None) -> None:

@@ -1,0 +1,101 @@
+"""User errors and interruptions: what the ``gallop`` command reports on one line, without a traceback.
+
+A :class:`UserError` is bad input a person can fix (an option, a path, a data line, a checkpoint
+that does not fit); the command prints its message and exits 2. Anything else that escapes a
+subcommand is a bug and keeps its traceback. Code that checks input raises plain
+``ValueError``/``TypeError``/``OSError`` as the rest of the project does; the application marks
+the stretch of work whose failures are the user's with :func:`user_input`, so an error raised by
+the same function later, during training, still counts as internal (`docs/design.md#run-folders`).
+
+SIGINT raises ``KeyboardInterrupt``; within :func:`terminate_as_interrupt` SIGTERM raises
+:class:`Interrupted` (a ``KeyboardInterrupt``), so cleanup in ``finally`` blocks and context
+managers runs for both instead of the process vanishing mid-write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Iterator
+
+USER_ERROR_EXIT = 2
+
+
+class UserError(ValueError):
+    """Bad input, stated so that a person can act on it (the CLI exits 2 and prints only this)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (or another terminating signal) turned into an exception, so cleanup runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"terminated by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def exit_status(interrupt: KeyboardInterrupt) -> int:
+    """The shell's convention: 128 + the signal's number (130 for SIGINT, 143 for SIGTERM)."""
+    return 128 + getattr(interrupt, "signum", signal.SIGINT)
+
+
+@contextlib.contextmanager
+def user_input(*kinds: type[BaseException]) -> Iterator[None]:
+    """Within the block, ``ValueError``, ``TypeError`` and ``OSError`` (or ``kinds``) are the
+    user's: they are re-raised as :class:`UserError` with the same message (the original is its
+    ``__cause__``)."""
+    kinds = kinds or (ValueError, TypeError, OSError)
+    try:
+        yield
+    except UserError:
+        raise
+    except kinds as error:
+        raise UserError(describe(error)) from error
+
+
+def describe(error: BaseException) -> str:
+    """An exception's message for a person: an ``OSError`` as "path: reason" instead of its repr."""
+    if isinstance(error, OSError) and error.strerror:
+        where = error.filename if error.filename is not None else ""
+        return f"{where}: {error.strerror}" if where else error.strerror
+    text = str(error)
+    if isinstance(error, KeyError) and text.startswith(("'", '"')):
+        text = text[1:-1]
+    return text or type(error).__name__
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt(signals: tuple[int, ...] = (signal.SIGTERM,)) -> Iterator[None]:
+    """Within the block the given signals raise :class:`Interrupted` in the main thread; the
+    previous handlers are restored afterwards. Outside the main thread it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def signals_deferred(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+    """Hold the given signals while the block runs (a few renames that must happen together);
+    they are delivered when it ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+__all__ = ["Interrupted", "USER_ERROR_EXIT", "UserError", "describe", "exit_status", "signals_deferred",
+           "terminate_as_interrupt", "user_input"]
