@@ -7,6 +7,7 @@ small-scale comparison, ``memory`` prints the memory report and ``bench`` the be
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import sys
@@ -151,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO})
+"""Errors of the machine a person fixes there (space, permissions, a failing disk): one line, exit 1."""
+
+
 def report_user_error(command: str, error: BaseException) -> int:
     """Print a user error as ``gallop <command>: error: ...`` (its notes below it); returns 2.
     ``GALLOP_TRACEBACK=1`` prints the traceback too, for a bug report."""
@@ -187,8 +192,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return args.handler(args, args.subparser)
     except UserError as error:
         return report_user_error(command, error)
+    except OSError as error:  # the machine's, not the input's: a full disk, a read-only folder
+        if error.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        print(f"gallop {command}: error: {describe(error)}", file=sys.stderr)
+        for note in getattr(error, "__notes__", ()):
+            print(f"  {note}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as interrupt:
-        print(f"gallop {command}: interrupted ({interrupt or 'SIGINT'})", file=sys.stderr)
+        print(f"gallop {command}: interrupted ({str(interrupt) or 'SIGINT'})", file=sys.stderr)
         for note in getattr(interrupt, "__notes__", ()):
             print(f"  {note}", file=sys.stderr)
         return exit_status(interrupt)

@@ -304,3 +304,41 @@ BAD_STEPS = st.one_of(
                      torch.tensor(NAN), torch.tensor(1 + 1j), torch.tensor(True), b"\x01"]),
 )
 """Bad values of a state entry's step counter."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Folders: "the folder before equals the folder after", for the CLI and the run folders
+# ----------------------------------------------------------------------------------------------
+
+
+def tree_snapshot(root: str) -> dict[str, tuple]:
+    """Every entry under ``root`` (recursively, links not followed): its kind, permission bits and
+    content (a file's SHA-256, a link's target), keyed by relative path."""
+    import hashlib
+    import os
+    import stat
+
+    snap: dict[str, tuple] = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            st = os.lstat(path)
+            rel = os.path.relpath(path, root)
+            if stat.S_ISLNK(st.st_mode):
+                snap[rel] = ("link", os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                snap[rel] = ("dir", stat.S_IMODE(st.st_mode))
+            elif stat.S_ISREG(st.st_mode):
+                with open(path, "rb") as f:
+                    snap[rel] = ("file", stat.S_IMODE(st.st_mode), hashlib.sha256(f.read()).hexdigest())
+            else:
+                snap[rel] = ("other", stat.S_IFMT(st.st_mode))
+    return snap
+
+
+def assert_same_tree(before: dict[str, tuple], after: dict[str, tuple]) -> None:
+    """Two `tree_snapshot`s are equal; the message lists what appeared, vanished or changed."""
+    appeared = sorted(set(after) - set(before))
+    vanished = sorted(set(before) - set(after))
+    changed = sorted(k for k in set(before) & set(after) if before[k] != after[k])
+    assert not (appeared or vanished or changed), f"appeared {appeared}, vanished {vanished}, changed {changed}"
