@@ -15,6 +15,7 @@ managers runs for both instead of the process vanishing mid-write.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from typing import Iterator
@@ -85,16 +86,30 @@ def terminate_as_interrupt(signals: tuple[int, ...] = (signal.SIGTERM,)) -> Iter
 
 @contextlib.contextmanager
 def signals_deferred(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
-    """Hold the given signals while the block runs (a few renames that must happen together);
-    they are delivered when it ends."""
+    """Hold the given signals while the block runs (a few renames that must happen together): a
+    signal that arrives is recorded, and its previous handler runs when the block ends. (Python
+    handlers run in the main thread whichever thread the kernel picked, so masking the main thread
+    alone would not hold them.)"""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    received: list[int] = []
+
+    def hold(signum: int, frame: object) -> None:
+        received.append(signum)
+
+    previous = {s: signal.signal(s, hold) for s in signals}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
+        if received:
+            handler = previous[received[0]]
+            if callable(handler):
+                handler(received[0], None)  # raises KeyboardInterrupt / Interrupted
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), received[0])
 
 
 __all__ = ["Interrupted", "USER_ERROR_EXIT", "UserError", "describe", "exit_status", "signals_deferred",

@@ -675,6 +675,32 @@ def check_output(output: str | os.PathLike) -> str:
     return path
 
 
+def check_writable_folder(folder: str | os.PathLike, flag: str = "--output", files: Iterable[str] = ()) -> str:
+    """For a command that writes into a folder in place (``gallop reproduce``): the folder is a
+    writable folder, or can be created in a writable one, and each of ``files`` in it is absent or
+    a regular file (not a link). Returns the absolute path. Changes nothing."""
+    path = os.path.abspath(os.path.expanduser(os.fspath(folder)))
+    if os.path.lexists(path):
+        if not os.path.isdir(path):
+            raise RunFolderError(f"{flag} {path} exists and is not a folder")
+        for name in files:
+            st = _lstat(os.path.join(path, name))
+            if st is not None and not stat.S_ISREG(st.st_mode):
+                what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+                raise RunFolderError(f"{flag}: {os.path.join(path, name)} is {what}; gallop writes that file there "
+                                     "and does not write through links: remove it")
+        writable = path
+    else:
+        writable = os.path.dirname(path)
+        while not os.path.lexists(writable):
+            writable = os.path.dirname(writable)
+        if not os.path.isdir(writable):
+            raise RunFolderError(f"{flag} {path}: {writable} is not a folder")
+    if not os.access(writable, os.W_OK | os.X_OK):
+        raise RunFolderError(f"{flag} {path}: the folder {writable} is not writable")
+    return path
+
+
 def plan_run(config: Any, *, loss_log: str, result_files: Iterable[str] = ()) -> RunPlan:
     """Check the output folder, the staging folder and ``config.resume`` against ``config``;
     change nothing. Raises :class:`RunFolderError` (a :class:`~gallop_kernels.errors.UserError`)."""
@@ -749,6 +775,7 @@ def plan_run(config: Any, *, loss_log: str, result_files: Iterable[str] = ()) ->
 
     in_staging = _within(checkpoint.path, staging) if leftover is not None else False
     if in_staging:
+        walk_tree(staging)  # the folder to continue holds no link (it would be written through)
         if leftover.run_id != checkpoint.run_id:
             raise RunFolderError(f"{checkpoint.path} belongs to run {checkpoint.run_id}, but the staging folder "
                                  f"{staging} to continue holds run {leftover.run_id}")
@@ -844,8 +871,8 @@ class RunFolder:
     def _open(self) -> None:
         plan = self.plan
         if plan.adopt_staging:
+            walk_tree(self.path)  # refuse links planted in the folder we continue (before writing the lock)
             self._lock = _take_lock(self.path, create=True)
-            walk_tree(self.path)  # refuse links planted in the folder we continue
             self._trim_adopted()
             return
         if plan.discard_staging and _lstat(self.path) is not None:
@@ -920,7 +947,7 @@ class RunFolder:
                                "continue with --resume last")
             return
         remove_tree(self.path)
-        if isinstance(error, KeyboardInterrupt):
+        if isinstance(error, (KeyboardInterrupt, OSError)):
             error.add_note(f"{self.plan.output} is as it was")
 
     def _release(self) -> None:
@@ -943,22 +970,30 @@ class RunFolder:
             self._keep = True
             raise RunFolderError(f"{plan.output} was created or changed while this run was training; the finished run "
                                  f"is kept in {self.path}")
-        with signals_deferred():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.path, LOCK_FILE))  # the fd keeps the lock until released
-            if now.kind in ("missing", "empty"):
-                os.rename(self.path, plan.output)  # rename(2) replaces an empty folder
-                old = None
-            elif _exchange(self.path, plan.output):
-                old = self.path  # now holds the replaced run
-            else:
-                old = f"{self.path}.old-{secrets.token_hex(4)}"
-                os.rename(plan.output, old)
-                os.rename(self.path, plan.output)
-            fsync_dir(os.path.dirname(plan.output))
-            self.published = True
-        if old is not None:
-            remove_tree(old)
+        old = None
+        try:
+            with signals_deferred():  # SIGINT/SIGTERM wait until the output is the new run
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.path, LOCK_FILE))  # the fd keeps the lock until released
+                if now.kind in ("missing", "empty"):
+                    os.rename(self.path, plan.output)  # rename(2) replaces an empty folder
+                else:
+                    trash = f"{self.path}.old-{secrets.token_hex(4)}"
+                    if _exchange(self.path, plan.output):
+                        os.rename(self.path, trash)  # the replaced run, under a name no run reads
+                    else:
+                        os.rename(plan.output, trash)
+                        os.rename(self.path, plan.output)
+                    old = trash
+                fsync_dir(os.path.dirname(plan.output))
+                self.published = True
+        except KeyboardInterrupt as interrupt:
+            if self.published:
+                interrupt.add_note(f"the run was published in {plan.output} before the interrupt took effect")
+            raise
+        finally:
+            if old is not None:
+                remove_tree(old)
         return plan.output
 
     def _fsync_results(self) -> None:
@@ -1034,5 +1069,5 @@ def _exchange(a: str, b: str) -> bool:
 
 
 __all__ = ["Checkpoint", "CheckpointError", "MANIFEST", "RUN_FILE", "RunFolder", "RunFolderError", "RunPlan",
-           "check_output", "data_fingerprint", "model_fingerprint", "plan_run", "read_checkpoint", "seal_checkpoint",
+           "check_output", "check_writable_folder", "data_fingerprint", "model_fingerprint", "plan_run", "read_checkpoint", "seal_checkpoint",
            "write_atomic", "write_json_atomic"]

@@ -44,6 +44,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def reproduce_main(args: argparse.Namespace) -> int:
     from gallop_kernels.reproduce.report import markdown_table, write_outputs
     from gallop_kernels.reproduce.runner import SMOKE, ReproConfig, run_reproduction
+    from gallop_kernels.finetune.rundir import check_writable_folder
+
+    # Before the (long) run: the results folder can be written (a UserError: one line, exit 2).
+    check_writable_folder(args.output, "--output", files=("raw.json", "table.md", "plot.png"))
 
     cfg = SMOKE if args.smoke else ReproConfig(jobs=max(1, min(2, os.cpu_count() or 1)))
     changes = {}
