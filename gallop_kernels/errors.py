@@ -18,7 +18,7 @@ import contextlib
 import os
 import signal
 import threading
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 USER_ERROR_EXIT = 2
 
@@ -66,22 +66,30 @@ def describe(error: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def terminate_as_interrupt(signals: tuple[int, ...] = (signal.SIGTERM,)) -> Iterator[None]:
-    """Within the block the given signals raise :class:`Interrupted` in the main thread; the
-    previous handlers are restored afterwards. Outside the main thread it does nothing."""
+def _handlers(signals: tuple[int, ...], handler: Callable[[int, Any], None]) -> Iterator[dict[int, Any] | None]:
+    """``handler`` for ``signals`` within the block, the previous handlers (yielded) restored after.
+    Only the main thread can set handlers: elsewhere nothing changes and None is yielded."""
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield None
         return
-
-    def handler(signum: int, frame: object) -> None:
-        raise Interrupted(signum)
-
     previous = {s: signal.signal(s, handler) for s in signals}
     try:
-        yield
+        yield previous
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt(signals: tuple[int, ...] = (signal.SIGTERM,)) -> Iterator[None]:
+    """Within the block the given signals raise :class:`Interrupted` in the main thread; the
+    previous handlers are restored afterwards. Outside the main thread it does nothing."""
+    with _handlers(signals, _raise_interrupted):
+        yield
 
 
 @contextlib.contextmanager
@@ -90,21 +98,13 @@ def signals_deferred(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM))
     signal that arrives is recorded, and its previous handler runs when the block ends. (Python
     handlers run in the main thread whichever thread the kernel picked, so masking the main thread
     alone would not hold them.)"""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     received: list[int] = []
-
-    def hold(signum: int, frame: object) -> None:
-        received.append(signum)
-
-    previous = {s: signal.signal(s, hold) for s in signals}
+    previous = None
     try:
-        yield
+        with _handlers(signals, lambda signum, frame: received.append(signum)) as previous:
+            yield
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-        if received:
+        if received and previous:
             handler = previous[received[0]]
             if callable(handler):
                 handler(received[0], None)  # raises KeyboardInterrupt / Interrupted

@@ -14,7 +14,9 @@ import torch
 
 from attack_support import assert_same_tree, tree_snapshot
 from gallop_kernels import SparseAdamW
-from gallop_kernels.errors import Interrupted, UserError, describe, terminate_as_interrupt, user_input
+from gallop_kernels.errors import (
+    Interrupted, UserError, describe, signals_deferred, terminate_as_interrupt, user_input,
+)
 from gallop_kernels.finetune import rundir
 from gallop_kernels.finetune.pipeline import DELTA_FILE, LOSS_LOG, SUMMARY_FILE, FinetuneConfig
 from gallop_kernels.finetune.rundir import (
@@ -512,3 +514,14 @@ def test_user_input_marks_the_users_errors():
         with user_input():
             raise RuntimeError("bug")
     assert describe(KeyError("k")) == "k"
+
+
+def test_signals_are_held_until_the_renames_are_done():
+    done = []
+    with pytest.raises(Interrupted):
+        with terminate_as_interrupt(), signals_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            threading.Event().wait(0.2)  # not raised here
+            done.append(True)
+    assert done == [True]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the previous handler is back

@@ -734,6 +734,8 @@ def plan_run(config: Any, *, loss_log: str, result_files: Iterable[str] = ()) ->
             latest = leftover.checkpoints[0]
             raise RunFolderError(f"an interrupted run of {output} kept its checkpoints (up to step {latest.step}) in "
                                  f"{staging}: continue it with --resume last, or pass --overwrite to discard it")
+        notes.append(f"discarding {staging}, left by an interrupted run"
+                     + (" (its checkpoints too: --overwrite)" if leftover.checkpoints else " (no complete checkpoint)"))
         return True
 
     if resume_spec is None:
