@@ -715,7 +715,7 @@ def plan_run(config: Any, *, loss_log: str, result_files: Iterable[str] = ()) ->
         raise RunFolderError(f"--output {output} holds files that are not a gallop run; gallop replaces the "
                              "output folder when a run finishes, so choose an empty or new folder")
     leftover = inspect_staging(staging, probe_lock=not passive)
-    notes: list[str] = list(leftover.notes) if leftover else []
+    notes: list[str] = []
     resume_spec = config.resume
     plan = dict(output=output, staging=staging, record=record, loss_log=loss_log, result_files=tuple(result_files),
                 passive=passive)
@@ -748,9 +748,10 @@ def plan_run(config: Any, *, loss_log: str, result_files: Iterable[str] = ()) ->
         if leftover is not None and leftover.run_id is not None:
             if not leftover.checkpoints:
                 raise RunFolderError(f"--resume last: the interrupted run in {staging} saved no complete checkpoint"
-                                     + "".join(f"\n  {n}" for n in notes)
+                                     + "".join(f"\n  {n}" for n in leftover.notes)
                                      + "\nstart it again without --resume (the leftover is discarded)")
             candidates, where = leftover.checkpoints, staging
+            notes += leftover.notes
         elif found.kind == "run":
             candidates, skipped = sealed_checkpoints(output, found.record["run_id"], verify_hashes=False)
             notes += skipped
@@ -829,6 +830,7 @@ class RunFolder:
         self.saved_steps: list[int] = []
         self._lock: int | None = None
         self._keep = plan.adopt_staging
+        self._finished = False  # complete but not published: the error says where it is
 
     # -- paths the run writes -------------------------------------------------------------------
 
@@ -944,7 +946,7 @@ class RunFolder:
     def _abandon(self, error: BaseException | None) -> None:
         keep = self._keep or bool(self.saved_steps)
         if keep and os.path.isdir(self.path):
-            if error is not None:
+            if error is not None and not self._finished:
                 error.add_note(f"{self.plan.output} is as it was; this run's checkpoints are kept in {self.path}: "
                                "continue with --resume last")
             return
@@ -969,7 +971,7 @@ class RunFolder:
         now = inspect_output(plan.output, plan.result_files)
         expected = {"missing", "empty"} | ({"run", "results"} if plan.replaces else set())
         if now.kind not in expected:
-            self._keep = True
+            self._keep, self._finished = True, True
             raise RunFolderError(f"{plan.output} was created or changed while this run was training; the finished run "
                                  f"is kept in {self.path}")
         old = None
@@ -985,7 +987,11 @@ class RunFolder:
                         os.rename(self.path, trash)  # the replaced run, under a name no run reads
                     else:
                         os.rename(plan.output, trash)
-                        os.rename(self.path, plan.output)
+                        try:
+                            os.rename(self.path, plan.output)
+                        except OSError:
+                            os.rename(trash, plan.output)  # put the finished run back
+                            raise
                     old = trash
                 fsync_dir(os.path.dirname(plan.output))
                 self.published = True
