@@ -497,6 +497,36 @@ def test_planted_links_in_a_staging_folder_are_refused_not_followed(place, tmp_p
     assert victim.read_text() == "precious" and not os.path.exists(staging)
 
 
+def test_the_trainer_callback_seals_and_clears_checkpoints(place):
+    from types import SimpleNamespace
+
+    p = plan(config(place))
+    with RunFolder(p) as run:
+        callback = run.callback()
+        args = SimpleNamespace(output_dir=run.path)
+        state = SimpleNamespace(global_step=1, is_world_process_zero=True)
+        control = SimpleNamespace(should_save=True)
+        make_checkpoint(run.path, 1, p.run_id, p.record, seal=False)  # what the Trainer wrote
+        callback.on_save(args, state, control)
+        assert read_checkpoint(os.path.join(run.path, "checkpoint-1")).run_id == p.run_id
+        assert run.saved_steps == [1]
+        callback.on_step_end(args, state, control)  # the same step is about to be saved again
+        assert not os.path.exists(os.path.join(run.path, "checkpoint-1"))
+
+
+def test_a_resumed_run_without_selection_stops_before_training(place):
+    from types import SimpleNamespace
+
+    out = make_run(place / "out", config(place), "c" * 32, steps=(1,))
+    with RunFolder(plan(config(place, resume=os.path.join(out, "checkpoint-1"), overwrite=True))) as run:
+        fresh = SparseAdamW([torch.nn.Parameter(torch.ones(4))], density=0.5)
+        with pytest.raises(RuntimeError, match="no selection after loading it"):
+            run.callback().on_train_begin(SimpleNamespace(), SimpleNamespace(), SimpleNamespace(), optimizer=fresh)
+        loaded = SparseAdamW([torch.nn.Parameter(torch.ones(8))], lr=0.1, density=0.25)
+        loaded.load_state_dict(optimizer_state())
+        run.callback().on_train_begin(SimpleNamespace(), SimpleNamespace(), SimpleNamespace(), optimizer=loaded)
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------------

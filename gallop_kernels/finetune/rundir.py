@@ -1034,11 +1034,13 @@ class RunFolder:
                 if folder.plan.resume is not None and optimizer is not None:
                     from gallop_kernels.optim.unwrap import unwrap_optimizer
 
-                    with contextlib.suppress(TypeError, ValueError):
+                    try:
                         opt = unwrap_optimizer(optimizer)
-                        if hasattr(opt, "is_selected") and not opt.is_selected():
-                            raise RuntimeError(f"resuming from {folder.resume_from}, but the optimizer holds no "
-                                               "selection after loading it")
+                    except TypeError:  # not SparseAdamW (the 4-bit path's AdamW): nothing to check
+                        return control
+                    if not opt.is_selected():
+                        raise RuntimeError(f"resuming from {folder.resume_from}, but the optimizer holds no "
+                                           "selection after loading it: refusing to calibrate again")
                 return control
 
             def on_step_end(self, args, state, control, **kwargs):
