@@ -106,3 +106,21 @@ def test_version_1_round_trips_as_version_1(tmp_path):
     for name in delta.indices:
         assert torch.equal(again.indices[name], delta.indices[name])
         assert torch.equal(again.values[name], delta.values[name])
+
+
+def test_version_1_user_keys_that_version_2_reserves_are_still_read(tmp_path):
+    """Version 1 reserved only format and version: a user key such as "kind" stays the user's."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    base, trained, path = fixture("float32")
+    with safe_open(path, framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta.update({"kind": "chat", "base_fingerprint": "mine", "modules": "q_proj"})
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=meta)
+    delta = load_delta(tmp_path / "old.safetensors")
+    assert delta.kind == "absolute" and delta.modules == {}
+    model = mlp(base)
+    apply_delta(model, delta, check_base=False)
+    assert_state(model, trained)

@@ -71,6 +71,8 @@ class SparseDelta:
 
     @property
     def kind(self) -> str:
+        """``"difference"`` or ``"absolute"`` (a version-1 delta: its ``kind`` key, if any, was
+        the user's)."""
         if self.metadata.get("version") == "1":
             return ABSOLUTE
         return self.metadata.get("kind", "")
@@ -82,6 +84,8 @@ class SparseDelta:
     @property
     def modules(self) -> dict[str, str]:
         """Tensor name → class of the module that owns it (empty when not recorded)."""
+        if self.metadata.get("version") == "1":
+            return {}
         try:
             found = json.loads(self.metadata.get("modules", "{}"))
         except ValueError:
@@ -210,7 +214,7 @@ def check_delta(delta: Any) -> None:
     if meta.get("version") not in READABLE_VERSIONS:
         raise ValueError(f"unsupported GaLLoP delta version {meta.get('version')!r} "
                          f"(this reader: {', '.join(READABLE_VERSIONS)})")
-    if meta["version"] == "1" and ("kind" in meta or delta.base):
+    if meta["version"] == "1" and delta.base:
         raise ValueError("a version-1 delta holds absolute values and no fingerprint")
     if delta.kind not in (DIFFERENCE, ABSOLUTE):
         raise ValueError(f"unknown delta kind {meta.get('kind')!r} (expected {DIFFERENCE!r} or {ABSOLUTE!r})")
@@ -239,7 +243,7 @@ def check_delta(delta: Any) -> None:
     if delta.base:
         if meta.get("base_fingerprint") != digest(delta.base, delta.shapes):
             raise ValueError("the delta's base fingerprint does not match its recorded digest (corrupt or edited)")
-    elif "base_fingerprint" in meta:
+    elif "base_fingerprint" in meta and meta["version"] != "1":  # (version 1 reserved no such key)
         raise ValueError("the delta's metadata names a base fingerprint but holds no sample")
 
 
