@@ -161,8 +161,16 @@ def new_delta(
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_dense(where: str, tensor: Any) -> None:
+    """A tensor with data (no meta or sparse tensor reaches the numeric checks)."""
+    if isinstance(tensor, torch.Tensor) and (tensor.is_meta or tensor.layout != torch.strided):
+        raise ValueError(f"{where}: expected a dense tensor with data, got a {tensor.layout} "
+                         f"tensor{' on the meta device' if tensor.is_meta else ''}")
+
+
 def check_values(where: str, values: Any, count: int) -> None:
     """``count`` finite floating-point values in a 1-D tensor."""
+    _check_dense(where, values)
     if not isinstance(values, torch.Tensor) or values.dim() != 1 or values.numel() != count:
         got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
         raise ValueError(f"{where}: {count} indices need as many values in a 1-D tensor, got {got}")
@@ -175,6 +183,7 @@ def check_values(where: str, values: Any, count: int) -> None:
 def check_entries(where: str, indices: Any, values: Any, numel: int) -> torch.Tensor:
     """One delta tensor: indices sorted, unique, integer and in ``[0, numel)``
     (`rules.check_index_set`), one finite floating-point value per index. Returns int64 indices."""
+    _check_dense(where, indices)
     idx = check_index_set(indices, numel, where)
     check_values(where, values, idx.numel())
     return idx
@@ -191,6 +200,7 @@ def _check_shape(where: str, shape: Any) -> int:
 def _check_sample(where: str, sample: Any, numel: int) -> None:
     if not isinstance(sample, BaseSample):
         raise ValueError(f"{where}: base fingerprint must be a BaseSample, got {type(sample).__name__}")
+    _check_dense(f"{where} (base fingerprint)", sample.positions)
     positions = check_index_set(sample.positions, numel, f"{where} (base fingerprint)")
     check_values(f"{where} (base fingerprint)", sample.values, positions.numel())
     if sample.tolerance is not None:

@@ -308,7 +308,8 @@ def combine_deltas(
             raise ValueError(f"{name}: the deltas disagree on its shape ({sorted(shapes)})")
         if check_base:
             with_base = [(i, d) for i, d in having if d.base]
-            for (i, a), (j, b) in zip(with_base, with_base[1:]):
+            pairs = [(x, y) for k, x in enumerate(with_base) for y in with_base[k + 1:]]
+            for (i, a), (j, b) in pairs:
                 if _samples_disagree(a.base[name], b.base[name]):
                     raise ValueError(f"deltas {i} and {j} were trained from different bases ({name!r} "
                                      "differs where both sampled it); pass check_base=False to combine anyway")
