@@ -347,6 +347,21 @@ def test_aliased_parameters_and_odd_models(valid):
         assert_unchanged(model, snap)
 
 
+def test_the_4bit_loader_refuses_the_base_inside_a_wrapper(valid):
+    model = mlp()
+    apply_sparse_delta(model, valid)  # wraps 0, 2 and 4
+    snap = snapshot(model)
+    state = {"0.base": (valid.indices["0.weight"], valid.values["0.weight"].float())}
+    from gallop_kernels.integrations.bitsandbytes import load_sparse_delta_state
+
+    with pytest.raises(ValueError, match="inside a SparseDeltaLinear"):
+        load_sparse_delta_state(model, state)
+    for bad in ({"0": valid.indices["0.weight"]}, {"0": (valid.indices["0.weight"],)}, [("0", None)]):
+        with pytest.raises(REFUSED):
+            load_sparse_delta_state(model, bad)
+    assert_unchanged(model, snap)
+
+
 def test_restore_points_are_checked_too(valid):
     model = mlp()
     restore = merge_delta(model, valid)

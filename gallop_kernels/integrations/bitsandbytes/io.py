@@ -71,6 +71,9 @@ def _linear_layer(model: nn.Module, name: str) -> nn.Module:
         raise ValueError(f"the model has no layer named {name!r}") from exc
     if not isinstance(module, (nn.Linear, SparseDeltaLinear)):
         raise ValueError(f"layer {name!r} is a {type(module).__name__}, not a linear layer")
+    parent = name.rpartition(".")[0]
+    if isinstance(model.get_submodule(parent) if parent else model, SparseDeltaLinear):
+        raise ValueError(f"layer {name!r} is the base inside a SparseDeltaLinear; name the wrapper ({parent!r})")
     return module
 
 
