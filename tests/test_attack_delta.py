@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from gallop_kernels import SparseAdamW  # noqa: E402
 from gallop_kernels.delta import (  # noqa: E402
-    RESERVED_KEYS, SparseDelta, apply_delta, check_delta, combine_deltas, extract_delta, load_delta,
+    RESERVED_KEYS, apply_delta, check_delta, combine_deltas, extract_delta, load_delta,
     merge_delta, new_delta, save_delta, unmerge_delta,
 )
 from gallop_kernels.delta.fingerprint import digest  # noqa: E402
