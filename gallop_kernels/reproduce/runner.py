@@ -35,6 +35,7 @@ import torch
 
 from gallop_kernels import chat_tasks as C
 
+TINY = "tiny"  # the model spec of the smoke settings: a random tiny chat Llama (`gallop_kernels/toy.py`)
 METHODS = ("full", "lora", "gallop", "sift", "saft", "pafi", "random")
 SPARSE_SCORES = {"gallop": "gallop", "sift": "gradient", "saft": "gradient", "pafi": "magnitude", "random": "random"}
 METHOD_LABELS = {
@@ -63,7 +64,7 @@ DEFAULT_LR_GRID = {
 class ReproConfig:
     """Everything that decides a reproduction; the defaults are what ``gallop reproduce`` runs."""
 
-    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct; "tiny": the random tiny chat model
+    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct; TINY: the random tiny chat model
     seeds: tuple[int, ...] = (0, 1, 2)
     methods: tuple[str, ...] = METHODS
     lora_rank: int = 4  # the budget: LoRA's trainable count at this rank
@@ -104,7 +105,7 @@ class ReproConfig:
 
 
 # Seconds-long CI setting on the random tiny chat model: every code path, nothing learned.
-SMOKE = ReproConfig(model="tiny", seeds=(0,), steps=2, batch_size=4, calibration_batches=1, lora_rank=1,
+SMOKE = ReproConfig(model=TINY, seeds=(0,), steps=2, batch_size=4, calibration_batches=1, lora_rank=1,
                     lr_grid={m: (1e-3,) for m in METHODS}, max_ood_items=6)
 
 
@@ -113,15 +114,17 @@ SMOKE = ReproConfig(model="tiny", seeds=(0,), steps=2, batch_size=4, calibration
 # ---------------------------------------------------------------------------------------------
 
 
-def load(cfg: ReproConfig) -> tuple[Any, Any]:
-    """A fresh copy of the base model and its tokenizer (fp32, eval-free: the caller sets train())."""
-    if cfg.model == "tiny":
+def load(spec: str | None, log: Callable[[str], None] | None = None) -> tuple[Any, Any, str]:
+    """A fresh float32 copy of the model, its tokenizer, and a description of where it came from."""
+    if spec == TINY:
         from gallop_kernels.toy import tiny_chat_model
 
-        return tiny_chat_model()
-    from gallop_kernels.models import load_model_and_tokenizer
+        return (*tiny_chat_model(), "random tiny chat Llama (gallop_kernels.toy, knows nothing)")
+    from gallop_kernels.models import load_model_and_tokenizer, resolve_model
 
-    return load_model_and_tokenizer(cfg.model)
+    resolved = resolve_model(spec, log=log)
+    model, tokenizer = load_model_and_tokenizer(resolved.path if resolved.origin != "hub" else spec)
+    return model, tokenizer, resolved.describe()
 
 
 def target_parameters(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -220,7 +223,7 @@ def run_one(cfg: ReproConfig, data: Data, method: str, lr: float, seed: int,
     from gallop_kernels import SparseAdamW
 
     t0, c0 = time.perf_counter(), time.process_time()
-    model, _ = load(cfg)
+    model, _, _ = load(cfg.model)
     model.train()
     targets = target_parameters(model)  # freezes all but the projections
     budget = lora_budget(targets, cfg.lora_rank)
@@ -350,12 +353,12 @@ def run_reproduction(cfg: ReproConfig = ReproConfig(), raw_path: str | None = No
 def _run(cfg: ReproConfig, raw_path: str | None, log: Callable[[str], None]) -> dict[str, Any]:
     t0 = time.perf_counter()
     raw = _load_previous(raw_path, cfg, log)
-    model, tokenizer = load(cfg)
+    model, tokenizer, source = load(cfg.model, log)
     data = build_data(cfg, tokenizer)
     if raw is None:
         targets = target_parameters(model)
-        raw = {"config": asdict(cfg), "fingerprint": cfg.fingerprint(), "model": cfg.model or "embedded default",
-               "model_name": getattr(model.config, "_name_or_path", None) or type(model).__name__,
+        raw = {"config": asdict(cfg), "fingerprint": cfg.fingerprint(), "model": cfg.model or "embedded default", "model_source": source,
+               "model_name": source.split(" (")[0],
                "num_params": sum(p.numel() for p in model.parameters()),
                "num_target_params": sum(p.numel() for _, p in targets),
                "budget": lora_budget(targets, cfg.lora_rank), "id_task": C.CODES.name,
