@@ -13,8 +13,9 @@ span (up to and including the end-of-turn token; trailing newlines are not train
 whose rendering of a prefix is not a prefix of the whole conversation are refused with a clear
 error rather than labelled wrongly.
 
-Used by the demo and the reproduction (`gallop_kernels/chat_tasks.py`) and meant for
-``gallop finetune`` chat data (``{"messages": [...]}`` lines).
+Used by the demo and the reproduction (`gallop_kernels/chat_tasks.py`) and by ``gallop finetune``
+(`gallop_kernels/finetune/data.py`: ``{"messages": [...]}`` lines, and prompt/response lines when
+they go through the template).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The ``gallop`` command. One subcommand per job; each registers its own parser and handler.
 
-``demo`` runs the offline demo (SmolLM2-135M-Instruct; ``--tiny``: a tiny Llama), ``finetune`` fine-tunes a local model, ``reproduce`` runs the
+``demo`` runs the offline demo (SmolLM2-135M-Instruct; ``--tiny``: a tiny Llama), ``finetune`` fine-tunes a model (default: the embedded SmolLM2) on chat, prompt/response or text data, ``reproduce`` runs the
 small-scale comparison, ``memory`` prints the memory report and ``bench`` the benchmark report.
 """
 

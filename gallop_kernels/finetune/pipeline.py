@@ -48,6 +48,7 @@ LOSS_LOG = "loss_log.jsonl"
 SELECTION_FILE = "selection.json"
 SUMMARY_FILE = "finetune_summary.json"
 # Files a folder must hold for AutoTokenizer to build a tokenizer without converting anything.
+DATASETS_BARS_ENV = "HF_DATASETS_DISABLE_PROGRESS_BARS"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model")
 
@@ -89,20 +90,32 @@ def progress_printer(out: TextIO, enabled: bool) -> Callable[[str], None]:
 
 @contextlib.contextmanager
 def progress_bars(enabled: bool) -> Iterator[None]:
-    """transformers' and huggingface_hub's own progress bars (weight loading, conversion,
-    downloads) on or off for the duration; the previous setting is restored afterwards."""
+    """transformers', huggingface_hub's and datasets' own progress bars (weight loading, GGUF
+    conversion, downloads, dataset preparation) on or off for the duration; the previous settings
+    are restored afterwards."""
     from huggingface_hub import utils as hub_utils
     from transformers.utils import logging as hf_logging
 
-    was_hf, was_hub = hf_logging.is_progress_bar_enabled(), not hub_utils.are_progress_bars_disabled()
+    datasets = sys.modules.get("datasets")  # not imported for it: it is slow to import
+    was = (hf_logging.is_progress_bar_enabled(), not hub_utils.are_progress_bars_disabled(),
+           datasets.is_progress_bar_enabled() if datasets else None, os.environ.get(DATASETS_BARS_ENV))
     if not enabled:
         hf_logging.disable_progress_bar()
         hub_utils.disable_progress_bars()
+        if datasets:
+            datasets.disable_progress_bars()
+        os.environ[DATASETS_BARS_ENV] = "1"  # read when `datasets` is first imported (a hub dataset)
     try:
         yield
     finally:
-        (hf_logging.enable_progress_bar if was_hf else hf_logging.disable_progress_bar)()
-        (hub_utils.enable_progress_bars if was_hub else hub_utils.disable_progress_bars)()
+        (hf_logging.enable_progress_bar if was[0] else hf_logging.disable_progress_bar)()
+        (hub_utils.enable_progress_bars if was[1] else hub_utils.disable_progress_bars)()
+        if was[2] is not None:
+            (datasets.enable_progress_bars if was[2] else datasets.disable_progress_bars)()
+        if was[3] is None:
+            os.environ.pop(DATASETS_BARS_ENV, None)
+        else:
+            os.environ[DATASETS_BARS_ENV] = was[3]
 
 
 def _not_the_cpu_kernel_notice(record: logging.LogRecord) -> bool:
@@ -284,9 +297,9 @@ def run_finetune(config: FinetuneConfig, out: TextIO | None = None) -> FinetuneR
     """
     out = out or sys.stdout
     say = progress_printer(out, config.progress)
-    data = prepare(config)
     t0 = time.perf_counter()
     with progress_bars(config.progress), no_bitsandbytes_notice(config.bits is None):
+        data = prepare(config)
         from transformers import Trainer
         from transformers.trainer_callback import PrinterCallback
 
