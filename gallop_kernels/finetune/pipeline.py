@@ -196,7 +196,8 @@ def load_model(resolved: Any, config: FinetuneConfig, four_bit: bool, say: Calla
 # ---------------------------------------------------------------------------------------------
 
 
-def training_arguments(config: FinetuneConfig, has_eval: bool) -> Any:
+def training_arguments(config: FinetuneConfig, has_eval: bool, output: str | None = None) -> Any:
+    """The ``TrainingArguments`` of a run; checkpoints go to ``output`` (default ``config.output``)."""
     import torch
     from transformers import TrainingArguments
 
@@ -207,7 +208,7 @@ def training_arguments(config: FinetuneConfig, has_eval: bool) -> Any:
               else {"warmup_steps": config.warmup_ratio or config.warmup_steps})
     evaluation = {"eval_strategy": "steps", "eval_steps": config.eval_steps} if has_eval and config.eval_steps else {}
     return TrainingArguments(
-        output_dir=config.output,
+        output_dir=config.output if output is None else output,
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
         per_device_train_batch_size=config.batch_size,
@@ -312,7 +313,8 @@ def run_finetune(config: FinetuneConfig, out: TextIO | None = None) -> FinetuneR
         template = "chat template" if train.chat_template else "raw prompt + response"
         say(f"data: {data.describe()}; prompt/response lines: {template}")
 
-        # Everything is validated: from here on the output folder is written.
+        # Everything is validated: from here on the output folder is written (every write below
+        # goes through `output`, the one place where a staging folder would be swapped in).
         output = config.output
         os.makedirs(output, exist_ok=True)
         config.save(os.path.join(output, CONFIG_FILE))
@@ -322,7 +324,7 @@ def run_finetune(config: FinetuneConfig, out: TextIO | None = None) -> FinetuneR
 
         collate = CausalLMCollator(tokenizer.pad_token_id)
         rep.prepare(model, train, collate)
-        args = training_arguments(config, has_eval=evals is not None)
+        args = training_arguments(config, has_eval=evals is not None, output=output)
         with rep.trainer_context(model):
             trainer = Trainer(
                 model=model, args=args, train_dataset=train, eval_dataset=evals, data_collator=collate,
