@@ -1,11 +1,13 @@
 """User errors and interruptions: what the ``gallop`` command reports on one line, without a traceback.
 
-A :class:`UserError` is bad input a person can fix (an option, a path, a data line, a checkpoint
-that does not fit); the command prints its message and exits 2. Anything else that escapes a
+A user error is bad input a person can fix (an option, a path, a data line, a checkpoint that
+does not fit); the command prints its message and exits 2. Anything else that escapes a
 subcommand is a bug and keeps its traceback. Code that checks input raises plain
-``ValueError``/``TypeError``/``OSError`` as the rest of the project does; the application marks
-the stretch of work whose failures are the user's with :func:`user_input`, so an error raised by
-the same function later, during training, still counts as internal (`docs/design.md#run-folders`).
+``ValueError``/``TypeError``/``OSError`` (or their subclasses, e.g. ``DataError``) as the rest of
+the project does; the application marks the stretch of work whose failures are the user's with
+:func:`user_input`, which tags those exceptions (their type stays what callers catch) so that an
+error raised by the same function later, during training, still counts as internal
+(`docs/design.md#run-folders`). :class:`UserError` is for code that knows on the spot.
 
 SIGINT raises ``KeyboardInterrupt``; within :func:`terminate_as_interrupt` SIGTERM raises
 :class:`Interrupted` (a ``KeyboardInterrupt``), so cleanup in ``finally`` blocks and context
@@ -40,18 +42,24 @@ def exit_status(interrupt: KeyboardInterrupt) -> int:
     return 128 + getattr(interrupt, "signum", signal.SIGINT)
 
 
+_MARK = "gallop_user_error"
+
+
+def is_user_error(error: BaseException) -> bool:
+    """A :class:`UserError`, or an exception raised within :func:`user_input`."""
+    return isinstance(error, UserError) or getattr(error, _MARK, False) is True
+
+
 @contextlib.contextmanager
 def user_input(*kinds: type[BaseException]) -> Iterator[None]:
     """Within the block, ``ValueError``, ``TypeError`` and ``OSError`` (or ``kinds``) are the
-    user's: they are re-raised as :class:`UserError` with the same message (the original is its
-    ``__cause__``)."""
+    user's: they propagate unchanged, tagged so that :func:`is_user_error` says so."""
     kinds = kinds or (ValueError, TypeError, OSError)
     try:
         yield
-    except UserError:
-        raise
     except kinds as error:
-        raise UserError(describe(error)) from error
+        setattr(error, _MARK, True)
+        raise
 
 
 def describe(error: BaseException) -> str:
@@ -112,5 +120,5 @@ def signals_deferred(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM))
                 os.kill(os.getpid(), received[0])
 
 
-__all__ = ["Interrupted", "USER_ERROR_EXIT", "UserError", "describe", "exit_status", "signals_deferred",
-           "terminate_as_interrupt", "user_input"]
+__all__ = ["Interrupted", "USER_ERROR_EXIT", "UserError", "describe", "exit_status", "is_user_error",
+           "signals_deferred", "terminate_as_interrupt", "user_input"]

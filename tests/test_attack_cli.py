@@ -99,7 +99,7 @@ def delta_tensors(folder: str) -> dict[str, torch.Tensor]:
 
 
 def no_model_loads():
-    return mock.patch.object(pipeline, "_load_model_and_tokenizer",
+    return mock.patch.object(pipeline, "resolve_model",
                              side_effect=AssertionError("a model was loaded for a refused input"))
 
 
@@ -318,7 +318,7 @@ def _points():
     from gallop_kernels import SparseAdamW, delta
 
     return {
-        "loading the model": (pipeline, "_load_model_and_tokenizer", kill(signal.SIGINT), 1, 130, []),
+        "loading the model": (pipeline, "load_model", kill(signal.SIGINT), 1, 130, []),
         "the second step": (SparseAdamW, "step", kill(signal.SIGTERM), 2, 143, [1]),
         "writing checkpoint 2": (Trainer, "_save_rng_state", kill(signal.SIGINT), 2, 130, [1]),
         "sealing checkpoint 1": (rundir, "seal_checkpoint", kill(signal.SIGTERM), 1, 143, []),

@@ -15,7 +15,7 @@ import torch
 from attack_support import assert_same_tree, tree_snapshot
 from gallop_kernels import SparseAdamW
 from gallop_kernels.errors import (
-    Interrupted, UserError, describe, signals_deferred, terminate_as_interrupt, user_input,
+    Interrupted, UserError, describe, is_user_error, signals_deferred, terminate_as_interrupt, user_input,
 )
 from gallop_kernels.finetune import rundir
 from gallop_kernels.finetune.pipeline import DELTA_FILE, LOSS_LOG, SUMMARY_FILE, FinetuneConfig
@@ -533,16 +533,22 @@ def test_a_resumed_run_without_selection_stops_before_training(place):
 
 
 def test_user_input_marks_the_users_errors():
-    with pytest.raises(UserError, match="bad density") as err:
+    class DataError(ValueError):
+        pass
+
+    with pytest.raises(DataError, match="line 3") as err:  # the type callers catch stays
         with user_input():
-            raise ValueError("bad density")
-    assert isinstance(err.value.__cause__, ValueError)
-    with pytest.raises(UserError, match=r"/nowhere: No such file or directory"):
+            raise DataError("line 3")
+    assert is_user_error(err.value)
+    with pytest.raises(FileNotFoundError) as err:
         with user_input():
             open("/nowhere")
-    with pytest.raises(RuntimeError):  # not the user's
+    assert is_user_error(err.value) and describe(err.value) == "/nowhere: No such file or directory"
+    with pytest.raises(RuntimeError) as err:
         with user_input():
             raise RuntimeError("bug")
+    assert not is_user_error(err.value) and is_user_error(UserError("x"))
+    assert not is_user_error(ValueError("raised outside: a bug"))
     assert describe(KeyError("k")) == "k"
 
 
