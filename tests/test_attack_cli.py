@@ -413,6 +413,14 @@ def test_planted_links_are_never_written_through(tmp_path, trained):
     assert victim.read_text() == "precious"
     assert not any(os.path.islink(os.path.join(out, n)) for n in os.listdir(out))
     assert sorted(os.listdir(tmp_path)) == ["out", "victim.txt"]
+    # the saved config replays the run, not its --overwrite: replaying it is refused
+    saved = os.path.join(out, "finetune_config.json")
+    assert json.load(open(saved))["overwrite"] is False
+    before = tree_snapshot(tmp_path)
+    code, _, err = gallop(["finetune", "--config", saved, "--no-progress"])
+    assert_refused(code, err)
+    assert "holds a finished run" in err
+    assert_same_tree(before, tree_snapshot(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ trained model with ``apply_sparse_delta`` on a freshly 4-bit-loaded base.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -342,7 +343,8 @@ def _train_and_save(config: FinetuneConfig, data: TrainingData, run: rundir.RunF
     say(f"data: {data.describe()}; prompt/response lines: {template}")
 
     output = run.path  # everything below is written to the staging folder
-    config.save(os.path.join(output, CONFIG_FILE))
+    # (without the run controls: replaying this file with --config must not overwrite or resume)
+    dataclasses.replace(config, overwrite=False, resume=None).save(os.path.join(output, CONFIG_FILE))
     loss_log = run.loss_log
 
     collate = CausalLMCollator(tokenizer.pad_token_id)
