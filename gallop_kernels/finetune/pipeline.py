@@ -1,16 +1,17 @@
 """``gallop finetune`` as a function: validate everything, then train with the Trainer integration.
 
-Order of work (`docs/design.md#finetune`): the options (`finetune.config.check_options`) and the
-data (every file, every line) are checked first; then the model is resolved (the embedded
-default, a ``.gguf`` file converted once into the cache, a folder or a hub id:
-`gallop_kernels.models`) and loaded, and every example is encoded (chat template, assistant-only
-labels), so a bad conversation fails before anything is written. Only then is the output folder
-touched: the trainable representation prepares the model (`finetune.representations`: SparseAdamW
-on the chosen weights, or with ``bits=4`` a sparse fp32 delta on a 4-bit NF4 base), the ``Trainer``
-runs phase one (where the representation does not run it first), phase two and the evaluations,
-and the sparse delta (or the full model), the loss log, the selection summary, the resolved config
-and the result are written. :func:`run_finetune` is that sequence, written once for both
-representations.
+Order of work (`docs/design.md#finetune`): the options (`finetune.config.check_options`), the
+model spec, the data (every file, every line) and the output folder and checkpoint to resume
+(`finetune.rundir.plan_run`) are checked first; then the run's staging folder is created
+(`docs/design.md#run-folders`), the model is resolved (the embedded default, a ``.gguf`` file
+converted once into the cache, a folder or a hub id: `gallop_kernels.models`) and loaded, and every
+example is encoded (chat template, assistant-only labels), so a bad conversation fails before
+anything is trained. The trainable representation prepares the model (`finetune.representations`:
+SparseAdamW on the chosen weights, or with ``bits=4`` a sparse fp32 delta on a 4-bit NF4 base), the
+``Trainer`` runs phase one (where the representation does not run it first), phase two and the
+evaluations, and the sparse delta (or the full model), the loss log, the selection summary, the
+resolved config and the result are written to the staging folder, which is then renamed onto the
+output. :func:`run_finetune` is that sequence, written once for both representations.
 
 With ``bits=4`` the saved delta holds *dequantized base + Δ* at the selected entries; rebuild the
 trained model with ``apply_sparse_delta`` on a freshly 4-bit-loaded base.
