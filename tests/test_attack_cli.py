@@ -234,6 +234,25 @@ def test_each_refusal_says_what_to_do(traps, trained, flag, value, message):
     assert_same_tree(before, tree_snapshot(traps["root"]))
 
 
+def test_every_number_option_of_every_command_refuses_non_finite_values(tmp_path, monkeypatch):
+    from gallop_kernels.cli import build_parser
+
+    monkeypatch.chdir(tmp_path)
+    commands = build_parser()._subparsers._group_actions[0].choices
+    checked = 0
+    for name, sub in commands.items():
+        for action in sub._actions:
+            if action.type is not float:
+                continue
+            for value in ("inf", "-inf", "nan"):
+                code, _, err = gallop([name, f"{action.option_strings[-1]}={value}"])
+                assert_refused(code, err)
+                assert f"{action.option_strings[-1]}: must be a finite number" in err, err
+                checked += 1
+    assert checked >= 3 * 8  # finetune's and the demo's float options at least
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_refusal_after_the_model_loaded_changes_nothing(tmp_path, trained):
     """Target modules are known only once the model is loaded: still exit 2, still no change, and
     the finished run's loss log survives."""
