@@ -1,11 +1,28 @@
 """Exact top-k selection in pure torch that holds one chunk of scores at a time.
 
 `reference.select` sorts the whole group's scores: simple, but it needs ~16 bytes per entry of
-the group at once. This radix select (three passes of 11/11/10-bit digits over order-preserving
-32-bit keys, then an ordered compaction) recomputes scores chunk by chunk from θ and g, so its
-extra memory is O(chunk) and the gradients may live elsewhere (pinned host memory during
+the group at once. This radix select recomputes scores chunk by chunk from θ and g, so its extra
+memory is O(chunk + k) and the gradients may live elsewhere (pinned host memory during
 calibration): each chunk is copied to the parameter's device when it is scored. It selects exactly
-the same index set as the reference.
+the same index set as the reference: the k largest float32 scores, ties to the lower flat index
+of the group's concatenation (see ``docs/design.md``, "Selection").
+
+Keys: a float32 score's bits as an int32, with the magnitude bits of negative scores flipped, order
+exactly like the scores (scores >= 0, the named ones, are their own keys). Two digits, 16 bits
+then the rest:
+
+1. pass A: histogram the top digit of every key (64Ki bins) and check for NaN/inf;
+2. pass B: keep the (position, key) of every entry at or above the bucket that holds the k-th
+   largest key, the rest of the threshold is then found among the kept candidates alone;
+3. only when that bucket holds more than ``chunk`` entries (many exact ties): pass B histograms
+   the bucket's low digit instead, and pass C keeps what is at or above the exact threshold,
+   ties up to the number still needed.
+
+So a typical selection reads θ and g twice, and its memory beyond one chunk is the output plus
+the candidates. Sharded groups (``layout``, see ``ops/collective.py``): every rank runs the same
+passes over its shard; the histograms are summed over the ranks before each bucket choice and the
+NaN/inf counts before raising, and the ties are handed out per tensor and per rank in global
+flat-index order, so the union of the ranks' selections is the one-process selection.
 """
 
 from __future__ import annotations
@@ -15,46 +32,151 @@ from typing import Iterator, Sequence
 import torch
 
 from gallop_kernels import reference
+from gallop_kernels.ops.collective import ShardLayout
 from gallop_kernels.reference import Score
 
-DIGITS = ((21, 11), (10, 11), (0, 10))  # (shift, width): 32 key bits, most significant first
 DEFAULT_CHUNK = 1 << 24
+"""Entries per chunk on a GPU or when streaming gradients from the host: few launches and copies."""
+CPU_CHUNK = 1 << 18
+"""Entries per chunk on a CPU: a chunk's temporaries stay in the caches (measured fastest, see
+``benchmarks/torch_select.py``)."""
+MAX_CANDIDATES = 1 << 24
+TOP_BINS = 1 << 16  # bins of the first digit
+INT32_MAX = (1 << 31) - 1
 
 
 def order_keys(scores: torch.Tensor) -> torch.Tensor:
-    """Map float32 scores to int64 keys in [0, 2^32) that order exactly like the floats."""
-    bits = scores.view(torch.int32).to(torch.int64)
-    return torch.where(bits >= 0, bits + (1 << 31), ~bits)
+    """Map float32 scores to int32 keys whose signed order is exactly the scores' order.
+
+    Non-negative scores keep their bits; negative ones flip their magnitude bits, so that a more
+    negative score gets a smaller key. (-0.0 and +0.0 get different keys: fold them first, as
+    `reference.compute_score` does.)
+    """
+    bits = scores.contiguous().view(torch.int32)
+    return bits ^ ((bits >> 31) & INT32_MAX)
 
 
-def _chunks(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor | None],
-    score: Score,
-    score_eps: float,
-    seed: int,
-    names: Sequence[str],
-    chunk: int,
-) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Yield (tensor position, start within tensor, keys) for every chunk of the group, in order."""
-    offset = 0
-    for t, (p, g, name) in enumerate(zip(params, grads, names)):
-        n = p.numel()
-        # A callable sees whole tensors; named scores are elementwise and can be chunked.
-        step = n if callable(score) else chunk
-        flat_p = p.detach().reshape(-1)
-        flat_g = None if g is None else g.detach().reshape(-1)
-        for start in range(0, n, max(step, 1)):
-            stop = min(n, start + step)
-            if callable(score):
-                piece_p, piece_g = p.detach(), (None if g is None else g.detach().to(p.device))
-            else:
-                piece_p = flat_p[start:stop]
-                piece_g = None if flat_g is None else flat_g[start:stop].to(p.device, non_blocking=True)
-            s = reference.compute_score(piece_p, piece_g, score, score_eps, seed, offset + start)
-            reference.check_finite(s, name)
-            yield t, start, order_keys(s)
-        offset += n
+class _Ranks:
+    """The collectives of one selection: those of ``layout``, or none for one process."""
+
+    def __init__(self, layout: ShardLayout | None) -> None:
+        self.collective = None if layout is None else layout.collective
+        self.world_size = 1 if layout is None else int(layout.collective.world_size)
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.collective is not None and self.world_size > 1:
+            self.collective.all_reduce_sum_(tensor)
+        return tensor
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.collective is None or self.world_size == 1:
+            return tensor.unsqueeze(0)
+        out = self.collective.all_gather(tensor)
+        return out.to(tensor.device).reshape(self.world_size, *tensor.shape)
+
+
+class _Group:
+    """One group's tensors as a stream of (tensor, start, keys) chunks, in global offset order."""
+
+    def __init__(self, params, grads, score, score_eps, seed, names, chunk, offsets) -> None:
+        self.params, self.grads = params, grads
+        self.score, self.score_eps, self.seed = score, score_eps, seed
+        self.names, self.chunk, self.offsets = names, chunk, offsets
+        # Named scores are >= 0, so their bits are their keys; a callable's may be negative.
+        self.signed = callable(score)
+        # Top digit: keys >> shift (+ bias for signed keys), 64Ki bins; the low digit is the rest.
+        self.shift = 16 if self.signed else 15
+        self.bias = 1 << 15 if self.signed else 0
+        natural = list(range(len(offsets)))
+        self.order = sorted(natural, key=lambda i: offsets[i])
+        self.natural = self.order == natural
+
+    def _tensors(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
+        if self.natural:  # plain iteration: `params` may be a lazy sequence (4-bit bases)
+            yield from ((t, p, g) for t, (p, g) in enumerate(zip(self.params, self.grads)))
+        else:
+            yield from ((t, self.params[t], self.grads[t]) for t in self.order)
+
+    def chunks(self, bad: torch.Tensor | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Yield (tensor position, start within the tensor, int32 keys) of every chunk.
+
+        With ``bad`` (pass A), add each tensor's count of NaN/inf scores into ``bad[t]``.
+        """
+        for t, p, g in self._tensors():
+            n = p.numel()
+            if n == 0:
+                continue
+            whole = callable(self.score)  # a callable sees whole tensors
+            step = n if whole else self.chunk
+            flat_p = p.detach().reshape(-1)
+            flat_g = None if g is None else g.detach().reshape(-1)
+            for start in range(0, n, step):
+                stop = min(n, start + step)
+                if whole:
+                    piece_p, piece_g = p.detach(), (None if g is None else g.detach().to(p.device))
+                else:
+                    piece_p = flat_p[start:stop]
+                    piece_g = (
+                        None if flat_g is None
+                        else flat_g[start:stop].to(p.device, non_blocking=True)
+                    )
+                s = reference.compute_score(
+                    piece_p, piece_g, self.score, self.score_eps, self.seed,
+                    self.offsets[t] + start,
+                )
+                if bad is not None:
+                    lo, hi = torch.aminmax(s)  # one cheap pass; count only if something is off
+                    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+                        bad[t] += int((~torch.isfinite(s)).sum())
+                yield t, start, order_keys(s) if self.signed else s.view(torch.int32)
+
+    def key_range(self, bucket: int) -> tuple[int, int]:
+        """The keys [lo, hi) whose top digit is ``bucket``."""
+        lo = (bucket - self.bias) << self.shift
+        return lo, lo + (1 << self.shift)
+
+
+def _choose(hist: torch.Tensor, remaining: int) -> tuple[int, int]:
+    """The bin holding the ``remaining``-th largest entry, and how many entries lie above it."""
+    from_top = hist.flip(0).cumsum(0)
+    j = int(torch.searchsorted(from_top, remaining))
+    bucket = hist.numel() - 1 - j
+    return bucket, int(from_top[j]) - int(hist[bucket])
+
+
+def _check_layout(layout, sizes: list[int], k: int, chunk: int, ranks: _Ranks) -> list[int]:
+    """The global offset of every local tensor; with several ranks, check that they agree."""
+    if layout is None:
+        offsets, off = [], 0
+        for n in sizes:
+            offsets.append(off)
+            off += n
+        return offsets
+    if not isinstance(layout, ShardLayout):
+        raise TypeError(f"layout must be a ShardLayout or None, got {type(layout).__name__}")
+    if len(layout.offsets) != len(sizes):
+        raise ValueError(f"layout has {len(layout.offsets)} offsets for {len(sizes)} local tensors")
+    for off, n in zip(layout.offsets, sizes):
+        if n and off + n > layout.total:
+            raise ValueError(
+                f"local tensor at offset {off} with {n} entries lies outside the group's "
+                f"{layout.total} entries"
+            )
+    # One small exchange so that a rank with another group, k or chunk fails on every rank
+    # instead of leaving the others waiting in a collective of another size.
+    mine = torch.tensor([len(sizes), layout.total, k, chunk, sum(sizes)], dtype=torch.int64)
+    every = ranks.gather(mine)
+    if not bool((every[:, :4] == mine[:4]).all()):
+        raise ValueError(
+            "the ranks disagree on the sharded selection (tensors, total, k, chunk per rank: "
+            f"{every[:, :4].tolist()})"
+        )
+    if int(every[:, 4].sum()) != layout.total:
+        raise ValueError(
+            f"the ranks' local tensors hold {int(every[:, 4].sum())} entries, but the layout's "
+            f"total is {layout.total}"
+        )
+    return list(layout.offsets)
 
 
 def streaming_select(
@@ -65,41 +187,133 @@ def streaming_select(
     score_eps: float = 1e-8,
     seed: int = 0,
     names: Sequence[str] | None = None,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int | None = None,
+    layout: ShardLayout | None = None,
 ) -> list[torch.Tensor]:
-    """Per tensor, the sorted int64 flat indices of the exact top-k (ties to the lower index)."""
+    """Per tensor, the sorted int64 local flat indices of the exact top-k (ties to the lower
+    global flat index).
+
+    ``k`` counts over the whole group: with ``layout``, over all ranks' shards (``layout.total``
+    entries), and every rank must call this with the same arguments but its own shards.
+    Raises ``ValueError`` naming the parameter if a score is NaN or infinite (on every rank).
+    ``chunk``: entries scored at a time (default: ``CPU_CHUNK`` for CPU tensors, else
+    ``DEFAULT_CHUNK``); the memory beyond the output is O(chunk), plus up to
+    ``max(chunk, min(k, MAX_CANDIDATES))`` candidates of the threshold's bucket.
+    """
     names = list(names) if names is not None else [f"#{i}" for i in range(len(params))]
-    total = sum(p.numel() for p in params)
+    # One walk over `params` for sizes and devices (a lazy sequence builds each tensor per walk).
+    sizes, devices = [], []
+    for p in params:
+        sizes.append(p.numel())
+        devices.append(p.device)
+    if chunk is None:
+        chunk = CPU_CHUNK if all(d.type == "cpu" for d in devices) else DEFAULT_CHUNK
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    ranks = _Ranks(layout)
+    total_local = sum(sizes)
+    total = total_local if layout is None else layout.total
     if not 1 <= k <= total:
         raise ValueError(f"k={k} must be between 1 and the number of entries {total}")
-    args = (params, grads, score, score_eps, seed, names, chunk)
+    offsets = _check_layout(layout, sizes, k, chunk, ranks)
+    group = _Group(params, grads, score, score_eps, seed, names, chunk, offsets)
+    n_tensors = len(sizes)
 
-    # Radix passes: narrow the key of the k-th largest entry down one digit at a time.
-    prefix, remaining = 0, k
-    for shift, width in DIGITS:
-        hist = torch.zeros(1 << width, dtype=torch.int64)
-        for _, _, keys in _chunks(*args):
-            top = shift + width
-            match = keys if top >= 32 else keys[(keys >> top) == prefix]
-            digit = (match >> shift) & ((1 << width) - 1)
-            hist += torch.bincount(digit, minlength=1 << width).cpu()
-        from_top = hist.flip(0).cumsum(0)
-        j = int(torch.searchsorted(from_top, remaining))
-        bucket = (1 << width) - 1 - j
-        remaining -= int(from_top[j]) - int(hist[bucket])
-        prefix = (prefix << width) | bucket
-    threshold = prefix  # the exact key of the k-th largest score
+    # Pass A: top-digit histogram and NaN/inf counts, summed over the ranks in one exchange.
+    bad = [0] * n_tensors
+    hist = torch.zeros(TOP_BINS, dtype=torch.int64)
+    for t, _, keys in group.chunks(bad):
+        top = keys >> group.shift
+        if group.bias:
+            top += group.bias
+        hist += torch.bincount(top, minlength=TOP_BINS).cpu()
+    summed = ranks.sum_(torch.cat([torch.tensor(bad, dtype=torch.int64), hist]))
+    for t in range(n_tensors):
+        if summed[t]:
+            raise ValueError(
+                f"selection score of parameter {names[t]} has {int(summed[t])} NaN/infinite "
+                f"value(s); check its weights and gradient"
+            )
+    hist = summed[n_tensors:]
+    bucket, above = _choose(hist, k)
+    remaining = k - above  # still to take from the bucket
+    lo, hi = group.key_range(bucket)
 
-    # Ordered compaction: everything above the threshold, then the first `remaining` ties.
-    picked: list[list[torch.Tensor]] = [[] for _ in params]
-    for t, start, keys in _chunks(*args):
-        above = (keys > threshold).nonzero().flatten()
-        if remaining > 0:
-            ties = (keys == threshold).nonzero().flatten()[:remaining]
-            remaining -= ties.numel()
-            above = torch.cat([above, ties]).sort().values
-        picked[t].append(above + start)
-    return [
-        torch.cat(parts).to(p.device) if parts else torch.empty(0, dtype=torch.int64, device=p.device)
-        for parts, p in zip(picked, params)
-    ]
+    kept_pos: list[list[torch.Tensor]] = [[] for _ in range(n_tensors)]
+    kept_key: list[list[torch.Tensor]] = [[] for _ in range(n_tensors)]
+    tie_counts = [0] * n_tensors
+    low_bins = 1 << group.shift
+    keep_bucket = int(hist[bucket]) <= max(chunk, min(k, MAX_CANDIDATES))
+    if keep_bucket:
+        # Pass B: keep everything at or above the bucket; the low digit comes from the kept keys.
+        low = torch.zeros(low_bins, dtype=torch.int64)
+        for t, start, keys in group.chunks():
+            idx = (keys >= lo).nonzero().squeeze(1)
+            kk = keys[idx]
+            kept_pos[t].append(idx + start)
+            kept_key[t].append(kk)
+            inside = kk[kk < hi]
+            if inside.numel():
+                low += torch.bincount(inside - lo, minlength=low_bins).cpu()
+        threshold_low, above_low = _choose(ranks.sum_(low), remaining)
+        threshold = lo + threshold_low
+        ties_needed = remaining - above_low
+    else:
+        # Many ties in the bucket: pass B histograms its low digit, pass C keeps what is at or
+        # above the exact threshold, ties only up to the number still needed (in offset order).
+        low = torch.zeros(low_bins, dtype=torch.int64)
+        for _, _, keys in group.chunks():
+            inside = keys[(keys >= lo) & (keys < hi)]
+            if inside.numel():
+                low += torch.bincount(inside - lo, minlength=low_bins).cpu()
+        threshold_low, above_low = _choose(ranks.sum_(low), remaining)
+        threshold = lo + threshold_low
+        ties_needed = remaining - above_low
+        budget = ties_needed
+        for t, start, keys in group.chunks():
+            idx = (keys >= threshold).nonzero().squeeze(1)
+            kk = keys[idx]
+            tie = kk == threshold
+            n_tie = int(tie.sum())
+            tie_counts[t] += n_tie
+            keep = ~tie | (tie.cumsum(0) <= budget)
+            budget = max(0, budget - n_tie)
+            kept_pos[t].append(idx[keep] + start)
+            kept_key[t].append(kk[keep])
+
+    # Tie quota per tensor and rank, in global flat-index order of the (offset, count) pairs.
+    pos = [torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64, device=d)
+           for parts, d in zip(kept_pos, devices)]
+    key = [torch.cat(parts) if parts else torch.empty(0, dtype=torch.int32, device=d)
+           for parts, d in zip(kept_key, devices)]
+    if keep_bucket:  # (pass C counted them: it kept at most `ties_needed` per rank)
+        tie_counts = [int((kk == threshold).sum()) for kk in key]
+    above_counts = [int((kk > threshold).sum()) for kk in key]
+    mine = torch.tensor(
+        [[o, c] for o, c in zip(offsets, tie_counts)] + [[sum(above_counts), 0]],
+        dtype=torch.int64,
+    ).reshape(-1, 2)
+    every = ranks.gather(mine)  # [ranks, tensors + 1, 2]
+    pairs = every[:, :n_tensors].reshape(-1, 2)
+    order = torch.sort(pairs[:, 0], stable=True).indices
+    counts = pairs[order, 1]
+    before = torch.cumsum(counts, 0) - counts
+    quota_sorted = torch.minimum(counts, (ties_needed - before).clamp(min=0))
+    quota = torch.empty_like(quota_sorted)
+    quota[order] = quota_sorted
+    quota = quota.reshape(ranks.world_size, n_tensors)
+    rank = 0 if layout is None else layout.collective.rank
+    if int(every[:, n_tensors, 0].sum()) + int(quota.sum()) != k:
+        raise RuntimeError(
+            f"internal error: selection took {int(every[:, n_tensors, 0].sum())} entries above "
+            f"the threshold and {int(quota.sum())} ties, expected k={k}"
+        )
+
+    out = []
+    for t in range(n_tensors):
+        kk = key[t]
+        tie = kk == threshold
+        take = (kk > threshold) | (tie & (tie.cumsum(0) <= int(quota[rank, t])))
+        out.append(pos[t][take])
+    return out
+
