@@ -64,3 +64,134 @@ def test_non_finite_names_the_parameter() -> None:
     g[4] = float("nan")
     with pytest.raises(ValueError, match="mlp.up"):
         streaming_select([torch.ones(6)], [g], 2, names=["mlp.up"])
+
+
+@pytest.mark.parametrize("score", ["gallop", "random", "callable"])
+@pytest.mark.parametrize("chunk", [1, 4, 1 << 20])
+def test_many_ties_path_matches_reference(monkeypatch, score, chunk) -> None:
+    """With no room for candidates, the bucket's low digit is histogrammed in a pass of its own
+    and a third pass keeps the ties still needed: the same index set."""
+    import gallop_kernels.ops.streaming_select as ss
+
+    monkeypatch.setattr(ss, "MAX_CANDIDATES", 0)
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.randint(-2, 3, s, generator=gen).float() * 0.5 for s in [(9, 4), (5,), (30,)]]
+    grads = [torch.randint(-1, 2, p.shape, generator=gen).float() for p in params]
+    fn = (lambda p, g: g * p) if score == "callable" else score
+    total = sum(p.numel() for p in params)
+    offsets = [0, 36, 41]
+    want_scores = [reference.compute_score(p, g, fn, 1e-8, 0, o)
+                   for p, g, o in zip(params, grads, offsets)]
+    for k in (1, 2, 17, total // 2, total - 1, total):
+        want = reference.select_topk(want_scores, k)
+        got = ss.streaming_select(params, grads, k, fn, chunk=chunk)
+        assert [g.tolist() for g in got] == [w.tolist() for w in want], k
+
+
+def test_all_scores_tied_and_empty_tensors() -> None:
+    params = [torch.ones(0), torch.ones(6, 2), torch.ones(0, 3), torch.ones(5)]
+    grads = [None, torch.ones(6, 2), None, torch.ones(5)]
+    for k in (1, 7, 17):
+        got = streaming_select(params, grads, k, "gallop", chunk=4)
+        flat = torch.arange(17)[:k]
+        assert [g.tolist() for g in got] == [[], flat[flat < 12].tolist(), [],
+                                              (flat[flat >= 12] - 12).tolist()]
+
+
+class _OneRank:
+    """A collective of one rank: the sharded code path without other processes."""
+
+    world_size, rank = 1, 0
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def all_reduce_sum_(self, tensor: torch.Tensor) -> None:
+        self.calls.append("all_reduce")
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.calls.append("all_gather")
+        return tensor.unsqueeze(0)
+
+
+@pytest.mark.parametrize("score", ["gallop", "random"])
+def test_one_rank_layout_equals_no_layout(score) -> None:
+    from gallop_kernels.ops.collective import ShardLayout
+
+    params, grads = make_group(5, torch.float32)
+    total = sum(p.numel() for p in params)
+    layout = ShardLayout(_OneRank(), total, (0, 15, 16, 56))
+    for k in (1, 9, total):
+        want = streaming_select(params, grads, k, score)
+        got = streaming_select(params, grads, k, score, layout=layout)
+        assert [g.tolist() for g in got] == [w.tolist() for w in want]
+
+
+@pytest.mark.parametrize("score", ["random", "gallop"])
+def test_layout_offsets_order_hashes_and_ties(score) -> None:
+    """Local tensors listed out of global order: the random score hashes, and ties follow, the
+    layout's offsets, not the local order."""
+    from gallop_kernels.ops.collective import ShardLayout
+
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randint(1, 3, (30,), generator=gen).float(), torch.randint(1, 3, (45,), generator=gen).float()
+    ga, gb = torch.ones(30), torch.ones(45)
+    for k in (1, 20, 75):
+        want_a, want_b = streaming_select([a, b], [ga, gb], k, score, seed=3)
+        got_b, got_a = streaming_select([b, a], [gb, ga], k, score, seed=3,
+                                        layout=ShardLayout(_OneRank(), 75, (30, 0)))
+        assert got_a.tolist() == want_a.tolist() and got_b.tolist() == want_b.tolist()
+
+
+def test_sharded_collectives_are_issued_in_a_fixed_order() -> None:
+    """Every rank must issue the same collectives whatever its data: check, reduce, reduce, gather."""
+    from gallop_kernels.ops.collective import ShardLayout
+
+    for params, grads in ([[torch.ones(8)], [torch.ones(8)]], [[torch.randn(8)], [torch.randn(8)]]):
+        one = _OneRank()
+        streaming_select(params, grads, 3, "gallop", layout=ShardLayout(one, 8, (0,)))
+        assert one.calls == ["all_gather", "all_reduce", "all_reduce", "all_gather"]
+
+
+def test_layout_validation() -> None:
+    from gallop_kernels.ops.collective import ShardLayout
+
+    with pytest.raises(ValueError, match="offsets"):
+        streaming_select([torch.ones(4)], [None], 1, layout=ShardLayout(_OneRank(), 4, (0, 4)))
+    with pytest.raises(ValueError, match="outside"):
+        streaming_select([torch.ones(4)], [None], 1, layout=ShardLayout(_OneRank(), 4, (2,)))
+    with pytest.raises(ValueError, match="non-negative"):
+        ShardLayout(_OneRank(), 4, (-1,))
+    with pytest.raises(TypeError, match="layout"):
+        streaming_select([torch.ones(4)], [None], 1, layout=(0,))
+
+
+def test_lazy_params_are_walked_once_per_pass() -> None:
+    """Callers may pass a sequence that builds each tensor when iterated (4-bit bases): sizes
+    and devices take one walk, then one walk per pass (two for a typical group)."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(50, generator=gen), torch.randn(70, generator=gen)]
+    grads = [torch.randn(50, generator=gen), torch.randn(70, generator=gen)]
+
+    class Lazy:
+        walks = 0
+
+        def __len__(self):
+            return len(tensors)
+
+        def __iter__(self):
+            Lazy.walks += 1
+            return iter([t.clone() for t in tensors])
+
+    got = streaming_select(Lazy(), grads, 12, "gallop")
+    want = reference.select_topk([reference.compute_score(p, g) for p, g in zip(tensors, grads)], 12)
+    assert [g.tolist() for g in got] == [w.tolist() for w in want]
+    assert Lazy.walks == 3
+
+
+def test_nan_count_is_summed_per_parameter() -> None:
+    g = torch.ones(10)
+    g[[1, 7]] = float("nan")
+    with pytest.raises(ValueError, match=r"mlp.down has 2 NaN"):
+        streaming_select([torch.ones(3), torch.ones(10)], [None, g], 2, names=["a", "mlp.down"],
+                         chunk=4)

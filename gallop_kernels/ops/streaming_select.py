@@ -64,12 +64,12 @@ class _Ranks:
         self.world_size = 1 if layout is None else int(layout.collective.world_size)
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.collective is not None and self.world_size > 1:
+        if self.collective is not None:
             self.collective.all_reduce_sum_(tensor)
         return tensor
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.collective is None or self.world_size == 1:
+        if self.collective is None:
             return tensor.unsqueeze(0)
         out = self.collective.all_gather(tensor)
         return out.to(tensor.device).reshape(self.world_size, *tensor.shape)
@@ -152,8 +152,6 @@ def _check_layout(layout, sizes: list[int], k: int, chunk: int, ranks: _Ranks) -
             offsets.append(off)
             off += n
         return offsets
-    if not isinstance(layout, ShardLayout):
-        raise TypeError(f"layout must be a ShardLayout or None, got {type(layout).__name__}")
     if len(layout.offsets) != len(sizes):
         raise ValueError(f"layout has {len(layout.offsets)} offsets for {len(sizes)} local tensors")
     for off, n in zip(layout.offsets, sizes):
@@ -210,6 +208,8 @@ def streaming_select(
         chunk = CPU_CHUNK if all(d.type == "cpu" for d in devices) else DEFAULT_CHUNK
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if layout is not None and not isinstance(layout, ShardLayout):
+        raise TypeError(f"layout must be a ShardLayout or None, got {type(layout).__name__}")
     ranks = _Ranks(layout)
     total_local = sum(sizes)
     total = total_local if layout is None else layout.total
