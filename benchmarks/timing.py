@@ -153,3 +153,39 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> dict[str,
         "gbps": 2 * n * 4 / m.median_s / 1e9,
         "method": f"torch copy_ of {n * 4 / 2**20:.0f} MiB float32, read + write bytes, median of {m.reps}",
     }
+
+
+def measure_interleaved(
+    fns: dict[str, Callable[[], Any]],
+    device: torch.device,
+    *,
+    warmup: int = 1,
+    reps: int = 7,
+) -> dict[str, Measurement]:
+    """Median times of several functions timed in turn, one call of each per round.
+
+    For ratios between implementations on a shared machine: a load spike hits every function of
+    its round alike instead of one function's whole series.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t)
+    out = {}
+    for name, ts in times.items():
+        ts.sort()
+        q = statistics.quantiles(ts, n=5) if len(ts) >= 2 else [ts[0]] * 4
+        out[name] = Measurement(
+            median_s=statistics.median(ts), p20_s=q[0], p80_s=q[3], min_s=ts[0], reps=reps,
+            warmup=warmup, copies=1,
+            timer="perf_counter, interleaved" + (" (synchronised)" if device.type == "cuda" else ""),
+        )
+    return out

@@ -114,17 +114,28 @@ def test_interpreter_checks_pass(quick_report):
     assert checks["sparse_adamw_max_abs_diff"] <= 1e-6
 
 
-def test_bench_cli_shim_parses_and_finds_checkout():
-    import argparse
+def test_installed_package_never_imports_benchmarks():
+    """`benchmarks/` is not installed: no package module imports it, and `gallop` has no `bench`
+    subcommand (it used to import benchmarks/report.py from the working directory or a parent)."""
+    for path in (REPO / "gallop_kernels").rglob("*.py"):
+        text = path.read_text()
+        assert "import benchmarks" not in text and "from benchmarks" not in text, path
+        assert "benchmarks.report" not in text or "python -m benchmarks.report" in text, path
+    from gallop_kernels.cli import build_parser
 
-    from gallop_kernels import bench
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--quick"])
 
-    parser = argparse.ArgumentParser(prog="gallop")
-    sub = parser.add_subparsers(dest="command")
-    bench.register(sub)
-    args = parser.parse_args(["bench", "--quick", "--sizes", "1e3,2e3", "--no-plots"])
-    assert args.mode == "quick" and args.sizes == "1e3,2e3" and args.func is bench.run
-    assert bench.find_checkout() == REPO
+
+def test_report_cli_renders_an_existing_json(quick_report, tmp_path):
+    """--render re-writes the Markdown of a results JSON without timing anything."""
+    from benchmarks import report
+
+    _, path, _ = quick_report
+    copy = tmp_path / path.name
+    copy.write_text(path.read_text())
+    assert report.main(["--render", str(copy), "--no-plots"]) == 0
+    assert (tmp_path / (path.stem + ".md")).read_text().startswith("# gallop_kernels benchmarks")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -136,6 +136,35 @@ class _Group:
         return lo, lo + (1 << self.shift)
 
 
+class _Histogram:
+    """Counts of int32 digits in ``[0, bins)``; small inputs are pooled into one ``bincount``
+    (a group of many small tensors would otherwise pay a full-width histogram per tensor)."""
+
+    def __init__(self, bins: int) -> None:
+        self.bins = bins
+        self.counts = torch.zeros(bins, dtype=torch.int64)
+        self._pending: list[torch.Tensor] = []
+        self._pending_n = 0
+
+    def add(self, digits: torch.Tensor) -> None:
+        if self._pending and self._pending[-1].device != digits.device:
+            self._flush()
+        self._pending.append(digits)
+        self._pending_n += digits.numel()
+        if self._pending_n >= self.bins:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            digits = self._pending[0] if len(self._pending) == 1 else torch.cat(self._pending)
+            self.counts += torch.bincount(digits, minlength=self.bins).cpu()
+        self._pending, self._pending_n = [], 0
+
+    def result(self) -> torch.Tensor:
+        self._flush()
+        return self.counts
+
+
 def _choose(hist: torch.Tensor, remaining: int) -> tuple[int, int]:
     """The bin holding the ``remaining``-th largest entry, and how many entries lie above it."""
     from_top = hist.flip(0).cumsum(0)
@@ -221,13 +250,13 @@ def streaming_select(
 
     # Pass A: top-digit histogram and NaN/inf counts, summed over the ranks in one exchange.
     bad = [0] * n_tensors
-    hist = torch.zeros(TOP_BINS, dtype=torch.int64)
+    top_hist = _Histogram(TOP_BINS)
     for t, _, keys in group.chunks(bad):
         top = keys >> group.shift
         if group.bias:
             top += group.bias
-        hist += torch.bincount(top, minlength=TOP_BINS).cpu()
-    summed = ranks.sum_(torch.cat([torch.tensor(bad, dtype=torch.int64), hist]))
+        top_hist.add(top)
+    summed = ranks.sum_(torch.cat([torch.tensor(bad, dtype=torch.int64), top_hist.result()]))
     for t in range(n_tensors):
         if summed[t]:
             raise ValueError(
@@ -246,27 +275,23 @@ def streaming_select(
     keep_bucket = int(hist[bucket]) <= max(chunk, min(k, MAX_CANDIDATES))
     if keep_bucket:
         # Pass B: keep everything at or above the bucket; the low digit comes from the kept keys.
-        low = torch.zeros(low_bins, dtype=torch.int64)
+        low = _Histogram(low_bins)
         for t, start, keys in group.chunks():
             idx = (keys >= lo).nonzero().squeeze(1)
             kk = keys[idx]
             kept_pos[t].append(idx + start)
             kept_key[t].append(kk)
-            inside = kk[kk < hi]
-            if inside.numel():
-                low += torch.bincount(inside - lo, minlength=low_bins).cpu()
-        threshold_low, above_low = _choose(ranks.sum_(low), remaining)
+            low.add(kk[kk < hi] - lo)
+        threshold_low, above_low = _choose(ranks.sum_(low.result()), remaining)
         threshold = lo + threshold_low
         ties_needed = remaining - above_low
     else:
         # Many ties in the bucket: pass B histograms its low digit, pass C keeps what is at or
         # above the exact threshold, ties only up to the number still needed (in offset order).
-        low = torch.zeros(low_bins, dtype=torch.int64)
+        low = _Histogram(low_bins)
         for _, _, keys in group.chunks():
-            inside = keys[(keys >= lo) & (keys < hi)]
-            if inside.numel():
-                low += torch.bincount(inside - lo, minlength=low_bins).cpu()
-        threshold_low, above_low = _choose(ranks.sum_(low), remaining)
+            low.add(keys[(keys >= lo) & (keys < hi)] - lo)
+        threshold_low, above_low = _choose(ranks.sum_(low.result()), remaining)
         threshold = lo + threshold_low
         ties_needed = remaining - above_low
         budget = ties_needed
@@ -311,9 +336,14 @@ def streaming_select(
 
     out = []
     for t in range(n_tensors):
-        kk = key[t]
-        tie = kk == threshold
-        take = (kk > threshold) | (tie & (tie.cumsum(0) <= int(quota[rank, t])))
+        kk, q = key[t], int(quota[rank, t])
+        if q == 0:
+            take = kk > threshold
+        elif q == tie_counts[t]:
+            take = kk >= threshold
+        else:  # the first q ties
+            tie = kk == threshold
+            take = (kk > threshold) | (tie & (tie.cumsum(0) <= q))
         out.append(pos[t][take])
     return out
 
