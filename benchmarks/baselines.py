@@ -74,6 +74,19 @@ def topk_select_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(idx).values
 
 
+def exact_compact(scores: torch.Tensor, threshold: torch.Tensor, k: int) -> torch.Tensor:
+    """The exact rule given the k-th largest value: sorted flat indices of every entry above the
+    threshold plus the lowest-index ties, k in all (what an exact torch composition ends with)."""
+    above = (scores > threshold).nonzero().squeeze(1)
+    ties = (scores == threshold).nonzero().squeeze(1)[: k - above.numel()]
+    return torch.cat([above, ties]).sort().values
+
+
+def stable_sort_select(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The exact rule with one stable descending sort (ties keep index order), then sorted."""
+    return torch.sort(torch.sort(scores, descending=True, stable=True).indices[:k]).values
+
+
 def threshold_compact(scores: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     """torch compaction baseline: flat indices of the entries at or above the threshold.
 

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import torch
 
+from benchmarks.baselines import exact_compact, kthvalue_threshold
 from benchmarks.cases import make_model
 from benchmarks.environment import device_info, device_slug
 from benchmarks.timing import measure_interleaved
@@ -43,10 +44,7 @@ def composition(params: Sequence[torch.Tensor], density: float) -> list[torch.Te
         offset += p.numel()
     flat = torch.cat(scores)
     k = reference.k_for_density(flat.numel(), density)
-    threshold = torch.kthvalue(flat, flat.numel() - k + 1).values
-    above = (flat > threshold).nonzero().squeeze(1)
-    ties = (flat == threshold).nonzero().squeeze(1)[: k - above.numel()]
-    chosen = torch.cat([above, ties]).sort().values
+    chosen = exact_compact(flat, kthvalue_threshold(flat, k), k)
     out, start = [], 0
     for p in params:
         lo, hi = torch.searchsorted(chosen, start), torch.searchsorted(chosen, start + p.numel())

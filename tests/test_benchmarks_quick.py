@@ -196,3 +196,55 @@ def test_cmake_builds_native_baselines(tmp_path):
     nat = NativeBaselines(lib)
     assert nat.abi_version == 1
     assert nat.topk_method.startswith("cub::")
+
+
+# --------------------------------------------------------------------------------------------------
+# The prepared GPU run, dry (CPU, tiny sizes): every stage runs, so the script works before a GPU
+# minute is spent on it
+# --------------------------------------------------------------------------------------------------
+
+
+def test_gpu_check_dry_run_writes_every_stage(tmp_path):
+    from benchmarks import gpu_check
+
+    threads = torch.get_num_threads()
+    try:
+        rc = gpu_check.main(["--dry", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    jsons = list(tmp_path.glob("gpu-check-*-dry.json"))
+    assert len(jsons) == 1, list(tmp_path.iterdir())
+    data = json.loads(jsons[0].read_text())
+    stages = data["stages"]
+    assert list(stages) == ["env", "build", "tests", "selection", "step", "memory"]
+    assert rc == 0, {n: (s["status"], s["detail"].get("error")) for n, s in stages.items()}
+    for name, stage in stages.items():
+        assert stage["status"] in ("ok", "skipped"), (name, stage["status"], stage["detail"])
+        assert stage["seconds"] <= stage["budget_s"] + 5, name
+    assert data["dry"] is True and data["device"]["name"]
+    # the tests stage really ran pytest, and the memory stage measured its row
+    assert "1 passed" in stages["tests"]["detail"]["dry"]["summary"]
+    assert any(r.get("measured") for r in stages["memory"]["detail"]["rows"])
+    # every exact baseline selected the same set as ours; every row timed or skipped with a reason
+    for name in ("selection", "step"):
+        rows = stages[name]["detail"]["rows"]
+        assert any(r["role"] == "ours" and r["median_s"] > 0 for r in rows if "median_s" in r)
+        for r in rows:
+            assert "median_s" in r or r.get("skipped"), r
+            assert r.get("same_indices_as_ours", True), r
+    targets = {t["target"] for t in data["targets"]}
+    assert {"selection_copy_bw", "selection_vs_torch", "selection_vs_cub",
+            "step_vs_fused_adamw"} <= targets
+    md = (tmp_path / (jsons[0].stem + ".md")).read_text()
+    assert data["device"]["name"] in md and "DRY RUN" in md and "| target |" in md
+    for log in ("tests.log", "gpu-check.log"):
+        assert data["device"]["name"] in (tmp_path / log).read_text(), log
+
+
+def test_gpu_check_refuses_without_cuda_unless_dry(tmp_path, capsys):
+    from benchmarks import gpu_check
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert gpu_check.main(["--out", str(tmp_path)]) == 2
+    assert "--dry" in capsys.readouterr().err

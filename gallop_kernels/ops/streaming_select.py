@@ -166,11 +166,21 @@ class _Histogram:
 
 
 def _choose(hist: torch.Tensor, remaining: int) -> tuple[int, int]:
-    """The bin holding the ``remaining``-th largest entry, and how many entries lie above it."""
-    from_top = hist.flip(0).cumsum(0)
-    j = int(torch.searchsorted(from_top, remaining))
-    bucket = hist.numel() - 1 - j
-    return bucket, int(from_top[j]) - int(hist[bucket])
+    """The bin holding the ``remaining``-th largest entry, and how many entries lie above it.
+
+    Two levels of 256 (rows, then the bins of one row) rather than one scan of all 64Ki bins:
+    the scan's cost is fixed per selection, and small groups notice it."""
+    side = 256 if hist.numel() % 256 == 0 else hist.numel()
+    rows = hist.view(-1, side).sum(1)
+    row_from_top = rows.flip(0).cumsum(0)
+    j = int(torch.searchsorted(row_from_top, remaining))
+    row = rows.numel() - 1 - j
+    above = int(row_from_top[j]) - int(rows[row])
+    sub = hist[row * side:(row + 1) * side]
+    from_top = sub.flip(0).cumsum(0)
+    j = int(torch.searchsorted(from_top, remaining - above))
+    b = side - 1 - j
+    return row * side + b, above + int(from_top[j]) - int(sub[b])
 
 
 def _check_layout(layout, sizes: list[int], k: int, chunk: int, ranks: _Ranks) -> list[int]:
