@@ -195,3 +195,13 @@ def test_nan_count_is_summed_per_parameter() -> None:
     with pytest.raises(ValueError, match=r"mlp.down has 2 NaN"):
         streaming_select([torch.ones(3), torch.ones(10)], [None, g], 2, names=["a", "mlp.down"],
                          chunk=4)
+
+
+@pytest.mark.parametrize("chunk", [2, 1 << 20])
+def test_extreme_scores_at_both_ends_of_the_key_range(chunk) -> None:
+    """Scores near ±float max and subnormals land in the first and last buckets of the digits."""
+    values = torch.tensor([3.4e38, -3.4e38, 1e-45, -1e-45, 0.0, 3.3e38, -3.3e38, 3.4e38, 1.0, -1.0])
+    for k in range(1, values.numel() + 1):
+        want = reference.select_topk([reference.compute_score(values, None, lambda p, g: p)], k)
+        got = streaming_select([values], [None], k, lambda p, g: p, chunk=chunk)
+        assert got[0].tolist() == want[0].tolist(), k

@@ -131,9 +131,10 @@ class _Group:
                 yield t, start, order_keys(s) if self.signed else s.view(torch.int32)
 
     def key_range(self, bucket: int) -> tuple[int, int]:
-        """The keys [lo, hi) whose top digit is ``bucket``."""
+        """The keys ``lo <= key <= last`` whose top digit is ``bucket`` (both fit an int32: a
+        bound of 2**31 would wrap around when compared with int32 keys)."""
         lo = (bucket - self.bias) << self.shift
-        return lo, lo + (1 << self.shift)
+        return lo, lo + (1 << self.shift) - 1
 
 
 class _Histogram:
@@ -276,7 +277,7 @@ def streaming_select(
     hist = summed[n_tensors:]
     bucket, above = _choose(hist, k)
     remaining = k - above  # still to take from the bucket
-    lo, hi = group.key_range(bucket)
+    lo, last = group.key_range(bucket)
 
     kept_pos: list[list[torch.Tensor]] = [[] for _ in range(n_tensors)]
     kept_key: list[list[torch.Tensor]] = [[] for _ in range(n_tensors)]
@@ -291,7 +292,7 @@ def streaming_select(
             kk = keys[idx]
             kept_pos[t].append(idx + start)
             kept_key[t].append(kk)
-            low.add(kk[kk < hi] - lo)
+            low.add(kk[kk <= last] - lo)
         threshold_low, above_low = _choose(ranks.sum_(low.result()), remaining)
         threshold = lo + threshold_low
         ties_needed = remaining - above_low
@@ -300,7 +301,7 @@ def streaming_select(
         # above the exact threshold, ties only up to the number still needed (in offset order).
         low = _Histogram(low_bins)
         for _, _, keys in group.chunks():
-            low.add(keys[(keys >= lo) & (keys < hi)] - lo)
+            low.add(keys[(keys >= lo) & (keys <= last)] - lo)
         threshold_low, above_low = _choose(ranks.sum_(low.result()), remaining)
         threshold = lo + threshold_low
         ties_needed = remaining - above_low
