@@ -36,6 +36,8 @@ MODE_SETTINGS: dict[str, dict[str, Any]] = {
 KERNEL_GROUPS = ("selection", "sparse_step", "optimizer")
 
 OWED_GPU = [
+    "The prepared GPU run (`python -m benchmarks.gpu_check --out DIR`, < 8 min on one H100/H200): "
+    "build, GPU tests, selection and step against the targets of issue 9, 8B memory rows.",
     "Full GPU report (`python -m benchmarks.report --mode gpu`, N = 1e6 … 4e9, bf16) on an H100: "
     "Triton kernels (score+histogram, radix select, compaction, whole selection, sparse AdamW) beside "
     "torch.topk/kthvalue/sort (chunked where needed), the CUB threshold and plain CUDA sparse AdamW "
