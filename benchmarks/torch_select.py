@@ -84,10 +84,24 @@ def run_size(n: int, dtype: torch.dtype, device: torch.device, reps: int) -> dic
     }
 
 
+def software_commit() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def render(data: dict[str, Any]) -> str:
     dev = data["device"]
+    tag = f" [{data['tag']}]" if data.get("tag") else ""
     lines = [
-        f"# Torch backend selection vs the exact composition — {dev['name']} ({data['date']})", "",
+        f"# Torch backend selection vs the exact composition — {dev['name']} ({data['date']}){tag}",
+        "",
+        f"- gallop_kernels imported from {data.get('gallop_kernels_path')} (benchmarks at commit "
+        f"{str(data.get('git_commit'))[:10]})",
         f"- device: {dev['name']} ({dev['kind']}, torch threads {data['threads']}, load average "
         f"{dev.get('load_average_at_start')})",
         f"- torch {torch.__version__}; θ, g {data['rows'][0]['dtype'] if data['rows'] else '?'}, "
@@ -119,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=7, help="interleaved rounds")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=None, help="write JSON + Markdown here")
+    parser.add_argument("--tag", default=None, help="suffix of the output names")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -135,11 +150,15 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{t['streaming_select']['median_s'] * 1e3:9.1f} ms", flush=True)
         rows.append(row)
     now = _dt.datetime.now(_dt.timezone.utc)
+    import gallop_kernels
+
     data = {"date": now.strftime("%Y-%m-%d"), "timestamp": now.isoformat(timespec="seconds"),
-            "device": dev, "threads": torch.get_num_threads(), "rows": rows}
+            "device": dev, "threads": torch.get_num_threads(), "tag": args.tag,
+            "gallop_kernels_path": str(Path(gallop_kernels.__file__).parent),
+            "git_commit": software_commit(), "rows": rows}
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        stem = f"torch-select-{device_slug(dev)}-{data['date']}"
+        stem = f"torch-select-{device_slug(dev)}-{data['date']}" + (f"-{args.tag}" if args.tag else "")
         (args.out / f"{stem}.json").write_text(json.dumps(data, indent=1) + "\n")
         (args.out / f"{stem}.md").write_text(render(data))
         print(f"wrote {args.out / stem}.json and .md")

@@ -147,10 +147,15 @@ def test_sharded_collectives_are_issued_in_a_fixed_order() -> None:
     """Every rank must issue the same collectives whatever its data: check, reduce, reduce, gather."""
     from gallop_kernels.ops.collective import ShardLayout
 
-    for params, grads in ([[torch.ones(8)], [torch.ones(8)]], [[torch.randn(8)], [torch.randn(8)]]):
+    seen = []
+    for params, grads in ([[torch.ones(8)], [torch.ones(8)]], [[torch.randn(8)], [torch.randn(8)]],
+                          [[torch.zeros(8)], [None]]):
         one = _OneRank()
         streaming_select(params, grads, 3, "gallop", layout=ShardLayout(one, 8, (0,)))
-        assert one.calls == ["all_gather", "all_reduce", "all_reduce", "all_gather"]
+        seen.append(one.calls)
+    # check, pass A, one per remaining digit (23 bits below an 8-bit top digit: 3), tie quota
+    assert seen[0] == ["all_gather"] + ["all_reduce"] * 4 + ["all_gather"]
+    assert seen[1] == seen[0] and seen[2] == seen[0]
 
 
 def test_layout_validation() -> None:
@@ -166,9 +171,11 @@ def test_layout_validation() -> None:
         streaming_select([torch.ones(4)], [None], 1, layout=(0,))
 
 
-def test_lazy_params_are_walked_once_per_pass() -> None:
+@pytest.mark.parametrize("chunk,walks", [(16, 3), (1 << 20, 2)])
+def test_lazy_params_are_walked_once_per_pass(chunk, walks) -> None:
     """Callers may pass a sequence that builds each tensor when iterated (4-bit bases): sizes
-    and devices take one walk, then one walk per pass (two for a typical group)."""
+    and devices take one walk, then one walk per read of θ and g (two for a typical group; one
+    when the group fits in a chunk, whose keys are then kept)."""
     gen = torch.Generator().manual_seed(0)
     tensors = [torch.randn(50, generator=gen), torch.randn(70, generator=gen)]
     grads = [torch.randn(50, generator=gen), torch.randn(70, generator=gen)]
@@ -183,10 +190,10 @@ def test_lazy_params_are_walked_once_per_pass() -> None:
             Lazy.walks += 1
             return iter([t.clone() for t in tensors])
 
-    got = streaming_select(Lazy(), grads, 12, "gallop")
+    got = streaming_select(Lazy(), grads, 12, "gallop", chunk=chunk)
     want = reference.select_topk([reference.compute_score(p, g) for p, g in zip(tensors, grads)], 12)
     assert [g.tolist() for g in got] == [w.tolist() for w in want]
-    assert Lazy.walks == 3
+    assert Lazy.walks == walks
 
 
 def test_nan_count_is_summed_per_parameter() -> None:
@@ -205,3 +212,20 @@ def test_extreme_scores_at_both_ends_of_the_key_range(chunk) -> None:
         want = reference.select_topk([reference.compute_score(values, None, lambda p, g: p)], k)
         got = streaming_select([values], [None], k, lambda p, g: p, chunk=chunk)
         assert got[0].tolist() == want[0].tolist(), k
+
+
+@pytest.mark.parametrize("max_candidates,chunk", [(0, 1 << 10), (1 << 24, 1 << 16)])
+def test_large_group_uses_the_wide_top_digit(monkeypatch, max_candidates, chunk) -> None:
+    """At 2^20 entries the top digit is 16 bits; with no room for candidates the rest is found
+    by reads of its own. bf16 inputs: many exact ties, as in real models."""
+    import gallop_kernels.ops.streaming_select as ss
+
+    monkeypatch.setattr(ss, "MAX_CANDIDATES", max_candidates)
+    gen = torch.Generator().manual_seed(7)
+    sizes = [(1 << 20) - 5, 9]
+    params = [(torch.randn(n, generator=gen) * 0.02).bfloat16() for n in sizes]
+    grads = [(torch.randn(n, generator=gen) * 1e-3).bfloat16() for n in sizes]
+    want = reference.select(params, grads, 0.2)
+    k = reference.k_for_density(sum(sizes), 0.2)
+    got = ss.streaming_select(params, grads, k, "gallop", chunk=chunk)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))

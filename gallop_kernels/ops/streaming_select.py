@@ -8,26 +8,29 @@ the same index set as the reference: the k largest float32 scores, ties to the l
 of the group's concatenation (see ``docs/design.md``, "Selection").
 
 Keys: a float32 score's bits as an int32, with the magnitude bits of negative scores flipped, order
-exactly like the scores (scores >= 0, the named ones, are their own keys). Two digits, 16 bits
-then the rest:
+exactly like the scores (scores >= 0, the named ones, are their own keys). The k-th largest key is
+found digit by digit, most significant first:
 
-1. pass A: histogram the top digit of every key (64Ki bins) and check for NaN/inf;
-2. pass B: keep the (position, key) of every entry at or above the bucket that holds the k-th
-   largest key, the rest of the threshold is then found among the kept candidates alone;
-3. only when that bucket holds more than ``chunk`` entries (many exact ties): pass B histograms
-   the bucket's low digit instead, and pass C keeps what is at or above the exact threshold,
-   ties up to the number still needed.
+1. pass A reads θ and g: a histogram of every key's top digit (up to 16 bits, 64Ki bins; fewer
+   for small groups, whose fixed costs would otherwise show) and the NaN/inf check;
+2. pass B reads θ and g again and keeps the (position, key) of every entry at or above the bucket
+   holding the k-th largest key; the remaining digits are then found among the kept keys alone
+   (8 bits a round, 256 bins), and the output is taken from them: two reads in all;
+3. only when that bucket holds more than ``max(chunk, min(k, MAX_CANDIDATES))`` entries (many
+   exact ties) is the next digit histogrammed by another read (16 bits) before keeping, and when
+   the exact threshold itself has too many ties the keeping read keeps ties only up to the number
+   still needed.
 
-So a typical selection reads θ and g twice, and its memory beyond one chunk is the output plus
-the candidates. Sharded groups (``layout``, see ``ops/collective.py``): every rank runs the same
-passes over its shard; the histograms are summed over the ranks before each bucket choice and the
-NaN/inf counts before raising, and the ties are handed out per tensor and per rank in global
-flat-index order, so the union of the ranks' selections is the one-process selection.
+Sharded groups (``layout``, see ``ops/collective.py``): every rank runs the same reads over its
+shard and the same collectives in the same order; the histograms are summed over the ranks
+before each bucket choice and the NaN/inf counts before raising, and the ties are handed out per
+tensor and per rank in global flat-index order, so the union of the ranks' selections is the
+one-process selection.
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 
@@ -75,21 +78,42 @@ class _Ranks:
         return out.to(tensor.device).reshape(self.world_size, *tensor.shape)
 
 
-class _Group:
-    """One group's tensors as a stream of (tensor, start, keys) chunks, in global offset order."""
+class _Segment(NamedTuple):
+    """Where a run of a packed chunk's keys comes from: tensor ``t``, entries start..start+n."""
 
-    def __init__(self, params, grads, score, score_eps, seed, names, chunk, offsets) -> None:
+    t: int
+    start: int
+    n: int
+
+
+class _Group:
+    """One group's tensors as a stream of packed chunks of keys, in global offset order.
+
+    A chunk holds up to ``chunk`` keys: a slice of a large tensor, or several small tensors
+    packed together, so that a group of many small tensors costs few torch calls per read. A
+    group that fits in one chunk keeps its keys between reads (still O(chunk) memory): its
+    scores are computed once.
+    """
+
+    def __init__(self, params, grads, score, score_eps, seed, names, chunk, offsets,
+                 total: int, total_local: int) -> None:
         self.params, self.grads = params, grads
         self.score, self.score_eps, self.seed = score, score_eps, seed
         self.names, self.chunk, self.offsets = names, chunk, offsets
-        # Named scores are >= 0, so their bits are their keys; a callable's may be negative.
+        # Named scores are >= 0, so their bits are their keys (31 bits); a callable's may be
+        # negative (32 bits).
         self.signed = callable(score)
-        # Top digit: keys >> shift (+ bias for signed keys), 64Ki bins; the low digit is the rest.
-        self.shift = 16 if self.signed else 15
-        self.bias = 1 << 15 if self.signed else 0
+        key_bits = 32 if self.signed else 31
+        # Top digit: keys >> shift (+ bias for signed keys). 16 bits for large groups (a narrow
+        # bucket, few candidates); fewer for small ones (a histogram smaller than the group).
+        self.top_bits = max(8, min(16, total.bit_length() - 4))
+        self.shift = key_bits - self.top_bits
+        self.bias = 1 << (self.top_bits - 1) if self.signed else 0
         natural = list(range(len(offsets)))
         self.order = sorted(natural, key=lambda i: offsets[i])
         self.natural = self.order == natural
+        self._cache: list[tuple[list[_Segment], torch.Tensor]] | None = None
+        self._cacheable = total_local <= chunk
 
     def _tensors(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
         if self.natural:  # plain iteration: `params` may be a lazy sequence (4-bit bases)
@@ -97,11 +121,8 @@ class _Group:
         else:
             yield from ((t, self.params[t], self.grads[t]) for t in self.order)
 
-    def chunks(self, bad: torch.Tensor | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """Yield (tensor position, start within the tensor, int32 keys) of every chunk.
-
-        With ``bad`` (pass A), add each tensor's count of NaN/inf scores into ``bad[t]``.
-        """
+    def _pieces(self, bad: list[int] | None) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(tensor position, start within the tensor, int32 keys) of every slice of every tensor."""
         for t, p, g in self._tensors():
             n = p.numel()
             if n == 0:
@@ -129,6 +150,39 @@ class _Group:
                     if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
                         bad[t] += int((~torch.isfinite(s)).sum())
                 yield t, start, order_keys(s) if self.signed else s.view(torch.int32)
+
+    def chunks(self, bad: list[int] | None = None) -> Iterator[tuple[list[_Segment], torch.Tensor]]:
+        """Yield (segments, int32 keys) of every packed chunk, in offset order.
+
+        With ``bad`` (pass A), add each tensor's count of NaN/inf scores into ``bad[t]``.
+        """
+        if self._cache is not None:
+            yield from self._cache
+            return
+        cache = [] if self._cacheable else None
+        segments: list[_Segment] = []
+        parts: list[torch.Tensor] = []
+        size = 0
+        for t, start, keys in self._pieces(bad):
+            if parts and (size + keys.numel() > self.chunk or parts[-1].device != keys.device):
+                packed = (segments, parts[0] if len(parts) == 1 else torch.cat(parts))
+                if cache is not None:
+                    cache.append(packed)
+                yield packed
+                segments, parts, size = [], [], 0
+            segments.append(_Segment(t, start, keys.numel()))
+            parts.append(keys)
+            size += keys.numel()
+        if parts:
+            packed = (segments, parts[0] if len(parts) == 1 else torch.cat(parts))
+            if cache is not None:
+                cache.append(packed)
+            yield packed
+        self._cache = cache
+
+    def top_digit(self, keys: torch.Tensor) -> torch.Tensor:
+        top = keys >> self.shift
+        return top + self.bias if self.bias else top
 
     def key_range(self, bucket: int) -> tuple[int, int]:
         """The keys ``lo <= key <= last`` whose top digit is ``bucket`` (both fit an int32: a
@@ -256,17 +310,16 @@ def streaming_select(
     if not 1 <= k <= total:
         raise ValueError(f"k={k} must be between 1 and the number of entries {total}")
     offsets = _check_layout(layout, sizes, k, chunk, ranks)
-    group = _Group(params, grads, score, score_eps, seed, names, chunk, offsets)
+    group = _Group(params, grads, score, score_eps, seed, names, chunk, offsets, total,
+                   total_local)
     n_tensors = len(sizes)
+    cap = max(chunk, min(k, MAX_CANDIDATES))  # entries of the threshold's bucket we may keep
 
     # Pass A: top-digit histogram and NaN/inf counts, summed over the ranks in one exchange.
     bad = [0] * n_tensors
-    top_hist = _Histogram(TOP_BINS)
-    for t, _, keys in group.chunks(bad):
-        top = keys >> group.shift
-        if group.bias:
-            top += group.bias
-        top_hist.add(top)
+    top_hist = _Histogram(1 << group.top_bits)
+    for _, keys in group.chunks(bad):
+        top_hist.add(group.top_digit(keys))
     summed = ranks.sum_(torch.cat([torch.tensor(bad, dtype=torch.int64), top_hist.result()]))
     for t in range(n_tensors):
         if summed[t]:
@@ -277,53 +330,107 @@ def streaming_select(
     hist = summed[n_tensors:]
     bucket, above = _choose(hist, k)
     remaining = k - above  # still to take from the bucket
+    in_bucket = int(hist[bucket])
     lo, last = group.key_range(bucket)
+    low_bits = group.shift  # key bits below the chosen prefix
 
-    kept_pos: list[list[torch.Tensor]] = [[] for _ in range(n_tensors)]
-    kept_key: list[list[torch.Tensor]] = [[] for _ in range(n_tensors)]
-    tie_counts = [0] * n_tensors
-    low_bins = 1 << group.shift
-    keep_bucket = int(hist[bucket]) <= max(chunk, min(k, MAX_CANDIDATES))
-    if keep_bucket:
-        # Pass B: keep everything at or above the bucket; the low digit comes from the kept keys.
-        low = _Histogram(low_bins)
-        for t, start, keys in group.chunks():
-            idx = (keys >= lo).nonzero().squeeze(1)
-            kk = keys[idx]
-            kept_pos[t].append(idx + start)
-            kept_key[t].append(kk)
-            low.add(kk[kk <= last] - lo)
-        threshold_low, above_low = _choose(ranks.sum_(low.result()), remaining)
-        threshold = lo + threshold_low
-        ties_needed = remaining - above_low
-    else:
-        # Many ties in the bucket: pass B histograms its low digit, pass C keeps what is at or
-        # above the exact threshold, ties only up to the number still needed (in offset order).
-        low = _Histogram(low_bins)
-        for _, _, keys in group.chunks():
-            low.add(keys[(keys >= lo) & (keys <= last)] - lo)
-        threshold_low, above_low = _choose(ranks.sum_(low.result()), remaining)
-        threshold = lo + threshold_low
-        ties_needed = remaining - above_low
-        budget = ties_needed
-        for t, start, keys in group.chunks():
-            idx = (keys >= threshold).nonzero().squeeze(1)
-            kk = keys[idx]
-            tie = kk == threshold
-            n_tie = int(tie.sum())
-            tie_counts[t] += n_tie
-            keep = ~tie | (tie.cumsum(0) <= budget)
-            budget = max(0, budget - n_tie)
-            kept_pos[t].append(idx[keep] + start)
-            kept_key[t].append(kk[keep])
+    # Narrow [lo, last] down to the exact threshold. Each round's histogram comes from the kept
+    # keys once the bucket fits in `cap` (no read of θ, g), else from a read of its own.
+    kept: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+    while True:
+        if kept is None and in_bucket <= cap:
+            kept = _keep_at_least(group, devices, lo)
+        if low_bits == 0:
+            break
+        bits = min(8 if kept is not None else 16, low_bits)
+        low_bits -= bits
+        digits = _Histogram(1 << bits)
+        if kept is not None:
+            for kk in kept[1]:
+                digits.add((kk[(kk >= lo) & (kk <= last)] - lo) >> low_bits)
+        else:
+            for _, keys in group.chunks():
+                digits.add((keys[(keys >= lo) & (keys <= last)] - lo) >> low_bits)
+        summed = ranks.sum_(digits.result())
+        sub, above = _choose(summed, remaining)
+        remaining -= above
+        in_bucket = int(summed[sub])
+        lo += sub << low_bits
+        last = lo + (1 << low_bits) - 1
+    threshold, ties_needed = lo, remaining
 
-    # Tie quota per tensor and rank, in global flat-index order of the (offset, count) pairs.
+    if kept is not None:
+        pos, key = kept
+        tie_counts = [int((kk == threshold).sum()) for kk in key]
+    else:  # too many exact ties to keep them all: keep the first ones needed, count the rest
+        pos, key, tie_counts = _keep_with_tie_budget(group, devices, threshold, ties_needed)
+    return _take(ranks, layout, offsets, pos, key, tie_counts, threshold, ties_needed, k)
+
+
+def _keep_at_least(group: _Group, devices: list[torch.device], lo: int):
+    """One read: per tensor, the sorted positions and keys of every entry with key >= lo."""
+    kept_pos: list[list[torch.Tensor]] = [[] for _ in devices]
+    kept_key: list[list[torch.Tensor]] = [[] for _ in devices]
+    for segments, keys in group.chunks():
+        idx = (keys >= lo).nonzero().squeeze(1)
+        kk = keys[idx]
+        for seg, sl in _split(segments, idx):
+            kept_pos[seg.t].append(idx[sl] + seg.start)
+            kept_key[seg.t].append(kk[sl])
+    return _concat(devices, kept_pos, kept_key)
+
+
+def _keep_with_tie_budget(group: _Group, devices: list[torch.device], threshold: int,
+                          ties_needed: int):
+    """One read: entries above the threshold, and ties only while this rank could still need
+    them (in offset order: a rank's taken ties are a prefix of its own); full tie counts."""
+    kept_pos: list[list[torch.Tensor]] = [[] for _ in devices]
+    kept_key: list[list[torch.Tensor]] = [[] for _ in devices]
+    tie_counts = [0] * len(devices)
+    budget = ties_needed
+    for segments, keys in group.chunks():
+        idx = (keys >= threshold).nonzero().squeeze(1)
+        kk = keys[idx]
+        tie = kk == threshold
+        keep = ~tie | (tie.cumsum(0) <= budget)
+        budget = max(0, budget - int(tie.sum()))
+        for seg, sl in _split(segments, idx):
+            tie_counts[seg.t] += int(tie[sl].sum())
+            seg_keep = keep[sl]
+            kept_pos[seg.t].append(idx[sl][seg_keep] + seg.start)
+            kept_key[seg.t].append(kk[sl][seg_keep])
+    pos, key = _concat(devices, kept_pos, kept_key)
+    return pos, key, tie_counts
+
+
+def _split(segments: list[_Segment], idx: torch.Tensor) -> Iterator[tuple[_Segment, slice]]:
+    """For sorted positions ``idx`` in a packed chunk: each segment and the slice of ``idx``
+    that falls in it, with ``idx`` made local to the segment's start in place."""
+    if len(segments) == 1:
+        yield segments[0], slice(None)
+        return
+    ends = [0]
+    for seg in segments:
+        ends.append(ends[-1] + seg.n)
+    cuts = torch.searchsorted(idx, torch.tensor(ends, dtype=idx.dtype, device=idx.device)).tolist()
+    for i, seg in enumerate(segments):
+        if cuts[i + 1] > cuts[i]:
+            idx[cuts[i]:cuts[i + 1]] -= ends[i]
+            yield seg, slice(cuts[i], cuts[i + 1])
+
+
+def _concat(devices, kept_pos, kept_key) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     pos = [torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64, device=d)
            for parts, d in zip(kept_pos, devices)]
     key = [torch.cat(parts) if parts else torch.empty(0, dtype=torch.int32, device=d)
            for parts, d in zip(kept_key, devices)]
-    if keep_bucket:  # (pass C counted them: it kept at most `ties_needed` per rank)
-        tie_counts = [int((kk == threshold).sum()) for kk in key]
+    return pos, key
+
+
+def _take(ranks, layout, offsets, pos, key, tie_counts, threshold, ties_needed, k):
+    """Everything kept above the threshold, plus each tensor's tie quota: the ties are handed
+    out in global flat-index order of the (offset, count) pairs of every tensor of every rank."""
+    n_tensors = len(pos)
     above_counts = [int((kk > threshold).sum()) for kk in key]
     mine = torch.tensor(
         [[o, c] for o, c in zip(offsets, tie_counts)] + [[sum(above_counts), 0]],
@@ -344,7 +451,6 @@ def streaming_select(
             f"internal error: selection took {int(every[:, n_tensors, 0].sum())} entries above "
             f"the threshold and {int(quota.sum())} ties, expected k={k}"
         )
-
     out = []
     for t in range(n_tensors):
         kk, q = key[t], int(quota[rank, t])
@@ -357,4 +463,3 @@ def streaming_select(
             take = (kk > threshold) | (tie & (tie.cumsum(0) <= q))
         out.append(pos[t][take])
     return out
-
