@@ -170,7 +170,8 @@ def worker(rank: int, world: int, port: int, backend: str, out: str) -> None:
                     try:
                         k = reference.k_for_density(offset, case["density"])
                         got = ss.streaming_select(local_p, local_g, k, score_of(case), 1e-8, 0,
-                                                  names, chunk=case["chunk"], layout=layout)
+                                                  names, chunk=case["chunk"], layout=layout,
+                                                  keep_keys=0)
                     finally:
                         ss.MAX_CANDIDATES = saved
                 else:

@@ -29,8 +29,8 @@ def make_group(seed: int, dtype: torch.dtype):
 
 
 @pytest.mark.parametrize("score", ["gallop", "gradient", "magnitude", "random"])
-@pytest.mark.parametrize("chunk", [5, 1 << 20])
-def test_matches_reference(dtype, score, chunk) -> None:
+@pytest.mark.parametrize("chunk,keep_keys", [(5, 0), (5, 1 << 20), (1 << 20, 0)])
+def test_matches_reference(dtype, score, chunk, keep_keys) -> None:
     for seed in range(3):
         params, grads = make_group(seed, dtype)
         total = sum(p.numel() for p in params)
@@ -38,7 +38,7 @@ def test_matches_reference(dtype, score, chunk) -> None:
             want = reference.select_topk(
                 [reference.compute_score(p, g, score, 1e-8, 0, off) for p, g, off in
                  zip(params, grads, [0, 15, 16, 56])], k)
-            got = streaming_select(params, grads, k, score, chunk=chunk)
+            got = streaming_select(params, grads, k, score, chunk=chunk, keep_keys=keep_keys)
             assert [g.tolist() for g in got] == [w.tolist() for w in want]
 
 
@@ -84,7 +84,7 @@ def test_many_ties_path_matches_reference(monkeypatch, score, chunk) -> None:
                    for p, g, o in zip(params, grads, offsets)]
     for k in (1, 2, 17, total // 2, total - 1, total):
         want = reference.select_topk(want_scores, k)
-        got = ss.streaming_select(params, grads, k, fn, chunk=chunk)
+        got = ss.streaming_select(params, grads, k, fn, chunk=chunk, keep_keys=0)
         assert [g.tolist() for g in got] == [w.tolist() for w in want], k
 
 
@@ -171,11 +171,11 @@ def test_layout_validation() -> None:
         streaming_select([torch.ones(4)], [None], 1, layout=(0,))
 
 
-@pytest.mark.parametrize("chunk,walks", [(16, 3), (1 << 20, 2)])
-def test_lazy_params_are_walked_once_per_pass(chunk, walks) -> None:
+@pytest.mark.parametrize("keep_keys,walks", [(0, 3), (1 << 20, 2)])
+def test_lazy_params_are_walked_once_per_pass(keep_keys, walks) -> None:
     """Callers may pass a sequence that builds each tensor when iterated (4-bit bases): sizes
     and devices take one walk, then one walk per read of θ and g (two for a typical group; one
-    when the group fits in a chunk, whose keys are then kept)."""
+    when the group's keys are kept between reads)."""
     gen = torch.Generator().manual_seed(0)
     tensors = [torch.randn(50, generator=gen), torch.randn(70, generator=gen)]
     grads = [torch.randn(50, generator=gen), torch.randn(70, generator=gen)]
@@ -190,7 +190,7 @@ def test_lazy_params_are_walked_once_per_pass(chunk, walks) -> None:
             Lazy.walks += 1
             return iter([t.clone() for t in tensors])
 
-    got = streaming_select(Lazy(), grads, 12, "gallop", chunk=chunk)
+    got = streaming_select(Lazy(), grads, 12, "gallop", chunk=16, keep_keys=keep_keys)
     want = reference.select_topk([reference.compute_score(p, g) for p, g in zip(tensors, grads)], 12)
     assert [g.tolist() for g in got] == [w.tolist() for w in want]
     assert Lazy.walks == walks
@@ -227,5 +227,5 @@ def test_large_group_uses_the_wide_top_digit(monkeypatch, max_candidates, chunk)
     grads = [(torch.randn(n, generator=gen) * 1e-3).bfloat16() for n in sizes]
     want = reference.select(params, grads, 0.2)
     k = reference.k_for_density(sum(sizes), 0.2)
-    got = ss.streaming_select(params, grads, k, "gallop", chunk=chunk)
+    got = ss.streaming_select(params, grads, k, "gallop", chunk=chunk, keep_keys=0)
     assert all(torch.equal(g, w) for g, w in zip(got, want))

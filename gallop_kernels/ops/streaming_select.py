@@ -43,9 +43,13 @@ DEFAULT_CHUNK = 1 << 24
 CPU_CHUNK = 1 << 18
 """Entries per chunk on a CPU: a chunk's temporaries stay in the caches (measured fastest, see
 ``benchmarks/torch_select.py``)."""
+KEEP_KEYS = 1 << 24
+"""A group of at most this many local entries keeps its keys between reads (64 MiB): scored once."""
 MAX_CANDIDATES = 1 << 24
 TOP_BINS = 1 << 16  # bins of the first digit
 INT32_MAX = (1 << 31) - 1
+FINITE_KEYS = {False: (0, 0x7F7FFFFF), True: (-0x7F800000, 0x7F7FFFFF)}
+"""The keys of finite scores (non-negative scores; signed scores): anything else is NaN or ±inf."""
 
 
 def order_keys(scores: torch.Tensor) -> torch.Tensor:
@@ -79,11 +83,13 @@ class _Ranks:
 
 
 class _Segment(NamedTuple):
-    """Where a run of a packed chunk's keys comes from: tensor ``t``, entries start..start+n."""
+    """A run of keys in the group's packed order: tensor ``t``'s entries ``start .. start+n``,
+    at position ``at`` of the packed order (the concatenation of every chunk)."""
 
     t: int
     start: int
     n: int
+    at: int
 
 
 class _Group:
@@ -91,12 +97,12 @@ class _Group:
 
     A chunk holds up to ``chunk`` keys: a slice of a large tensor, or several small tensors
     packed together, so that a group of many small tensors costs few torch calls per read. A
-    group that fits in one chunk keeps its keys between reads (still O(chunk) memory): its
-    scores are computed once.
+    group of at most ``keep_keys`` local entries keeps its keys between reads: its scores are
+    computed once.
     """
 
     def __init__(self, params, grads, score, score_eps, seed, names, chunk, offsets,
-                 total: int, total_local: int) -> None:
+                 total: int, total_local: int, keep_keys: int) -> None:
         self.params, self.grads = params, grads
         self.score, self.score_eps, self.seed = score, score_eps, seed
         self.names, self.chunk, self.offsets = names, chunk, offsets
@@ -112,8 +118,9 @@ class _Group:
         natural = list(range(len(offsets)))
         self.order = sorted(natural, key=lambda i: offsets[i])
         self.natural = self.order == natural
+        self.segments: list[_Segment] = []  # filled by the first read
         self._cache: list[tuple[list[_Segment], torch.Tensor]] | None = None
-        self._cacheable = total_local <= chunk
+        self._cacheable = total_local <= keep_keys
 
     def _tensors(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
         if self.natural:  # plain iteration: `params` may be a lazy sequence (4-bit bases)
@@ -121,7 +128,7 @@ class _Group:
         else:
             yield from ((t, self.params[t], self.grads[t]) for t in self.order)
 
-    def _pieces(self, bad: list[int] | None) -> Iterator[tuple[int, int, torch.Tensor]]:
+    def _pieces(self) -> Iterator[tuple[int, int, torch.Tensor]]:
         """(tensor position, start within the tensor, int32 keys) of every slice of every tensor."""
         for t, p, g in self._tensors():
             n = p.numel()
@@ -145,40 +152,37 @@ class _Group:
                     piece_p, piece_g, self.score, self.score_eps, self.seed,
                     self.offsets[t] + start,
                 )
-                if bad is not None:
-                    lo, hi = torch.aminmax(s)  # one cheap pass; count only if something is off
-                    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
-                        bad[t] += int((~torch.isfinite(s)).sum())
                 yield t, start, order_keys(s) if self.signed else s.view(torch.int32)
 
-    def chunks(self, bad: list[int] | None = None) -> Iterator[tuple[list[_Segment], torch.Tensor]]:
-        """Yield (segments, int32 keys) of every packed chunk, in offset order.
-
-        With ``bad`` (pass A), add each tensor's count of NaN/inf scores into ``bad[t]``.
-        """
+    def chunks(self) -> Iterator[tuple[list[_Segment], torch.Tensor]]:
+        """Yield (segments, int32 keys) of every packed chunk, in offset order."""
         if self._cache is not None:
             yield from self._cache
             return
+        first = not self.segments
         cache = [] if self._cacheable else None
         segments: list[_Segment] = []
         parts: list[torch.Tensor] = []
-        size = 0
-        for t, start, keys in self._pieces(bad):
+        size = at = 0
+        for t, start, keys in self._pieces():
             if parts and (size + keys.numel() > self.chunk or parts[-1].device != keys.device):
-                packed = (segments, parts[0] if len(parts) == 1 else torch.cat(parts))
-                if cache is not None:
-                    cache.append(packed)
-                yield packed
+                yield self._packed(segments, parts, cache, first)
                 segments, parts, size = [], [], 0
-            segments.append(_Segment(t, start, keys.numel()))
+            segments.append(_Segment(t, start, keys.numel(), at))
             parts.append(keys)
             size += keys.numel()
+            at += keys.numel()
         if parts:
-            packed = (segments, parts[0] if len(parts) == 1 else torch.cat(parts))
-            if cache is not None:
-                cache.append(packed)
-            yield packed
+            yield self._packed(segments, parts, cache, first)
         self._cache = cache
+
+    def _packed(self, segments, parts, cache, first):
+        packed = (segments, parts[0] if len(parts) == 1 else torch.cat(parts))
+        if first:
+            self.segments += segments
+        if cache is not None:
+            cache.append(packed)
+        return packed
 
     def top_digit(self, keys: torch.Tensor) -> torch.Tensor:
         top = keys >> self.shift
@@ -189,6 +193,16 @@ class _Group:
         bound of 2**31 would wrap around when compared with int32 keys)."""
         lo = (bucket - self.bias) << self.shift
         return lo, lo + (1 << self.shift) - 1
+
+
+def _per_segment(segments: Sequence[_Segment], at: torch.Tensor, n_tensors: int) -> list[int]:
+    """Per tensor, how many of the sorted packed positions ``at`` fall in its segments."""
+    bounds = [seg.at for seg in segments] + [segments[-1].at + segments[-1].n]
+    cuts = torch.searchsorted(at, torch.tensor(bounds, dtype=at.dtype, device=at.device)).tolist()
+    counts = [0] * n_tensors
+    for i, seg in enumerate(segments):
+        counts[seg.t] += cuts[i + 1] - cuts[i]
+    return counts
 
 
 class _Histogram:
@@ -281,6 +295,7 @@ def streaming_select(
     names: Sequence[str] | None = None,
     chunk: int | None = None,
     layout: ShardLayout | None = None,
+    keep_keys: int = KEEP_KEYS,
 ) -> list[torch.Tensor]:
     """Per tensor, the sorted int64 local flat indices of the exact top-k (ties to the lower
     global flat index).
@@ -290,7 +305,9 @@ def streaming_select(
     Raises ``ValueError`` naming the parameter if a score is NaN or infinite (on every rank).
     ``chunk``: entries scored at a time (default: ``CPU_CHUNK`` for CPU tensors, else
     ``DEFAULT_CHUNK``); the memory beyond the output is O(chunk), plus up to
-    ``max(chunk, min(k, MAX_CANDIDATES))`` candidates of the threshold's bucket.
+    ``max(chunk, min(k, MAX_CANDIDATES))`` candidates of the threshold's bucket. A group of at
+    most ``keep_keys`` local entries keeps its int32 keys between the reads of θ and g (4 bytes
+    an entry, 64 MiB at the default), so its scores are computed once; 0 never keeps them.
     """
     names = list(names) if names is not None else [f"#{i}" for i in range(len(params))]
     # One walk over `params` for sizes and devices (a lazy sequence builds each tensor per walk).
@@ -311,20 +328,27 @@ def streaming_select(
         raise ValueError(f"k={k} must be between 1 and the number of entries {total}")
     offsets = _check_layout(layout, sizes, k, chunk, ranks)
     group = _Group(params, grads, score, score_eps, seed, names, chunk, offsets, total,
-                   total_local)
+                   total_local, keep_keys)
     n_tensors = len(sizes)
     cap = max(chunk, min(k, MAX_CANDIDATES))  # entries of the threshold's bucket we may keep
 
     # Pass A: top-digit histogram and NaN/inf counts, summed over the ranks in one exchange.
+    low_ok, high_ok = FINITE_KEYS[group.signed]
     bad = [0] * n_tensors
     top_hist = _Histogram(1 << group.top_bits)
-    for _, keys in group.chunks(bad):
+    for segments, keys in group.chunks():
+        lowest, highest = torch.aminmax(keys)
+        if int(lowest) < low_ok or int(highest) > high_ok:  # count only if something is off
+            wrong = ((keys < low_ok) | (keys > high_ok)).nonzero().squeeze(1) + segments[0].at
+            for t, c in enumerate(_per_segment(segments, wrong, n_tensors)):
+                bad[t] += c
         top_hist.add(group.top_digit(keys))
     summed = ranks.sum_(torch.cat([torch.tensor(bad, dtype=torch.int64), top_hist.result()]))
+    bad = summed[:n_tensors].tolist()
     for t in range(n_tensors):
-        if summed[t]:
+        if bad[t]:
             raise ValueError(
-                f"selection score of parameter {names[t]} has {int(summed[t])} NaN/infinite "
+                f"selection score of parameter {names[t]} has {bad[t]} NaN/infinite "
                 f"value(s); check its weights and gradient"
             )
     hist = summed[n_tensors:]
@@ -336,18 +360,18 @@ def streaming_select(
 
     # Narrow [lo, last] down to the exact threshold. Each round's histogram comes from the kept
     # keys once the bucket fits in `cap` (no read of θ, g), else from a read of its own.
-    kept: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+    kept: tuple[torch.Tensor, torch.Tensor] | None = None  # packed positions, keys
     while True:
         if kept is None and in_bucket <= cap:
-            kept = _keep_at_least(group, devices, lo)
+            kept = _keep(group, devices[0], lo)
         if low_bits == 0:
             break
         bits = min(8 if kept is not None else 16, low_bits)
         low_bits -= bits
         digits = _Histogram(1 << bits)
         if kept is not None:
-            for kk in kept[1]:
-                digits.add((kk[(kk >= lo) & (kk <= last)] - lo) >> low_bits)
+            kk = kept[1]
+            digits.add((kk[(kk >= lo) & (kk <= last)] - lo) >> low_bits)
         else:
             for _, keys in group.chunks():
                 digits.add((keys[(keys >= lo) & (keys <= last)] - lo) >> low_bits)
@@ -360,82 +384,51 @@ def streaming_select(
     threshold, ties_needed = lo, remaining
 
     if kept is not None:
-        pos, key = kept
-        tie_counts = [int((kk == threshold).sum()) for kk in key]
+        at, key = kept
+        tie_counts = _per_segment(group.segments, at[key == threshold], n_tensors) \
+            if group.segments else [0] * n_tensors
     else:  # too many exact ties to keep them all: keep the first ones needed, count the rest
-        pos, key, tie_counts = _keep_with_tie_budget(group, devices, threshold, ties_needed)
-    return _take(ranks, layout, offsets, pos, key, tie_counts, threshold, ties_needed, k)
+        at, key, tie_counts = _keep(group, devices[0], threshold, ties_needed, n_tensors)
+    quota = _tie_quota(ranks, layout, offsets, tie_counts, int((key > threshold).sum()),
+                       ties_needed, k)
+    return _take(group, devices, at, key, threshold, quota)
 
 
-def _keep_at_least(group: _Group, devices: list[torch.device], lo: int):
-    """One read: per tensor, the sorted positions and keys of every entry with key >= lo."""
-    kept_pos: list[list[torch.Tensor]] = [[] for _ in devices]
-    kept_key: list[list[torch.Tensor]] = [[] for _ in devices]
+def _keep(group: _Group, device: torch.device, lo: int, ties_needed: int | None = None,
+          n_tensors: int = 0):
+    """One read: the packed positions and keys of every entry with key >= ``lo``.
+
+    With ``ties_needed`` (``lo`` is then the exact threshold, whose ties are too many to keep),
+    ties only while this rank could still need them (a rank's taken ties are a prefix of its
+    own, in offset order), and every tensor's full tie count."""
+    at_parts, key_parts = [], []
+    tie_counts = [0] * n_tensors
+    budget = ties_needed
     for segments, keys in group.chunks():
         idx = (keys >= lo).nonzero().squeeze(1)
         kk = keys[idx]
-        for seg, sl in _split(segments, idx):
-            kept_pos[seg.t].append(idx[sl] + seg.start)
-            kept_key[seg.t].append(kk[sl])
-    return _concat(devices, kept_pos, kept_key)
+        idx += segments[0].at
+        if ties_needed is not None:
+            tie = kk == lo
+            for t, c in enumerate(_per_segment(segments, idx[tie], n_tensors)):
+                tie_counts[t] += c
+            keep = ~tie | (tie.cumsum(0) <= budget)
+            budget = max(0, budget - int(tie.sum()))
+            idx, kk = idx[keep], kk[keep]
+        at_parts.append(idx.to(device))
+        key_parts.append(kk.to(device))
+    at = torch.cat(at_parts) if at_parts else torch.empty(0, dtype=torch.int64, device=device)
+    key = torch.cat(key_parts) if key_parts else torch.empty(0, dtype=torch.int32, device=device)
+    return (at, key) if ties_needed is None else (at, key, tie_counts)
 
 
-def _keep_with_tie_budget(group: _Group, devices: list[torch.device], threshold: int,
-                          ties_needed: int):
-    """One read: entries above the threshold, and ties only while this rank could still need
-    them (in offset order: a rank's taken ties are a prefix of its own); full tie counts."""
-    kept_pos: list[list[torch.Tensor]] = [[] for _ in devices]
-    kept_key: list[list[torch.Tensor]] = [[] for _ in devices]
-    tie_counts = [0] * len(devices)
-    budget = ties_needed
-    for segments, keys in group.chunks():
-        idx = (keys >= threshold).nonzero().squeeze(1)
-        kk = keys[idx]
-        tie = kk == threshold
-        keep = ~tie | (tie.cumsum(0) <= budget)
-        budget = max(0, budget - int(tie.sum()))
-        for seg, sl in _split(segments, idx):
-            tie_counts[seg.t] += int(tie[sl].sum())
-            seg_keep = keep[sl]
-            kept_pos[seg.t].append(idx[sl][seg_keep] + seg.start)
-            kept_key[seg.t].append(kk[sl][seg_keep])
-    pos, key = _concat(devices, kept_pos, kept_key)
-    return pos, key, tie_counts
-
-
-def _split(segments: list[_Segment], idx: torch.Tensor) -> Iterator[tuple[_Segment, slice]]:
-    """For sorted positions ``idx`` in a packed chunk: each segment and the slice of ``idx``
-    that falls in it, with ``idx`` made local to the segment's start in place."""
-    if len(segments) == 1:
-        yield segments[0], slice(None)
-        return
-    ends = [0]
-    for seg in segments:
-        ends.append(ends[-1] + seg.n)
-    cuts = torch.searchsorted(idx, torch.tensor(ends, dtype=idx.dtype, device=idx.device)).tolist()
-    for i, seg in enumerate(segments):
-        if cuts[i + 1] > cuts[i]:
-            idx[cuts[i]:cuts[i + 1]] -= ends[i]
-            yield seg, slice(cuts[i], cuts[i + 1])
-
-
-def _concat(devices, kept_pos, kept_key) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    pos = [torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64, device=d)
-           for parts, d in zip(kept_pos, devices)]
-    key = [torch.cat(parts) if parts else torch.empty(0, dtype=torch.int32, device=d)
-           for parts, d in zip(kept_key, devices)]
-    return pos, key
-
-
-def _take(ranks, layout, offsets, pos, key, tie_counts, threshold, ties_needed, k):
-    """Everything kept above the threshold, plus each tensor's tie quota: the ties are handed
-    out in global flat-index order of the (offset, count) pairs of every tensor of every rank."""
-    n_tensors = len(pos)
-    above_counts = [int((kk > threshold).sum()) for kk in key]
-    mine = torch.tensor(
-        [[o, c] for o, c in zip(offsets, tie_counts)] + [[sum(above_counts), 0]],
-        dtype=torch.int64,
-    ).reshape(-1, 2)
+def _tie_quota(ranks: _Ranks, layout, offsets, tie_counts, above: int, ties_needed: int,
+               k: int) -> list[int]:
+    """This rank's number of ties to take per tensor: the ties go out in global flat-index
+    order of the (offset, count) pairs of every tensor of every rank."""
+    n_tensors = len(tie_counts)
+    mine = torch.tensor([[o, c] for o, c in zip(offsets, tie_counts)] + [[above, 0]],
+                        dtype=torch.int64).reshape(-1, 2)
     every = ranks.gather(mine)  # [ranks, tensors + 1, 2]
     pairs = every[:, :n_tensors].reshape(-1, 2)
     order = torch.sort(pairs[:, 0], stable=True).indices
@@ -445,21 +438,46 @@ def _take(ranks, layout, offsets, pos, key, tie_counts, threshold, ties_needed, 
     quota = torch.empty_like(quota_sorted)
     quota[order] = quota_sorted
     quota = quota.reshape(ranks.world_size, n_tensors)
-    rank = 0 if layout is None else layout.collective.rank
     if int(every[:, n_tensors, 0].sum()) + int(quota.sum()) != k:
         raise RuntimeError(
             f"internal error: selection took {int(every[:, n_tensors, 0].sum())} entries above "
             f"the threshold and {int(quota.sum())} ties, expected k={k}"
         )
-    out = []
-    for t in range(n_tensors):
-        kk, q = key[t], int(quota[rank, t])
-        if q == 0:
-            take = kk > threshold
-        elif q == tie_counts[t]:
-            take = kk >= threshold
-        else:  # the first q ties
-            tie = kk == threshold
-            take = (kk > threshold) | (tie & (tie.cumsum(0) <= q))
-        out.append(pos[t][take])
-    return out
+    rank = 0 if layout is None else layout.collective.rank
+    return quota[rank].tolist()
+
+
+def _take(group: _Group, devices, at: torch.Tensor, key: torch.Tensor, threshold: int,
+          quota: list[int]) -> list[torch.Tensor]:
+    """Per tensor, the local positions of the kept entries above the threshold and of its first
+    ``quota[t]`` ties."""
+    n_tensors = len(devices)
+    take = key > threshold
+    if any(quota):
+        tie = key == threshold
+        tie_at = tie.nonzero().squeeze(1)
+        # A tensor's ties are one run in packed order (tensors in offset order): number each
+        # tie within its tensor and take those below the tensor's quota.
+        per_tensor = _per_segment(group.segments, at[tie_at], n_tensors)
+        counts = torch.tensor([per_tensor[t] for t in group.order], dtype=torch.int64)
+        starts = torch.cumsum(counts, 0) - counts
+        limits = torch.tensor([quota[t] for t in group.order], dtype=torch.int64)
+        first_of = torch.repeat_interleave(starts, counts).to(tie_at.device)
+        limit_of = torch.repeat_interleave(limits, counts).to(tie_at.device)
+        rank_in_tensor = torch.arange(tie_at.numel(), device=tie_at.device) - first_of
+        take[tie_at[rank_in_tensor < limit_of]] = True
+    chosen = at[take]
+    out: list[list[torch.Tensor]] = [[] for _ in devices]
+    if group.segments:
+        segs = group.segments
+        bounds = [seg.at for seg in segs] + [segs[-1].at + segs[-1].n]
+        cuts = torch.searchsorted(
+            chosen, torch.tensor(bounds, dtype=chosen.dtype, device=chosen.device)).tolist()
+        for i, seg in enumerate(segs):
+            if cuts[i + 1] > cuts[i]:
+                out[seg.t].append(chosen[cuts[i]:cuts[i + 1]] - (seg.at - seg.start))
+    return [
+        (torch.cat(parts) if len(parts) > 1 else parts[0]).to(d) if parts
+        else torch.empty(0, dtype=torch.int64, device=d)
+        for parts, d in zip(out, devices)
+    ]
