@@ -161,16 +161,22 @@ def measure_interleaved(
     *,
     warmup: int = 1,
     reps: int = 7,
+    target_s: float = 0.0,
+    max_reps: int = 101,
 ) -> dict[str, Measurement]:
     """Median times of several functions timed in turn, one call of each per round.
 
     For ratios between implementations on a shared machine: a load spike hits every function of
-    its round alike instead of one function's whole series.
+    its round alike instead of one function's whole series. At least ``reps`` rounds, more (up
+    to ``max_reps``) while the rounds take under ``target_s`` seconds in all.
     """
+    t = time.perf_counter()
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     _sync(device)
+    per_round = (time.perf_counter() - t) / max(warmup, 1)
+    reps = int(min(max_reps, max(reps, target_s / max(per_round, 1e-9))))
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
