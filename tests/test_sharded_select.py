@@ -81,6 +81,8 @@ def cases(world: int) -> list[dict]:
                     density=0.5, data="tied", seed=11, chunk=2, max_candidates=0))
     out.append(dict(name="nan-on-last-rank", shapes=shapes3, dtype="float32", score="gallop",
                     density=0.2, data="normal", seed=12, nan=[2, -1]))
+    out.append(dict(name="nan-callable-first-rank", shapes=shapes3, dtype="float32",
+                    score="callable", density=0.2, data="normal", seed=14, nan=[0, 0]))
     out.append(dict(name="after-nan", shapes=shapes3, dtype="float32", score="gradient",
                     density=0.2, data="coarse", seed=13))
     return out

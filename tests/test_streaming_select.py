@@ -229,3 +229,19 @@ def test_large_group_uses_the_wide_top_digit(monkeypatch, max_candidates, chunk)
     k = reference.k_for_density(sum(sizes), 0.2)
     got = ss.streaming_select(params, grads, k, "gallop", chunk=chunk, keep_keys=0)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("keep_keys", [0, 1 << 20])
+def test_every_kind_of_non_finite_score_raises(keep_keys) -> None:
+    """+inf, -inf, NaN of either sign (inf/inf gives the CPU's negative default NaN)."""
+    inf = float("inf")
+    cases = [
+        ("gallop", [torch.full((3,), inf)], [torch.full((3,), inf)]),  # inf / inf = NaN
+        ("gradient", [torch.ones(3)], [torch.tensor([1.0, -inf, 2.0])]),  # |g| = +inf
+        (lambda p, g: p, [torch.tensor([1.0, -inf, 0.0])], [None]),
+        (lambda p, g: p, [torch.tensor([1.0, -float("nan"), 0.0])], [None]),
+        (lambda p, g: p, [torch.tensor([1.0, float("nan"), 0.0])], [None]),
+    ]
+    for score, params, grads in cases:
+        with pytest.raises(ValueError, match=r"w0 has 1 NaN|w0 has 3 NaN"):
+            streaming_select(params, grads, 1, score, names=["w0"], keep_keys=keep_keys)

@@ -46,7 +46,8 @@ CPU_CHUNK = 1 << 18
 KEEP_KEYS = 1 << 24
 """A group of at most this many local entries keeps its keys between reads (64 MiB): scored once."""
 MAX_CANDIDATES = 1 << 24
-TOP_BINS = 1 << 16  # bins of the first digit
+"""At most this many (and at least ``chunk``, at most k) entries of the threshold's bucket are
+kept without another read (12 bytes each)."""
 INT32_MAX = (1 << 31) - 1
 FINITE_KEYS = {False: (0, 0x7F7FFFFF), True: (-0x7F800000, 0x7F7FFFFF)}
 """The keys of finite scores (non-negative scores; signed scores): anything else is NaN or ±inf."""
@@ -342,6 +343,7 @@ def streaming_select(
             wrong = ((keys < low_ok) | (keys > high_ok)).nonzero().squeeze(1) + segments[0].at
             for t, c in enumerate(_per_segment(segments, wrong, n_tensors)):
                 bad[t] += c
+            continue  # every rank raises below: this chunk's histogram does not matter
         top_hist.add(group.top_digit(keys))
     summed = ranks.sum_(torch.cat([torch.tensor(bad, dtype=torch.int64), top_hist.result()]))
     bad = summed[:n_tensors].tolist()
