@@ -32,8 +32,8 @@ best exact torch composition, within 1.2x of the CUB baseline; the step >= 10x f
 fused AdamW at ρ = 1 %. ``DIR`` gets ``gpu-check-<device>-<date>.json`` and ``.md`` (target,
 measured, pass/fail) and the logs of the build and test stages, every file naming the device.
 
-Time estimate (why the budgets fit 8 minutes): the bandwidth floor of ``docs/design.md`` is one
-read of bf16 θ and g = 4 B/entry per pass. At N = 4e9 that is 16 GB per pass: 3.3 ms on an H200
+Time estimate (why the budgets fit 8 minutes): the bandwidth floor (``docs/design.md#kernels``)
+is one read of bf16 θ and g = 4 B/entry per pass. At N = 4e9 that is 16 GB per pass: 3.3 ms on an H200
 (~4.8 TB/s), 4.8 ms on an H100 (~3.35 TB/s). Our selection makes up to 5 reads (~25 ms); the
 torch compositions materialise fp32 scores (write + read 32 GB) and then make several passes over
 them (topk: ~4 passes of 16 GB): ~50-100 ms a call. With 2 warm-up calls and at most 10 timed

@@ -165,8 +165,11 @@ def worker(rank: int, world: int, port: int, backend: str, out: str) -> None:
                 offset += p.numel()
             layout = ShardLayout(collective, offset, tuple(offsets))
             names = [f"layer{t}.weight" for t in range(len(params))]
+            if backend != "torch" and "chunk" in case:
+                results[case["name"]] = {"skipped": "the torch backend's own read paths"}
+                continue
             try:
-                if backend == "torch" and "chunk" in case:
+                if "chunk" in case:
                     saved = ss.MAX_CANDIDATES
                     ss.MAX_CANDIDATES = case["max_candidates"]
                     try:
@@ -233,6 +236,8 @@ def _check(results: list[dict], world: int) -> None:
         params, grads = build(case)
         names = [f"layer{t}.weight" for t in range(len(params))]
         per_rank = [res[case["name"]] for res in results]
+        if all("skipped" in r for r in per_rank):
+            continue
         if "nan" in case:
             errors = [r.get("error") for r in per_rank]
             assert all(errors), f"{case['name']}: not every rank raised: {per_rank}"

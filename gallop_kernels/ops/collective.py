@@ -3,7 +3,7 @@
 Selection is exact over the whole (unsharded) group even when every rank holds only a shard of
 each parameter (FSDP2's ``Shard(0)``, HSDP's shard dimension): the radix histograms are summed
 over the ranks before each bucket choice, so every rank finds the same threshold, and the ties
-are shared out in global flat-index order (see ``docs/design.md``, "Beyond one GPU"). That takes
+are shared out in global flat-index order (see ``docs/design.md#distributed``). That takes
 only two operations, summing a small integer tensor and gathering one from every rank, so the
 selection code depends on this protocol rather than on ``torch.distributed`` itself: a test can
 stand in its own, and one process needs none (``layout=None``).

@@ -5,7 +5,7 @@ the group at once. This radix select recomputes scores chunk by chunk from θ an
 memory is O(chunk + k) and the gradients may live elsewhere (pinned host memory during
 calibration): each chunk is copied to the parameter's device when it is scored. It selects exactly
 the same index set as the reference: the k largest float32 scores, ties to the lower flat index
-of the group's concatenation (see ``docs/design.md``, "Selection").
+of the group's concatenation (see ``docs/design.md#selection-semantics``).
 
 Keys: a float32 score's bits as an int32, with the magnitude bits of negative scores flipped, order
 exactly like the scores (scores >= 0, the named ones, are their own keys). The k-th largest key is
