@@ -248,3 +248,18 @@ def test_gpu_check_refuses_without_cuda_unless_dry(tmp_path, capsys):
         pytest.skip("a CUDA device is present")
     assert gpu_check.main(["--out", str(tmp_path)]) == 2
     assert "--dry" in capsys.readouterr().err
+
+
+def test_exact_torch_compositions_follow_the_tie_rule():
+    """The baselines the GPU targets compare against are exact: the reference's set, also when
+    the compaction is chunked (as it is past 2^30 entries)."""
+    from benchmarks import baselines as bl
+    from gallop_kernels import reference
+
+    scores = (torch.randint(0, 5, (1001,), generator=torch.Generator().manual_seed(0)) * 0.5)
+    for k in (1, 10, 500, 1001):
+        want = reference.select_topk([scores], k)[0]
+        for got in (bl.exact_compact(scores, bl.topk_threshold(scores, k), k, chunk=7),
+                    bl.exact_compact(scores, bl.kthvalue_threshold(scores, k), k),
+                    bl.stable_sort_select(scores, k)):
+            assert torch.equal(got, want), k
