@@ -1,34 +1,45 @@
-"""The trained sparse delta: the selected entries of each tensor, saved small, applied to a base.
+"""The trained sparse delta: its file format, its metadata and its index checks, in one place.
 
 A GaLLoP fine-tune changes only the selected entries of the trained tensors. Saving the whole
 model for that wastes space; :func:`save_delta` writes a safetensors file holding, per trained
-tensor ``name``:
+tensor ``name`` (`docs/design.md#delta-format`):
 
-- ``{name}::indices``: the sorted flat indices of the selected entries (int32, int64 for tensors of
-  2^31 entries or more),
+- ``{name}::indices``: the sorted flat indices of the selected entries (`reference.index_dtype`:
+  int32, int64 for tensors of 2^31 entries or more),
 - ``{name}::values``: the trained values of those entries, in the parameter's dtype,
 - ``{name}::shape``: the tensor's shape (int64), checked when the delta is applied,
 
 and string metadata: ``format`` ("gallop-delta"), ``version``, ``base_model``, ``score``,
-``density``, ``dtype`` plus anything passed in ``metadata``. :func:`apply_delta` writes the values
-into a freshly loaded base model (``param.view(-1)[indices] = values``), so the base plus the delta
-is the fine-tuned model. Values are the trained values themselves, not differences, so applying is
-exact in any dtype; a delta only makes sense on the base it was trained from, whose name is
-recorded in the metadata (and checked when you pass ``expected_base``).
+``density``, ``dtype``, ``num_entries``, fields of the representation that wrote it (the 4-bit
+path adds ``base_quantization`` and ``values``) plus anything passed in ``metadata``.
+:func:`apply_delta` writes the values into a freshly loaded base model
+(``param.view(-1)[indices] = values``), so the base plus the delta is the fine-tuned model.
+Values are the trained values themselves, not differences, so applying is exact in any dtype; a
+delta only makes sense on the base it was trained from, whose name is recorded in the metadata
+(and checked when you pass ``expected_base``).
+
+Every writer builds its delta with :func:`new_delta` and every reader checks each tensor with
+:func:`check_entries` (sorted, unique, in-range integer indices, one value per index) before
+anything changes.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
 
+from gallop_kernels.optim.unwrap import unwrap_optimizer
+from gallop_kernels.reference import index_dtype
+from gallop_kernels.rules import check_index_set
+
 FORMAT = "gallop-delta"
 VERSION = "1"
 _SEP = "::"
+RESERVED_KEYS = ("format", "version")
 
 
 @dataclass
@@ -48,8 +59,51 @@ class SparseDelta:
         return sum(t.numel() * t.element_size() for d in (self.indices, self.values) for t in d.values())
 
 
-def _index_dtype(numel: int) -> torch.dtype:
-    return torch.int64 if numel >= 2**31 else torch.int32
+def score_label(score: Any) -> str:
+    """How a score is recorded in the metadata (a callable has no portable name)."""
+    return score if isinstance(score, str) else "callable"
+
+
+def new_delta(
+    indices: dict[str, torch.Tensor],
+    values: dict[str, torch.Tensor],
+    shapes: dict[str, tuple[int, ...]],
+    *,
+    base_model: str,
+    scores: Iterable[str],
+    densities: Iterable[str],
+    dtypes: Iterable[str],
+    fields: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> SparseDelta:
+    """A `SparseDelta` with the format's metadata; ``fields`` are the writer's own (e.g. the
+    4-bit path's ``base_quantization``), ``metadata`` the user's. Neither may set ``format`` or
+    ``version``, which would make the file unreadable by :func:`load_delta`."""
+    extra = {**(fields or {}), **(metadata or {})}
+    clash = sorted(set(map(str, extra)) & set(RESERVED_KEYS))
+    if clash:
+        raise ValueError(f"delta metadata may not set {clash}: the format writes them itself")
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "base_model": str(base_model),
+        "score": ",".join(sorted(set(scores))),
+        "density": ",".join(sorted(set(densities))),
+        "dtype": ",".join(sorted(set(dtypes))),
+        "num_entries": str(sum(int(v.numel()) for v in values.values())),
+    }
+    meta.update({str(k): str(v) for k, v in extra.items()})
+    return SparseDelta(indices, values, shapes, meta)
+
+
+def check_entries(where: str, indices: Any, values: Any, numel: int) -> torch.Tensor:
+    """The checks of one delta tensor: indices sorted, unique, integer and in ``[0, numel)``
+    (`rules.check_index_set`), and one value per index. Returns the indices as int64."""
+    idx = check_index_set(indices, numel, where)
+    if not isinstance(values, torch.Tensor) or values.dim() != 1 or values.numel() != idx.numel():
+        got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+        raise ValueError(f"{where}: {idx.numel()} indices need as many values, got {got}")
+    return idx
 
 
 def extract_delta(
@@ -60,8 +114,6 @@ def extract_delta(
     metadata: Mapping[str, Any] | None = None,
 ) -> SparseDelta:
     """The selected entries of every parameter the SparseAdamW ``optimizer`` trains in ``model``."""
-    from gallop_kernels.integrations.transformers import unwrap_optimizer
-
     opt = unwrap_optimizer(optimizer)
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     indices, values, shapes = {}, {}, {}
@@ -75,25 +127,16 @@ def extract_delta(
                 raise ValueError("the optimizer trains a tensor that is not a parameter of the model")
             name = names[id(p)]
             idx = st["indices"].to(torch.int64)
-            indices[name] = idx.to(_index_dtype(p.numel())).cpu()
+            indices[name] = idx.to(index_dtype(p.numel())).cpu()
             values[name] = p.detach().reshape(-1)[idx].cpu().contiguous()
             shapes[name] = tuple(p.shape)
             dtypes.add(str(p.dtype).replace("torch.", ""))
-            scores.add(group["score"] if isinstance(group["score"], str) else "callable")
+            scores.add(score_label(group["score"]))
             densities.add(repr(float(group["density"])))
     if not indices:
         raise ValueError("the optimizer has no selection yet: nothing to extract")
-    meta = {
-        "format": FORMAT,
-        "version": VERSION,
-        "base_model": str(base_model),
-        "score": ",".join(sorted(scores)),
-        "density": ",".join(sorted(densities)),
-        "dtype": ",".join(sorted(dtypes)),
-        "num_entries": str(sum(v.numel() for v in values.values())),
-    }
-    meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
-    return SparseDelta(indices, values, shapes, meta)
+    return new_delta(indices, values, shapes, base_model=base_model, scores=scores,
+                     densities=densities, dtypes=dtypes, metadata=metadata)
 
 
 def save_delta(path: str | os.PathLike, delta: SparseDelta) -> None:
@@ -151,17 +194,15 @@ def _plan(model: nn.Module, delta: SparseDelta, expected_base: str | None, stric
                          f"not {expected_base!r}")
     params = dict(model.named_parameters(remove_duplicate=False))
     plan = []
-    for name, idx in delta.indices.items():
+    for name, indices in delta.indices.items():
         if name not in params:
             if strict:
                 raise ValueError(f"the model has no parameter {name!r} named in the delta")
             continue
         p = params[name]
-        if tuple(p.shape) != delta.shapes[name]:
+        if tuple(p.shape) != tuple(delta.shapes[name]):
             raise ValueError(f"{name}: delta shape {delta.shapes[name]} != model shape {tuple(p.shape)}")
-        idx = idx.to(torch.int64)
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= p.numel()):
-            raise ValueError(f"{name}: delta index out of range for {p.numel()} entries")
+        idx = check_entries(f"delta tensor {name!r}", indices, delta.values[name], p.numel())
         plan.append((name, p, idx, delta.values[name]))
     return plan
 

@@ -1,6 +1,7 @@
 """Pure-torch implementation of every op: the CPU path and the oracle the Triton kernels are held to.
 
-Everything here is written to be obviously right rather than fast (DESIGN §1):
+Everything here is written to be obviously right rather than fast (`docs/design.md#selection-semantics`,
+`docs/design.md#sparse-update`):
 
 * scores are computed in float32 from the upcast parameter and gradient;
 * selection is an exact top-k over the concatenation of a group's tensors, where among equal
@@ -87,7 +88,7 @@ def compute_score(
     seed: int = 0,
     offset: int = 0,
 ) -> torch.Tensor:
-    """Flat float32 score of every entry of ``param`` (DESIGN §1).
+    """Flat float32 score of every entry of ``param`` (`docs/design.md#selection-semantics`).
 
     ``grad=None`` counts as an all-zero gradient. ``offset`` is the position of ``param``'s first
     entry in its group's concatenation; only the ``"random"`` score depends on it.

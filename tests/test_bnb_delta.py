@@ -25,7 +25,9 @@ transformers = pytest.importorskip("transformers")
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from gallop_kernels import SparseAdamW, reference  # noqa: E402
+from gallop_kernels import phase_one  # noqa: E402
 from gallop_kernels.integrations import bitsandbytes as gbnb  # noqa: E402
+from gallop_kernels.integrations.bitsandbytes import autograd as delta_autograd  # noqa: E402
 from gallop_kernels.integrations.bitsandbytes import (  # noqa: E402
     SparseDeltaLinear,
     apply_sparse_delta,
@@ -254,7 +256,7 @@ def test_calibration_holds_one_dense_gradient_at_a_time(llama_dir, monkeypatch):
     model = load_4bit(llama_dir, torch.float32)
     created: list[weakref.ref] = []
     max_alive = [0]
-    real = gbnb._weight_grad
+    real = delta_autograd.weight_grad
 
     def counting(grad_out_2d, x_2d):
         out = real(grad_out_2d, x_2d)
@@ -263,7 +265,7 @@ def test_calibration_holds_one_dense_gradient_at_a_time(llama_dir, monkeypatch):
         return out
 
     added = []
-    real_add = gbnb.HostGradientAccumulator.add
+    real_add = phase_one.HostGradientBuffer.add
 
     def add(self, grad):
         added.append(tuple(grad.shape))
@@ -271,8 +273,8 @@ def test_calibration_holds_one_dense_gradient_at_a_time(llama_dir, monkeypatch):
         assert all(p.grad is None for p in model.parameters())
         real_add(self, grad)
 
-    monkeypatch.setattr(gbnb, "_weight_grad", counting)
-    monkeypatch.setattr(gbnb.HostGradientAccumulator, "add", add)
+    monkeypatch.setattr(delta_autograd, "weight_grad", counting)
+    monkeypatch.setattr(phase_one.HostGradientBuffer, "add", add)
     batches = calibration_batches(3)
     wrapped = select_sparse_delta(model, batches, lm_loss(model), density=0.05, max_batches=2)
     assert len(added) == 2 * len(wrapped)  # max_batches honoured; one tap per layer per batch
@@ -449,7 +451,7 @@ def test_failure_during_calibration_restores_the_model(llama_dir):
         return lm_loss(model)(ids) * math.nan
 
     with pytest.raises(ValueError, match="NaN"):
-        select_sparse_delta(model, calibration_batches(1), nan_loss, density=0.1, target_modules="q_proj")
+        select_sparse_delta(model, calibration_batches(1), nan_loss, density=0.1, target_modules=["q_proj"])
     assert _snapshot(model) == snap
     assert not sparse_delta_modules(model)
 
@@ -467,7 +469,7 @@ def test_target_modules_by_suffix(llama_dir):
     # Selecting again on layers that already carry a delta is refused.
     with pytest.raises(ValueError, match="already carries"):
         select_sparse_delta(model, calibration_batches(1), lm_loss(model), density=0.1,
-                            target_modules="q_proj")
+                            target_modules=["q_proj"])
 
 
 def test_gradient_checkpointing(llama_dir):

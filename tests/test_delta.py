@@ -119,3 +119,29 @@ def test_merge_then_unmerge_restores_the_base_exactly(tmp_path):
         assert torch.equal(p, q)
     with pytest.raises(ValueError, match="trained from base"):
         merge_delta(base, delta, expected_base="another-model")
+
+
+def test_index_sets_and_metadata_are_checked_by_the_format(tmp_path):
+    """Duplicate, unsorted or float indices and a value count that differs are refused before
+    anything changes; user metadata cannot overwrite the format's own keys."""
+    model = tiny()
+    select_trainable(model)
+    opt = finetune(model, steps=1)
+    with pytest.raises(ValueError, match="may not set"):
+        extract_delta(model, opt, metadata={"format": "mine"})
+    base = tiny()
+    snapshot = [p.detach().clone() for p in base.parameters()]
+    name = next(iter(extract_delta(model, opt).indices))
+    bad = [
+        ("sorted and unique", lambda d: d.indices[name].copy_(d.indices[name].flip(0))),
+        ("sorted and unique", lambda d: d.indices[name].fill_(int(d.indices[name][0]))),
+        ("int32/int64", lambda d: d.indices.__setitem__(name, d.indices[name].float())),
+        ("values", lambda d: d.values.__setitem__(name, d.values[name][:-1])),
+    ]
+    for match, corrupt in bad:
+        delta = extract_delta(model, opt)
+        assert delta.indices[name].numel() > 1
+        corrupt(delta)
+        with pytest.raises(ValueError, match=match):
+            apply_delta(base, delta)
+    assert all(torch.equal(p, s) for p, s in zip(base.parameters(), snapshot))

@@ -144,3 +144,25 @@ def test_step_consumes_compact_gradients_like_model_zero_grad() -> None:
             model.zero_grad()
     for a, b in zip(plain.parameters(), lean.parameters()):
         assert torch.equal(a, b)
+
+
+def test_public_state_for_callers() -> None:
+    """is_selected, paused_lean and frozen: what phase one and the integrations ask the optimizer."""
+    model = make_model()
+    params = list(model.parameters())
+    opt = SparseAdamW(params, lr=1e-2, density=0.005, score="gradient", lean=True)  # k = 1
+    assert not opt.is_selected() and opt.frozen == []
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    params[2].grad[0, 0] = 1.0
+    opt.step()
+    assert opt.is_selected() and opt.is_selected(opt.param_groups[0])
+    assert opt.frozen == [p for i, p in enumerate(params) if i != 2]
+    with opt.paused_lean():  # the dense gradient stays where autograd put it
+        loss_of(model, batch(1)).backward()
+        assert params[2].grad is not None
+    opt.zero_grad()
+    loss_of(model, batch(1)).backward()  # lean again: gathered and freed in the hook
+    assert params[2].grad is None
+    with SparseAdamW(params).paused_lean():  # no lean mode: nothing to pause
+        pass

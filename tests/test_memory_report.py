@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from gallop_kernels.memory import model as mm
+from gallop_kernels.memory.methods import REGISTRY
 from gallop_kernels.memory import report
 from gallop_kernels.memory.presets import ConfigError, load_config
 
@@ -115,8 +116,8 @@ def test_8b_ordering_and_targets(cfg8b):
 def test_report_prints_every_row(capsys):
     assert report.main(["--config", "llama3-8b"]) == 0
     out = capsys.readouterr().out
-    for _, label in mm.METHODS + mm.REFERENCE_METHODS:
-        assert label in out
+    for method in REGISTRY.values():
+        assert method.label in out
     assert "Targets" in out
 
 
@@ -124,8 +125,7 @@ def test_report_json(capsys):
     assert report.main(["--config", "llama-0.3b", "--seq", "256", "--device", "cpu",
                         "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert [p["method"] for p in data["predictions"]] == [
-        k for k, _ in mm.METHODS + mm.REFERENCE_METHODS]
+    assert [p["method"] for p in data["predictions"]] == list(REGISTRY)
     assert data["params"] == mm.count_params(load_config("llama-0.3b")) > 0.3e9
 
 
@@ -160,11 +160,28 @@ def test_register_subcommand(capsys):
     assert "SparseAdamW lean" in capsys.readouterr().out
 
 
-def test_cli_help():
-    proc = subprocess.run([sys.executable, "-m", "gallop_kernels.memory", "--help"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode == 0
-    assert "--config" in proc.stdout and "--measure" in proc.stdout
+def test_cli_help_and_no_bitsandbytes_import():
+    """``python -m gallop_kernels.memory --help`` works, and neither importing the package (the
+    4-bit integration and the delta format included) nor running ``gallop memory`` imports
+    bitsandbytes (slow to import and noisy; only a 4-bit model needs it). One fresh process."""
+    code = (
+        "import contextlib, io, json, runpy, sys\n"
+        "import gallop_kernels, gallop_kernels.integrations.bitsandbytes, gallop_kernels.delta\n"
+        "def run(*argv):\n"
+        "    out, sys.argv = io.StringIO(), ['gallop_kernels.memory', *argv]\n"
+        "    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
+        "        runpy.run_module('gallop_kernels.memory', run_name='__main__')\n"
+        "    return out.getvalue()\n"
+        "report, help_text = run('--config', 'llama3-8b'), run('--help')\n"
+        "print(json.dumps({'report': report, 'help': help_text, 'bnb': 'bitsandbytes' in sys.modules}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "--config" in out["help"] and "--measure" in out["help"]
+    assert "SparseAdamW lean" in out["report"]
+    assert out["bnb"] is False
 
 
 def test_committed_cpu_measurements_match_within_10_percent():

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 
 from gallop_kernels import SparseAdamW, reference
+
+NAN = float("nan")
 
 
 def make_params(dtype: torch.dtype, device: torch.device, seed: int = 0) -> list[torch.Tensor]:
@@ -329,3 +334,81 @@ def test_empty_param_group_is_harmless(backend) -> None:
     opt.select()
     opt.step()
     assert opt.num_selected == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Copies: deepcopy and pickle carry everything on (as torch.optim optimizers do)
+# ----------------------------------------------------------------------------------------------
+
+
+def _all_params(opt) -> list[torch.Tensor]:
+    return [p for group in opt.param_groups for p in group["params"]]
+
+
+def _train_through_autograd(opt, seeds) -> None:
+    """Gradients from backward, so that lean mode's hooks gather them."""
+    for seed in seeds:
+        gen = torch.Generator().manual_seed(seed)
+        for p in _all_params(opt):
+            if p.requires_grad:
+                w = torch.randn(p.shape, generator=gen).to(p.dtype)
+                (p * w).float().sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _pickled(opt):
+    return pickle.loads(pickle.dumps(opt))
+
+
+@pytest.mark.parametrize("copy_fn", [copy.deepcopy, _pickled], ids=["deepcopy", "pickle"])
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(lean=True), dict(lean=True, reselect_every=2)],
+    ids=["plain", "lean", "lean-reselect"],
+)
+def test_copies_continue_exactly_like_the_original(backend, copy_fn, options) -> None:
+    params = make_params(torch.bfloat16, torch.device("cpu"))
+    opt = SparseAdamW(params, lr=1e-2, density=0.3, backend=backend, **options)
+    _train_through_autograd(opt, [0, 1])
+    clone = copy_fn(opt)
+    assert clone.backend == backend and clone.lean == opt.lean
+    assert all(a is not b for a, b in zip(_all_params(opt), _all_params(clone)))
+    _train_through_autograd(opt, [2, 3, 4])
+    _train_through_autograd(clone, [2, 3, 4])
+    for a, b in zip(_all_params(opt), _all_params(clone)):
+        assert torch.equal(a, b)
+        for key in opt.state[a]:
+            assert torch.equal(opt.state[a][key], clone.state[b][key]), key
+    if opt.lean:  # the copy's own hooks gathered its gradients, and freed them
+        assert clone._lean.buffer_bytes() == opt._lean.buffer_bytes() > 0
+
+
+def test_copy_of_lean_optimizer_keeps_pending_gradients_and_frozen_tensors() -> None:
+    params = make_params(torch.float32, torch.device("cpu"))
+    opt = SparseAdamW(params, lr=1e-2, density=0.02, lean=True, backend="torch")
+    _train_through_autograd(opt, [0])
+    frozen = [i for i, p in enumerate(params) if not p.requires_grad]
+    assert frozen  # a tensor without selected entries is frozen
+    (params[0] * 2).sum().backward()  # a pending compact gradient
+    clone = copy.deepcopy(opt)
+    copies = _all_params(clone)
+    assert [i for i, p in enumerate(copies) if not p.requires_grad] == frozen
+    assert clone._lean.gathered(copies[0]) and copies[0].grad is None
+    clone.unfreeze()
+    assert all(p.requires_grad for p in copies) and not all(p.requires_grad for p in params)
+    opt.step()
+    clone.step()
+    assert torch.equal(params[0], copies[0])
+
+
+def test_nonfinite_gradients_keep_torch_adamw_semantics(backend) -> None:
+    """Documented: after selection, a NaN gradient flows into the selected entries (no per-step
+    check, which would cost a host synchronisation on a GPU), as in torch.optim.AdamW."""
+    p = torch.zeros(4, requires_grad=True)
+    opt = SparseAdamW([p], lr=0.1, density=0.5, score="gradient", backend=backend)
+    p.grad = torch.tensor([1.0, 0.0, 2.0, 0.0])
+    opt.step()
+    p.grad = torch.tensor([NAN, 0.0, 1.0, 0.0])
+    opt.step()
+    assert torch.isnan(p[0]) and torch.isfinite(p[1:]).all()

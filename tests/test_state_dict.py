@@ -129,7 +129,7 @@ def _corrupt(saved: dict, key: str, value) -> dict:
     "key, value, message",
     [
         ("indices", torch.tensor([1, 0], dtype=torch.int32), "indices|shape"),
-        ("indices", torch.tensor([0, 10_000], dtype=torch.int32), "outside|shape"),
+        ("indices", torch.tensor([0, 10_000], dtype=torch.int32), "out of range|shape"),
         ("indices", torch.zeros(3), "int32/int64"),
         ("exp_avg", torch.zeros(1, dtype=torch.bfloat16), "float32"),
         ("exp_avg_sq", torch.zeros(999), "shape"),
@@ -173,3 +173,39 @@ def test_round_trip_across_devices() -> None:
     train(cpu_model, cpu_opt, 2, 2)
     for a, b in zip(model.parameters(), cpu_model.parameters()):
         torch.testing.assert_close(a.cpu().float(), b.float(), rtol=1e-2, atol=1e-3)
+
+
+def test_old_plain_number_steps_are_converted(backend) -> None:
+    """Older torch checkpoints hold ``step`` as a Python number."""
+    model = make_model(torch.float32)
+    opt = SparseAdamW(model.parameters(), **options(backend))
+    train(model, opt, 2, 0)
+    saved = roundtrip(opt.state_dict())
+    for entry in saved["state"].values():
+        entry["step"] = int(entry["step"])
+    twin = make_model(torch.float32)
+    twin.load_state_dict(model.state_dict())
+    fresh = SparseAdamW(twin.parameters(), **options(backend))
+    fresh.load_state_dict(saved)
+    for p in twin.parameters():
+        step = fresh.state[p]["step"]
+        assert step.dtype == torch.float32 and step.device.type == "cpu" and float(step) == 2
+    train(model, opt, 1, 2)
+    train(twin, fresh, 1, 2)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_lean_mode_follows_a_loaded_selection() -> None:
+    """Tensors are frozen for the loaded selection (not the one before) in lean mode."""
+    model = make_model(torch.float32)
+    opt = SparseAdamW(model.parameters(), lr=1e-2, density=0.02, lean=True, backend="torch")
+    train(model, opt, 1, 0)
+    frozen = [i for i, p in enumerate(model.parameters()) if not p.requires_grad]
+    assert frozen
+    other = make_model(torch.float32)
+    other_opt = SparseAdamW(other.parameters(), lr=1e-2, density=0.9, lean=True, backend="torch")
+    train(other, other_opt, 1, 0)
+    assert all(p.requires_grad for p in other.parameters())
+    other_opt.load_state_dict(roundtrip(opt.state_dict()))
+    assert [i for i, p in enumerate(other.parameters()) if not p.requires_grad] == frozen

@@ -12,7 +12,6 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 from gallop_kernels import SparseAdamW  # noqa: E402
 from gallop_kernels.integrations.transformers import (  # noqa: E402
     GallopCallback,
-    calibration_indices,
     format_selection_summary,
     gallop_optimizer_cls_and_kwargs,
     layer_type,
@@ -20,6 +19,7 @@ from gallop_kernels.integrations.transformers import (  # noqa: E402
     selection_summary,
     unwrap_optimizer,
 )
+from gallop_kernels.phase_one import calibration_subset  # noqa: E402
 
 VOCAB, SEQ = 24, 10
 
@@ -84,15 +84,15 @@ def test_select_trainable_default_is_all_linear_but_head():
         select_trainable(model, ["nonexistent"])
 
 
-def test_layer_type_and_calibration_indices():
+def test_layer_type_and_calibration_subset():
     assert layer_type("model.layers.3.self_attn.q_proj.weight") == "self_attn.q_proj.weight"
     assert layer_type("lm_head.weight") == "lm_head.weight"
     assert layer_type("model.embed_tokens.weight") == "embed_tokens.weight"
-    idx = calibration_indices(100, 0.05, seed=3)
-    assert len(idx) == 5 and idx == sorted(idx) and idx == calibration_indices(100, 0.05, seed=3)
-    assert len(calibration_indices(3, 0.01, 0)) == 1
+    idx = calibration_subset(100, 0.05, seed=3)
+    assert len(idx) == 5 and idx == sorted(idx) and idx == calibration_subset(100, 0.05, seed=3)
+    assert len(calibration_subset(3, 0.01, 0)) == 1
     with pytest.raises(ValueError):
-        calibration_indices(10, 0.0, 0)
+        calibration_subset(10, 0.0, 0)
 
 
 def test_bad_options_fail_before_training(tmp_path):
@@ -120,7 +120,7 @@ def test_phase_one_selects_from_the_mean_calibration_gradient(tmp_path):
     assert not cb.resumed and cb.num_examples == 8
 
     # The same selection by hand: mean gradient over the same 8 examples, one group per param set.
-    idx = calibration_indices(len(data), 0.25, seed=args.seed)
+    idx = calibration_subset(len(data), 0.25, seed=args.seed)
     batch = {k: torch.stack([data[i][k] for i in idx]) for k in ("input_ids", "labels")}
     # the callback averages per-batch losses weighted by batch share; batches of 2 examples
     for s in range(0, 8, 2):

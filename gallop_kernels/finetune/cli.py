@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "freeze tensors with none (turns the Trainer's gradient clipping off); refused with --bits 4, "
                         "which is lean already")
     p.add_argument("--bits", type=int, default=None, help="4: load the model with a 4-bit NF4 bitsandbytes base and train a sparse fp32 delta on the "
-                        "decoder's linear layers; the saved delta holds dequantized base + delta at the selected "
+                        "--target-modules layers; the saved delta holds dequantized base + delta at the selected "
                         "entries (rebuild with apply_sparse_delta on a 4-bit-loaded base). Not combinable with "
                         "--lean (redundant), --save-full, --resume/--save-steps, --train-embeddings/--train-norms")
     p.add_argument("--epochs", type=float, default=1.0)
@@ -41,8 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     p.add_argument("--max-length", type=int, default=512, help="truncate examples to this many tokens")
     p.add_argument("--target-modules", default="all-linear",
-                   help="'all-linear' (default, all linear layers but the output head) or comma-separated "
-                        "module names, e.g. q_proj,v_proj,lm_head")
+                   help="'all-linear' (default: every linear layer but the output head, as in PEFT) or "
+                        "comma-separated module names or name suffixes, e.g. q_proj,v_proj,lm_head")
     p.add_argument("--train-embeddings", action="store_true", help="also sparsely train the input embedding")
     p.add_argument("--train-norms", action="store_true", help="also sparsely train normalization weights")
     p.add_argument("--save-full", action="store_true", help="also save the full fine-tuned model (not with --bits 4)")

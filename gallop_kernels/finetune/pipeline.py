@@ -2,20 +2,17 @@
 
 Order of work: all options and the data are checked first (bad density, unknown score, missing or
 malformed data, unavailable flags raise before a model is even loaded); then the model and
-tokenizer load, the chosen weights are made trainable, the ``Trainer`` runs GaLLoP's phase one
-(:class:`~gallop_kernels.integrations.transformers.GallopCallback`) and phase two; finally the
-sparse delta (or the full model), the loss log and the selection summary are written to
-``output``.
+tokenizer load, the trainable representation prepares the model (`finetune.representations`:
+SparseAdamW on the chosen weights, or with ``--bits 4`` a sparse fp32 delta on a 4-bit NF4 base),
+the ``Trainer`` runs phase one (where the representation does not run it first) and phase two;
+finally the sparse delta (or the full model), the loss log and the selection summary are written
+to ``output``. :func:`run_finetune` is that sequence, written once for both representations
+(`docs/design.md#finetune`).
 
-With ``bits=4`` (``--bits 4``) the model loads with a 4-bit NF4 bitsandbytes base; phase one runs
-through :func:`~gallop_kernels.integrations.bitsandbytes.select_sparse_delta` on the same seeded
-calibration subset (``calibration_indices``), which wraps the decoder's linear layers in
-``SparseDeltaLinear``; the ``Trainer`` then trains only the fp32 delta values (plain AdamW over them,
-the Trainer's LR schedule on top). The saved delta holds *dequantized base + Δ* at the selected
-entries (:func:`~gallop_kernels.integrations.bitsandbytes.extract_sparse_delta`); rebuild the trained
-model with ``apply_sparse_delta`` on a freshly 4-bit-loaded base. ``--lean`` (redundant: the delta
-path is already lean), ``--save-full``, ``--resume``, ``--save-steps``, ``--train-embeddings`` and
-``--train-norms`` are refused with ``--bits 4``.
+With ``--bits 4`` the saved delta holds *dequantized base + Δ* at the selected entries; rebuild
+the trained model with ``apply_sparse_delta`` on a freshly 4-bit-loaded base. ``--lean``
+(redundant: the delta path is already lean), ``--save-full``, ``--resume``, ``--save-steps``,
+``--train-embeddings`` and ``--train-norms`` are refused with ``--bits 4``.
 """
 
 from __future__ import annotations
@@ -36,7 +33,7 @@ from gallop_kernels.finetune.data import (
     load_records,
     tokenize,
 )
-from gallop_kernels.reference import SCORE_NAMES
+from gallop_kernels.rules import check_fraction, check_score
 
 DELTA_FILE = "gallop_delta.safetensors"
 LOSS_LOG = "loss_log.jsonl"
@@ -118,14 +115,9 @@ def check_options(config: FinetuneConfig) -> None:
         if config.train_embeddings or config.train_norms:
             raise ValueError("--train-embeddings and --train-norms are not supported with --bits 4 "
                              "(the 4-bit path trains linear layers only)")
-    if isinstance(config.density, bool) or not isinstance(config.density, (int, float)) \
-            or not 0.0 < config.density <= 1.0:
-        raise ValueError(f"--density must be in (0, 1], got {config.density!r}")
-    if config.score not in SCORE_NAMES:
-        raise ValueError(f"unknown --score {config.score!r}; choose one of {', '.join(SCORE_NAMES)}")
-    if isinstance(config.calibration_fraction, bool) or not isinstance(config.calibration_fraction, (int, float)) \
-            or not 0.0 < config.calibration_fraction <= 1.0:
-        raise ValueError(f"--calibration-fraction must be in (0, 1], got {config.calibration_fraction!r}")
+    check_fraction(config.density, "--density")
+    check_score(config.score, "--score", allow_callable=False)
+    check_fraction(config.calibration_fraction, "--calibration-fraction")
     _positive("--epochs", config.epochs)
     _positive("--lr", config.lr)
     _positive("--batch-size", config.batch_size, integer=True)
@@ -240,17 +232,16 @@ def _loss_logger(path: str):
     return LossLog()
 
 
-def _summary_printer(gallop_cb: Any, out: TextIO):
+def _selection_printer(representation: Any, out: TextIO):
     from transformers import TrainerCallback
 
-    from gallop_kernels.integrations.transformers import format_selection_summary
+    from gallop_kernels.summary import format_selection_summary
 
     class PrintSelection(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            if gallop_cb.summary is not None and state.is_world_process_zero:
-                how = ("loaded from the checkpoint" if gallop_cb.resumed else
-                       f"from the mean gradient of {gallop_cb.num_examples} calibration example(s)")
-                print(f"selection ({how}):\n{format_selection_summary(gallop_cb.summary)}", file=out, flush=True)
+            summary, how = representation.selection()
+            if summary is not None and state.is_world_process_zero:
+                print(f"selection ({how}):\n{format_selection_summary(summary)}", file=out, flush=True)
 
     return PrintSelection()
 
@@ -260,165 +251,58 @@ def run_finetune(config: FinetuneConfig, out: TextIO | None = None) -> FinetuneR
     out = out or sys.stdout
     records = prepare(config)
     t0 = time.perf_counter()
-    if config.bits == 4:
-        return _run_finetune_4bit(config, records, out, t0)
 
     from transformers import Trainer
 
-    from gallop_kernels.delta import extract_delta, save_delta
-    from gallop_kernels.integrations.transformers import (
-        GallopCallback,
-        gallop_optimizer_cls_and_kwargs,
-        select_trainable,
-        unwrap_optimizer,
-    )
+    from gallop_kernels.delta import save_delta
+    from gallop_kernels.finetune.representations import representation_for
 
-    model, tokenizer = _load_model_and_tokenizer(config.model, config.bf16)
-    trainable = select_trainable(model, config.target_modules, embeddings=config.train_embeddings,
-                                 norms=config.train_norms)
-    examples = tokenize(records, tokenizer, config.max_length)
+    rep = representation_for(config)
+    model, tokenizer = _load_model_and_tokenizer(config.model, config.bf16, four_bit=rep.four_bit)
+    dataset = ListDataset(tokenize(records, tokenizer, config.max_length))
+    collate = CausalLMCollator(tokenizer.pad_token_id)
     os.makedirs(config.output, exist_ok=True)
     loss_log = os.path.join(config.output, LOSS_LOG)
     if config.resume is None and os.path.exists(loss_log):
         os.remove(loss_log)
 
+    rep.prepare(model, dataset, collate)
     args = _training_args(config)
-    gallop_cb = GallopCallback(calibration_fraction=config.calibration_fraction)
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=ListDataset(examples),
-        data_collator=CausalLMCollator(tokenizer.pad_token_id),
-        optimizer_cls_and_kwargs=gallop_optimizer_cls_and_kwargs(args, density=config.density, score=config.score,
-                                                                  seed=config.seed, lean=config.lean),
-        callbacks=[gallop_cb, _summary_printer(gallop_cb, out), _loss_logger(loss_log)],
-    )
+    with rep.trainer_context(model):
+        trainer = Trainer(
+            model=model, args=args, train_dataset=dataset, data_collator=collate,
+            callbacks=[*rep.callbacks(), _selection_printer(rep, out), _loss_logger(loss_log)],
+            **rep.trainer_options(model, args),
+        )
     resume = None if config.resume is None else (True if config.resume == "last" else config.resume)
     train_out = trainer.train(resume_from_checkpoint=resume)
-    opt = unwrap_optimizer(trainer.optimizer)
 
-    saved = []
     meta = {"calibration_fraction": config.calibration_fraction, "epochs": config.epochs, "lr": config.lr,
             "target_modules": json.dumps(config.target_modules), "steps": trainer.state.global_step}
-    delta = extract_delta(model, opt, base_model=config.model, metadata=meta)
     delta_path = os.path.join(config.output, DELTA_FILE)
-    save_delta(delta_path, delta)
-    saved.append(delta_path)
+    save_delta(delta_path, rep.extract_delta(model, trainer, meta))
+    saved = [delta_path]
     if config.save_full:
         full = os.path.join(config.output, "model")
         trainer.save_model(full)
         tokenizer.save_pretrained(full)
         saved.append(full)
-    summary = gallop_cb.summary or {}
-    with open(os.path.join(config.output, SELECTION_FILE), "w", encoding="utf-8") as f:
+    summary = rep.selection()[0] or {}
+    selection_path = os.path.join(config.output, SELECTION_FILE)
+    with open(selection_path, "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     result = FinetuneResult(
         output=config.output,
-        num_examples=len(examples),
-        num_trainable=sum(model.get_parameter(n).numel() for n in trainable),
-        num_selected=opt.num_selected,
-        calibration_examples=gallop_cb.num_examples,
+        num_examples=len(dataset),
+        num_trainable=rep.num_trainable,
+        num_selected=rep.num_selected(trainer),
+        calibration_examples=rep.calibration_examples(),
         steps=trainer.state.global_step,
         final_loss=losses[-1] if losses else train_out.training_loss,
         seconds=time.perf_counter() - t0,
         summary=summary,
-        saved=saved + [loss_log, os.path.join(config.output, SELECTION_FILE)],
-    )
-    with open(os.path.join(config.output, SUMMARY_FILE), "w", encoding="utf-8") as f:
-        json.dump({"config": asdict(config), "result": asdict(result)}, f, indent=2, default=str)
-    return result
-
-
-def _run_finetune_4bit(config: FinetuneConfig, records: list[Record], out: TextIO, t0: float) -> FinetuneResult:
-    """``--bits 4``: 4-bit NF4 base, phase one via ``select_sparse_delta``, the Trainer trains the delta."""
-    import torch
-    from transformers import Trainer
-
-    from gallop_kernels.delta import save_delta
-    from gallop_kernels.integrations import bitsandbytes as bnb_delta
-    from gallop_kernels.integrations.transformers import (
-        calibration_indices,
-        format_selection_summary,
-        layer_type,
-    )
-
-    model, tokenizer = _load_model_and_tokenizer(config.model, config.bf16, four_bit=True)
-    examples = tokenize(records, tokenizer, config.max_length)
-    os.makedirs(config.output, exist_ok=True)
-    loss_log = os.path.join(config.output, LOSS_LOG)
-    if os.path.exists(loss_log):
-        os.remove(loss_log)
-    collate = CausalLMCollator(tokenizer.pad_token_id)
-    device = next(model.parameters()).device
-
-    # Phase one: the same seeded subset and per-example weighting as GallopCallback's calibration.
-    chosen = calibration_indices(len(examples), config.calibration_fraction, config.seed)
-    chunks = [chosen[i:i + config.batch_size] for i in range(0, len(chosen), config.batch_size)]
-
-    def loss_fn(chunk: list[int]) -> torch.Tensor:
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in chunk]).items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-            loss = model(**batch).loss
-        # select_sparse_delta averages over batches; this weighting makes it the mean over examples
-        return loss.float() * (len(chunk) * len(chunks) / len(chosen))
-
-    targets = None if config.target_modules == "all-linear" else config.target_modules
-    fork = [torch.cuda.current_device()] if device.type == "cuda" else []
-    was_training = model.training
-    model.train()
-    with torch.random.fork_rng(devices=fork):
-        wrapped = bnb_delta.select_sparse_delta(model, chunks, loss_fn, config.density, score=config.score,
-                                                target_modules=targets, seed=config.seed)
-    model.train(was_training)
-    summary: dict[str, dict[str, int]] = {}
-    for name, m in wrapped.items():
-        row = summary.setdefault(layer_type(f"{name}.weight"), {"selected": 0, "total": 0, "tensors": 0})
-        row["selected"] += int(m.delta_indices.numel())
-        row["total"] += m.weight_numel
-        row["tensors"] += 1
-    summary = dict(sorted(summary.items()))
-    print(f"selection (4-bit base, from the mean gradient of {len(chosen)} calibration example(s)):\n"
-          f"{format_selection_summary(summary)}", file=out, flush=True)
-
-    args = _training_args(config)
-    optimizer = bnb_delta.delta_optimizer(model, lr=config.lr, weight_decay=config.weight_decay)
-    # The Trainer refuses a "purely quantized" model (it looks for PEFT adapters); the sparse
-    # delta is our adapter, so pass its check while the Trainer is built.
-    flag = getattr(model, "_hf_peft_config_loaded", False)
-    model._hf_peft_config_loaded = True
-    try:
-        trainer = Trainer(
-            model=model,
-            args=args,
-            train_dataset=ListDataset(examples),
-            data_collator=collate,
-            optimizers=(optimizer, None),
-            callbacks=[_loss_logger(loss_log)],
-        )
-    finally:
-        model._hf_peft_config_loaded = flag
-    train_out = trainer.train()
-
-    meta = {"calibration_fraction": config.calibration_fraction, "epochs": config.epochs, "lr": config.lr,
-            "target_modules": json.dumps(config.target_modules), "steps": trainer.state.global_step, "bits": 4}
-    delta = bnb_delta.extract_sparse_delta(model, base_model=config.model, metadata=meta)
-    delta_path = os.path.join(config.output, DELTA_FILE)
-    save_delta(delta_path, delta)
-    with open(os.path.join(config.output, SELECTION_FILE), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    result = FinetuneResult(
-        output=config.output,
-        num_examples=len(examples),
-        num_trainable=sum(m.weight_numel for m in wrapped.values()),
-        num_selected=sum(int(m.delta_indices.numel()) for m in wrapped.values()),
-        calibration_examples=len(chosen),
-        steps=trainer.state.global_step,
-        final_loss=losses[-1] if losses else train_out.training_loss,
-        seconds=time.perf_counter() - t0,
-        summary=summary,
-        saved=[delta_path, loss_log, os.path.join(config.output, SELECTION_FILE)],
+        saved=saved + [loss_log, selection_path],
     )
     with open(os.path.join(config.output, SUMMARY_FILE), "w", encoding="utf-8") as f:
         json.dump({"config": asdict(config), "result": asdict(result)}, f, indent=2, default=str)

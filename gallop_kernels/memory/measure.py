@@ -23,15 +23,15 @@ or the libraries. glibc is told to serve every allocation of 64 KiB or more with
 the resident set at once and RSS follows the live tensors, as ``memory_allocated`` does on CUDA.
 On CUDA, ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
 
-A method whose code does not exist yet in this tree prints ``{"available": false, "reason": ...}``
-and exits 0: no number is made up.
+A method whose dependency (bitsandbytes, peft) is missing prints ``{"available": false, "reason":
+...}`` and exits 0: no number is made up. Which method builds what comes from `memory.methods`.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import inspect
+import importlib.util
 import json
 import os
 import resource
@@ -40,15 +40,15 @@ import tempfile
 import time
 from typing import Any
 
+from gallop_kernels.memory.methods import MEASURED
+
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 WARM_STEPS = 2
-METHOD_KEYS = ("adamw", "adamw8bit", "lora", "sparse", "sparse-lean", "sparse-lean-8bit",
-               "sparse-4bit-delta")
 
 
 class NotAvailable(Exception):
-    """The method's code is not in this tree (or a dependency is missing)."""
+    """A dependency of the method is missing."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,48 +148,30 @@ def _random_model(config, dtype, attn: str, device: str):
     import torch
     from transformers import LlamaForCausalLM
 
+    from gallop_kernels.memory.presets import llama_config
+
     torch.manual_seed(0)
-    model = LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation=attn)
+    model = LlamaForCausalLM._from_config(llama_config(config), dtype=dtype, attn_implementation=attn)
     return model.to(device)
 
 
-def sparse_state_bits_supported() -> bool:
-    from gallop_kernels import SparseAdamW
-
-    return "state_bits" in inspect.signature(SparseAdamW.__init__).parameters
-
-
-def four_bit_integration():
-    """The 4-bit base + sparse delta integration module, or raise NotAvailable."""
-    try:
-        from gallop_kernels.integrations import bitsandbytes as integration  # type: ignore
-    except ImportError as e:
-        raise NotAvailable(f"gallop_kernels.integrations.bitsandbytes is not importable ({e})")
-    return integration
-
-
 def build(method: str, config, dtype, attn: str, device: str, density: float, ids=None):
-    """(model, optimizer, info) for ``method``; raises NotAvailable for code not yet written.
-    ``ids``: the batch phase one calibrates on (4-bit delta only)."""
+    """(model, optimizer, info) for ``method`` (a `memory.methods` key); raises NotAvailable when
+    a dependency is missing. ``ids``: the batch phase one calibrates on (4-bit delta only)."""
     import torch
 
+    from gallop_kernels.memory.methods import get
+
+    m = get(method)
+    if m.reference:
+        raise ValueError(f"{method!r} is a prediction-only reference row, not measured")
     info: dict[str, Any] = {}
-    if method == "sparse-4bit-delta":
+    if m.four_bit:
         return _build_4bit_delta(config, dtype, attn, device, density, ids)
-    if method == "sparse-lean-8bit" and not sparse_state_bits_supported():
-        raise NotAvailable("SparseAdamW has no state_bits argument in this tree yet")
     model = _random_model(config, dtype, attn, device)
     _enable_checkpointing(model)
     model.train()
-    if method == "adamw":
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    elif method == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError as e:
-            raise NotAvailable(f"bitsandbytes is not installed ({e})")
-        opt = bnb.optim.AdamW8bit(model.parameters(), lr=1e-5)
-    elif method == "lora":
+    if m.trains == "lora":
         try:
             from peft import LoraConfig, get_peft_model
         except ImportError as e:
@@ -202,15 +184,19 @@ def build(method: str, config, dtype, attn: str, device: str, density: float, id
         info["lora_params"] = sum(p.numel() for p in trainable)
         info["lora_dtype"] = str(trainable[0].dtype)
         opt = torch.optim.AdamW(trainable, lr=1e-4)
-    elif method in ("sparse", "sparse-lean", "sparse-lean-8bit"):
+    elif m.optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    elif m.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise NotAvailable(f"bitsandbytes is not installed ({e})")
+        opt = bnb.optim.AdamW8bit(model.parameters(), lr=1e-5)
+    else:  # SparseAdamW
         from gallop_kernels import SparseAdamW
 
-        kwargs: dict[str, Any] = dict(lr=1e-5, density=density, lean=method != "sparse")
-        if method == "sparse-lean-8bit":
-            kwargs["state_bits"] = 8
-        opt = SparseAdamW(list(model.named_parameters()), **kwargs)
-    else:
-        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHOD_KEYS)}")
+        opt = SparseAdamW(list(model.named_parameters()), lr=1e-5, density=density, lean=m.lean,
+                          state_bits=m.state_bits)
     return model, opt, info
 
 
@@ -241,11 +227,11 @@ def _build_4bit_delta(config, dtype, attn, device, density, ids):
     """NF4 base (transformers + BitsAndBytesConfig, from a saved random model), wrapped and
     selected by `select_sparse_delta` (phase one, before the measured step), trained with
     `delta_optimizer` (fused torch AdamW over the fp32 delta values)."""
-    integration = four_bit_integration()
-    for name in ("select_sparse_delta", "delta_optimizer"):
-        if not hasattr(integration, name):
-            raise NotAvailable(f"gallop_kernels.integrations.bitsandbytes has no {name}()")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise NotAvailable("bitsandbytes is not installed")
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    from gallop_kernels.integrations import bitsandbytes as integration
 
     base = _random_model(config, dtype, attn, "cpu")
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -332,8 +318,7 @@ def measure(config_name: str, method: str, *, seq: int, batch: int, dtype_name: 
     result["warm_steps"] = WARM_STEPS
     if hasattr(opt, "num_selected"):
         result["num_selected"] = int(opt.num_selected)
-        lean = getattr(opt, "_lean", None)
-        result["frozen_tensors"] = len(lean.frozen) if lean is not None else 0
+        result["frozen_tensors"] = len(opt.frozen)
         per_tensor = {n: int(opt.state[p]["indices"].numel()) for n, p in model.named_parameters()
                       if p in opt.state and "indices" in opt.state[p]}
         if per_tensor:
@@ -375,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Measure the peak memory of one training step of a method (one JSON line).",
     )
     parser.add_argument("--config", default="llama-0.3b", help="preset name or config.json path")
-    parser.add_argument("--method", required=True, choices=METHOD_KEYS)
+    parser.add_argument("--method", required=True, choices=MEASURED)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"])

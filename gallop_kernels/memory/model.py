@@ -17,7 +17,7 @@ Persistent through the whole step (``persistent``):
     ``lm_head``);
   * LoRA adapters: r·(in + out) per decoder-layer linear, fp32 (peft's ``autocast_adapter_dtype``
     upcasts adapters of a bf16 model);
-  * optimizer state, per method:
+  * optimizer state, per method (the formulas of `memory.methods.state_bytes`):
       - torch AdamW: exp_avg, exp_avg_sq in the *parameter's* dtype (2·N·w; torch allocates them
         ``zeros_like(param)``);
       - AdamW with fp32 master and fp32 moments (the mixed-precision recipe; a reference row):
@@ -32,7 +32,7 @@ Persistent through the whole step (``persistent``):
         entries (blockwise, bitsandbytes' maps), index and master unchanged; a tensor with
         fewer than 4096 selected entries keeps fp32 m, v;
       - 4-bit base + delta (`gallop_kernels.integrations.bitsandbytes`): k = round(ρ·N_linear)
-        over the decoder layers' linear weights only (embedding, ``lm_head``, norms frozen);
+        over the linear weights but ``lm_head`` ("all-linear"; embedding, ``lm_head``, norms frozen);
         per selected entry an fp32 delta value + int32 index (module buffers) + fp32 m, v of
         ``delta_optimizer``'s fused AdamW; the fp32 gradient of the delta values (4 bytes per
         entry) exists from the backward to the step;
@@ -99,32 +99,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from gallop_kernels.memory import methods as registry
+from gallop_kernels.memory.methods import Method
+
 GB = 1e9
 GIB = 2**30
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
-# (key, label, what the measurement runs)
-METHODS: list[tuple[str, str]] = [
-    ("adamw", "torch AdamW"),
-    ("adamw8bit", "bitsandbytes AdamW8bit"),
-    ("lora", "LoRA r=16, all linear (peft)"),
-    ("sparse", "SparseAdamW plain"),
-    ("sparse-lean", "SparseAdamW lean"),
-    ("sparse-lean-8bit", "SparseAdamW lean + 8-bit state"),
-    ("sparse-4bit-delta", "4-bit NF4 base + sparse delta"),
-]
-REFERENCE_METHODS: list[tuple[str, str]] = [
-    ("adamw-mixed", "AdamW, fp32 master + fp32 m, v (reference)"),
-]
-METHOD_LABELS = dict(METHODS + REFERENCE_METHODS)
-
 CPU_FRAMEWORK_BYTES = 16 * 2**20  # measured constant, see the module docstring
 CUDA_FRAMEWORK_BYTES = 32 * 2**20  # cuBLAS workspace on sm90
-NF4_BLOCK = 64
-STATE8_BLOCK = 256
-BNB_MIN_8BIT_SIZE = 4096
-MIN_8BIT_ENTRIES = 4096  # SparseAdamW(state_bits=8) keeps fp32 moments below this many entries
+NF4_BLOCK = 64  # bitsandbytes' 4-bit blocksize (one fp32 absmax per block)
 
 
 @dataclass(frozen=True)
@@ -278,17 +263,15 @@ def selected_entries(config: Any, density: float) -> int:
 
 
 def delta_entries(config: Any, density: float) -> int:
-    """k of the 4-bit base + delta: `select_sparse_delta` selects round(ρ·N) over the decoder
-    layers' linear weights only (embedding, ``lm_head`` and norms stay frozen)."""
+    """k of the 4-bit base + delta: `select_sparse_delta` selects round(ρ·N) over the targeted
+    ("all-linear": every linear but ``lm_head``) layers' weights; embedding, ``lm_head`` and norms
+    stay frozen."""
     n = sum(t.total for t in param_specs(config) if t.kind == "linear")
     return min(n, max(1, math.floor(density * n + 0.5)))
 
 
-def _selected_per_tensor(specs: list[TensorSpec], density: float) -> list[tuple[TensorSpec, int]]:
-    # Where the k entries land depends on the gradients; the model assumes each tensor gets its
-    # share ρ·numel (the per-tensor sizes only matter for block rounding and the largest
-    # tensor's temporaries).
-    return [(t, max(0, round(density * t.numel))) for t in specs]
+def _method(method: str | Method) -> Method:
+    return method if isinstance(method, Method) else registry.get(method)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,55 +290,18 @@ def weight_bytes(config: Any, setup: Setup, four_bit: bool = False) -> int:
     return total
 
 
-def optimizer_state_bytes(config: Any, method: str, setup: Setup) -> int:
-    """Bytes of optimizer state (persistent), excluding lean mode's compact gradients."""
-    w = DTYPE_BYTES[setup.dtype]
+def optimizer_state_bytes(config: Any, method: str | Method, setup: Setup) -> int:
+    """Bytes of optimizer state (persistent), excluding lean mode's compact gradients: the
+    registry's formula over the tensors the method trains."""
+    m = _method(method)
     specs = param_specs(config)
-    n = count_params(config)
-    if method == "adamw":
-        return 2 * n * w
-    if method == "adamw-mixed":
-        return 12 * n
-    if method == "adamw8bit":
-        total = 2 * 256 * 4  # the two quantization maps
-        for t in specs:
-            if t.numel >= BNB_MIN_8BIT_SIZE:
-                total += t.count * 2 * (t.numel + 4 * math.ceil(t.numel / STATE8_BLOCK))
-            else:
-                total += t.count * 8 * t.numel
-        return total
-    if method == "lora":
-        return 8 * lora_params(config, setup.lora_rank)
-    per_tensor = _selected_per_tensor(specs, setup.density)
-    master = 4 if w < 4 else 0
-    if method in ("sparse", "sparse-lean"):
-        return sum(t.count * k * (12 + master) for t, k in per_tensor)
-    if method == "sparse-lean-8bit":
-        # 1-byte m, v + an fp32 absmax per 256 for each of them; a tensor with fewer than 4096
-        # selected entries keeps fp32 m, v (as bitsandbytes' min_8bit_size)
-        total = 0
-        for t, k in per_tensor:
-            moments = (2 * k + 8 * math.ceil(k / STATE8_BLOCK)) if k >= MIN_8BIT_ENTRIES else 8 * k
-            total += t.count * (k * (4 + master) + moments)
-        return total
-    if method == "sparse-4bit-delta":  # fp32 m, v of torch AdamW over the delta values
-        return 8 * delta_entries(config, setup.density)
-    raise ValueError(f"unknown method {method!r}")
-
-
-def _trainable(config: Any, method: str, setup: Setup) -> tuple[int, int, int]:
-    """(entries with a dense gradient kept until the step, bytes per gradient entry, largest
-    trainable tensor's numel)."""
-    w = DTYPE_BYTES[setup.dtype]
-    specs = param_specs(config)
-    largest = max(t.numel for t in specs)
-    if method == "lora":
-        lin = [t for t in specs if t.kind == "linear"]
-        largest_adapter = max(setup.lora_rank * max(t.shape) for t in lin)
-        return lora_params(config, setup.lora_rank), 4, largest_adapter
-    if method in ("sparse-lean", "sparse-lean-8bit", "sparse-4bit-delta"):
-        return 0, w, largest
-    return count_params(config), w, largest
+    if m.trains == "lora":  # fp32 adapters r·(in + out) per decoder-layer linear
+        tensors = [(setup.lora_rank * (t.shape[0] + t.shape[1]), t.count) for t in specs if t.kind == "linear"]
+        return registry.state_bytes(m, tensors, param_bytes=4)
+    if m.trains == "delta":  # the fp32 delta values, one per selected entry
+        return registry.state_bytes(m, [(delta_entries(config, setup.density), 1)], param_bytes=4)
+    return registry.state_bytes(m, [(t.numel, t.count) for t in specs],
+                                param_bytes=DTYPE_BYTES[setup.dtype], density=setup.density)
 
 
 @dataclass(frozen=True)
@@ -371,13 +317,14 @@ class Activations:
     layer_forward_transient: int  # the largest live set inside one layer's forward (no saving)
 
 
-def activation_terms(config: Any, method: str, setup: Setup) -> Activations:
+def activation_terms(config: Any, method: str | Method, setup: Setup) -> Activations:
+    method = _method(method)
     s = Shape.of(config)
-    a = 2 if method == "sparse-4bit-delta" else DTYPE_BYTES[setup.dtype]
+    a = 2 if method.four_bit else DTYPE_BYTES[setup.dtype]
     T, h, I, V = setup.batch * setup.seq, s.hidden, s.intermediate, s.vocab
     q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
     upcast = 4 if a < 4 else 0  # the fp32 copy RMSNorm and the loss make (none when fp32)
-    lora = method == "lora"
+    lora = method.trains == "lora"
 
     # One RMSNorm: fp32 copy of the input (pow, mul), the normalized tensor before the weight,
     # and its output (saved by the next linear when its weight is trained).
@@ -414,25 +361,26 @@ def activation_terms(config: Any, method: str, setup: Setup) -> Activations:
     )
 
 
-def step_temporaries(config: Any, method: str, setup: Setup) -> int:
+def step_temporaries(config: Any, method: str | Method, setup: Setup) -> int:
+    method = _method(method)
     w = DTYPE_BYTES[setup.dtype]
     specs = param_specs(config)
     largest = max(t.numel for t in specs)
     cpu = setup.device == "cpu"
-    if method == "adamw":
-        if setup.adamw_fused:
-            return 0
-        return 2 * w * largest if cpu else w * count_params(config)
-    if method == "adamw-mixed":
-        return 0 if setup.adamw_fused else (2 * 4 * largest if cpu else 4 * count_params(config))
-    if method == "adamw8bit":
-        return ((24 if w < 4 else 20) * largest) if cpu else 0
-    if method == "lora":
+    if method.trains == "lora":
         lin = [t for t in specs if t.kind == "linear"]
         largest_adapter = max(setup.lora_rank * max(t.shape) for t in lin)
         return 2 * 4 * largest_adapter if cpu else 4 * lora_params(config, setup.lora_rank)
-    if method == "sparse-4bit-delta":
+    if method.trains == "delta":
         return 0  # delta_optimizer: fused torch AdamW (CPU and CUDA kernels), no temporaries
+    if method.optimizer == "adamw":
+        if setup.adamw_fused:
+            return 0
+        return 2 * w * largest if cpu else w * count_params(config)
+    if method.optimizer == "adamw-mixed":
+        return 0 if setup.adamw_fused else (2 * 4 * largest if cpu else 4 * count_params(config))
+    if method.optimizer == "adamw8bit":
+        return ((24 if w < 4 else 20) * largest) if cpu else 0
     if not cpu:
         return 0  # the Triton kernels update in place
     # torch backend, one tensor at a time: int64 copy of the indices (8 bytes per selected
@@ -442,9 +390,9 @@ def step_temporaries(config: Any, method: str, setup: Setup) -> int:
     # Where the selected entries land is data-dependent; assumed: each tensor gets ρ of its
     # entries, so the largest tensor has the most.
     k_max = max(round(setup.density * largest), 1)
-    per_entry = 16 + (0 if method in ("sparse-lean", "sparse-lean-8bit") else 4)
+    per_entry = 16 + (0 if method.lean else 4)
     per_entry += 0 if w < 4 else 4
-    if method == "sparse-lean-8bit":
+    if method.state_bits == 8:
         per_entry += 16
     return per_entry * k_max
 
@@ -454,13 +402,11 @@ def step_temporaries(config: Any, method: str, setup: Setup) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def predict(config: Any, method: str, setup: Setup | None = None) -> Prediction:
+def predict(config: Any, method: str | Method, setup: Setup | None = None) -> Prediction:
     """The predicted peak of one steady-state training step of ``method`` (see module doc)."""
     setup = setup or Setup()
-    if method not in METHOD_LABELS:
-        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHOD_LABELS)}")
-    four_bit = method == "sparse-4bit-delta"
-    lean = method in ("sparse-lean", "sparse-lean-8bit")
+    method = _method(method)
+    four_bit, lean, lora = method.four_bit, method.lean, method.trains == "lora"
     w = DTYPE_BYTES[setup.dtype]
     a = 2 if four_bit else w  # compute dtype
     shape = Shape.of(config)
@@ -469,7 +415,7 @@ def predict(config: Any, method: str, setup: Setup | None = None) -> Prediction:
     largest_linear = max(t.numel for t in specs if t.kind == "linear")
 
     persistent: dict[str, int] = {"weights": weight_bytes(config, setup, four_bit)}
-    if method == "lora":
+    if lora:
         persistent["adapters"] = 4 * lora_params(config, setup.lora_rank)
     if four_bit:
         persistent["delta_values_and_indices"] = 8 * delta_entries(config, setup.density)
@@ -483,7 +429,7 @@ def predict(config: Any, method: str, setup: Setup | None = None) -> Prediction:
     # head/embed: the lm_head's and embedding's weight gradients when they are written (0 when
     # frozen); before_layers/after_layers: gradients kept when the backward reaches the first /
     # leaves the last decoder layer.
-    if method == "lora":
+    if lora:
         kept, head, embed = 4 * lora_params(config, setup.lora_rank), 0, 0
         before_layers, after_layers = 0, kept
     elif four_bit:  # only the delta values train: their fp32 gradient, k entries
@@ -534,10 +480,10 @@ def predict(config: Any, method: str, setup: Setup | None = None) -> Prediction:
         "backward": max(v for k, v in m.items() if k.startswith("backward")),
         "step": m["step"],
     }
-    return Prediction(method, METHOD_LABELS[method], persistent, phases, m)
+    return Prediction(method.key, method.label, persistent, phases, m)
 
 
 def predict_all(config: Any, setup: Setup | None = None,
                 methods: list[str] | None = None) -> list[Prediction]:
-    keys = methods or [k for k, _ in METHODS + REFERENCE_METHODS]
+    keys = methods or list(registry.REGISTRY)
     return [predict(config, k, setup) for k in keys]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
 from typing import Any
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -41,14 +42,22 @@ class ConfigError(ValueError):
     """The ``--config`` argument names neither a preset nor a readable Llama ``config.json``."""
 
 
-def _llama_config(fields: dict[str, Any]):
+def _llama_config(fields: dict[str, Any]) -> SimpleNamespace:
+    # The config's fields as attributes; `llama_config` turns them into a transformers
+    # LlamaConfig where a model is built, so predictions never import transformers.
+    return SimpleNamespace(**fields)
+
+
+def llama_config(config: SimpleNamespace) -> Any:
+    """The ``transformers.LlamaConfig`` of a config from :func:`load_config`."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(**fields)
+    return LlamaConfig(**vars(config))
 
 
-def load_config(name_or_path: str):
-    """A ``transformers.LlamaConfig`` for a preset name or a ``config.json`` file/directory.
+def load_config(name_or_path: str) -> SimpleNamespace:
+    """The fields of a Llama config (attributes, as in ``LlamaConfig``) for a preset name or a
+    ``config.json`` file/directory; :func:`llama_config` builds the ``transformers`` object.
 
     Raises `ConfigError` (with the list of presets) for anything else.
     """

@@ -22,6 +22,7 @@ import sys
 from typing import Any
 
 from gallop_kernels.memory import model as mm
+from gallop_kernels.memory.methods import REGISTRY
 from gallop_kernels.memory.presets import PRESETS, ConfigError, config_name, load_config
 
 # Targets of the memory issue for the 8B shape at ρ = 1% (GPU; bytes are decimal GB).
@@ -46,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     p.add_argument("--density", type=float, default=0.01, help="ρ of the sparse methods")
     p.add_argument("--methods", default=None,
-                   help="comma-separated subset of: " + ", ".join(mm.METHOD_LABELS))
+                   help="comma-separated subset of: " + ", ".join(REGISTRY))
     p.add_argument("--measure", action="store_true",
                    help="also measure one real step of every method (one subprocess each)")
     p.add_argument("--measure-config", default=None,
@@ -87,11 +88,11 @@ def _gb(x: float | None) -> str:
 
 
 def _methods(arg: str | None) -> list[str]:
-    keys = [k for k, _ in mm.METHODS + mm.REFERENCE_METHODS]
+    keys = list(REGISTRY)
     if not arg:
         return keys
     chosen = [m.strip() for m in arg.split(",") if m.strip()]
-    bad = [m for m in chosen if m not in mm.METHOD_LABELS]
+    bad = [m for m in chosen if m not in REGISTRY]
     if bad:
         raise ConfigError(f"unknown method(s) {', '.join(bad)}; expected: {', '.join(keys)}")
     return chosen
@@ -157,8 +158,7 @@ def prediction_table(name: str, config: Any, setup: mm.Setup, methods: list[str]
     ]
     for key in methods:
         p = mm.predict(config, key, setup)
-        measured = "prediction only (reference)" if key in dict(mm.REFERENCE_METHODS) else (
-            "see --measure")
+        measured = "prediction only (reference)" if REGISTRY[key].reference else "see --measure"
         lines.append(f"| {p.label} | {_gb(p.peak)} | {p.peak_phase} | "
                      f"{_gb(p.persistent['weights'])} | {_gb(p.persistent['optimizer_state'])} | "
                      f"{measured} |")
@@ -174,12 +174,12 @@ def targets_lines(config: Any, setup: mm.Setup) -> list[str]:
         p = mm.predict(config, key, setup)
         if op == "<=":
             verdict = "met" if p.peak <= bound else "NOT met"
-            out.append(f"  {mm.METHOD_LABELS[key]}: {_gb(p.peak)} GB "
+            out.append(f"  {REGISTRY[key].label}: {_gb(p.peak)} GB "
                        f"({p.peak / mm.GIB:.2f} GiB), target <= {bound / 1e9:.0f} GB: {verdict}")
     for key, extra in (("adamw", {}), ("adamw", {"adamw_fused": True}), ("adamw-mixed", {})):
         p = mm.predict(config, key, mm.Setup(**{**setup.__dict__, **extra}))
         fits = p.peak <= 80 * mm.GIB
-        name = mm.METHOD_LABELS[key] + (" (fused=True)" if extra else "")
+        name = REGISTRY[key].label + (" (fused=True)" if extra else "")
         out.append(f"  {name}: {_gb(p.peak)} GB ({p.peak / mm.GIB:.2f} GiB): "
                    f"{'fits' if fits else 'does not fit'} in an 80 GiB GPU"
                    + (" (before the CUDA context and fragmentation)" if fits else ""))
@@ -224,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
         with open(args.from_json, encoding="utf-8") as f:
             measured = json.load(f)
     elif args.measure:
-        measured = measure_all(args, [m for m in methods if m not in dict(mm.REFERENCE_METHODS)])
+        measured = measure_all(args, [m for m in methods if not REGISTRY[m].reference])
     if measured is not None:
         mset = mm.Setup(**measured["setup"])
         rows = compare(measured["config"], mset, measured["measurements"])

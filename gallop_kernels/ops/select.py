@@ -1,4 +1,4 @@
-"""Launcher for exact top-k selection with the Triton kernels (DESIGN §1, §4).
+"""Launcher for exact top-k selection with the Triton kernels (`docs/design.md#selection-semantics`, `docs/design.md#kernels`).
 
 ``triton_select`` returns the same index sets as ``reference.select_topk`` over the group's scores:
 the k largest float32 scores, ties to the lower flat index in the group's concatenation.
@@ -178,7 +178,7 @@ def _check_inputs(params, grads, k, score, names, precomputed):
 class SelectionPlan:
     """The launch tables of one group's selection, and its passes as separate steps.
 
-    The steps are shaped for sharded parameters (DESIGN §4): ``histogram_pass`` takes this rank's
+    The steps are shaped for sharded parameters (`docs/design.md#distributed`): ``histogram_pass`` takes this rank's
     tensors and adds into a histogram; ``choose_bucket`` takes the *summed* histogram, so an
     ``all_reduce`` of the bins (a few KB) can sit between the two, and every rank then finds the
     same exact threshold in the device ``state``. (Across ranks the tie quota of ``compact_counts``

@@ -1,4 +1,7 @@
-"""Launcher for the fused multi-tensor sparse AdamW step (DESIGN §1 phase two, §4 kernel 4)."""
+"""Launcher for the fused multi-tensor sparse AdamW step.
+
+The update of `docs/design.md#sparse-update`, kernel 4 of `docs/design.md#kernels`.
+"""
 
 from __future__ import annotations
 

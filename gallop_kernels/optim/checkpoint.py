@@ -1,19 +1,42 @@
-"""state_dict helpers: keep checkpoints loadable with ``weights_only=True`` and state in its own dtypes."""
+"""state_dict helpers: checkpoints loadable with ``weights_only=True``, checked whole before loading.
+
+`prepare_load` is everything `SparseAdamW.load_state_dict` does except installing the result:
+it checks the checkpoint's structure, its groups' options (the constructor's checks), the layout
+of its state and the *data* of every state tensor (`docs/design.md#rules`: validate everything, then
+mutate; the per-step checks only look at metadata), and returns fresh groups and state on the
+params' devices. Nothing of the optimizer or of the caller's dict is modified.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping
+from copy import deepcopy
 from itertools import chain
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from gallop_kernels.optim.selection import needs_master
+from gallop_kernels.optim.selection import moments_fp32, needs_master, store_moments, uses_8bit
+from gallop_kernels.optim.validation import (
+    check_group_options,
+    check_selection_counter,
+    state_tensor,
+    step_count,
+)
 from gallop_kernels.reference import QUANT_BLOCK
+from gallop_kernels.rules import DEFAULT_MIN_8BIT_ENTRIES, check_index_set
 
 CALLABLE_SCORE = "<callable>"
 """Stands in a saved param group for a score callable (functions are not plain values)."""
 
-MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "master")
+STATE_KEYS = frozenset({
+    "indices", "exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax", "master", "step",
+    "grad_accum",
+})
+LAYOUT_OPTIONS = ("state_bits", "master_weights")
+"""Options that fix the state's layout: a checkpoint may change them only with ``convert_layout``."""
+LEGACY_OPTION_DEFAULTS = {"state_bits": 32, "min_8bit_entries": DEFAULT_MIN_8BIT_ENTRIES}
+"""Options younger than some checkpoints, and what their absence meant."""
 
 
 def make_portable(state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -22,6 +45,54 @@ def make_portable(state_dict: dict[str, Any]) -> dict[str, Any]:
         if callable(group.get("score")):
             group["score"] = CALLABLE_SCORE
     return state_dict
+
+
+# ----------------------------------------------------------------------------------------------
+# Structure and groups
+# ----------------------------------------------------------------------------------------------
+
+
+def _structure(state_dict: Mapping[str, Any]) -> tuple[Mapping, list]:
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+    unknown = set(state_dict) - {"state", "param_groups"}
+    missing = {"state", "param_groups"} - set(state_dict)
+    if missing or unknown:
+        raise ValueError(
+            "an optimizer state_dict has exactly the keys 'state' and 'param_groups'; "
+            + (f"missing {sorted(missing)}" if missing else f"unknown {sorted(map(str, unknown))}")
+        )
+    state, groups = state_dict["state"], state_dict["param_groups"]
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state_dict['state'] must be a dict, got {type(state).__name__}")
+    if not isinstance(groups, (list, tuple)) or not all(isinstance(g, Mapping) for g in groups):
+        raise TypeError("state_dict['param_groups'] must be a list of dicts")
+    return state, list(groups)
+
+
+def match_params(groups: list[dict], saved_groups: list[dict]) -> dict[Any, torch.Tensor]:
+    """Map the checkpoint's param ids to this optimizer's params (same group layout required)."""
+    if len(groups) != len(saved_groups):
+        raise ValueError(
+            f"loaded state dict has {len(saved_groups)} parameter groups, the optimizer "
+            f"{len(groups)}"
+        )
+    for i, (group, saved) in enumerate(zip(groups, saved_groups)):
+        ids = saved.get("params")
+        if not isinstance(ids, (list, tuple)):
+            raise ValueError(f"loaded parameter group {i} has no list of 'params'")
+        if len(group["params"]) != len(ids):
+            raise ValueError(
+                f"loaded state dict's parameter group {i} has {len(ids)} params, "
+                f"the optimizer's has {len(group['params'])}"
+            )
+        for key in ids:
+            if isinstance(key, bool) or not isinstance(key, Hashable):
+                raise ValueError(f"loaded parameter group {i} has an invalid param id {key!r}")
+    saved_ids = list(chain.from_iterable(g["params"] for g in saved_groups))
+    if len(set(saved_ids)) != len(saved_ids):
+        raise ValueError("loaded state dict lists a param id more than once")
+    return dict(zip(saved_ids, chain.from_iterable(g["params"] for g in groups)))
 
 
 def restore_callables(saved_groups: list[dict], groups: list[dict]) -> None:
@@ -36,94 +107,185 @@ def restore_callables(saved_groups: list[dict], groups: list[dict]) -> None:
             saved["score"] = current["score"]
 
 
-def match_params(groups: list[dict], saved_groups: list[dict]) -> dict[Any, torch.Tensor]:
-    """Map the checkpoint's param ids to this optimizer's params (same group layout required)."""
-    if len(groups) != len(saved_groups):
-        raise ValueError("loaded state dict has a different number of parameter groups")
-    for i, (group, saved) in enumerate(zip(groups, saved_groups)):
-        if len(group["params"]) != len(saved["params"]):
-            raise ValueError(
-                f"loaded state dict's parameter group {i} has {len(saved['params'])} params, "
-                f"the optimizer's has {len(group['params'])}"
-            )
-    return dict(
-        zip(
-            chain.from_iterable(g["params"] for g in saved_groups),
-            chain.from_iterable(g["params"] for g in groups),
-        )
-    )
+def _prepare_groups(saved_groups: list, groups: list[dict], convert_layout: bool) -> list[dict]:
+    """Fresh, validated group dicts: the checkpoint's options, this optimizer's params."""
+    new_groups = []
+    for i, (saved, current) in enumerate(zip(saved_groups, groups)):
+        where = f"loaded parameter group {i}"
+        group = deepcopy(dict(saved))
+        for key, value in LEGACY_OPTION_DEFAULTS.items():
+            group.setdefault(key, value)
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+        names = group.get("param_names")
+        if "param_names" in group and (
+            not isinstance(names, (list, tuple)) or len(names) != len(group["params"])
+            or not all(isinstance(n, str) for n in names)
+        ):
+            raise ValueError(f"{where}: 'param_names' must list one name (a str) per param")
+        restore_callables([group], [current])
+        check_group_options(group, where)
+        check_selection_counter(group, where)
+        for key in LAYOUT_OPTIONS:
+            if group[key] != current[key] or type(group[key]) is not type(current[key]):
+                if not convert_layout:
+                    raise ValueError(
+                        f"{where} was saved with {key}={group[key]!r}, this optimizer has "
+                        f"{key}={current[key]!r}: its state has another layout. Build the "
+                        f"optimizer with {key}={group[key]!r}, or pass convert_layout=True to "
+                        f"convert the state to {key}={current[key]!r}"
+                    )
+                group[key] = current[key]
+        group["params"] = current["params"]
+        if "param_names" not in saved and "param_names" in current:
+            group["param_names"] = current["param_names"]
+        new_groups.append(group)
+    return new_groups
 
 
-def _check_entry(key: Any, saved: dict, param: torch.Tensor, group: dict) -> None:
-    where = f"state of parameter {key} (shape {tuple(param.shape)})"
+# ----------------------------------------------------------------------------------------------
+# State entries
+# ----------------------------------------------------------------------------------------------
+
+
+def _finite(value: torch.Tensor, key: str, where: str, non_negative: bool = False) -> None:
+    if value.numel() and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{where}: '{key}' holds NaN or infinite values")
+    if non_negative and value.numel() and bool((value < 0).any()):
+        raise ValueError(f"{where}: '{key}' holds negative values (it must be >= 0)")
+
+
+def _to_device(value: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return value.detach().to(device, copy=True, memory_format=torch.contiguous_format)
+
+
+def _prepare_entry(
+    where: str, saved: Any, param: torch.Tensor, group: dict, convert_layout: bool
+) -> dict[str, Any]:
+    """Check one param's saved state (metadata and data) and return it on the param's device."""
+    if not isinstance(saved, Mapping):
+        raise ValueError(f"{where}: the state must be a dict, got {type(saved).__name__}")
+    unknown = set(saved) - STATE_KEYS
+    if unknown:
+        raise ValueError(f"{where}: unknown state key(s) {sorted(map(str, unknown))}; "
+                         f"expected some of {sorted(STATE_KEYS)}")
+    device, n = param.device, param.numel()
+
     indices = saved.get("indices")
-    if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{where}: 'indices' must be an int32/int64 tensor")
-    if indices.dim() != 1:
-        raise ValueError(f"{where}: 'indices' must be one-dimensional")
+    if isinstance(indices, torch.Tensor) and indices.layout != torch.strided:
+        raise ValueError(f"{where}: 'indices' must be a dense tensor, got layout {indices.layout}")
+    check_index_set(indices, n, where)
     k = indices.numel()
-    if k:
-        idx = indices.to(torch.int64)
-        if int(idx.min()) < 0 or int(idx.max()) >= param.numel():
-            raise ValueError(f"{where}: an index is outside the parameter's {param.numel()} entries")
-        if k > 1 and not bool((idx[1:] > idx[:-1]).all()):
-            raise ValueError(f"{where}: 'indices' must be strictly increasing")
-    wanted = ["exp_avg", "exp_avg_sq"] + (
-        ["master"] if needs_master(param, group["master_weights"]) else []
-    )
-    for name in wanted:
-        value = saved.get(name)
-        quantized = name != "master" and isinstance(value, torch.Tensor) and value.dtype == torch.uint8
-        if not isinstance(value, torch.Tensor) or not (value.dtype == torch.float32 or quantized):
-            raise ValueError(f"{where}: '{name}' must be a float32 (or 8-bit uint8) tensor")
-        if value.shape != (k,):
-            raise ValueError(f"{where}: '{name}' has shape {tuple(value.shape)}, expected ({k},)")
-        if quantized:
-            absmax = saved.get(f"{name}_absmax")
-            blocks = -(-k // QUANT_BLOCK)
-            if not isinstance(absmax, torch.Tensor) or absmax.dtype != torch.float32 or (
-                absmax.shape != (blocks,)
-            ):
-                raise ValueError(f"{where}: 8-bit '{name}' needs a float32 '{name}_absmax' of "
-                                 f"{blocks} blocks")
+
+    m = state_tensor(saved, "exp_avg", where, (torch.float32, torch.uint8), (k,))
+    v = state_tensor(saved, "exp_avg_sq", where, (torch.float32, torch.uint8), (k,))
+    if m.dtype != v.dtype:
+        raise ValueError(f"{where}: 'exp_avg' is {m.dtype} but 'exp_avg_sq' {v.dtype}; both must "
+                         f"be float32 or both 8-bit")
+    quantized = m.dtype == torch.uint8
+    absmax_keys = ("exp_avg_absmax", "exp_avg_sq_absmax")
+    if quantized:
+        for key in absmax_keys:
+            absmax = state_tensor(saved, key, where, (torch.float32,), (-(-k // QUANT_BLOCK),))
+            _finite(absmax, key, where, non_negative=True)
+    else:
+        extra = [key for key in absmax_keys if key in saved]
+        if extra:
+            raise ValueError(f"{where}: {extra} belong to 8-bit moments, but they are float32")
+        _finite(m, "exp_avg", where)
+        _finite(v, "exp_avg_sq", where, non_negative=True)
+    if "master" in saved:
+        _finite(state_tensor(saved, "master", where, (torch.float32,), (k,)), "master", where)
+    if group["reselect_every"] is not None and "grad_accum" not in saved:
+        raise ValueError(f"{where}: 'grad_accum' is missing but reselect_every is set")
+    if "grad_accum" in saved:
+        accum = state_tensor(saved, "grad_accum", where, (torch.float32,), (n,))
+        _finite(accum, "grad_accum", where)
     if "step" not in saved:
         raise ValueError(f"{where}: 'step' is missing")
-    accum = saved.get("grad_accum")
-    if accum is not None and (accum.dtype != torch.float32 or accum.numel() != param.numel()):
-        raise ValueError(f"{where}: 'grad_accum' must be float32 with one value per entry")
-    if group.get("reselect_every") is not None and accum is None:
-        raise ValueError(f"{where}: 'grad_accum' is missing but reselect_every is set")
+    step = step_count(saved["step"], where)
 
+    # Layout: 8-bit moments only under state_bits=8; a master copy exactly where one is needed.
+    want_master = needs_master(param, group["master_weights"])
+    layout_errors = []
+    if quantized and group["state_bits"] != 8:
+        layout_errors.append("8-bit moments but state_bits=32")
+    if want_master and "master" not in saved:
+        layout_errors.append(f"no float32 master copy, which a {param.dtype} parameter under "
+                             f"master_weights={group['master_weights']!r} needs")
+    if not want_master and "master" in saved:
+        layout_errors.append(f"a master copy, which a {param.dtype} parameter under "
+                             f"master_weights={group['master_weights']!r} does not have")
+    if layout_errors and not convert_layout:
+        raise ValueError(f"{where}: the checkpoint holds {'; '.join(layout_errors)}. Pass "
+                         f"convert_layout=True to convert it to this optimizer's layout")
 
-def check_state(
-    saved_state: dict, id_map: dict, saved_groups: list[dict], groups: list[dict]
-) -> None:
-    """Raise ``ValueError`` if the checkpoint's state does not fit this optimizer's params."""
-    group_of = {}
-    for saved_group in saved_groups:
-        for key in saved_group["params"]:
-            group_of[key] = saved_group
-    for key, saved in saved_state.items():
-        if key not in id_map:
-            raise ValueError(f"loaded state refers to unknown parameter id {key!r}")
-        if not saved:
-            continue
-        _check_entry(key, saved, id_map[key], group_of[key])
-    for saved_group in saved_groups:
-        if "steps_since_selection" in saved_group:
-            missing = [key for key in saved_group["params"] if not saved_state.get(key)]
-            if missing:
-                raise ValueError(f"loaded state has a selection but no state for params {missing}")
-
-
-def to_param_device(saved: dict, param: torch.Tensor) -> dict:
-    """Copy one param's state onto its device, each tensor keeping its dtype; step stays on CPU."""
-    state = {}
-    for key, value in saved.items():
-        if not isinstance(value, torch.Tensor):
-            state[key] = value
-        elif key == "step":
-            state[key] = value.detach().to("cpu", torch.float32, copy=True)
-        else:
-            state[key] = value.detach().to(param.device, copy=True)
+    state = {key: _to_device(value, device) for key, value in saved.items() if key != "step"}
+    state["step"] = torch.tensor(step, dtype=torch.float32)
+    if convert_layout:
+        _convert(state, param, group, k, want_master)
     return state
+
+
+def _convert(state: dict, param: torch.Tensor, group: dict, k: int, want_master: bool) -> None:
+    """Bring one param's (checked) state into the group's layout."""
+    bits = 8 if uses_8bit(group, k) else 32
+    if (state["exp_avg"].dtype == torch.uint8) != (bits == 8):
+        exp_avg, exp_avg_sq = moments_fp32(state)
+        for key in ("exp_avg_absmax", "exp_avg_sq_absmax"):
+            state.pop(key, None)
+        store_moments(state, exp_avg.clone(), exp_avg_sq.clone(), bits)
+    if want_master and "master" not in state:
+        idx = state["indices"].to(torch.int64)
+        state["master"] = param.detach().reshape(-1)[idx].to(torch.float32)
+    elif not want_master:
+        state.pop("master", None)
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole load
+# ----------------------------------------------------------------------------------------------
+
+
+def prepare_load(
+    state_dict: Mapping[str, Any],
+    groups: list[dict],
+    names: Callable[[int], list[str]],
+    convert_layout: bool = False,
+) -> tuple[list[dict], dict[torch.Tensor, dict]]:
+    """Check a whole checkpoint against this optimizer's ``groups``; return (new groups, state).
+
+    ``names(i)`` names group i's params in messages. Raises ``ValueError``/``TypeError`` on the
+    first problem; on success the result is independent of ``state_dict`` (tensors are copied).
+    """
+    if not isinstance(convert_layout, bool):
+        raise TypeError("convert_layout must be True or False")
+    saved_state, saved_groups = _structure(state_dict)
+    id_map = match_params(groups, saved_groups)
+    new_groups = _prepare_groups(saved_groups, groups, convert_layout)
+
+    where_of, group_of = {}, {}
+    for i, (saved, group) in enumerate(zip(saved_groups, new_groups)):
+        for key, name in zip(saved["params"], names(i)):
+            where_of[key] = f"loaded state of parameter {name}"
+            group_of[key] = group
+    state: dict[torch.Tensor, dict] = {}
+    for key, saved in saved_state.items():
+        if not isinstance(key, Hashable) or key not in id_map:
+            raise ValueError(f"loaded state refers to unknown parameter id {key!r}")
+        if isinstance(saved, Mapping) and not saved:
+            continue
+        if "steps_since_selection" not in group_of[key]:
+            raise ValueError(f"{where_of[key]}: state for a parameter whose group has no "
+                             f"selection ('steps_since_selection' is missing)")
+        state[id_map[key]] = _prepare_entry(
+            where_of[key], saved, id_map[key], group_of[key], convert_layout
+        )
+    for i, (saved, group) in enumerate(zip(saved_groups, new_groups)):
+        if "steps_since_selection" in group:
+            missing = [name for key, name in zip(saved["params"], names(i))
+                       if id_map[key] not in state]
+            if missing:
+                raise ValueError(f"loaded parameter group {i} has a selection but no state for "
+                                 f"parameter(s) {missing}")
+    return new_groups, state

@@ -94,6 +94,26 @@ class LeanGradients:
     def buffer_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self._compact.values())
 
+    def snapshot(self) -> dict:
+        """The buffers and bookkeeping, without the hooks (for the optimizer's deepcopy/pickle)."""
+        return {
+            "compact": dict(self._compact),
+            "gathered": list(self._gathered),
+            "frozen": list(self._frozen),
+            "paused": self.paused,
+        }
+
+    def restore(self, snapshot: dict) -> None:
+        """Take over a `snapshot`; frozen tensors get their hook too (`watch` the others)."""
+        self._compact = dict(snapshot["compact"])
+        self._gathered = set(snapshot["gathered"])
+        self._frozen = list(snapshot["frozen"])
+        self.paused = bool(snapshot["paused"])
+        for p in self._frozen:  # (a hook needs requires_grad; they get it back in `unfreeze`)
+            p.requires_grad_(True)
+            self.watch(p)
+            p.requires_grad_(False)
+
     def close(self) -> None:
         """Remove the hooks and unfreeze: the params behave as if lean mode never existed."""
         for handle in self._hooks.values():

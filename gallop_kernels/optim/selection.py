@@ -12,14 +12,14 @@ import torch
 
 from gallop_kernels import ops, reference
 from gallop_kernels.ops.streaming_select import streaming_select
-
-
-MIN_8BIT_ENTRIES = 4096
-"""Tensors with fewer selected entries keep fp32 moments under ``state_bits=8`` (as bitsandbytes)."""
+from gallop_kernels.rules import DEFAULT_MIN_8BIT_ENTRIES
 
 
 def uses_8bit(group: dict, num_selected: int) -> bool:
-    return group["state_bits"] == 8 and num_selected >= MIN_8BIT_ENTRIES
+    """8-bit moments for a tensor: ``state_bits=8`` and at least ``min_8bit_entries`` selected
+    (groups saved before that option existed use its default)."""
+    minimum = group.get("min_8bit_entries", DEFAULT_MIN_8BIT_ENTRIES)
+    return group["state_bits"] == 8 and num_selected >= minimum
 
 
 def moments_fp32(st: dict) -> tuple[torch.Tensor, torch.Tensor]:

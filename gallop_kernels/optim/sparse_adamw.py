@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from copy import deepcopy
-from typing import Any, Callable, Iterable
+import contextlib
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch.optim import Optimizer
@@ -11,8 +13,29 @@ from torch.optim import Optimizer
 from gallop_kernels import ops
 from gallop_kernels.optim import checkpoint, selection
 from gallop_kernels.optim.lean import LeanGradients
-from gallop_kernels.optim.validation import check_grads, check_group_options, check_params
+from gallop_kernels.optim.validation import (
+    check_carry_over,
+    check_grad,
+    check_group_options,
+    check_params,
+    check_selection_counter,
+    check_state_fits,
+    state_is_stale,
+)
 from gallop_kernels.reference import Score
+from gallop_kernels.rules import DEFAULT_MIN_8BIT_ENTRIES
+
+
+class _Label:
+    """A param's name for messages, formatted only when a message is built (checks stay cheap)."""
+
+    __slots__ = ("_optimizer", "_group", "_index", "_prefix")
+
+    def __init__(self, optimizer: "SparseAdamW", group: int, index: int, prefix: str = "") -> None:
+        self._optimizer, self._group, self._index, self._prefix = optimizer, group, index, prefix
+
+    def __str__(self) -> str:
+        return self._prefix + self._optimizer._names(self._group)[self._index]
 
 
 class SparseAdamW(Optimizer):
@@ -24,20 +47,35 @@ class SparseAdamW(Optimizer):
     an fp32 master copy; nothing of the parameters' size is kept (except the gradient accumulator
     of ``reselect_every``, which needs one fp32 value per entry).
 
+    Bad input is refused before anything changes (`docs/design.md#rules`: validate everything, then
+    mutate): :meth:`step` and :meth:`select` first check every group's options (also after a
+    group was edited), every param, gradient and state entry, and :meth:`load_state_dict` checks
+    the whole checkpoint; a refused call leaves params, state, groups, step counters and lean
+    buffers as they were. Non-finite *gradients* during training keep `torch.optim.AdamW`'s
+    semantics: they flow into the moments and the selected weights (checking them would cost a
+    host synchronisation per step on a GPU). A NaN or infinite *score* at selection is a
+    ``ValueError`` naming the parameter.
+
+    Copies: ``copy.deepcopy`` and ``pickle`` keep the options, state, backend and lean mode (the
+    copy installs its own gradient hooks on its own params), as `torch.optim` optimizers keep
+    theirs; hooks registered with ``register_*_hook`` are not copied, as in `torch.optim`.
+
     Args:
         params: parameters, (name, parameter) pairs, or param group dicts.
-        lr, betas, eps, weight_decay: as in :class:`torch.optim.AdamW`.
+        lr, betas, eps, weight_decay: as in :class:`torch.optim.AdamW`; lr, eps and
+            weight_decay must be finite (the step computes in float32).
         density: fraction ρ of each group's entries to train, in (0, 1].
         score: "gallop" (|g| / (|θ| + score_eps)), "gradient", "magnitude", "random", or a
             callable ``(param, grad) -> Tensor`` of the param's shape.
-        score_eps: ε of the "gallop" and "magnitude" scores.
+        score_eps: ε of the "gallop" and "magnitude" scores (finite, >= 0).
         seed: seed of the "random" score.
         reselect_every: re-select every N steps from the mean gradient since the last
             selection (GMT); entries that stay keep their state. ``None`` selects once.
         master_weights: "auto" (fp32 master copy for bf16/fp16 params), True or False.
         state_bits: 32, or 8 for blockwise 8-bit m and v with bitsandbytes' dynamic maps
-            (1 byte each + an fp32 absmax per 256 entries; tensors with fewer than 4096
-            selected entries keep fp32 moments, as in bitsandbytes).
+            (1 byte each + an fp32 absmax per 256 entries).
+        min_8bit_entries: under ``state_bits=8``, a tensor with fewer selected entries keeps
+            fp32 moments (bitsandbytes' ``min_8bit_size`` rule; default 4096).
         backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
         lean: after selection, gather each gradient's selected entries into a compact fp32
             buffer in a post-accumulate-grad hook and free the dense gradient at once; freeze
@@ -59,6 +97,7 @@ class SparseAdamW(Optimizer):
         reselect_every: int | None = None,
         master_weights: bool | str = "auto",
         state_bits: int = 32,
+        min_8bit_entries: int = DEFAULT_MIN_8BIT_ENTRIES,
         backend: str = "auto",
         lean: bool = False,
     ) -> None:
@@ -77,12 +116,49 @@ class SparseAdamW(Optimizer):
             reselect_every=reselect_every,
             master_weights=master_weights,
             state_bits=state_bits,
+            min_8bit_entries=min_8bit_entries,
         )
         check_group_options(defaults)
         self.backend = backend
         self._group_index: dict[int, int] = {}
-        self._lean = LeanGradients(lambda: self.state, self._reselection_due) if lean else None
+        # Each selected param's size when its indices were made: a param resized since then is
+        # caught from this metadata, without reading the (device) indices every step.
+        self._selected_numel: dict[torch.Tensor, int] = {}
+        self._lean = self._new_lean() if lean else None
         super().__init__(params, defaults)
+
+    def _new_lean(self) -> LeanGradients:
+        return LeanGradients(lambda: self.state, self._reselection_due)
+
+    # ------------------------------------------------------------------------------------------
+    # Copies (deepcopy, pickle)
+    # ------------------------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What `torch.optim.Optimizer` keeps, plus the backend, selection sizes and lean buffers."""
+        state = super().__getstate__()
+        state["backend"] = self.backend
+        state["_selected_numel"] = self._selected_numel
+        state["_lean"] = None if self._lean is None else self._lean.snapshot()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Rebuild what cannot be copied: the param -> group map and lean mode's hooks."""
+        state = dict(state)
+        lean = state.pop("_lean", None)
+        state.setdefault("backend", "auto")
+        state.setdefault("_selected_numel", {})
+        super().__setstate__(state)
+        self._group_index = {
+            id(p): i for i, group in enumerate(self.param_groups) for p in group["params"]
+        }
+        self._lean = None
+        if lean is not None:
+            self._lean = self._new_lean()
+            for group in self.param_groups:
+                for p in group["params"]:
+                    self._lean.watch(p)
+            self._lean.restore(lean)
 
     # ------------------------------------------------------------------------------------------
     # Param groups
@@ -92,10 +168,12 @@ class SparseAdamW(Optimizer):
         """Validate the group's options and params before it joins the optimizer."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        if "params" not in param_group:
+            raise ValueError("param_group has no 'params'")
         params = param_group["params"]
         if isinstance(params, torch.Tensor):
             params = [params]
-        elif isinstance(params, set):
+        elif isinstance(params, (set, frozenset)):
             raise TypeError("params must be an ordered collection (a list), not a set")
         params = list(params)
         tensors = [p[1] if isinstance(p, tuple) else p for p in params]
@@ -106,7 +184,7 @@ class SparseAdamW(Optimizer):
         options = {**self.defaults, **param_group}
         if isinstance(options["betas"], list):
             options["betas"] = tuple(options["betas"])
-        check_group_options(options)
+        check_group_options(options, f"param group {len(self.param_groups)}")
         super().add_param_group({**options, "params": params})
         for p in tensors:
             self._group_index[id(p)] = len(self.param_groups) - 1
@@ -116,19 +194,102 @@ class SparseAdamW(Optimizer):
 
     def _names(self, group_index: int) -> list[str]:
         group = self.param_groups[group_index]
-        if "param_names" in group:
-            return list(group["param_names"])
+        names = group.get("param_names")
+        if isinstance(names, (list, tuple)) and len(names) == len(group["params"]):
+            return [f"{name!r} (param group {group_index})" for name in names]
         return [
-            f"group {group_index} param {i} (shape {tuple(p.shape)})"
+            f"group {group_index} param {i} ("
+            + (f"shape {tuple(p.shape)}" if isinstance(p, torch.Tensor) else type(p).__name__) + ")"
             for i, p in enumerate(group["params"])
         ]
+
+    def _labels(self, group_index: int, prefix: str = "") -> list[_Label]:
+        """Lazy `_names`: for messages of checks that run every step."""
+        count = len(self.param_groups[group_index]["params"])
+        return [_Label(self, group_index, j, prefix) for j in range(count)]
+
+    def _adopt_params(self) -> None:
+        """Follow params put into ``param_groups`` directly (accelerate swaps them after sharding)."""
+        for i, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if self._group_index.get(id(p)) != i:
+                    self._group_index[id(p)] = i
+                    if self._lean is not None:
+                        self._lean.watch(p)
+
+    # ------------------------------------------------------------------------------------------
+    # Validation: everything step() and select() will read, before either changes anything
+    # ------------------------------------------------------------------------------------------
+
+    def _check_groups(self) -> None:
+        """Options (re-validated: groups may have been edited), params and backends of every group."""
+        seen: dict[int, int] = {}
+        for i, group in enumerate(self.param_groups):
+            where = f"param group {i}"
+            check_group_options(group, where)
+            check_selection_counter(group, where)
+            params = group.get("params")
+            if not isinstance(params, list):
+                raise TypeError(f"{where}: 'params' must be a list of tensors")
+            names = self._labels(i)
+            check_params(params, names)
+            for p, name in zip(params, names):
+                if seen.setdefault(id(p), i) != i:
+                    raise ValueError(f"parameter {name} is also in param group {seen[id(p)]}")
+                if p.is_meta:
+                    raise ValueError(f"parameter {name} is on the meta device (it has no data); "
+                                     f"materialize it before step() or select()")
+            if params:
+                backend = ops.resolve_backend(self.backend, params[0].device)
+                if backend == "triton":
+                    for p, name in zip(params, names):
+                        if p.device != params[0].device:
+                            raise ValueError(
+                                f"parameter {name} is on {p.device} but {names[0]} of the same "
+                                f"group on {params[0].device}: the Triton backend runs one "
+                                f"device per group"
+                            )
+
+    def _check_state(self, i: int, for_step: bool) -> dict[torch.Tensor, float]:
+        """Metadata checks of group ``i``'s state: all a step reads (``for_step``, selected
+        groups; returns each param's step count), else what a new selection carries over."""
+        group = self.param_groups[i]
+        steps = {}
+        for p, where in zip(group["params"], self._labels(i, "parameter ")):
+            st, numel = self.state.get(p), self._selected_numel.get(p)
+            if for_step:
+                needs_master = selection.needs_master(p, group["master_weights"])
+                steps[p] = check_state_fits(where, p, st, group, numel, needs_master)
+            else:
+                check_carry_over(where, p, st, numel)
+        return steps
+
+    def _check_step_gradient(self, name: str, p: torch.Tensor) -> None:
+        """The gradient this step will use for ``p``: lean mode's compact buffer, else ``.grad``."""
+        if p.grad is not None:
+            check_grad(name, p, p.grad)
+        if self._lean is not None and self._lean.gathered(p):
+            if p.grad is not None:
+                raise ValueError(
+                    f"lean mode gathered the gradient of parameter {name} into its compact "
+                    f"buffer, and .grad was set since, not by backward: the step cannot use both; "
+                    f"set gradients through backward(), or call zero_grad() first"
+                )
+            compact = self._lean.grad(p)
+            indices = self.state.get(p, {}).get("indices")
+            k = indices.numel() if isinstance(indices, torch.Tensor) else -1
+            if compact.dtype != torch.float32 or compact.shape != (k,) or compact.device != p.device:
+                raise ValueError(
+                    f"lean mode's gathered gradient of parameter {name} no longer fits its "
+                    f"selection of {k} entries; call zero_grad() and run backward again"
+                )
 
     # ------------------------------------------------------------------------------------------
     # Selection
     # ------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def select(self, gradients: dict[torch.Tensor, torch.Tensor] | None = None) -> None:
+    def select(self, gradients: Mapping[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Select now, in every group, from the current ``.grad`` s (a re-selection if selected).
 
         Typical GaLLoP phase one: run backward over calibration batches (gradients accumulate in
@@ -139,18 +300,57 @@ class SparseAdamW(Optimizer):
             gradients: optional ``{param: gradient}`` to score instead of ``.grad`` (may live on
                 another device, e.g. pinned host memory; it is streamed chunk by chunk).
         """
-        if gradients is None:
-            check_grads(self._named_params())
+        self._check_groups()
+        for i, group in enumerate(self.param_groups):
+            names = self._labels(i)
+            self._check_state(i, for_step=False)
+            for p, name in zip(group["params"], names):
+                if self._lean is not None and self._lean.gathered(p):
+                    raise ValueError(
+                        f"lean mode holds the gradient of parameter {name} gathered for the "
+                        f"current selection; call zero_grad() before select()"
+                    )
+                if gradients is None and p.grad is not None:
+                    check_grad(name, p, p.grad)
+        if gradients is not None:
+            self._check_gradients_mapping(gradients)
+
         plans = [
             selection.plan(group, self.state, self._names(i), self.backend,
                            from_accumulated=False, gradients=gradients)
             for i, group in enumerate(self.param_groups)
         ]
+        # -- nothing has changed before this line --
+        self._adopt_params()
         for group, new_indices in zip(self.param_groups, plans):
             self._install(group, new_indices)
 
+    def _check_gradients_mapping(self, gradients: Any) -> None:
+        if not isinstance(gradients, Mapping):
+            raise TypeError(
+                f"gradients must be a mapping {{param: gradient}}, got {type(gradients).__name__}"
+            )
+        names = {
+            id(p): name
+            for i in range(len(self.param_groups))
+            for name, p in zip(self._names(i), self.param_groups[i]["params"])
+        }
+        params = {id(p): p for group in self.param_groups for p in group["params"]}
+        for key, grad in gradients.items():
+            if not isinstance(key, torch.Tensor) or id(key) not in params:
+                what = (f"a tensor of shape {tuple(key.shape)}" if isinstance(key, torch.Tensor)
+                        else f"a {type(key).__name__}")
+                raise ValueError(f"gradients has a key that is not a parameter of this optimizer "
+                                 f"({what}); its keys must be the params themselves")
+            check_grad(names[id(key)], key, grad, same_device=False)
+
     def _install(self, group: dict, new_indices: list[torch.Tensor]) -> None:
+        for p in group["params"]:
+            if state_is_stale(p, self.state.get(p), self._selected_numel.get(p)):
+                self.state[p].clear()  # resized since its selection: nothing can carry over
         selection.apply(group, self.state, new_indices)
+        for p in group["params"]:
+            self._selected_numel[p] = p.numel()
         if self._lean is not None and group["reselect_every"] is None:
             # (GMT re-selection scores every tensor's gradient, so nothing is frozen there.)
             self._lean.freeze_unselected(group["params"])
@@ -164,6 +364,32 @@ class SparseAdamW(Optimizer):
         """Lean mode: give tensors frozen for having no selected entry their gradients back."""
         if self._lean is not None:
             self._lean.unfreeze()
+
+    # -- for callers (phase one, integrations): public, so nobody reaches into private state --
+
+    def is_selected(self, group: dict | None = None) -> bool:
+        """Whether ``group`` (default: any group) holds a selection, from a step, `select` or a
+        loaded checkpoint."""
+        groups = self.param_groups if group is None else [group]
+        return any("steps_since_selection" in g for g in groups)
+
+    @contextlib.contextmanager
+    def paused_lean(self) -> Iterator[None]:
+        """Within the block lean mode's hooks leave dense gradients alone (phase one takes them
+        itself); a no-op without lean mode."""
+        if self._lean is None:
+            yield
+            return
+        previous, self._lean.paused = self._lean.paused, True
+        try:
+            yield
+        finally:
+            self._lean.paused = previous
+
+    @property
+    def frozen(self) -> list[torch.Tensor]:
+        """Tensors lean mode froze for having no selected entry (empty without lean mode)."""
+        return self._lean.frozen if self._lean is not None else []
 
     def selected_indices(self, param: torch.Tensor) -> torch.Tensor:
         """Sorted flat int64 indices of the selected entries of ``param``."""
@@ -186,7 +412,10 @@ class SparseAdamW(Optimizer):
 
     def _reselection_due(self, param: torch.Tensor) -> bool:
         """Whether the next step re-selects the group of ``param``."""
-        return self._due(self.param_groups[self._group_index[id(param)]]) == "reselect"
+        index = self._group_index.get(id(param))
+        if index is None or index >= len(self.param_groups):
+            return False
+        return self._due(self.param_groups[index]) == "reselect"
 
     def _due(self, group: dict) -> str | None:
         """Which selection a group needs before this step: "first", "reselect" or none."""
@@ -203,14 +432,26 @@ class SparseAdamW(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Select where due (first step, every ``reselect_every``), then update selected entries."""
+        """Select where due (first step, every ``reselect_every``), then update selected entries.
+
+        Everything is checked first (metadata only: see `optim/validation.py`) and every due
+        selection planned; only then does anything change.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        check_grads(self._named_params())
 
-        # Plan every due selection before changing anything, so a bad score leaves no trace.
+        # Validate everything this step reads. These per-step checks read metadata only (options,
+        # shapes, dtypes, devices, the CPU step counters), never device data, so they cost no host
+        # synchronisation on a GPU; data checks live in load_state_dict and selection.
+        self._check_groups()
+        steps: dict[torch.Tensor, float] = {}
+        for i, group in enumerate(self.param_groups):
+            steps.update(self._check_state(i, for_step="steps_since_selection" in group))
+            for p, name in zip(group["params"], self._labels(i)):
+                self._check_step_gradient(name, p)
+        # Plan every due selection (it refuses NaN/inf scores) before changing anything.
         plans = {}
         for i, group in enumerate(self.param_groups):
             due = self._due(group)
@@ -219,19 +460,23 @@ class SparseAdamW(Optimizer):
                     group, self.state, self._names(i), self.backend,
                     from_accumulated=(due == "reselect"),
                 )
+
+        # -- nothing has changed before this line --
+        self._adopt_params()
         for i, new_indices in plans.items():
             self._install(self.param_groups[i], new_indices)
-
+            for p in self.param_groups[i]["params"]:
+                steps[p] = 0.0
         for group in self.param_groups:
             if "steps_since_selection" in group:
-                self._update_group(group)
+                self._update_group(group, steps)
         if self._lean is not None:
             # A step consumes the compact gradients, as if zero_grad() followed: the Trainer and
             # many loops call model.zero_grad(), which cannot reach these buffers.
             self._lean.zero()
         return loss
 
-    def _update_group(self, group: dict) -> None:
+    def _update_group(self, group: dict, steps: dict[torch.Tensor, float]) -> None:
         if not group["params"]:
             return
         beta1, beta2 = group["betas"]
@@ -243,10 +488,10 @@ class SparseAdamW(Optimizer):
             grad = self._lean.grad(p) if self._lean is not None else p.grad
             if grad is None:
                 continue
-            grads[p] = grad
+            grads[p] = grad.contiguous()  # (the kernels read it flat; autograd's already is)
             st = self.state[p]
             st["step"] += 1
-            by_step.setdefault(int(st["step"].item()), []).append(p)
+            by_step.setdefault(int(steps[p]) + 1, []).append(p)
             if "grad_accum" in st and grad is p.grad:  # (lean hooks accumulate by themselves)
                 st["grad_accum"].add_(p.grad.reshape(-1))
         hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
@@ -292,18 +537,53 @@ class SparseAdamW(Optimizer):
         """Tensors and plain values only (``torch.load(weights_only=True)`` works)."""
         return checkpoint.make_portable(super().state_dict())
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load state, keeping int indices and fp32 moments/master in their own dtypes.
+    def load_state_dict(self, state_dict: Mapping[str, Any], *, convert_layout: bool = False) -> None:
+        """Load a checkpoint after checking all of it; a refused one changes nothing.
 
-        ``torch.optim.Optimizer.load_state_dict`` would cast every state tensor to the param's
-        dtype (bf16 indices, bf16 moments); here state tensors only move to the param's device.
+        As `torch.optim.Optimizer.load_state_dict`: the load pre-hooks run first (their edits,
+        or the dict they return, are what is loaded), the checkpoint's group options replace the
+        optimizer's, and the post-hooks run once the state is in place. Unlike it, state tensors
+        keep their dtypes (int indices, fp32 moments and master; torch would cast them to the
+        param's dtype) and only move to the param's device; ``step`` stays an fp32 CPU tensor
+        (plain-number steps of older checkpoints are converted).
+
+        Everything is checked first: the groups' options (as the constructor checks them; a
+        checkpoint without ``state_bits``, older than that option, means 32), every state entry
+        (known keys only; indices integer, 1-D, strictly increasing and in range; moments and
+        master float32 or 8-bit as the layout says, finite, ``exp_avg_sq`` >= 0; steps whole
+        numbers >= 0). Group keys other than the options (e.g. an LR scheduler's
+        ``initial_lr``) are kept, as torch does.
+
+        The state's *layout* (``state_bits``, ``master_weights``) is the constructor's: a
+        checkpoint whose layout options differ is refused unless ``convert_layout=True``, which
+        converts its state into this optimizer's layout (8-bit moments dequantized or fp32 ones
+        quantized; a missing master copy made from the param's current values, an unneeded one
+        dropped) and keeps this optimizer's ``state_bits`` and ``master_weights``.
+
+        Lean mode: gradients gathered for the previous selection are dropped, and the frozen
+        tensors follow the loaded selection.
         """
-        groups = deepcopy(state_dict["param_groups"])
-        saved_state = state_dict["state"]
-        id_map = checkpoint.match_params(self.param_groups, groups)
-        checkpoint.check_state(saved_state, id_map, groups, self.param_groups)
-        checkpoint.restore_callables(groups, self.param_groups)
-        super().load_state_dict({"state": {}, "param_groups": groups})
-        for param_id, saved in saved_state.items():
-            param = id_map[param_id]
-            self.state[param] = checkpoint.to_param_device(saved, param)
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        state_dict = dict(state_dict)  # shallow copy, as torch: hooks may edit it
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        groups, state = checkpoint.prepare_load(
+            state_dict, self.param_groups, self._names, convert_layout
+        )
+
+        # -- nothing has changed before this line --
+        self.state = defaultdict(dict, state)
+        self.param_groups = groups
+        self._selected_numel = {p: p.numel() for p, st in state.items() if "indices" in st}
+        self._adopt_params()
+        if self._lean is not None:
+            self._lean.zero()
+            self._lean.unfreeze()
+            for group in groups:
+                if "steps_since_selection" in group and group["reselect_every"] is None:
+                    self._lean.freeze_unselected(group["params"])
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)

@@ -1,4 +1,4 @@
-"""Ordered compaction (DESIGN §4, kernel 3).
+"""Ordered compaction (kernel 3 of `docs/design.md#kernels`).
 
 Once the threshold key T (with its bit mask M) and the number ``krem`` of ties to take are known,
 selected = every entry with (key & M) > T plus the first ``krem`` entries with (key & M) == T in

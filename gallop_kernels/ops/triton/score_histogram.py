@@ -1,4 +1,4 @@
-"""Fused score + radix histogram pass (DESIGN §4, kernel 1 and the passes of kernel 2).
+"""Fused score + radix histogram pass (`docs/design.md#kernels`: kernel 1, the passes of kernel 2).
 
 One program per chunk of ``BLOCK * TILES`` entries of one tensor (a multi-tensor launch: the
 program finds its tensor in the launch table). It reads θ and g once, computes the float32 score

@@ -1,4 +1,4 @@
-"""Fused multi-tensor sparse AdamW step (DESIGN §4, kernel 4).
+"""Fused multi-tensor sparse AdamW step (kernel 4 of `docs/design.md#kernels`).
 
 One launch covers every tensor of a group that shares (param dtype, grad dtype, has master,
 index dtype, dense/compact grad): a table row per tensor holds its pointers, its number of

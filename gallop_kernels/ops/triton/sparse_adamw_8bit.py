@@ -1,4 +1,4 @@
-"""Fused multi-tensor sparse AdamW step with 8-bit blockwise m and v (DESIGN §5).
+"""Fused multi-tensor sparse AdamW step with 8-bit blockwise m and v (`docs/design.md#state-layout`).
 
 The same launch layout as `sparse_adamw.py` (a table row per tensor, programs found by binary
 search), with one difference: a program owns exactly one quantization block of QUANT_BLOCK

@@ -1,0 +1,390 @@
+"""GaLLoP phase one, written once: calibration data, one accumulation loop, the reduction, selection.
+
+Phase one averages the task gradient over calibration data and selects from it
+(`docs/design.md#phase-one`). Every caller goes through this module:
+
+* :func:`calibrate` -- ``(optimizer, batches, loss_fn)``, gradients kept on the host;
+* :func:`calibrate_dataset` -- a seeded fraction of a dataset, used by the Trainer callback and
+  ``gallop finetune``, for the optimizer or for the 4-bit delta path;
+* `integrations.bitsandbytes.select_sparse_delta` -- the 4-bit base, through gradient taps.
+
+The pieces:
+
+1. **Data.** :func:`calibration_subset` picks the seeded subset of ``ceil(d_s·N)`` examples;
+   each rank takes every ``world_size``-th of them; each batch's loss is weighted by its share
+   of the whole subset, so the sum over batches (and ranks) is the mean over examples.
+2. **The loop.** :func:`accumulate` runs forward and backward over batches. Where the gradients
+   go is the *sink*'s business (:class:`GradientSink`): :class:`DeviceGradients` leaves them in
+   ``.grad``; :class:`HostGradients` moves each parameter's gradient into a
+   :class:`HostGradientBuffer` in its post-accumulate-grad hook and frees it, so the device never
+   holds the model's dense gradient; the 4-bit path's taps add each layer's dense weight
+   gradient to the same buffer type.
+3. **The RNG.** :func:`forked_rng` restores the global RNG afterwards: training that follows
+   draws the same random numbers as without phase one (a resume stays exact).
+4. **The reduction.** :func:`reduce_gradients` is the one distributed step: it sums every
+   rank's accumulated gradients through a *collective* (``world_size``, ``rank``,
+   ``all_reduce_sum_``; :func:`default_collective` wraps ``torch.distributed``), so every rank
+   selects the same entries. Today a sink that cannot be reduced refuses to run under several
+   ranks before any batch runs; see `docs/design.md#distributed`.
+5. **Selection** stays with the owner of the entries: ``optimizer.select(gradients=...)``
+   (streamed chunk by chunk from host buffers), or the 4-bit path's streaming select.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from gallop_kernels.optim.unwrap import unwrap_optimizer
+from gallop_kernels.rules import check_count, check_fraction
+
+__all__ = [
+    "Collective", "DeviceGradients", "GradientSink", "HostGradientBuffer", "HostGradients",
+    "accumulate", "calibrate", "calibrate_dataset", "calibration_subset", "default_collective",
+    "forked_rng", "optimizer_sink", "reduce_gradients", "select_from_sink",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# The host buffer and the sinks
+# ----------------------------------------------------------------------------------------------
+
+
+class HostGradientBuffer:
+    """An fp32 host tensor of one weight's shape that sums the dense gradients it is given.
+
+    Pinned when the weight lives on CUDA. :meth:`add` copies the gradient to the host; the caller
+    frees the device tensor right after, so the device never holds more than one. Host memory:
+    4 bytes per entry.
+    """
+
+    def __init__(self, shape: Sequence[int], device: torch.device) -> None:
+        pin = torch.device(device).type == "cuda"
+        self.sum = torch.zeros(tuple(shape), dtype=torch.float32, pin_memory=pin)
+
+    def add(self, grad: torch.Tensor) -> None:
+        self.sum.add_(grad.detach().to("cpu", torch.float32))
+
+
+class GradientSink:
+    """Where the accumulation loop's gradients go (see the module docstring).
+
+    A sink opens :meth:`capturing` around the loop, exposes what it accumulated as
+    :meth:`tensors` (in a fixed order, the same on every rank) and, where it can, sums them over
+    the ranks in :meth:`reduce`.
+    """
+
+    reducible = False  # whether reduce() is implemented (checked before the loop runs)
+
+    @contextlib.contextmanager
+    def capturing(self) -> Iterator[None]:
+        yield
+
+    def tensors(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def reduce(self, collective: "Collective") -> None:
+        raise _not_reducible(self)
+
+
+def _not_reducible(sink: GradientSink) -> NotImplementedError:
+    return NotImplementedError(
+        f"{type(sink).__name__}: phase one under torch.distributed is not supported for this "
+        "gradient sink yet (see docs/design.md#distributed)")
+
+
+class DeviceGradients(GradientSink):
+    """Gradients accumulate in the parameters' own ``.grad`` (the plain optimizer path)."""
+
+    reducible = True
+
+    def __init__(self, params: Iterable[torch.Tensor]) -> None:
+        self.params = list(params)
+
+    @contextlib.contextmanager
+    def capturing(self) -> Iterator[None]:
+        for p in self.params:
+            p.grad = None
+        yield
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [p.grad for p in self.params if p.grad is not None]
+
+    def reduce(self, collective: "Collective") -> None:
+        # Every rank reduces every parameter, in the same order, whatever its data.
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            collective.all_reduce_sum_(p.grad)
+
+    def gradients(self) -> None:
+        """For ``optimizer.select(gradients=...)``: ``None`` means "the ``.grad`` s"."""
+        return None
+
+
+class HostGradients(GradientSink):
+    """Each parameter's gradient moves to a :class:`HostGradientBuffer` in its
+    post-accumulate-grad hook and is freed at once: at most one parameter's dense gradient
+    exists on the device at a time (the lean path)."""
+
+    def __init__(self, optimizer: Any) -> None:
+        self.optimizer = optimizer
+        self.buffers: dict[torch.Tensor, HostGradientBuffer] = {}
+
+    def _offload(self, param: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.buffers[param].add(param.grad)
+        param.grad = None
+
+    @contextlib.contextmanager
+    def capturing(self) -> Iterator[None]:
+        opt = self.optimizer
+        opt.unfreeze()  # a new calibration scores every tensor
+        opt.zero_grad(set_to_none=True)
+        params = [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
+        self.buffers = {p: HostGradientBuffer(p.shape, p.device) for p in params}
+        handles = [p.register_post_accumulate_grad_hook(self._offload) for p in params]
+        try:
+            with opt.paused_lean():
+                yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [b.sum for b in self.buffers.values()]
+
+    def gradients(self) -> dict[torch.Tensor, torch.Tensor]:
+        return {p: b.sum for p, b in self.buffers.items()}
+
+
+def optimizer_sink(optimizer: Any) -> DeviceGradients | HostGradients:
+    """The sink for a SparseAdamW: host buffers in lean mode, ``.grad`` otherwise."""
+    opt = unwrap_optimizer(optimizer)
+    if opt.lean:
+        return HostGradients(opt)
+    return DeviceGradients(p for group in opt.param_groups for p in group["params"])
+
+
+def select_from_sink(optimizer: Any, sink: DeviceGradients | HostGradients) -> None:
+    """Install the selection from what ``sink`` accumulated, then clear every gradient."""
+    opt = unwrap_optimizer(optimizer)
+    opt.select(gradients=sink.gradients())
+    opt.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
+
+def accumulate(
+    sink: GradientSink,
+    batches: Iterable[Any],
+    loss_fn: Callable[[Any], torch.Tensor],
+    *,
+    max_batches: int | None = None,
+    average: bool = True,
+) -> int:
+    """Backward over ``batches`` (at most ``max_batches``) into ``sink``; returns the number used.
+
+    ``average`` divides the sums by that number; leave it off when ``loss_fn`` already weights
+    each batch. Raises ``ValueError`` when no batch ran.
+    """
+    check_count(max_batches, "max_batches", allow_none=True)
+    used = 0
+    with sink.capturing():
+        for batch in batches:
+            if max_batches is not None and used >= max_batches:
+                break
+            loss = loss_fn(batch)
+            loss.backward()
+            del loss
+            used += 1
+    if used == 0:
+        raise ValueError("phase one got no batches (no calibration batches to average the gradient over)")
+    if average:
+        for tensor in sink.tensors():
+            tensor.div_(used)
+    return used
+
+
+@contextlib.contextmanager
+def forked_rng(device: torch.device | str) -> Iterator[None]:
+    """Restore the global CPU (and this CUDA device's) RNG state when the block ends."""
+    device = torch.device(device)
+    devices = [torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+# ----------------------------------------------------------------------------------------------
+# The reduction (the one distributed step of phase one)
+# ----------------------------------------------------------------------------------------------
+
+
+class Collective(Protocol):
+    """The ranks that share one selection (the shape of `gallop_kernels.ops.collective`)."""
+
+    world_size: int
+    rank: int
+
+    def all_reduce_sum_(self, tensor: torch.Tensor) -> None: ...
+
+
+class _TorchDistributed:
+    """`Collective` over the default ``torch.distributed`` process group (stands in until
+    ``ops.collective.ProcessGroupCollective``, the one adapter, replaces it)."""
+
+    def __init__(self) -> None:
+        self.world_size = torch.distributed.get_world_size()
+        self.rank = torch.distributed.get_rank()
+
+    def all_reduce_sum_(self, tensor: torch.Tensor) -> None:
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+
+
+def default_collective() -> Collective | None:
+    """The ``torch.distributed`` ranks when a process group with several ranks is up, else None."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return _TorchDistributed()
+    return None
+
+
+def reduce_gradients(sink: GradientSink, collective: Collective | None) -> None:
+    """Sum the accumulated gradients over the ranks (a no-op in one process)."""
+    if collective is not None and collective.world_size > 1:
+        sink.reduce(collective)
+
+
+# ----------------------------------------------------------------------------------------------
+# Phase one over a dataset
+# ----------------------------------------------------------------------------------------------
+
+
+def calibration_subset(num_examples: int, fraction: float, seed: int) -> list[int]:
+    """The sorted, seeded random subset of ``ceil(fraction * num_examples)`` (>= 1) examples."""
+    check_fraction(fraction, "calibration fraction")
+    if num_examples < 1:
+        raise ValueError("the training set is empty")
+    count = min(num_examples, max(1, math.ceil(fraction * num_examples - 1e-9)))
+    gen = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(num_examples, generator=gen)[:count].tolist())
+
+
+def _to_device(inputs: Any, device: torch.device) -> Any:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, Mapping):
+        return {k: _to_device(v, device) for k, v in inputs.items()}
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(_to_device(v, device) for v in inputs)
+    return inputs
+
+
+def model_loss(model: nn.Module, inputs: Any) -> torch.Tensor:
+    """``model(**inputs).loss`` (or ``model(*inputs)``): the default calibration loss."""
+    out = model(**inputs) if isinstance(inputs, Mapping) else model(*inputs)
+    loss = out["loss"] if isinstance(out, Mapping) else (out.loss if hasattr(out, "loss") else out[0])
+    if loss is None:
+        raise ValueError("the model returned no loss during calibration: do the batches have labels?")
+    return loss
+
+
+def calibrate_dataset(
+    model: nn.Module,
+    sink: GradientSink,
+    dataset: Any,
+    collate_fn: Callable[[list[Any]], Any],
+    *,
+    fraction: float = 0.05,
+    batch_size: int = 8,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    collective: Collective | None | str = "auto",
+) -> int:
+    """Accumulate the mean loss gradient over a seeded ``fraction`` of ``dataset`` into ``sink``.
+
+    Each batch's loss is weighted by its share of the calibration examples. Under several ranks
+    (``collective``; ``"auto"``: `default_collective`, ``None``: this process alone) each rank
+    takes its share of the examples and the sums are reduced, so every rank ends with the same
+    mean; a sink that cannot be reduced is refused before any batch runs. The model runs in train
+    mode (restored afterwards) and the global RNG state is restored. The caller then selects
+    (e.g. :func:`select_from_sink`). Returns the number of calibration examples.
+    """
+    check_count(batch_size, "batch_size")
+    try:
+        n = len(dataset)
+    except TypeError:
+        raise TypeError("calibration needs a dataset with a length (not an IterableDataset)") from None
+    indices = calibration_subset(n, fraction, seed)
+    total = len(indices)
+    if collective == "auto":
+        collective = default_collective()
+    world, rank = (1, 0) if collective is None else (collective.world_size, collective.rank)
+    if world > 1 and not sink.reducible:
+        raise _not_reducible(sink)
+    mine = indices[rank::world]
+    device = torch.device(device if device is not None else next(model.parameters()).device)
+    loss_fn = loss_fn or model_loss
+    chunks = [mine[start:start + batch_size] for start in range(0, len(mine), batch_size)]
+
+    def weighted_loss(chunk: list[int]) -> torch.Tensor:
+        inputs = _to_device(collate_fn([dataset[i] for i in chunk]), device)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = loss_fn(model, inputs)
+        return loss.float() * (len(chunk) / total)
+
+    was_training = model.training
+    model.train()
+    try:
+        with forked_rng(device):
+            if chunks:
+                accumulate(sink, chunks, weighted_loss, average=False)
+        reduce_gradients(sink, collective)
+    finally:
+        model.train(was_training)
+    return total
+
+
+# ----------------------------------------------------------------------------------------------
+# Phase one over batches, for an optimizer
+# ----------------------------------------------------------------------------------------------
+
+
+def calibrate(
+    optimizer: Any,
+    batches: Iterable[Any],
+    loss_fn: Callable[[Any], torch.Tensor],
+    max_batches: int | None = None,
+    average: bool = True,
+) -> int:
+    """Average the task gradient over ``batches`` on the host, then ``optimizer.select`` from it.
+
+    At most one parameter's dense gradient lives on the device at a time (:class:`HostGradients`);
+    the mean gradient is streamed back chunk by chunk through the exact radix select. Cost: 4
+    bytes of host memory per trainable entry (pinned with CUDA), one device-to-host copy of every
+    gradient per batch, four chunked host-to-device passes during selection.
+
+    Args:
+        optimizer: a `SparseAdamW` (lean or not).
+        batches: calibration data; each item is passed to ``loss_fn``.
+        loss_fn: ``batch -> scalar loss`` (runs the forward pass).
+        max_batches: stop after this many batches (the fraction d_s of the training data).
+        average: divide the summed gradient by the number of batches; ``False`` when ``loss_fn``
+            already weights each batch (e.g. by its share of the calibration examples).
+
+    Returns the number of batches used. On return every parameter's ``.grad`` is None and the
+    selection is installed (lean mode freezes as usual).
+    """
+    sink = HostGradients(unwrap_optimizer(optimizer))
+    used = accumulate(sink, batches, loss_fn, max_batches=max_batches, average=average)
+    select_from_sink(optimizer, sink)
+    return used

@@ -1,0 +1,81 @@
+"""One source for each rule that several layers check: option ranges, score names, index sets.
+
+The optimizer, phase one, the delta file format, the 4-bit delta path and the CLI all refuse the
+same bad input with the same words, because they all call these functions (see
+`docs/design.md#rules`). Each check raises ``TypeError`` for a wrong kind of value and
+``ValueError`` for a value out of range, before the caller changes anything. The message names
+the option as the caller spells it (``name="--density"`` in the CLI).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import torch
+
+from gallop_kernels.reference import SCORE_NAMES
+
+DEFAULT_MIN_8BIT_ENTRIES = 4096
+"""``SparseAdamW(state_bits=8, min_8bit_entries=...)``'s default: a tensor with fewer selected
+entries keeps fp32 moments, as bitsandbytes' ``min_8bit_size`` does for whole tensors."""
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def check_fraction(value: Any, name: str = "density") -> float:
+    """A fraction in (0, 1] (density ρ, calibration fraction d_s); NaN is refused."""
+    number = _real(name, value)
+    if not 0.0 < number <= 1.0:
+        raise ValueError(f"invalid {name}: {value!r} (must be in (0, 1])")
+    return number
+
+
+def check_score(score: Any, name: str = "score", allow_callable: bool = True) -> None:
+    """A score name of `reference.SCORE_NAMES`, or (where allowed) a ``(param, grad)`` callable."""
+    if allow_callable and callable(score):
+        return
+    if not isinstance(score, str) or score not in SCORE_NAMES:
+        extra = " or a callable" if allow_callable else ""
+        raise ValueError(f"unknown {name} {score!r}; expected one of {', '.join(SCORE_NAMES)}{extra}")
+
+
+def check_count(value: Any, name: str, minimum: int = 1, allow_none: bool = False) -> None:
+    """An integer of at least ``minimum`` (``None`` too when ``allow_none``); bools are refused."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        kind = "None or an int" if allow_none else "an int"
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"invalid {name}: {value} (must be >= {minimum}{' or None' if allow_none else ''})")
+
+
+def check_index_set(indices: Any, numel: int, where: str) -> torch.Tensor:
+    """Flat indices into a tensor of ``numel`` entries: a 1-D int32/int64 tensor, strictly
+    increasing (sorted and unique), every index in ``[0, numel)``. Returns them as int64.
+
+    ``where`` names the tensor in the message (``"layer 'q_proj'"``, ``"delta tensor 'w'"``).
+    """
+    if not isinstance(indices, torch.Tensor) or indices.dtype not in INDEX_DTYPES:
+        got = indices.dtype if isinstance(indices, torch.Tensor) else type(indices).__name__
+        raise ValueError(f"{where}: indices must be an int32/int64 tensor, got {got}")
+    if indices.dim() != 1:
+        raise ValueError(f"{where}: indices must be one-dimensional, got shape {tuple(indices.shape)}")
+    idx = indices.to(torch.int64)
+    if idx.numel():
+        if int(idx.min()) < 0 or int(idx.max()) >= numel:
+            raise ValueError(f"{where}: an index is out of range for {numel} entries")
+        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            raise ValueError(f"{where}: indices must be sorted and unique")
+    return idx
+
+
+__all__ = ["DEFAULT_MIN_8BIT_ENTRIES", "INDEX_DTYPES", "check_count", "check_fraction",
+           "check_index_set", "check_score"]
