@@ -63,9 +63,12 @@ def stage_build(run: Run, stage: Stage) -> None:
     if run.device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(run.device)
         cmd.append(f"-DCMAKE_CUDA_ARCHITECTURES={major}{minor}")
-    else:  # dry: one architecture, configured only
-        cmd.append("-DCMAKE_CUDA_ARCHITECTURES=90")
-    configure = run.subprocess(cmd, "build.log")
+    env = None
+    if run.dry:  # configured only, as on a machine without nvcc (detecting CUDA takes seconds)
+        env = {k: v for k, v in os.environ.items() if k not in ("CUDACXX", "CUDA_PATH", "CUDA_HOME")}
+        env["PATH"] = os.pathsep.join(d for d in env.get("PATH", "").split(os.pathsep)
+                                      if d and not os.path.exists(os.path.join(d, "nvcc")))
+    configure = run.subprocess(cmd, "build.log", env=env)
     stage.detail["configure"] = configure
     if configure["returncode"] != 0:
         stage.status = "timed out" if configure["timed_out"] else "failed"
