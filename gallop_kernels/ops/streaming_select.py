@@ -466,16 +466,15 @@ def _take(group: _Group, devices, at: torch.Tensor, key: torch.Tensor, threshold
     if any(quota):
         tie = key == threshold
         tie_at = tie.nonzero().squeeze(1)
-        # A tensor's ties are one run in packed order (tensors in offset order): number each
-        # tie within its tensor and take those below the tensor's quota.
+        # A tensor's ties are one run in packed order (tensors in offset order): take the first
+        # quota[t] of each run.
         per_tensor = _per_segment(group.segments, at[tie_at], n_tensors)
-        counts = torch.tensor([per_tensor[t] for t in group.order], dtype=torch.int64)
-        starts = torch.cumsum(counts, 0) - counts
-        limits = torch.tensor([quota[t] for t in group.order], dtype=torch.int64)
-        first_of = torch.repeat_interleave(starts, counts).to(tie_at.device)
-        limit_of = torch.repeat_interleave(limits, counts).to(tie_at.device)
-        rank_in_tensor = torch.arange(tie_at.numel(), device=tie_at.device) - first_of
-        take[tie_at[rank_in_tensor < limit_of]] = True
+        parts, start = [], 0
+        for t in group.order:
+            if quota[t]:
+                parts.append(tie_at[start:start + quota[t]])
+            start += per_tensor[t]
+        take[torch.cat(parts)] = True
     chosen = at[take]
     out: list[list[torch.Tensor]] = [[] for _ in devices]
     if group.segments:
