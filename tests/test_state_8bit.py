@@ -179,10 +179,10 @@ def test_bad_state_bits() -> None:
         SparseAdamW([torch.zeros(3, requires_grad=True)], state_bits=4)
 
 
-@pytest.mark.parametrize("compact", [False, True], ids=["dense_grad", "compact_grad"])
-def test_triton_8bit_kernel_is_the_reference_bit_for_bit(dtype, compact) -> None:
+def test_triton_8bit_kernel_is_the_reference_bit_for_bit(dtype) -> None:
     """Codes, absmaxes, master and param equal `reference.sparse_adamw_step_8bit`'s exactly,
-    step after step (the state feeds back, so any rounding difference would compound)."""
+    step after step (the state feeds back, so any rounding difference would compound), with
+    dense and gathered (compact) gradients on alternate steps."""
     pytest.importorskip("triton")
     from gallop_kernels.ops.sparse_adamw import triton_sparse_adamw_step
 
@@ -197,8 +197,9 @@ def test_triton_8bit_kernel_is_the_reference_bit_for_bit(dtype, compact) -> None
         master = p[idx.long()].float() if dtype != torch.float32 else None
         rows.append([p, None, idx, m, m_max, v, v_max, master])
     ours = [[t.clone() if t is not None else None for t in row] for row in rows]
-    for step in range(1, 13):
+    for step in range(1, 11):
         hyper = (step, 1e-2, 0.9, 0.999, 1e-8, 0.01)
+        compact = step % 2 == 0
         for row, mine in zip(rows, ours):
             n = row[0].numel()
             g = torch.randn(n, generator=gen).to(dtype)
@@ -220,12 +221,12 @@ def test_8bit_backends_identical_through_the_optimizer() -> None:
     steps (the issue that motivated the shared rule: they used to drift apart)."""
     pytest.importorskip("triton")
     torch.manual_seed(4)
-    init = torch.randn(3000).to(torch.bfloat16)
+    init = torch.randn(2000).to(torch.bfloat16)
     params = {b: init.clone().requires_grad_() for b in ("torch", "triton")}
     opts = {b: SparseAdamW([params[b]], lr=1e-2, density=0.3, state_bits=8, backend=b)
             for b in params}
     for b in params:
-        train([params[b]], opts[b], 25, seed=5)
+        train([params[b]], opts[b], 16, seed=5)
     st_t, st_k = opts["torch"].state[params["torch"]], opts["triton"].state[params["triton"]]
     for key, value in st_t.items():
         if isinstance(value, torch.Tensor):

@@ -24,7 +24,6 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def small_chunks_and_poison(monkeypatch):
     """Small chunks (many programs per tensor) and poisoned output/count buffers."""
     monkeypatch.setattr(S, "BLOCK", 64)
-    monkeypatch.setattr(S, "TILES_PER_CHUNK", 2)
 
     def poisoned(size, dtype, device):
         return torch.full((size,), -7, dtype=dtype, device=device)
@@ -77,7 +76,7 @@ def _group(sizes, pdtypes, gdtypes, levels=None, seed=0):
     return params, grads
 
 
-SIZES = [300, 33, 1, 129, 128]  # BLOCK * TILES = 128: partial tiles/chunks, and an exact one
+SIZES = [300, 33, 1, 129, 128]  # BLOCK = 64: partial tiles, and whole ones
 
 
 @pytest.mark.parametrize("score", ["gallop", "gradient", "magnitude", "random"])
@@ -88,12 +87,17 @@ def test_named_scores_mixed_dtypes(score):
         check(params, grads, k, score, seed=3)
 
 
-@pytest.mark.parametrize("capacity", [0, 10**9], ids=["no-capture", "always-capture"])
+CAPACITIES = {"no-capture": lambda total, k: 0, "bucket-only": lambda total, k: max(k // 2, 40),
+              "always-capture": lambda total, k: 10**9}
+
+
+@pytest.mark.parametrize("capacity", list(CAPACITIES))
 @pytest.mark.parametrize("score", ["gallop", "magnitude", "precomputed"])
 def test_candidate_capture_modes(monkeypatch, capacity, score):
-    """The AIR-style candidate buffer (captured bucket re-read instead of θ, g) and the full
-    re-read path select the same, with ties; and the capture really happens when allowed."""
-    monkeypatch.setattr(S, "_candidate_capacity", lambda total: capacity)
+    """The candidate buffer (everything at/above the bucket, or the bucket only, re-read
+    instead of θ, g) and the full re-read path select the same, with ties; and the capture
+    really happens when allowed."""
+    monkeypatch.setattr(S, "candidate_capacity", CAPACITIES[capacity])
     levels = [0.0, 0.5, -0.5, 2.0, 1e-9, -3.0, 7.0]
     params, grads = _group(SIZES, [torch.float32, torch.float16], [torch.bfloat16],
                            levels=levels, seed=8)
@@ -110,8 +114,10 @@ def test_candidate_capture_modes(monkeypatch, capacity, score):
     for level in range(3):
         plan.histogram_pass(level, state, hist[level], bad)
         plan.choose_bucket(level, hist[level], state)
-    captured = int(state[R_.S_CAPTURE])
-    assert captured == (2 if capacity else 0)
+    captured = int(state[R_.S_CAPTURE.value])
+    want = {"no-capture": R_.CAPTURE_NONE, "bucket-only": R_.CAPTURED_EQ,
+            "always-capture": R_.CAPTURED_GE}[capacity]
+    assert captured == want.value
     check(params, [None] * len(params), 200, "precomputed", precomputed=rnd)
 
 

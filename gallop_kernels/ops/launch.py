@@ -63,10 +63,10 @@ def program_count(device: torch.device, work_items: int, per_sm: int = 4) -> int
     """Programs of a persistent launch: a few per SM (the interpreter: a handful), never more
     than there are work items, at least one."""
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        sms = 2  # the interpreter runs programs one after another: keep a few, so loops loop
-    return max(1, min(int(work_items), sms * per_sm))
+        programs = torch.cuda.get_device_properties(device).multi_processor_count * per_sm
+    else:  # the interpreter runs programs one after another: two, so ranges split and loops loop
+        programs = 2
+    return max(1, min(int(work_items), programs))
 
 
 @dataclass
