@@ -33,7 +33,7 @@ over the tiles of several tensors, so a pass with nothing to do costs ~SM-count 
    buffer when every selectable entry was captured, else from θ and g.
 
 Extra device memory: the state, one histogram per level (2048 int64 bins), four int32 per tile
-(tile = BLOCK entries) and their int64 scans, the candidate buffer (6 bytes x
+(tile = BLOCK entries) and their int64 scans, the candidate buffer (8 bytes x
 ``candidate_capacity``), the launch tables and the outputs; never an N-length buffer.
 """
 
@@ -85,7 +85,7 @@ DIGITS_SIGNED = ((21, 11), (10, 11), (0, 10))  # 32-bit keys of signed scores
 BINS = 2048
 
 CANDIDATE_SHARE = 256  # the buffer holds k + N/256 candidates
-CANDIDATE_LIMIT = 1 << 27  # ... at most (6 bytes each: 768 MiB)
+CANDIDATE_LIMIT = 1 << 27  # ... at most (8 bytes each: 1 GiB)
 
 
 def _lowbias32(x: int) -> int:
@@ -105,7 +105,7 @@ def _empty(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 def candidate_capacity(total: int, k: int) -> int:
     """The capture threshold: capture once the entries at/above the chosen bucket number at most
     this (k plus a bucket of N/256, AIR top-k's N/32 made tighter by the 11-bit first digit),
-    capped so the buffer stays <= 768 MiB. The same on every rank (global total and k)."""
+    capped so the buffer stays <= 1 GiB. The same on every rank (global total and k)."""
     return max(0, min(k + -(-total // CANDIDATE_SHARE), CANDIDATE_LIMIT))
 
 
@@ -325,8 +325,7 @@ class SelectionPlan:
         hist = torch.zeros(len(self.digits), BINS, dtype=torch.int64, device=self.device)
         bad = torch.zeros(len(self.params), dtype=torch.int64, device=self.device)
         size = max(self.cap_local, 1)
-        self.cand_key = _empty(size, torch.int32, self.device)
-        self.cand_off = _empty(size, torch.int16, self.device)
+        self.cand = _empty(size, torch.int64, self.device)  # key << 16 | offset in tile
         tiles = max(self.total_tiles, 1)
         self.seg_start = _empty(tiles, torch.int32, self.device)
         self.seg_count = _empty(tiles, torch.int32, self.device)
@@ -345,14 +344,13 @@ class SelectionPlan:
             return launches
         launches += self._full_launches(
             capture_kernel, self.tables,
-            (state, self.cand_key, self.cand_off, self.seg_start, self.seg_count, self.cnt_gt,
-             self.eps),
+            (state, self.cand, self.seg_start, self.seg_count, self.cnt_gt, self.eps),
             HI_MASK=hi_mask,
         )
         cand_tiles = -(-max(self.cap_local, 1) // self.block)
         launches.append(Launch(
             candidate_histogram_kernel, (program_count(self.device, cand_tiles),),
-            (self.cand_key, state, hist_out),
+            (self.cand, state, hist_out),
             dict(SHIFT=shift, DIGIT_BITS=nbits, HI_MASK=hi_mask, BLOCK=self.block),
         ))
         return launches
@@ -379,7 +377,7 @@ class SelectionPlan:
                                        (state, self.cnt_gt, self.cnt_eq, self.eps))
         launches.append(Launch(
             candidate_count_kernel, (program_count(self.device, max(self.total_tiles, 1)),),
-            (state, self.cand_key, self.seg_start, self.seg_count, self.cnt_gt, self.cnt_eq),
+            (state, self.cand, self.seg_start, self.seg_count, self.cnt_gt, self.cnt_eq),
             dict(BLOCK=self.block),
         ))
         return launches
@@ -438,7 +436,7 @@ class SelectionPlan:
             table, tiles = tables[("cand", (idx64,))]
             launches.append(Launch(
                 candidate_write_kernel, (program_count(self.device, tiles),),
-                (table, state, self.cand_key, self.cand_off, self.seg_start, self.seg_count,
+                (table, state, self.cand, self.seg_start, self.seg_count,
                  take, take_excl, ties, self.cnt_eq),
                 dict(IDX_T=tl.int64 if idx64 else tl.int32, BLOCK=self.block),
             ))

@@ -25,7 +25,7 @@ from gallop_kernels.ops.triton.radix_select import (
     captured,
 )
 from gallop_kernels.ops.triton.score import (
-    ROW_GOFF, ROW_GTILE, ROW_NUMEL, ROW_OUT, next_row, program_tiles, slot_row, tile_key, tile_of,
+    ROW_GTILE, ROW_OUT, first_slot, program_tiles, slot_fields, tile_key, tile_of,
 )
 
 
@@ -41,26 +41,28 @@ def count_kernel(
     seed_mix = tl.load(state_ptr + S_SEED_MIX)
     thr = tl.load(state_ptr + S_PREFIX).to(tl.uint32)
     kmask = tl.load(state_ptr + S_MASK).to(tl.uint32)
-    slot, row, start, nxt = slot_row(table_ptr, t0)
+    slot = first_slot(table_ptr, t0)
+    row, start, nxt = slot_fields(table_ptr, slot)
     for t in range(t0, t1):
         if t >= nxt:
             slot += 1
-            row, start, nxt = next_row(table_ptr, slot)
+            row, start, nxt = slot_fields(table_ptr, slot)
         local = t - start
-        theta_ptr, g_ptr, offs, m, base = tile_of(row, local, THETA_T, G_T, ALIGNED, BLOCK)
-        gidx = tl.load(row + ROW_GOFF) + base + offs
+        theta_ptr, g_ptr, offs, m, base, gbase, gtile0 = tile_of(
+            row, local, THETA_T, G_T, ALIGNED, BLOCK)
+        gidx = gbase + offs
         key, _ = tile_key(theta_ptr, g_ptr, offs, m, gidx, eps, seed_mix,
                           SCORE, HAS_G, SIGNED, THETA_T, G_T)
         km = key & kmask
         packed = tl.sum((m & (km > thr)).to(tl.int32) + ((m & (km == thr)).to(tl.int32) << 16), 0)
-        gtile = tl.load(row + ROW_GTILE) + local
+        gtile = gtile0 + local
         tl.store(gt_ptr + gtile, packed & 0xFFFF)
         tl.store(eq_ptr + gtile, packed >> 16)
 
 
 @triton.jit
 def candidate_count_kernel(
-    state_ptr, cand_key_ptr, seg_start_ptr, seg_count_ptr, gt_ptr, eq_ptr, BLOCK: tl.constexpr,
+    state_ptr, cand_ptr, seg_start_ptr, seg_count_ptr, gt_ptr, eq_ptr, BLOCK: tl.constexpr,
 ):
     """Per tile, from its candidate segment: ``gt`` += captured entries above the threshold
     (``gt`` holds the counts above the captured bucket, 0 with CAPTURED_GE) and ``eq`` = the
@@ -79,7 +81,7 @@ def candidate_count_kernel(
             offs = tl.arange(0, BLOCK)
             m = offs < n
             first = tl.load(seg_start_ptr + t).to(tl.int64)
-            key = tl.load(cand_key_ptr + first + offs, mask=m, other=0).to(tl.uint32, bitcast=True)
+            key = (tl.load(cand_ptr + first + offs, mask=m, other=0) >> 16).to(tl.uint32)
             km = key & kmask
             packed = tl.sum((m & (km > thr)).to(tl.int32) + ((m & (km == thr)).to(tl.int32) << 16), 0)
             gt += packed & 0xFFFF
@@ -117,30 +119,32 @@ def write_kernel(
     seed_mix = tl.load(state_ptr + S_SEED_MIX)
     thr = tl.load(state_ptr + S_PREFIX).to(tl.uint32)
     kmask = tl.load(state_ptr + S_MASK).to(tl.uint32)
-    slot, row, start, nxt = slot_row(table_ptr, t0)
+    slot = first_slot(table_ptr, t0)
+    row, start, nxt = slot_fields(table_ptr, slot)
     for t in range(t0, t1):
         if t >= nxt:
             slot += 1
-            row, start, nxt = next_row(table_ptr, slot)
+            row, start, nxt = slot_fields(table_ptr, slot)
         local = t - start
-        first_tile = tl.load(row + ROW_GTILE)
-        gtile = first_tile + local
+        gtile0 = tl.load(row + ROW_GTILE)
+        gtile = gtile0 + local
         if tl.load(take_ptr + gtile) > 0:
-            theta_ptr, g_ptr, offs, m, base = tile_of(row, local, THETA_T, G_T, ALIGNED, BLOCK)
-            gidx = tl.load(row + ROW_GOFF) + base + offs
+            theta_ptr, g_ptr, offs, m, base, gbase, _ = tile_of(
+                row, local, THETA_T, G_T, ALIGNED, BLOCK)
+            gidx = gbase + offs
             key, _ = tile_key(theta_ptr, g_ptr, offs, m, gidx, eps, seed_mix,
                               SCORE, HAS_G, SIGNED, THETA_T, G_T)
             take, rank = _ordered_take(key & kmask, m, thr, tl.load(ties_ptr + gtile),
                                        tl.load(eq_ptr + gtile))
             # position of the tile's first selected entry within its tensor's output
-            run = tl.load(take_excl_ptr + gtile) - tl.load(take_excl_ptr + first_tile)
+            run = tl.load(take_excl_ptr + gtile) - tl.load(take_excl_ptr + gtile0)
             out_ptr = tl.load(row + ROW_OUT).to(tl.pointer_type(IDX_T))
             tl.store(out_ptr + run + rank, (base + offs).to(IDX_T), mask=take)
 
 
 @triton.jit
 def candidate_write_kernel(
-    table_ptr, state_ptr, cand_key_ptr, cand_off_ptr, seg_start_ptr, seg_count_ptr,
+    table_ptr, state_ptr, cand_ptr, seg_start_ptr, seg_count_ptr,
     take_ptr, take_excl_ptr, ties_ptr, eq_ptr, IDX_T: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Writes the selected local indices of every tile from its candidate segment (active when
@@ -149,23 +153,25 @@ def candidate_write_kernel(
     t1 = tl.where(tl.load(state_ptr + S_CAPTURE) == CAPTURED_GE, t1, t0)
     thr = tl.load(state_ptr + S_PREFIX).to(tl.uint32)
     kmask = tl.load(state_ptr + S_MASK).to(tl.uint32)
-    slot, row, start, nxt = slot_row(table_ptr, t0)
+    slot = first_slot(table_ptr, t0)
+    row, start, nxt = slot_fields(table_ptr, slot)
     for t in range(t0, t1):
         if t >= nxt:
             slot += 1
-            row, start, nxt = next_row(table_ptr, slot)
+            row, start, nxt = slot_fields(table_ptr, slot)
         local = t - start
-        first_tile = tl.load(row + ROW_GTILE)
-        gtile = first_tile + local
+        gtile0 = tl.load(row + ROW_GTILE)
+        gtile = gtile0 + local
         if tl.load(take_ptr + gtile) > 0:
             n = tl.load(seg_count_ptr + gtile)
             offs = tl.arange(0, BLOCK)
             valid = offs < n
             first = tl.load(seg_start_ptr + gtile).to(tl.int64)
-            key = tl.load(cand_key_ptr + first + offs, mask=valid, other=0).to(tl.uint32, bitcast=True)
-            off = tl.load(cand_off_ptr + first + offs, mask=valid, other=0).to(tl.int64)
+            cand = tl.load(cand_ptr + first + offs, mask=valid, other=0)
+            key = (cand >> 16).to(tl.uint32)
+            off = cand & 0xFFFF
             take, rank = _ordered_take(key & kmask, valid, thr, tl.load(ties_ptr + gtile),
                                        tl.load(eq_ptr + gtile))
-            run = tl.load(take_excl_ptr + gtile) - tl.load(take_excl_ptr + first_tile)
+            run = tl.load(take_excl_ptr + gtile) - tl.load(take_excl_ptr + gtile0)
             out_ptr = tl.load(row + ROW_OUT).to(tl.pointer_type(IDX_T))
             tl.store(out_ptr + run + rank, (local * BLOCK + off).to(IDX_T), mask=take)

@@ -33,8 +33,9 @@ def find_slot(rows_ptr, item, n_slots, log_slots, ROW: tl.constexpr, START: tl.c
 
     ``log_slots`` (from the header) bounds a runtime loop: one compiled kernel for any number of
     slots."""
+    item = item.to(tl.int64)
     lo = item * 0
-    hi = lo + n_slots
+    hi = lo + n_slots.to(tl.int64)
     for _ in range(0, log_slots):
         mid = (lo + hi) // 2
         start = tl.load(rows_ptr + mid.to(tl.int64) * ROW + START)

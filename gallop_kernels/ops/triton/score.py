@@ -147,18 +147,17 @@ def program_tiles(table_ptr):
 
 
 @triton.jit
-def slot_row(table_ptr, t):
-    """Slot of launch tile ``t``: (slot, row pointer, its first tile, the next slot's first tile)."""
-    rows = table_ptr + ROW_FIELDS
-    n_slots = tl.load(table_ptr + HEAD_SLOTS)
-    slot = find_slot(rows, t, n_slots, tl.load(table_ptr + HEAD_LOG_SLOTS), ROW_FIELDS, ROW_START)
-    row, start, nxt = next_row(table_ptr, slot)
-    return slot, row, start, nxt
+def first_slot(table_ptr, t):
+    """The slot (row number) holding launch tile ``t``."""
+    return find_slot(table_ptr + ROW_FIELDS, t, tl.load(table_ptr + HEAD_SLOTS),
+                     tl.load(table_ptr + HEAD_LOG_SLOTS), ROW_FIELDS, ROW_START)
 
 
 @triton.jit
-def next_row(table_ptr, slot):
-    """Row pointer, first tile and the next slot's first tile (the launch's end for the last)."""
+def slot_fields(table_ptr, slot):
+    """Row pointer of slot ``slot``, its first launch tile and the next slot's first tile (the
+    launch's end for the last slot). (Only these are carried through the tile loop: fields
+    reloaded per tile are L1 hits, and carrying them costs more instructions than it saves.)"""
     row = table_ptr + ROW_FIELDS + slot.to(tl.int64) * ROW_FIELDS
     start = tl.load(row + ROW_START)
     has_next = slot + 1 < tl.load(table_ptr + HEAD_SLOTS)
@@ -171,21 +170,22 @@ def next_row(table_ptr, slot):
 def tile_of(row, local, THETA_T: tl.constexpr, G_T: tl.constexpr, ALIGNED: tl.constexpr,
             BLOCK: tl.constexpr):
     """θ and g pointers at the start of the tensor's tile ``local``, in-tile offsets (int32),
-    their mask, and the tile's first flat index in the tensor (int64).
+    their mask, the tile's first flat index in the tensor (int64), the tile's global flat index
+    base (random score) and its global tile id.
 
     ALIGNED (the launcher checked that every θ and g of the launch is 16-byte aligned and has a
     multiple of 16 entries) tells the compiler so, which turns the loads into 16-byte vectors."""
     numel = tl.load(row + ROW_NUMEL)
-    theta_addr = tl.load(row + ROW_THETA)
-    g_addr = tl.load(row + ROW_GRAD)
-    if ALIGNED:
+    theta_ptr = as_pointer(tl.load(row + ROW_THETA), THETA_T)
+    g_ptr = as_pointer(tl.load(row + ROW_GRAD), G_T)
+    if ALIGNED:  # (a hint on the pointer: one on the int64 address is lost in the cast)
         numel = tl.multiple_of(numel, 16)
-        theta_addr = tl.multiple_of(theta_addr, 16)
-        g_addr = tl.multiple_of(g_addr, 16)
+        theta_ptr = tl.multiple_of(theta_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
     base = local * BLOCK
     lim = tl.minimum(numel - base, BLOCK).to(tl.int32)
     offs = tl.arange(0, BLOCK)
     m = offs < lim
-    theta_ptr = as_pointer(theta_addr, THETA_T) + base
-    g_ptr = as_pointer(g_addr, G_T) + base
-    return theta_ptr, g_ptr, offs, m, base
+    theta_ptr += base
+    g_ptr += base
+    return theta_ptr, g_ptr, offs, m, base, tl.load(row + ROW_GOFF) + base, tl.load(row + ROW_GTILE)

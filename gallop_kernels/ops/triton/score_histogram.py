@@ -1,7 +1,7 @@
 """The radix passes (docs/design.md, kernels 1 and 2): histogram, capture, candidate histogram.
 
 Every full pass is a persistent launch over the tiles (BLOCK entries of one tensor) of several
-tensors (`score.program_tiles`, `score.slot_row`): it reads θ and g once per tile, computes the
+tensors (`score.program_tiles`, `score.slot_fields`): it reads θ and g once per tile, computes the
 float32 score in registers (never stored) and its radix key.
 
 * ``histogram_kernel``: pass 0 histograms the first digit of every key; later (FILTER) passes
@@ -12,7 +12,7 @@ float32 score in registers (never stored) and its radix key.
   NaN/inf scores need no separate count: their keys fill the top bins of pass 0 (see
   ops/select.py, `bad_bins`).
 * ``capture_kernel``: the pass after the bucket choice that decided to capture (S_CAPTURE):
-  appends the tile's entries at/above or in the bucket (key, offset in the tile) to the
+  appends the tile's entries at/above or in the bucket (key << 16 | offset in the tile) to the
   candidate buffer as one segment per tile (one relaxed atomic reserves it, only on tiles that
   capture something) and stores, per tile, the segment and the count of entries above the bucket.
 * ``candidate_histogram_kernel``: the later radix passes over the candidate buffer only.
@@ -28,7 +28,7 @@ from gallop_kernels.ops.triton.radix_select import (
     capture_pending, captured,
 )
 from gallop_kernels.ops.triton.score import (
-    ROW_GOFF, ROW_GTILE, next_row, program_tiles, slot_row, tile_key, tile_of,
+    first_slot, program_tiles, slot_fields, tile_key, tile_of,
 )
 
 
@@ -47,13 +47,15 @@ def histogram_kernel(
         t1 = tl.where(active, t1, t0)
         prefix = tl.load(state_ptr + S_PREFIX).to(tl.uint32)
     acc = tl.zeros([BINS], tl.int32)
-    slot, row, start, nxt = slot_row(table_ptr, t0)
+    slot = first_slot(table_ptr, t0)
+    row, start, nxt = slot_fields(table_ptr, slot)
     for t in range(t0, t1):
         if t >= nxt:  # the next tensor (every tensor of a launch has at least one tile)
             slot += 1
-            row, start, nxt = next_row(table_ptr, slot)
-        theta_ptr, g_ptr, offs, m, base = tile_of(row, t - start, THETA_T, G_T, ALIGNED, BLOCK)
-        gidx = tl.load(row + ROW_GOFF) + base + offs
+            row, start, nxt = slot_fields(table_ptr, slot)
+        theta_ptr, g_ptr, offs, m, base, gbase, gtile0 = tile_of(
+            row, t - start, THETA_T, G_T, ALIGNED, BLOCK)
+        gidx = gbase + offs
         key, _ = tile_key(theta_ptr, g_ptr, offs, m, gidx, eps, seed_mix,
                           SCORE, HAS_G, SIGNED, THETA_T, G_T)
         digit = ((key >> SHIFT) & (BINS - 1)).to(tl.int32)
@@ -69,58 +71,67 @@ def histogram_kernel(
 
 @triton.jit
 def capture_kernel(
-    table_ptr, state_ptr, cand_key_ptr, cand_off_ptr, seg_start_ptr, seg_count_ptr, cnt_gt_ptr,
-    eps,
+    table_ptr, state_ptr, cand_ptr, seg_start_ptr, seg_count_ptr, cnt_gt_ptr, eps,
     THETA_T: tl.constexpr, G_T: tl.constexpr, SCORE: tl.constexpr, HAS_G: tl.constexpr,
     SIGNED: tl.constexpr, ALIGNED: tl.constexpr, HI_MASK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Captures the candidates of every tile (active while S_CAPTURE is pending).
 
-    CAPTURE_GE_NEXT: every entry whose key prefix is >= the chosen one (the bucket and all above
-    it); CAPTURE_EQ_NEXT: the bucket only, and ``cnt_gt`` gets the count above it per tile. Per
-    tile: ``seg_count`` (0 when nothing is captured) and, when not 0, ``seg_start``. Offsets in a
-    segment increase, so the write pass can emit the indices in order."""
+    A candidate is one int64, ``key << 16 | offset in the tile``. CAPTURE_GE_NEXT captures every
+    entry whose key prefix is >= the chosen one (the bucket and all above it); CAPTURE_EQ_NEXT
+    the bucket only, and then ``cnt_gt`` gets the count above it per tile. As a range: the
+    prefixes in [lo, hi] are captured, with hi = HI_MASK (GE) or the prefix (EQ), and the entries
+    above hi are counted (none for GE), so the per-element work is two comparisons with uniform
+    bounds. Per tile: ``seg_count`` (0 when nothing is captured) and, when not 0,
+    ``seg_start``. Offsets in a segment increase, so the write can emit indices in order."""
     tl.static_assert(BLOCK <= 32768)  # two in-tile counts packed into one int32 sum
     t0, t1 = program_tiles(table_ptr)
     capture = tl.load(state_ptr + S_CAPTURE)
     t1 = tl.where(capture_pending(capture), t1, t0)
     seed_mix = tl.load(state_ptr + S_SEED_MIX)
-    prefix = tl.load(state_ptr + S_PREFIX).to(tl.uint32)
-    cap_local = tl.load(state_ptr + S_CAP_LOCAL)
-    # as a vector: the interpreter turns a vector & scalar-bool into integers
-    ge = (tl.zeros([BLOCK], tl.int32) + (capture == CAPTURE_GE_NEXT).to(tl.int32)) != 0
-    slot, row, start, nxt = slot_row(table_ptr, t0)
+    lo = tl.load(state_ptr + S_PREFIX).to(tl.uint32)
+    hi = tl.where(capture == CAPTURE_GE_NEXT, HI_MASK, lo.to(tl.int64)).to(tl.uint32)
+    span = hi - lo
+    cap_local = tl.load(state_ptr + S_CAP_LOCAL).to(tl.int32)
+    slot = first_slot(table_ptr, t0)
+    row, start, nxt = slot_fields(table_ptr, slot)
     for t in range(t0, t1):
         if t >= nxt:
             slot += 1
-            row, start, nxt = next_row(table_ptr, slot)
+            row, start, nxt = slot_fields(table_ptr, slot)
         local = t - start
-        theta_ptr, g_ptr, offs, m, base = tile_of(row, local, THETA_T, G_T, ALIGNED, BLOCK)
-        gidx = tl.load(row + ROW_GOFF) + base + offs
+        theta_ptr, g_ptr, offs, m, base, gbase, gtile0 = tile_of(
+            row, local, THETA_T, G_T, ALIGNED, BLOCK)
+        gidx = gbase + offs
         key, _ = tile_key(theta_ptr, g_ptr, offs, m, gidx, eps, seed_mix,
                           SCORE, HAS_G, SIGNED, THETA_T, G_T)
         high = key & HI_MASK
-        above = m & (high > prefix)
-        cm = (m & (high == prefix)) | (above & ge)
-        counted_above = above & (ge == 0)
-        packed = tl.sum(cm.to(tl.int32) + (counted_above.to(tl.int32) << 16), 0)
-        n = packed & 0xFFFF
-        gtile = tl.load(row + ROW_GTILE) + local
+        # low 16 bits: entries with prefix >= lo; high 16 bits: entries with prefix > hi
+        packed = tl.sum((m & (high >= lo)).to(tl.int32) + ((m & (high > hi)).to(tl.int32) << 16), 0)
+        n_above = packed >> 16
+        n = (packed & 0xFFFF) - n_above
+        gtile = gtile0 + local
         if n > 0:  # the capture machinery runs only on tiles that capture something
-            first = tl.atomic_add(state_ptr + S_NCAND, n.to(tl.int64), sem="relaxed")
+            first = tl.atomic_add(state_ptr + S_NCAND, n.to(tl.int64), sem="relaxed").to(tl.int32)
+            # The bucket choice admitted at most S_CAP_LOCAL candidates and this pass finds the
+            # same keys, so the tile always fits; checked per tile to stay in bounds regardless.
+            at = tl.where(first + n <= cap_local, first, -BLOCK)
+            # (an unsigned range test, not the comparisons above: recomputed here rather than
+            # kept alive as predicates through the reduction)
+            cm = m & ((high - lo) <= span)
             ci = cm.to(tl.int32)
-            pos = first + (tl.cumsum(ci, 0) - ci)
-            keep = cm & (pos < cap_local)
-            tl.store(cand_key_ptr + pos, key.to(tl.int32, bitcast=True), mask=keep)
-            tl.store(cand_off_ptr + pos, offs.to(tl.int16), mask=keep)
-            tl.store(seg_start_ptr + gtile, first.to(tl.int32))
+            # one int32 carries the position and the mask (-1: not stored)
+            pos = tl.where(cm, at + (tl.cumsum(ci, 0) - ci), -1)
+            cand = (key.to(tl.int64) << 16) | offs.to(tl.int64)
+            tl.store(cand_ptr + pos, cand, mask=pos >= 0)
+            tl.store(seg_start_ptr + gtile, first)
         tl.store(seg_count_ptr + gtile, n)
-        tl.store(cnt_gt_ptr + gtile, packed >> 16)
+        tl.store(cnt_gt_ptr + gtile, n_above)
 
 
 @triton.jit
 def candidate_histogram_kernel(
-    cand_key_ptr, state_ptr, hist_ptr,
+    cand_ptr, state_ptr, hist_ptr,
     SHIFT: tl.constexpr, DIGIT_BITS: tl.constexpr, HI_MASK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """A radix pass over the captured candidates instead of θ and g (active once the capture
@@ -137,7 +148,7 @@ def candidate_histogram_kernel(
     for t in range(pid * work // nprog, (pid + 1) * work // nprog):
         offs = t * BLOCK + tl.arange(0, BLOCK)
         m = offs < n
-        key = tl.load(cand_key_ptr + offs, mask=m, other=0).to(tl.uint32, bitcast=True)
+        key = (tl.load(cand_ptr + offs, mask=m, other=0) >> 16).to(tl.uint32)
         digit = ((key >> SHIFT) & (BINS - 1)).to(tl.int32)
         acc += tl.histogram(digit, BINS, mask=m & ((key & HI_MASK) == prefix))
     bins = tl.arange(0, BINS)
