@@ -72,6 +72,10 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Entries per tile. A module attribute so tests can shrink it; 2048 = 16 per thread with 4 warps
 # (two 16-byte vector loads of bf16 per tensor), amortising the histogram's per-tile cost.
 BLOCK = 128 if _INTERPRET else 2048
+# Candidates per step when a tile's candidate segment is read (one per thread with 4 warps): a
+# segment holds ~1% of a tile at typical densities, so reading it BLOCK-wide would cost as many
+# instructions as a full pass.
+CBLOCK = 16 if _INTERPRET else 128
 
 INT32_LIMIT = 2**31
 _MASK32 = 0xFFFFFFFF
@@ -378,7 +382,7 @@ class SelectionPlan:
         launches.append(Launch(
             candidate_count_kernel, (program_count(self.device, max(self.total_tiles, 1)),),
             (state, self.cand, self.seg_start, self.seg_count, self.cnt_gt, self.cnt_eq),
-            dict(BLOCK=self.block),
+            dict(CBLOCK=CBLOCK),
         ))
         return launches
 
@@ -438,7 +442,7 @@ class SelectionPlan:
                 candidate_write_kernel, (program_count(self.device, tiles),),
                 (table, state, self.cand, self.seg_start, self.seg_count,
                  take, take_excl, ties, self.cnt_eq),
-                dict(IDX_T=tl.int64 if idx64 else tl.int32, BLOCK=self.block),
+                dict(IDX_T=tl.int64 if idx64 else tl.int32, BLOCK=self.block, CBLOCK=CBLOCK),
             ))
         return launches
 

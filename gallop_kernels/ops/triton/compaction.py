@@ -62,11 +62,12 @@ def count_kernel(
 
 @triton.jit
 def candidate_count_kernel(
-    state_ptr, cand_ptr, seg_start_ptr, seg_count_ptr, gt_ptr, eq_ptr, BLOCK: tl.constexpr,
+    state_ptr, cand_ptr, seg_start_ptr, seg_count_ptr, gt_ptr, eq_ptr, CBLOCK: tl.constexpr,
 ):
     """Per tile, from its candidate segment: ``gt`` += captured entries above the threshold
     (``gt`` holds the counts above the captured bucket, 0 with CAPTURED_GE) and ``eq`` = the
-    captured ties. Active when candidates were captured."""
+    captured ties. Active when candidates were captured. A segment is read CBLOCK candidates
+    at a time (a tile holds ~1% of its BLOCK entries as candidates at typical densities)."""
     capture = tl.load(state_ptr + S_CAPTURE)
     work = tl.where(captured(capture), tl.load(state_ptr + S_TILES), 0)
     pid = tl.program_id(0).to(tl.int64)
@@ -75,35 +76,34 @@ def candidate_count_kernel(
     kmask = tl.load(state_ptr + S_MASK).to(tl.uint32)
     for t in range(pid * work // nprog, (pid + 1) * work // nprog):
         n = tl.load(seg_count_ptr + t)
-        gt = tl.load(gt_ptr + t)
-        eq = n * 0
-        if n > 0:
-            offs = tl.arange(0, BLOCK)
+        first = tl.load(seg_start_ptr + t, mask=n > 0, other=0).to(tl.int64)
+        packed = n * 0
+        for j in range(0, n, CBLOCK):
+            offs = j + tl.arange(0, CBLOCK)
             m = offs < n
-            first = tl.load(seg_start_ptr + t).to(tl.int64)
             key = (tl.load(cand_ptr + first + offs, mask=m, other=0) >> 16).to(tl.uint32)
             km = key & kmask
-            packed = tl.sum((m & (km > thr)).to(tl.int32) + ((m & (km == thr)).to(tl.int32) << 16), 0)
-            gt += packed & 0xFFFF
-            eq = packed >> 16
-        tl.store(gt_ptr + t, gt)
-        tl.store(eq_ptr + t, eq)
+            packed += tl.sum((m & (km > thr)).to(tl.int32) + ((m & (km == thr)).to(tl.int32) << 16), 0)
+        tl.store(gt_ptr + t, tl.load(gt_ptr + t) + (packed & 0xFFFF))
+        tl.store(eq_ptr + t, packed >> 16)
 
 
 @triton.jit
-def _ordered_take(km, valid, thr, ties, eq_count):
-    """Which entries of a tile are taken (above the threshold, or among its first ``ties``
-    ties in order) and their exclusive rank among the taken."""
+def _ordered_take(km, valid, thr, ties, partial, tie_run):
+    """Which entries of a tile (or of one chunk of its candidates) are taken: above the
+    threshold, or among the tile's first ``ties`` ties in order (``tie_run`` ties came in earlier
+    chunks; only a ``partial`` tile, taking some but not all of its ties, ranks them). Returns
+    the mask, each taken entry's exclusive rank among the taken, and the chunk's ties."""
     is_gt = valid & (km > thr)
     is_eq = valid & (km == thr)
-    if (ties > 0) & (ties < eq_count):  # the one boundary tile takes part of its ties
-        eqi = is_eq.to(tl.int32)
-        take = is_gt | (is_eq & ((tl.cumsum(eqi, 0) - eqi) < ties))
+    eqi = is_eq.to(tl.int32)
+    if partial:  # the one boundary tile takes part of its ties
+        take = is_gt | (is_eq & ((tie_run + tl.cumsum(eqi, 0) - eqi) < ties))
     else:
         # (ties as a vector: the interpreter turns a vector & scalar-bool into integers)
         take = is_gt | (is_eq & ((tl.zeros(km.shape, tl.int64) + ties) > 0))
     ti = take.to(tl.int32)
-    return take, tl.cumsum(ti, 0) - ti
+    return take, tl.cumsum(ti, 0) - ti, tl.sum(eqi, 0)
 
 
 @triton.jit
@@ -134,8 +134,9 @@ def write_kernel(
             gidx = gbase + offs
             key, _ = tile_key(theta_ptr, g_ptr, offs, m, gidx, eps, seed_mix,
                               SCORE, HAS_G, SIGNED, THETA_T, G_T)
-            take, rank = _ordered_take(key & kmask, m, thr, tl.load(ties_ptr + gtile),
-                                       tl.load(eq_ptr + gtile))
+            ties = tl.load(ties_ptr + gtile)
+            partial = (ties > 0) & (ties < tl.load(eq_ptr + gtile))
+            take, rank, _ = _ordered_take(key & kmask, m, thr, ties, partial, 0)
             # position of the tile's first selected entry within its tensor's output
             run = tl.load(take_excl_ptr + gtile) - tl.load(take_excl_ptr + gtile0)
             out_ptr = tl.load(row + ROW_OUT).to(tl.pointer_type(IDX_T))
@@ -146,9 +147,10 @@ def write_kernel(
 def candidate_write_kernel(
     table_ptr, state_ptr, cand_ptr, seg_start_ptr, seg_count_ptr,
     take_ptr, take_excl_ptr, ties_ptr, eq_ptr, IDX_T: tl.constexpr, BLOCK: tl.constexpr,
+    CBLOCK: tl.constexpr,
 ):
-    """Writes the selected local indices of every tile from its candidate segment (active when
-    every selectable entry was captured: CAPTURED_GE)."""
+    """Writes the selected local indices of every tile from its candidate segment, CBLOCK
+    candidates at a time (active when every selectable entry was captured: CAPTURED_GE)."""
     t0, t1 = program_tiles(table_ptr)
     t1 = tl.where(tl.load(state_ptr + S_CAPTURE) == CAPTURED_GE, t1, t0)
     thr = tl.load(state_ptr + S_PREFIX).to(tl.uint32)
@@ -164,14 +166,19 @@ def candidate_write_kernel(
         gtile = gtile0 + local
         if tl.load(take_ptr + gtile) > 0:
             n = tl.load(seg_count_ptr + gtile)
-            offs = tl.arange(0, BLOCK)
-            valid = offs < n
             first = tl.load(seg_start_ptr + gtile).to(tl.int64)
-            cand = tl.load(cand_ptr + first + offs, mask=valid, other=0)
-            key = (cand >> 16).to(tl.uint32)
-            off = cand & 0xFFFF
-            take, rank = _ordered_take(key & kmask, valid, thr, tl.load(ties_ptr + gtile),
-                                       tl.load(eq_ptr + gtile))
+            ties = tl.load(ties_ptr + gtile)
+            partial = (ties > 0) & (ties < tl.load(eq_ptr + gtile))
             run = tl.load(take_excl_ptr + gtile) - tl.load(take_excl_ptr + gtile0)
             out_ptr = tl.load(row + ROW_OUT).to(tl.pointer_type(IDX_T))
-            tl.store(out_ptr + run + rank, (local * BLOCK + off).to(IDX_T), mask=take)
+            tie_run = n * 0
+            for j in range(0, n, CBLOCK):  # the segment, CBLOCK candidates at a time
+                offs = j + tl.arange(0, CBLOCK)
+                valid = offs < n
+                cand = tl.load(cand_ptr + first + offs, mask=valid, other=0)
+                take, rank, n_eq = _ordered_take((cand >> 16).to(tl.uint32) & kmask, valid, thr,
+                                                 ties, partial, tie_run)
+                tl.store(out_ptr + run + rank, (local * BLOCK + (cand & 0xFFFF)).to(IDX_T),
+                         mask=take)
+                run += tl.sum(take.to(tl.int32), 0)
+                tie_run += n_eq

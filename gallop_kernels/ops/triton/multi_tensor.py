@@ -46,9 +46,9 @@ def find_slot(rows_ptr, item, n_slots, log_slots, ROW: tl.constexpr, START: tl.c
 
 
 # ----------------------------------------------------------------------------------------------
-# Exact float conversions. bfloat16 goes through its raw bits: the Triton interpreter converts
-# bf16 subnormals wrongly and rounds fp32 -> bf16 half-up, and the bit version is exact (and as
-# cheap) on a GPU too. So a bf16 tensor is addressed as uint16 by the kernels.
+# Exact float conversions. A bf16 tensor is addressed as uint16 by the kernels: the Triton
+# interpreter rounds fp32 -> bf16 half-up, so the store rounds the raw bits to nearest even
+# itself (exact, and as cheap on a GPU). Loads bitcast the raw bits to bf16 and upcast (exact).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -66,7 +66,7 @@ def load_f32(ptr, offs, mask, DT: tl.constexpr):
     """Load entries of a tensor of dtype DT (pointer from ``as_pointer``) upcast to float32."""
     if DT == tl.bfloat16:
         raw = tl.load(ptr + offs, mask=mask, other=0)
-        return (raw.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+        return raw.to(tl.bfloat16, bitcast=True).to(tl.float32)
     else:
         return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
