@@ -348,3 +348,51 @@ def test_gpu_large_group_default_blocks(monkeypatch, score):
     n = sum(p.numel() for p in params)
     for density in (0.01, 0.3):
         check(params, grads, R.k_for_density(n, density), score, seed=1)
+
+
+class _RecordingCollective:
+    """A stand-in for ``world_size`` ranks in one process: sums and gathers as if every rank
+    held this rank's tensor, and records the sequence of collectives issued."""
+
+    def __init__(self, world_size: int, rank: int):
+        self.world_size, self.rank, self.calls = world_size, rank, []
+
+    def all_reduce_sum_(self, tensor):
+        self.calls.append(("all_reduce", tuple(tensor.shape), tensor.dtype))
+        tensor.mul_(self.world_size)
+
+    def all_gather(self, tensor):
+        self.calls.append(("all_gather", tuple(tensor.shape), tensor.dtype))
+        return torch.stack([tensor] * self.world_size)
+
+
+def test_one_rank_layout_is_the_single_process_selection():
+    from gallop_kernels.ops.collective import ShardLayout
+
+    params, grads = _group(SIZES, DTYPES, [torch.bfloat16, None])
+    offsets = tuple(sum(SIZES[:i]) for i in range(len(SIZES)))
+    for score, k in (("gallop", 1), ("gallop", sum(SIZES)), ("random", 97)):
+        coll = _RecordingCollective(1, 0)
+        layout = ShardLayout(coll, sum(SIZES), offsets)
+        with_layout = triton_select(params, grads, k, score, seed=5, layout=layout)
+        without = triton_select(params, grads, k, score, seed=5)
+        for a, b in zip(with_layout, without):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+        assert [c[0] for c in coll.calls][:2] == ["all_gather", "all_reduce"]
+
+
+def test_same_collectives_whatever_the_local_data():
+    """A rank with data and a rank whose shards are all empty issue the same collectives, in
+    the same order, with the same shapes (else a real process group would hang)."""
+    from gallop_kernels.ops.collective import ShardLayout
+
+    params, grads = _group([90, 7, 40], [torch.float32], [torch.bfloat16])
+    empty = [p[:0] for p in params]
+    total = 2 * sum(p.numel() for p in params)
+    sequences = []
+    for rank, (ps, gs) in enumerate([(params, grads), (empty, [g[:0] for g in grads])]):
+        coll = _RecordingCollective(2, rank)
+        layout = ShardLayout(coll, total, (0, 90, 97))
+        triton_select(ps, gs, 20, "gallop", layout=layout)
+        sequences.append(coll.calls)
+    assert sequences[0] == sequences[1] and len(sequences[0]) >= 4

@@ -137,14 +137,28 @@ def _compile_one(item):
     from gallop_kernels.ops.launch import compile_for
 
     t = time.time()
+    fp = {}
     try:
         kernel = compile_for(launch, arch)
         ok, err = True, None
         shared = kernel.metadata.shared
+        fp = fp_policy_counts(kernel.asm["ptx"])
     except Exception as e:  # noqa: BLE001 - reported, and the gate fails
         ok, err, shared = False, f"{type(e).__name__}: {e}"[:2000], None
     return {**describe(launch), "arch": arch, "ok": ok, "error": err, "shared": shared,
-            "seconds": round(time.time() - t, 2)}
+            "seconds": round(time.time() - t, 2), **fp}
+
+
+def fp_policy_counts(ptx: str) -> dict[str, int]:
+    """What the FP-fusion policy is checked on, in the PTX: explicit fused multiply-adds
+    (``fma.rn.f32``: only where a kernel writes ``tl.fma``) and float multiplies/adds without a
+    rounding modifier (``mul.f32``, ``add.f32``, ``sub.f32``), which ptxas may contract into an
+    FMA; with ``enable_fp_fusion=False`` Triton emits ``.rn`` on every one and passes
+    ``--fmad=false`` to ptxas, so there must be none."""
+    import re
+
+    return {"ptx_fma": len(re.findall(r"\bfma\.rn\.f32\b", ptx)),
+            "ptx_contractable": len(re.findall(r"\b(?:mul|add|sub)\.f32\b", ptx))}
 
 
 _VARIANTS: dict = {}
