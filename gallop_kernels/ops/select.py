@@ -39,7 +39,6 @@ Extra device memory: the state, one histogram per level (2048 int64 bins), four 
 
 from __future__ import annotations
 
-import math
 import operator
 import os
 from typing import Sequence
@@ -255,7 +254,7 @@ class SelectionPlan:
         self.groups: dict[tuple, list[int]] = {}
         self.cand_groups: dict[tuple, list[int]] = {}
         for i in self.nonempty:
-            p, g, n = params[i], grads[i], sizes[i]
+            g, n = grads[i], sizes[i]
             t = self.theta[i] if score in ("gallop", "magnitude", "precomputed") else None
             gg = g if score in ("gallop", "gradient") else None
             tkey = (None if t is None else t.dtype, None if gg is None else gg.dtype)

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from gallop_kernels.ops.triton.radix_select import (
-    CAPTURED_EQ, CAPTURED_GE, S_CAP_LOCAL, S_CAPTURE, S_MASK, S_PREFIX, S_SEED_MIX, S_TILES,
+    CAPTURED_GE, S_CAPTURE, S_MASK, S_PREFIX, S_SEED_MIX, S_TILES,
     captured,
 )
 from gallop_kernels.ops.triton.score import (
