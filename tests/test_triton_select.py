@@ -1,8 +1,9 @@
 """Triton selection (score + radix select + compaction) against reference.py.
 
 Runs on the CPU in the Triton interpreter (conftest sets TRITON_INTERPRET=1), so shapes stay
-small; the launcher's BLOCK / TILES_PER_CHUNK are shrunk so that even these shapes span many
-chunks and tiles, with tensors that are not multiples of either.
+small; the launcher's BLOCK (entries per tile) is shrunk so that even these shapes span many
+tiles and several tiles per program of the persistent grid, with tensors that are not multiples
+of it.
 """
 
 from __future__ import annotations
@@ -339,8 +340,8 @@ def test_input_validation():
 @pytest.mark.parametrize("score", ["gallop", "random", "gradient"])
 def test_gpu_large_group_default_blocks(monkeypatch, score):
     """Millions of entries with the launcher's GPU block sizes (skipped without CUDA)."""
-    monkeypatch.setattr(S, "BLOCK", 1024)
-    monkeypatch.setattr(S, "TILES_PER_CHUNK", 16)
+    monkeypatch.setattr(S, "BLOCK", 2048)
+    monkeypatch.setattr(S, "CBLOCK", 128)
     params, grads = _group([3_000_000, 1_000_001, 17], [torch.bfloat16, torch.float16],
                            [torch.bfloat16, torch.float32], seed=10)
     params[1][:500_000] = 0.5  # a large block of exact ties
