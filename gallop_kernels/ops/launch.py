@@ -6,8 +6,7 @@ constexprs, compiler options) and then run with ``launch()``. The same descripti
 specialisation that ``JITFunction.run`` derives for it (Triton's own binder: ints equal to 1 become
 constexprs, ints and pointers divisible by 16 get the divisibility attribute), so the compile gate
 (tests/test_compile_gate.py) and the static cost report (benchmarks/static_costs.py) see exactly the
-variants a real call runs, never a hand-kept copy (docs/design.md, "Compiled, not only
-interpreted").
+variants a real call runs, never a hand-kept copy (`docs/design.md#compiled-kernels`).
 
 Specialisation surface. The kernels take only pointers, float32 scalars and constexprs: sizes,
 counts and seeds live in device buffers (launch tables, the selection state). Every pointer
@@ -16,7 +15,7 @@ constexprs is one compiled variant.
 
 FP-fusion policy: every launch passes ``enable_fp_fusion=False``, so ``a * b + c`` is a multiply
 and an add, each rounded, compiled as interpreted; a fused multiply-add appears only where a
-kernel writes ``tl.fma`` (docs/design.md, "Floating point").
+kernel writes ``tl.fma`` (`docs/design.md#compiled-kernels`).
 """
 
 from __future__ import annotations

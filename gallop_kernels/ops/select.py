@@ -1,4 +1,5 @@
-"""Launcher for exact top-k selection with the Triton kernels (docs/design.md, kernels 1-3).
+"""Launcher for exact top-k selection with the Triton kernels (kernels 1-3 of
+`docs/design.md#kernels`).
 
 ``triton_select`` returns the same index sets as ``reference.select_topk`` over the group's scores:
 the k largest float32 scores, ties to the lower flat index in the group's concatenation. With a

@@ -1,4 +1,5 @@
-"""Launcher for the fused multi-tensor sparse AdamW step (docs/design.md, phase two, kernel 4).
+"""Launcher for the fused multi-tensor sparse AdamW step (kernel 4 of
+`docs/design.md#kernels`).
 
 One launcher for both state layouts (``state_layout="fp32"`` or ``"8bit"``: bitsandbytes'
 blockwise dynamic quantization, `reference.QUANT_BLOCK` entries per absmax). The launches are

@@ -1,4 +1,4 @@
-"""Ordered compaction (docs/design.md, kernel 3).
+"""Ordered compaction (kernel 3 of `docs/design.md#kernels`).
 
 Once the threshold key T (with its bit mask M, state S_PREFIX / S_MASK) is known, selected =
 every entry with (key & M) > T plus the first ties (key & M == T) in global flat order, as many

@@ -1,4 +1,4 @@
-"""Choosing the radix bucket that holds the k-th largest key (docs/design.md, kernel 2).
+"""Choosing the radix bucket that holds the k-th largest key (kernel 2 of `docs/design.md#kernels`).
 
 The selection state lives in a small int64 device buffer (fields named below), so every pass
 reads the prefix chosen by the previous one without a host round trip:

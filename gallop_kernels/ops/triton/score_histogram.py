@@ -1,4 +1,4 @@
-"""The radix passes (docs/design.md, kernels 1 and 2): histogram, capture, candidate histogram.
+"""The radix passes (`docs/design.md#kernels`: kernels 1 and 2): histogram, capture, candidate histogram.
 
 Every full pass is a persistent launch over the tiles (BLOCK entries of one tensor) of several
 tensors (`score.program_tiles`, `score.slot_fields`): it reads θ and g once per tile, computes the

@@ -1,4 +1,5 @@
-"""Fused multi-tensor sparse AdamW step, fp32 or 8-bit blockwise state (docs/design.md, kernel 4).
+"""Fused multi-tensor sparse AdamW step, fp32 or 8-bit blockwise state (kernel 4 of
+`docs/design.md#kernels`; 8-bit: `docs/design.md#state-layout`).
 
 One launch covers every tensor of a group that shares (param dtype, grad dtype, has master, index
 dtype, dense/compact grad, state layout): a table row per tensor (named fields below) holds its
@@ -15,7 +16,7 @@ State layouts (constexpr STATE):
   registers and requantizes with `quantize_nearest`, with no second pass and no atomics. The
   rounding rule is `reference.quantize_blockwise`'s, bit for bit.
 
-Floating point, and where bit-identity holds (docs/design.md, "Floating point"):
+Floating point, and where bit-identity holds (`docs/design.md#compiled-kernels`):
 
 * Compiled = interpreted. Every launch has ``enable_fp_fusion=False`` (Triton emits ``.rn`` on
   each float multiply and add and runs ptxas with ``--fmad=false``); the two fused multiply-adds
