@@ -276,11 +276,6 @@ def _check(results: list[dict], world: int) -> None:
 def test_sharded_selection_equals_one_process(world, backend, tmp_path):
     if backend == "triton":
         pytest.importorskip("triton")
-        from gallop_kernels.ops import triton_accepts_layout
-
-        if not triton_accepts_layout():
-            pytest.skip("triton_select does not take layout= yet (the Triton sharded selection "
-                        "lands with the kernels branch); this case runs once both are merged")
     results = _spawn(world, backend, tmp_path)
     _check(results, world)
 

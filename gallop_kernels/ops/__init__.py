@@ -9,7 +9,6 @@ lazily so that the package works where it is not installed.
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import os
 from typing import Sequence
 
@@ -102,25 +101,10 @@ def select_indices(
             for p, g, off in zip(params, grads, offsets)
         ]
         score = "precomputed"
-    sharded = {}
-    if layout is not None:
-        if not triton_accepts_layout():
-            raise NotImplementedError(
-                "the Triton selection does not take a ShardLayout in this version; select "
-                "sharded groups with backend='torch'"
-            )
-        sharded["layout"] = layout
     return triton_select(
         params, grads, k, score, score_eps=score_eps, seed=seed, names=names,
-        precomputed=precomputed, **sharded,
+        precomputed=precomputed, layout=layout,
     )
-
-
-def triton_accepts_layout() -> bool:
-    """Whether ``triton_select`` selects sharded groups (takes ``layout=``)."""
-    from gallop_kernels.ops.select import triton_select
-
-    return "layout" in inspect.signature(triton_select).parameters
 
 
 def sparse_adamw_update(
