@@ -1,7 +1,10 @@
 """The ``gallop`` command. One subcommand per job; each registers its own parser and handler.
 
-``demo`` runs the offline demo (SmolLM2-135M-Instruct; ``--tiny``: a tiny Llama), ``finetune`` fine-tunes a model (default: the embedded SmolLM2) on chat, prompt/response or text data, ``reproduce`` runs the
-small-scale comparison, ``memory`` prints the memory report and ``bench`` the benchmark report.
+``demo`` runs the offline demo (SmolLM2-135M-Instruct; ``--tiny``: a tiny Llama), ``finetune``
+fine-tunes a model (default: the embedded SmolLM2) on chat, prompt/response or text data,
+``reproduce`` runs the small-scale comparison and ``memory`` prints the memory report. (The
+benchmarks are not part of the installed package: run ``python -m benchmarks.report`` in a
+source checkout.)
 """
 
 from __future__ import annotations
@@ -158,12 +161,6 @@ def _add_reproduce(subparsers: argparse._SubParsersAction) -> None:
     register(subparsers)
 
 
-def _add_bench(subparsers: argparse._SubParsersAction) -> None:
-    from gallop_kernels.bench import register
-
-    register(subparsers)
-
-
 def _add_memory(subparsers: argparse._SubParsersAction) -> None:
     from gallop_kernels.memory.report import register, run
 
@@ -172,7 +169,7 @@ def _add_memory(subparsers: argparse._SubParsersAction) -> None:
 
 
 _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_demo, _add_finetune, _add_reproduce, _add_memory, _add_bench,
+    _add_demo, _add_finetune, _add_reproduce, _add_memory,
 )
 
 

@@ -236,23 +236,14 @@ class Collective(Protocol):
     def all_reduce_sum_(self, tensor: torch.Tensor) -> None: ...
 
 
-class _TorchDistributed:
-    """`Collective` over the default ``torch.distributed`` process group (stands in until
-    ``ops.collective.ProcessGroupCollective``, the one adapter, replaces it)."""
-
-    def __init__(self) -> None:
-        self.world_size = torch.distributed.get_world_size()
-        self.rank = torch.distributed.get_rank()
-
-    def all_reduce_sum_(self, tensor: torch.Tensor) -> None:
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-
-
 def default_collective() -> Collective | None:
-    """The ``torch.distributed`` ranks when a process group with several ranks is up, else None."""
+    """The ``torch.distributed`` ranks when a process group with several ranks is up, else None
+    (`ops.collective.ProcessGroupCollective`, the one adapter over ``torch.distributed``)."""
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return _TorchDistributed()
+        from gallop_kernels.ops.collective import ProcessGroupCollective
+
+        return ProcessGroupCollective()
     return None
 
 
