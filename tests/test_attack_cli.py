@@ -132,7 +132,7 @@ def workspace(root, trained) -> dict[str, Any]:
     with open(os.path.join(broken, "checkpoint-3", "optimizer.pt"), "ab") as f:
         f.write(b"\0")
     os.makedirs(j(".busy.gallop-staging"))
-    lock = rundir._take_lock(j(".busy.gallop-staging"), create=True)
+    lock = rundir.take_lock(j(".busy.gallop-staging"), create=True)
     rows = ['{"prompt": "a", "response": "b"}', '{"prompt": "c", "response": "d"}', '{"prompt": "x",']
     open(j("bad.jsonl"), "w").write("\n".join(rows) + "\n")
     open(j("latin1.jsonl"), "wb").write(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
@@ -340,7 +340,7 @@ def _points():
         "loading the model": (pipeline, "load_model", kill(signal.SIGINT), 1, 130, []),
         "the second step": (SparseAdamW, "step", kill(signal.SIGTERM), 2, 143, [1]),
         "writing checkpoint 2": (Trainer, "_save_rng_state", kill(signal.SIGINT), 2, 130, [1]),
-        "sealing checkpoint 1": (rundir, "seal_checkpoint", kill(signal.SIGTERM), 1, 143, []),
+        "sealing checkpoint 1": (rundir.folder, "seal_checkpoint", kill(signal.SIGTERM), 1, 143, []),
         "a full disk": (delta, "save_delta", no_space, 1, 1, [1, 2, 3]),
     }
 
@@ -400,7 +400,7 @@ def test_an_interrupt_while_publishing_waits_for_the_rename(tmp_path, trained):
     new run, the old one is gone, nothing else is left."""
     out = finished_run_in(tmp_path, trained)
     old_id = rundir.read_run_record(out)["run_id"]
-    with fault_at(rundir, "_exchange", kill(signal.SIGINT)):
+    with fault_at(rundir.folder, "exchange", kill(signal.SIGINT)):
         code, _, err = gallop(options(trained["model"], trained["data"], **{"--output": out, "--overwrite": None}))
     assert code == 130 and "published" in err, err
     assert os.listdir(tmp_path) == ["out"]

@@ -1,4 +1,4 @@
-"""Run folders (`gallop_kernels/finetune/rundir.py`): staging, publishing, sealed checkpoints, resume
+"""Run folders (`gallop_kernels/finetune/rundir/`): staging, publishing, sealed checkpoints, resume
 checks, links never followed. No model is trained here: checkpoints are built as the Trainer lays
 them out (with a real SparseAdamW state), so every case runs in milliseconds."""
 
@@ -307,7 +307,7 @@ def test_an_interrupted_run_is_continued_or_discarded_explicitly(place):
 def test_a_locked_staging_folder_belongs_to_a_running_run(place):
     staging = place / ".out.gallop-staging"
     staging.mkdir()
-    fd = rundir._take_lock(str(staging), create=True)
+    fd = rundir.take_lock(str(staging), create=True)
     try:
         refused(place, config(place), rf"another gallop run \(process {os.getpid()}\) is writing")
         refused(place, config(place, resume="last"), "another gallop run")
@@ -403,7 +403,7 @@ def test_a_run_is_staged_then_published_whole(place):
 def test_publishing_replaces_a_finished_run_in_one_step(place, monkeypatch, exchange):
     make_run(place / "out", config(place), "a" * 32)
     if not exchange:  # a filesystem without renameat2(RENAME_EXCHANGE): two renames, signals held
-        monkeypatch.setattr(rundir, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(rundir.folder, "exchange", lambda a, b: False)
     p = plan(config(place, overwrite=True))
     with RunFolder(p) as run:
         open(os.path.join(run.path, "new"), "w").close()

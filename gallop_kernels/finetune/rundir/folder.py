@@ -1,0 +1,267 @@
+"""A run's staging folder, from creation (or continuation) to publishing or cleanup
+(`docs/design.md#run-folders`)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import time
+from typing import Any
+
+from gallop_kernels.errors import signals_deferred
+from gallop_kernels.finetune.rundir.files import (
+    RunFolderError, lstat_or_none, open_regular, exchange, fsync_dir, link_or_copy, remove_tree, walk_tree, write_atomic,
+    write_json_atomic,
+)
+from gallop_kernels.finetune.rundir.plan import LOCK_FILE, RunPlan, take_lock, inspect_output
+from gallop_kernels.finetune.rundir.records import (
+    CHECKPOINT_RE, FORMAT_VERSION, MANIFEST, RUN_FILE, Checkpoint, checkpoint_folders, filtered_loss_log,
+    seal_checkpoint, sealed_checkpoints, unseal_checkpoint,
+)
+
+
+class RunFolder:
+    """The staging folder of one run, from creation (or adoption) to publishing or cleanup.
+
+    Use as a context manager; call :meth:`publish` when every result is written. Leaving the block
+    without publishing (an error, SIGINT, SIGTERM via `errors.terminate_as_interrupt`) keeps the
+    output untouched and the staging folder only if this run saved a checkpoint there (or it was an
+    interrupted run's to begin with); a note on the exception says where.
+    """
+
+    def __init__(self, plan: RunPlan) -> None:
+        self.plan = plan
+        self.path = plan.staging
+        self.published = False
+        self.saved_steps: list[int] = []
+        self._lock: int | None = None
+        self._keep = plan.adopt_staging
+        self._finished = False  # complete but not published: the error says where it is
+
+    # -- paths the run writes -------------------------------------------------------------------
+
+    @property
+    def loss_log(self) -> str:
+        return os.path.join(self.path, self.plan.loss_log)
+
+    @property
+    def resume_from(self) -> str | None:
+        """The checkpoint folder to hand to ``Trainer.train(resume_from_checkpoint=...)``."""
+        ck = self.plan.resume
+        if ck is None:
+            return None
+        if self.plan.link and not self.plan.adopt_staging:
+            return os.path.join(self.path, os.path.basename(ck.path))  # the linked copy
+        return ck.path
+
+    def final(self, path: str) -> str:
+        """Where a path written in the staging folder is once the run is published."""
+        rel = os.path.relpath(path, self.path)
+        return self.plan.output if rel == "." else os.path.join(self.plan.output, rel)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def __enter__(self) -> "RunFolder":
+        if not self.plan.passive:
+            try:
+                self._open()
+            except BaseException:
+                self._release()
+                raise
+        return self
+
+    def __exit__(self, kind: Any, error: BaseException | None, tb: Any) -> bool:
+        try:
+            if not self.published and not self.plan.passive:
+                self._abandon(error)
+        finally:
+            self._release()
+        return False
+
+    def _open(self) -> None:
+        plan = self.plan
+        if plan.adopt_staging:
+            walk_tree(self.path)  # refuse links planted in the folder we continue (before writing the lock)
+            self._lock = take_lock(self.path, create=True)
+            self._trim_adopted()
+            return
+        if plan.discard_staging and lstat_or_none(self.path) is not None:
+            lock = take_lock(self.path, create=True)
+            try:
+                remove_tree(self.path)
+            finally:
+                os.close(lock)
+        parent = os.path.dirname(self.path)
+        tmp = os.path.join(parent, f"{os.path.basename(self.path)}.tmp-{secrets.token_hex(4)}")
+        os.mkdir(tmp, 0o755)
+        try:
+            self._lock = take_lock(tmp, create=True)
+            self._write_record(tmp, status="running")
+            for ck in plan.link:
+                self._link_checkpoint(ck, os.path.join(tmp, os.path.basename(ck.path)))
+            if plan.resume is not None:
+                log = filtered_loss_log(os.path.join(os.path.dirname(plan.resume.path), plan.loss_log),
+                                        plan.resume.step)
+                if log:
+                    write_atomic(os.path.join(tmp, plan.loss_log), log)
+            try:
+                os.rename(tmp, self.path)  # the staging folder appears whole, already locked
+            except OSError as e:
+                raise RunFolderError(f"cannot create the staging folder {self.path}: {e.strerror} (another run "
+                                     "started at the same time?)") from None
+            fsync_dir(parent)
+        except BaseException:
+            remove_tree(tmp)
+            raise
+
+    def _trim_adopted(self) -> None:
+        """Continue an interrupted run: keep its sealed checkpoints up to the resume step, drop the
+        rest (unsealed or later checkpoints, partial results) and the loss log past that step."""
+        step = self.plan.resume.step
+        keep = {os.path.basename(ck.path) for ck in sealed_checkpoints(self.path, self.plan.run_id,
+                                                                       verify_hashes=False)[0] if ck.step <= step}
+        for name in os.listdir(self.path):
+            if name in keep or name in (RUN_FILE, LOCK_FILE, self.plan.loss_log):
+                continue
+            target = os.path.join(self.path, name)
+            if CHECKPOINT_RE.fullmatch(name):
+                unseal_checkpoint(target)
+            else:
+                remove_tree(target)
+        write_atomic(self.loss_log, filtered_loss_log(self.loss_log, step))
+        self._write_record(self.path, status="running")
+
+    def _write_record(self, folder: str, status: str) -> None:
+        ck = self.plan.resume
+        write_json_atomic(os.path.join(folder, RUN_FILE), {
+            "format": "gallop-run", "version": FORMAT_VERSION, "run_id": self.plan.run_id, "status": status,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "resumed_from": None if ck is None else {"checkpoint": ck.path, "step": ck.step},
+            **self.plan.record,
+        })
+
+    @staticmethod
+    def _link_checkpoint(ck: Checkpoint, dst: str) -> None:
+        folders, files = walk_tree(ck.path)
+        os.mkdir(dst)
+        for rel in folders:
+            os.mkdir(os.path.join(dst, rel))
+        for rel in files:
+            link_or_copy(os.path.join(ck.path, rel), os.path.join(dst, rel))
+
+    def _abandon(self, error: BaseException | None) -> None:
+        keep = self._keep or bool(self.saved_steps)
+        if keep and os.path.isdir(self.path):
+            if error is not None and not self._finished:
+                error.add_note(f"{self.plan.output} is as it was; this run's checkpoints are kept in {self.path}: "
+                               "continue with --resume last")
+            return
+        remove_tree(self.path)
+        if isinstance(error, (KeyboardInterrupt, OSError)):
+            error.add_note(f"{self.plan.output} is as it was")
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def publish(self) -> str:
+        """Rename the staging folder onto the output (replacing the finished run the plan allows);
+        returns the output path."""
+        plan = self.plan
+        if plan.passive:
+            self.published = True
+            return plan.output
+        self._write_record(self.path, status="complete")
+        self._fsync_results()
+        now = inspect_output(plan.output, plan.result_files)
+        expected = {"missing", "empty"} | ({"run", "results"} if plan.replaces else set())
+        if now.kind not in expected:
+            self._keep, self._finished = True, True
+            raise RunFolderError(f"{plan.output} was created or changed while this run was training; the finished run "
+                                 f"is kept in {self.path}")
+        old = None
+        try:
+            with signals_deferred():  # SIGINT/SIGTERM wait until the output is the new run
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.path, LOCK_FILE))  # the fd keeps the lock until released
+                if now.kind in ("missing", "empty"):
+                    os.rename(self.path, plan.output)  # rename(2) replaces an empty folder
+                else:
+                    trash = f"{self.path}.old-{secrets.token_hex(4)}"
+                    if exchange(self.path, plan.output):
+                        os.rename(self.path, trash)  # the replaced run, under a name no run reads
+                    else:
+                        os.rename(plan.output, trash)
+                        try:
+                            os.rename(self.path, plan.output)
+                        except OSError:
+                            os.rename(trash, plan.output)  # put the finished run back
+                            raise
+                    old = trash
+                fsync_dir(os.path.dirname(plan.output))
+                self.published = True
+        except KeyboardInterrupt as interrupt:
+            if self.published:
+                interrupt.add_note(f"the run was published in {plan.output} before the interrupt took effect")
+            raise
+        finally:
+            if old is not None:
+                remove_tree(old)
+        return plan.output
+
+    def _fsync_results(self) -> None:
+        folders, files = walk_tree(self.path)
+        sealed = {f"{os.path.basename(ck)}" for _, ck in checkpoint_folders(self.path)
+                  if lstat_or_none(os.path.join(ck, MANIFEST)) is not None}
+        for rel in files:
+            if rel.split(os.sep, 1)[0] in sealed or rel == LOCK_FILE:
+                continue  # sealed checkpoints were synced when sealed
+            fd = open_regular(os.path.join(self.path, rel))
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for rel in [*folders, ""]:
+            fsync_dir(os.path.join(self.path, rel))
+
+    # -- the Trainer's side -----------------------------------------------------------------------
+
+    def callback(self) -> Any:
+        """A ``TrainerCallback`` that seals every checkpoint once the Trainer has written it, clears
+        a stale checkpoint of the same step before it is written again, and refuses to start a
+        resumed run whose optimizer has no selection (no silent re-calibration)."""
+        from transformers import TrainerCallback
+
+        folder = self
+
+        class SealCheckpoints(TrainerCallback):
+            def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+                if folder.plan.resume is not None and optimizer is not None:
+                    from gallop_kernels.optim.unwrap import unwrap_optimizer
+
+                    try:
+                        opt = unwrap_optimizer(optimizer)
+                    except TypeError:  # not SparseAdamW (the 4-bit path's AdamW): nothing to check
+                        return control
+                    if not opt.is_selected():
+                        raise RuntimeError(f"resuming from {folder.resume_from}, but the optimizer holds no "
+                                           "selection after loading it: refusing to calibrate again")
+                return control
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if control.should_save and state.is_world_process_zero:
+                    stale = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+                    if lstat_or_none(stale) is not None:
+                        unseal_checkpoint(stale)
+                return control
+
+            def on_save(self, args, state, control, **kwargs):
+                if state.is_world_process_zero:
+                    path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+                    seal_checkpoint(path, {"run_id": folder.plan.run_id, **folder.plan.record})
+                    folder.saved_steps.append(state.global_step)
+                return control
+
+        return SealCheckpoints()
