@@ -334,14 +334,15 @@ def no_space() -> None:
 def _points():
     from transformers import Trainer
 
-    from gallop_kernels import SparseAdamW, delta
+    from gallop_kernels import SparseAdamW
+    from gallop_kernels.adapter import folder as adapter_folder
 
     return {
         "loading the model": (pipeline, "load_model", kill(signal.SIGINT), 1, 130, []),
         "the second step": (SparseAdamW, "step", kill(signal.SIGTERM), 2, 143, [1]),
         "writing checkpoint 2": (Trainer, "_save_rng_state", kill(signal.SIGINT), 2, 130, [1]),
         "sealing checkpoint 1": (rundir.folder, "seal_checkpoint", kill(signal.SIGTERM), 1, 143, []),
-        "a full disk": (delta, "save_delta", no_space, 1, 1, [1, 2, 3]),
+        "a full disk": (adapter_folder, "save_delta", no_space, 1, 1, [1, 2, 3]),
     }
 
 

@@ -65,7 +65,7 @@ def test_sft_trainer_with_sparse_adamw_trains_the_selection_and_saves_a_delta(tm
     assert changed > 0
 
     path = tmp_path / "out" / "gallop_delta.safetensors"
-    save_delta(path, extract_delta(model, trainer.optimizer, base_model="tiny-chat"))
+    save_delta(path, extract_delta(model, trainer.optimizer, base=base, base_model="tiny-chat"))
     fresh, _ = tiny_chat_model(seed=0, hidden_size=32, num_layers=1, max_positions=128)
     apply_delta(fresh, load_delta(path), expected_base="tiny-chat")
     for (name, p), q in zip(fresh.named_parameters(), model.parameters()):

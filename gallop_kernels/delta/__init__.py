@@ -17,7 +17,7 @@ Modules: `format` (the dataclass, its checks and the file), `fingerprint` (the b
 `gallop_kernels.integrations.bitsandbytes.io`; adapter folders in `gallop_kernels.adapter`.
 """
 
-from gallop_kernels.delta.base import BaseSource, BaseTensors, open_base
+from gallop_kernels.delta.base import BaseSource, BaseTensors, open_base, weights_location
 from gallop_kernels.delta.extract import extract_delta
 from gallop_kernels.delta.fingerprint import BaseSample, TensorView
 from gallop_kernels.delta.format import (
@@ -49,6 +49,7 @@ from gallop_kernels.delta.ops import (
 )
 
 __all__ = [
+    "weights_location",
     "ABSOLUTE", "DELTA_FILE", "DIFFERENCE", "FORMAT", "READABLE_VERSIONS", "RESERVED_KEYS", "VERSION",
     "BaseSample", "BaseSource", "BaseTensors", "SparseDelta", "TensorView",
     "apply_delta", "as_delta", "check_base", "check_delta", "check_entries", "check_scale",

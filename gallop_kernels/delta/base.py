@@ -98,6 +98,31 @@ def _safetensors_index(path: str) -> dict[str, str]:
         raise ValueError(f"{path!r} is not a readable safetensors file: {e}") from e
 
 
+def weights_location(name_or_path: str | os.PathLike | None) -> str | None:
+    """Where the base weights named ``name_or_path`` lie on this machine, or None.
+
+    A local folder or safetensors file is itself; a hub id is its snapshot in the Hugging Face
+    cache, where ``from_pretrained`` put it (never downloaded here). This is how a delta finds its
+    base when none is passed: the ``base_model`` it records, or the folder the model was loaded
+    from (``model.name_or_path``).
+    """
+    if not name_or_path:
+        return None
+    text = os.fspath(name_or_path)
+    if os.path.exists(text):
+        return text
+    parts = text.split("/")
+    if os.path.isabs(text) or text.startswith(".") or not 0 < len(parts) <= 2 or not all(parts):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(text, local_files_only=True,
+                                 allow_patterns=["*.safetensors", "*.safetensors.index.json", "*.json"])
+    except Exception:  # not in the cache (or no huggingface_hub): the caller says what to pass
+        return None
+
+
 def open_base(source: Any) -> BaseTensors:
     """The base tensors of ``source`` (see the module docstring); checks the path at once."""
     return source if isinstance(source, BaseTensors) else BaseTensors(source)

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from gallop_kernels.delta.base import BaseSource, open_base
+from gallop_kernels.delta.base import BaseSource, open_base, weights_location
 from gallop_kernels.delta.fingerprint import TensorView, record
 from gallop_kernels.delta.format import SparseDelta, new_delta, score_label
 from gallop_kernels.delta.ops import exact_difference
@@ -42,8 +42,10 @@ def extract_delta(
         model: the trained model.
         optimizer: its SparseAdamW (or a wrapper around one).
         base: the base values (`gallop_kernels.delta.base`): the base model, a ``{name: tensor}``
-            copy, or the base's safetensors folder/file. Default: ``base_model`` when it is a
-            local path (what ``gallop finetune --model`` records).
+            copy, or the base's safetensors folder/file. Default (`delta.base.weights_location`):
+            the weights of ``base_model`` on this machine, else those of the folder or hub id the
+            model was loaded from (``model.name_or_path``); so do not save the trained model over
+            its base folder before extracting.
         base_model: the base's name or path, recorded in the metadata.
         metadata: the user's own string metadata (may not set the format's keys).
 
@@ -55,11 +57,11 @@ def extract_delta(
     """
     opt = unwrap_optimizer(optimizer)
     if base is None:
-        if not base_model or not os.path.exists(base_model):
+        base = weights_location(base_model) or weights_location(getattr(model, "name_or_path", None))
+        if base is None:
             raise ValueError("extract_delta needs the base values to take differences: pass base= (the "
                              "base model, a {name: tensor} copy taken before training, or the base's "
                              "safetensors folder)")
-        base = base_model
     if base is model:
         raise ValueError("base is the trained model itself; pass the base it was trained from")
     source = open_base(base)

@@ -173,6 +173,23 @@ def base_model_name(config: FinetuneConfig) -> str:
     return models.EMBEDDED_GGUF if config.model is None else os.fspath(config.model)
 
 
+def base_weights(resolved: Any) -> str:
+    """The folder holding the base's weights, which the delta's differences are taken against.
+
+    The embedded model and a ``.gguf`` file load from their converted cache folder, a folder from
+    itself; a hub id from the hub cache, where ``from_pretrained`` has just put it. Checked before
+    training (`gallop_kernels.delta.open_base`), so a base that cannot be read fails the run early.
+    """
+    from gallop_kernels.delta import open_base, weights_location
+
+    path = weights_location(resolved.path)
+    if path is None:
+        raise ValueError(f"cannot find the weights of {resolved.describe()} on this machine to take the "
+                         "delta's differences against")
+    open_base(path)
+    return path
+
+
 def load_model(resolved: Any, config: FinetuneConfig, four_bit: bool, say: Callable[[str], None]) -> tuple[Any, Any]:
     """The model (bf16 or fp32; with ``four_bit`` an NF4 bitsandbytes base) and a padding tokenizer."""
     import torch
@@ -283,20 +300,29 @@ def _encode(data: TrainingData, tokenizer: Any, config: FinetuneConfig) -> tuple
     return train, evals
 
 
-def save_delta_files(representation: Any, model: Any, trainer: Any, config: FinetuneConfig, output: str) -> list[str]:
-    """Write the trained delta into ``output``; returns the paths written.
-
-    Today one safetensors file (`gallop_kernels.delta.save_delta`). This is the one place where the
-    adapter folder (config, model card, PEFT export) will be written instead.
-    """
-    from gallop_kernels.delta import save_delta
+def save_delta_files(representation: Any, model: Any, trainer: Any, config: FinetuneConfig, output: str,
+                     base: Any = None) -> list[str]:
+    """Write the trained delta into ``output`` as an adapter folder (`gallop_kernels.adapter`: the
+    delta file, a JSON config, a model card and, where SHiRA can hold it, PEFT's files); returns the
+    paths written."""
+    from gallop_kernels.adapter import save_adapter
 
     meta = {"calibration_fraction": config.calibration_fraction, "epochs": config.epochs, "lr": config.lr,
             "target_modules": json.dumps(config.target_modules), "steps": trainer.state.global_step,
             "data": json.dumps(config.to_dict()["data"])}
-    path = os.path.join(output, DELTA_FILE)
-    save_delta(path, representation.extract_delta(model, trainer, base_model_name(config), meta))
-    return [path]
+    delta = representation.extract_delta(model, trainer, base_model_name(config), meta, base=base)
+    settings = config.to_dict()
+    adapter_config = {
+        "target_modules": config.target_modules,
+        "data": settings["data"],
+        "command": "gallop finetune --config " + CONFIG_FILE,
+        "training": {key: settings[key] for key in ("lr", "epochs", "max_steps", "batch_size", "grad_accum",
+                                                      "max_length", "calibration_fraction", "seed", "lean", "bits")
+                     if key in settings},
+        "steps": trainer.state.global_step,
+    }
+    # (the staging folder is this run's own: an adapter left there by an interrupted attempt is replaced)
+    return save_adapter(output, delta, config=adapter_config, overwrite=True)
 
 
 def run_finetune(config: FinetuneConfig, out: TextIO | None = None) -> FinetuneResult:
@@ -339,6 +365,7 @@ def _train_and_save(config: FinetuneConfig, data: TrainingData, run: rundir.RunF
     with user_input(ValueError, TypeError, OSError, ModelUnavailable):  # the model, the encoded data
         resolved = resolve_model(config, say)
         model, tokenizer = load_model(resolved, config, rep.four_bit, say)
+        base = None if rep.four_bit else base_weights(resolved)
         train, evals = _encode(data, tokenizer, config)
     template = "chat template" if train.chat_template else "raw prompt + response"
     say(f"data: {data.describe()}; prompt/response lines: {template}")
@@ -366,7 +393,7 @@ def _train_and_save(config: FinetuneConfig, data: TrainingData, run: rundir.RunF
         eval_loss = trainer.evaluate()["eval_loss"]
         say(f"eval loss {eval_loss:.4f} on {len(evals)} example(s)")
 
-    saved = save_delta_files(rep, model, trainer, config, output)
+    saved = save_delta_files(rep, model, trainer, config, output, base=base)
     if config.save_full:
         full = os.path.join(output, "model")
         trainer.save_model(full)

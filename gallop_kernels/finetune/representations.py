@@ -56,7 +56,10 @@ class Representation:
     def num_selected(self, trainer: Any) -> int:
         raise NotImplementedError
 
-    def extract_delta(self, model: nn.Module, trainer: Any, base_model: str, metadata: dict[str, Any]) -> Any:
+    def extract_delta(self, model: nn.Module, trainer: Any, base_model: str, metadata: dict[str, Any],
+                      base: Any = None) -> Any:
+        """The trained delta: differences from ``base`` (the base's weights folder, see
+        `gallop_kernels.delta.base`) at the trained entries."""
         raise NotImplementedError
 
 
@@ -99,10 +102,11 @@ class SparseWeights(Representation):
 
         return unwrap_optimizer(trainer.optimizer).num_selected
 
-    def extract_delta(self, model: nn.Module, trainer: Any, base_model: str, metadata: dict[str, Any]) -> Any:
+    def extract_delta(self, model: nn.Module, trainer: Any, base_model: str, metadata: dict[str, Any],
+                      base: Any = None) -> Any:
         from gallop_kernels.delta import extract_delta
 
-        return extract_delta(model, trainer.optimizer, base_model=base_model, metadata=metadata)
+        return extract_delta(model, trainer.optimizer, base=base, base_model=base_model, metadata=metadata)
 
 
 class SparseDelta4bit(Representation):
@@ -164,7 +168,9 @@ class SparseDelta4bit(Representation):
     def num_selected(self, trainer: Any) -> int:
         return sum(int(m.delta_indices.numel()) for m in self.wrapped.values())
 
-    def extract_delta(self, model: nn.Module, trainer: Any, base_model: str, metadata: dict[str, Any]) -> Any:
+    def extract_delta(self, model: nn.Module, trainer: Any, base_model: str, metadata: dict[str, Any],
+                      base: Any = None) -> Any:
+        # (the 4-bit layers hold their own base: differences are taken against the dequantized weights)
         from gallop_kernels.integrations import bitsandbytes as bnb_delta
 
         return bnb_delta.extract_sparse_delta(model, base_model=base_model,
