@@ -74,6 +74,27 @@ def topk_select_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(idx).values
 
 
+def exact_compact(scores: torch.Tensor, threshold: torch.Tensor, k: int,
+                  chunk: int = CHUNK) -> torch.Tensor:
+    """The exact rule given the k-th largest value: sorted flat indices of every entry above the
+    threshold plus the lowest-index ties, k in all (what an exact torch composition ends with).
+    Chunked past ``chunk`` entries (torch.nonzero refuses more than 2^31 - 1 on CUDA)."""
+    above, ties = [], []
+    n = scores.numel()
+    for start in range(0, n, chunk):
+        part = scores[start:start + chunk]
+        above.append((part > threshold).nonzero().squeeze(1) + start)
+        ties.append((part == threshold).nonzero().squeeze(1) + start)
+    above_t = torch.cat(above)
+    ties_t = torch.cat(ties)[: k - above_t.numel()]
+    return torch.cat([above_t, ties_t]).sort().values
+
+
+def stable_sort_select(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The exact rule with one stable descending sort (ties keep index order), then sorted."""
+    return torch.sort(torch.sort(scores, descending=True, stable=True).indices[:k]).values
+
+
 def threshold_compact(scores: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     """torch compaction baseline: flat indices of the entries at or above the threshold.
 

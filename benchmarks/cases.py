@@ -1,7 +1,7 @@
 """The benchmark suite: every case of every kernel, beside its baselines, in one place.
 
-Both the pytest-benchmark files (``benchmarks/bench_*.py``) and the report
-(``benchmarks/report.py``) take their cases from here, so the two never measure different things.
+Both the pytest-benchmark files (``benchmarks/test_bench_*.py``) and the report
+(``benchmarks/collect.py``) take their cases from here, so the two never measure different things.
 
 A *case* is (kernel, implementation, N, dtype, density). It builds its own inputs (random, never
 zeros; several independent copies where a copy is smaller than 2× the cache, see

@@ -153,3 +153,45 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> dict[str,
         "gbps": 2 * n * 4 / m.median_s / 1e9,
         "method": f"torch copy_ of {n * 4 / 2**20:.0f} MiB float32, read + write bytes, median of {m.reps}",
     }
+
+
+def measure_interleaved(
+    fns: dict[str, Callable[[], Any]],
+    device: torch.device,
+    *,
+    warmup: int = 1,
+    reps: int = 7,
+    target_s: float = 0.0,
+    max_reps: int = 101,
+) -> dict[str, Measurement]:
+    """Median times of several functions timed in turn, one call of each per round.
+
+    For ratios between implementations on a shared machine: a load spike hits every function of
+    its round alike instead of one function's whole series. At least ``reps`` rounds, more (up
+    to ``max_reps``) while the rounds take under ``target_s`` seconds in all.
+    """
+    t = time.perf_counter()
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    _sync(device)
+    per_round = (time.perf_counter() - t) / max(warmup, 1)
+    reps = int(min(max_reps, max(reps, target_s / max(per_round, 1e-9))))
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t)
+    out = {}
+    for name, ts in times.items():
+        ts.sort()
+        q = statistics.quantiles(ts, n=5) if len(ts) >= 2 else [ts[0]] * 4
+        out[name] = Measurement(
+            median_s=statistics.median(ts), p20_s=q[0], p80_s=q[3], min_s=ts[0], reps=reps,
+            warmup=warmup, copies=1,
+            timer="perf_counter, interleaved" + (" (synchronised)" if device.type == "cuda" else ""),
+        )
+    return out

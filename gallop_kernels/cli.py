@@ -1,7 +1,8 @@
 """The ``gallop`` command. One subcommand per job; each registers its own parser and handler.
 
 ``demo`` runs the offline demo, ``finetune`` fine-tunes a local model, ``reproduce`` runs the
-small-scale comparison, ``memory`` prints the memory report and ``bench`` the benchmark report.
+small-scale comparison and ``memory`` prints the memory report. (The benchmarks are not part of
+the installed package: run ``python -m benchmarks.report`` in a source checkout.)
 """
 
 from __future__ import annotations
@@ -118,12 +119,6 @@ def _add_reproduce(subparsers: argparse._SubParsersAction) -> None:
     register(subparsers)
 
 
-def _add_bench(subparsers: argparse._SubParsersAction) -> None:
-    from gallop_kernels.bench import register
-
-    register(subparsers)
-
-
 def _add_memory(subparsers: argparse._SubParsersAction) -> None:
     from gallop_kernels.memory.report import register, run
 
@@ -132,7 +127,7 @@ def _add_memory(subparsers: argparse._SubParsersAction) -> None:
 
 
 _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_demo, _add_finetune, _add_reproduce, _add_memory, _add_bench,
+    _add_demo, _add_finetune, _add_reproduce, _add_memory,
 )
 
 

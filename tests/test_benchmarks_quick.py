@@ -114,17 +114,28 @@ def test_interpreter_checks_pass(quick_report):
     assert checks["sparse_adamw_max_abs_diff"] <= 1e-6
 
 
-def test_bench_cli_shim_parses_and_finds_checkout():
-    import argparse
+def test_installed_package_never_imports_benchmarks():
+    """`benchmarks/` is not installed: no package module imports it, and `gallop` has no `bench`
+    subcommand (it used to import benchmarks/report.py from the working directory or a parent)."""
+    for path in (REPO / "gallop_kernels").rglob("*.py"):
+        text = path.read_text()
+        assert "import benchmarks" not in text and "from benchmarks" not in text, path
+        assert "benchmarks.report" not in text or "python -m benchmarks.report" in text, path
+    from gallop_kernels.cli import build_parser
 
-    from gallop_kernels import bench
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--quick"])
 
-    parser = argparse.ArgumentParser(prog="gallop")
-    sub = parser.add_subparsers(dest="command")
-    bench.register(sub)
-    args = parser.parse_args(["bench", "--quick", "--sizes", "1e3,2e3", "--no-plots"])
-    assert args.mode == "quick" and args.sizes == "1e3,2e3" and args.func is bench.run
-    assert bench.find_checkout() == REPO
+
+def test_report_cli_renders_an_existing_json(quick_report, tmp_path):
+    """--render re-writes the Markdown of a results JSON without timing anything."""
+    from benchmarks import report
+
+    _, path, _ = quick_report
+    copy = tmp_path / path.name
+    copy.write_text(path.read_text())
+    assert report.main(["--render", str(copy), "--no-plots"]) == 0
+    assert (tmp_path / (path.stem + ".md")).read_text().startswith("# gallop_kernels benchmarks")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,3 +196,70 @@ def test_cmake_builds_native_baselines(tmp_path):
     nat = NativeBaselines(lib)
     assert nat.abi_version == 1
     assert nat.topk_method.startswith("cub::")
+
+
+# --------------------------------------------------------------------------------------------------
+# The prepared GPU run, dry (CPU, tiny sizes): every stage runs, so the script works before a GPU
+# minute is spent on it
+# --------------------------------------------------------------------------------------------------
+
+
+def test_gpu_check_dry_run_writes_every_stage(tmp_path):
+    from benchmarks import gpu_check
+
+    threads = torch.get_num_threads()
+    try:
+        rc = gpu_check.main(["--dry", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    jsons = list(tmp_path.glob("gpu-check-*-dry.json"))
+    assert len(jsons) == 1, list(tmp_path.iterdir())
+    data = json.loads(jsons[0].read_text())
+    stages = data["stages"]
+    assert list(stages) == ["env", "build", "tests", "selection", "step", "memory"]
+    assert rc == 0, {n: (s["status"], s["detail"].get("error")) for n, s in stages.items()}
+    for name, stage in stages.items():
+        assert stage["status"] in ("ok", "skipped"), (name, stage["status"], stage["detail"])
+        assert stage["seconds"] <= stage["budget_s"] + 5, name
+    assert data["dry"] is True and data["device"]["name"]
+    # the tests stage really ran pytest, and the memory stage measured its row
+    assert "1 passed" in stages["tests"]["detail"]["dry"]["summary"]
+    assert any(r.get("measured") for r in stages["memory"]["detail"]["rows"])
+    # every exact baseline selected the same set as ours; every row timed or skipped with a reason
+    for name in ("selection", "step"):
+        rows = stages[name]["detail"]["rows"]
+        assert any(r["role"] == "ours" and r["median_s"] > 0 for r in rows if "median_s" in r)
+        for r in rows:
+            assert "median_s" in r or r.get("skipped"), r
+            assert r.get("same_indices_as_ours", True), r
+    targets = {t["target"] for t in data["targets"]}
+    assert {"selection_copy_bw", "selection_vs_torch", "selection_vs_cub",
+            "step_vs_fused_adamw"} <= targets
+    md = (tmp_path / (jsons[0].stem + ".md")).read_text()
+    assert data["device"]["name"] in md and "DRY RUN" in md and "| target |" in md
+    for log in ("tests.log", "gpu-check.log"):
+        assert data["device"]["name"] in (tmp_path / log).read_text(), log
+
+
+def test_gpu_check_refuses_without_cuda_unless_dry(tmp_path, capsys):
+    from benchmarks import gpu_check
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert gpu_check.main(["--out", str(tmp_path)]) == 2
+    assert "--dry" in capsys.readouterr().err
+
+
+def test_exact_torch_compositions_follow_the_tie_rule():
+    """The baselines the GPU targets compare against are exact: the reference's set, also when
+    the compaction is chunked (as it is past 2^30 entries)."""
+    from benchmarks import baselines as bl
+    from gallop_kernels import reference
+
+    scores = (torch.randint(0, 5, (1001,), generator=torch.Generator().manual_seed(0)) * 0.5)
+    for k in (1, 10, 500, 1001):
+        want = reference.select_topk([scores], k)[0]
+        for got in (bl.exact_compact(scores, bl.topk_threshold(scores, k), k, chunk=7),
+                    bl.exact_compact(scores, bl.kthvalue_threshold(scores, k), k),
+                    bl.stable_sort_select(scores, k)):
+            assert torch.equal(got, want), k

@@ -9,12 +9,14 @@ lazily so that the package works where it is not installed.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 from typing import Sequence
 
 import torch
 
 from gallop_kernels import reference
+from gallop_kernels.ops.collective import ShardLayout
 # (bound under another name so that `gallop_kernels.ops.streaming_select` stays the module)
 from gallop_kernels.ops.streaming_select import streaming_select as _streaming_select
 from gallop_kernels.reference import Score
@@ -66,35 +68,59 @@ def select_indices(
     seed: int,
     names: Sequence[str],
     backend: str,
+    layout: ShardLayout | None = None,
 ) -> list[torch.Tensor]:
     """Exact top-k selection over one group: per tensor, its sorted flat indices.
 
     Indices come back in the storage dtype of `reference.index_dtype`. Raises ``ValueError``
-    naming the parameter if any score is NaN or infinite.
+    naming the parameter if any score is NaN or infinite. With ``layout`` the tensors are this
+    rank's shards of the group (see ``ops/collective.py``): k counts the whole group, and the
+    indices returned are local to each shard.
     """
-    k = reference.k_for_density(sum(p.numel() for p in params), density)
+    total = sum(p.numel() for p in params) if layout is None else layout.total
+    k = reference.k_for_density(total, density)
     if backend == "torch":
         # The chunked radix select, not the reference's whole-group sort: it needs O(chunk)
         # memory instead of ~32 bytes per entry, and selects the identical set (tested).
-        chosen = _streaming_select(params, grads, k, score, score_eps, seed, names)
+        chosen = _streaming_select(
+            params, grads, k, score, score_eps, seed, names, layout=layout
+        )
         return [c.to(reference.index_dtype(p.numel())) for c, p in zip(chosen, params)]
 
     from gallop_kernels.ops.select import triton_select
 
     precomputed = None
     if callable(score):
-        offsets = [0]
-        for p in params[:-1]:
-            offsets.append(offsets[-1] + p.numel())
+        if layout is not None:
+            offsets = list(layout.offsets)
+        else:
+            offsets = [0]
+            for p in params[:-1]:
+                offsets.append(offsets[-1] + p.numel())
         precomputed = [
             reference.compute_score(p, g, score, score_eps, seed, off)
             for p, g, off in zip(params, grads, offsets)
         ]
         score = "precomputed"
+    sharded = {}
+    if layout is not None:
+        if not triton_accepts_layout():
+            raise NotImplementedError(
+                "the Triton selection does not take a ShardLayout in this version; select "
+                "sharded groups with backend='torch'"
+            )
+        sharded["layout"] = layout
     return triton_select(
         params, grads, k, score, score_eps=score_eps, seed=seed, names=names,
-        precomputed=precomputed,
+        precomputed=precomputed, **sharded,
     )
+
+
+def triton_accepts_layout() -> bool:
+    """Whether ``triton_select`` selects sharded groups (takes ``layout=``)."""
+    from gallop_kernels.ops.select import triton_select
+
+    return "layout" in inspect.signature(triton_select).parameters
 
 
 def sparse_adamw_update(
