@@ -114,7 +114,8 @@ class DDPExchange:
         if not lean.fresh:
             return
         kept = lean.compact_grads()
-        params = list(kept)
+        # (in the optimizer's param order, the same on every rank: a set's order is not)
+        params = [p for p in _plain_params(optimizer) if p in kept]
         if params:
             flat = torch.cat([kept[p] for p in params]) if len(params) > 1 else kept[params[0]]
             self._all_reduce_mean([flat])
@@ -132,7 +133,7 @@ class DDPExchange:
         self.active = False
 
 
-def _comm_hook(exchange: DDPExchange, bucket: Any) -> torch.futures.Future:
+def _comm_hook(exchange, bucket):  # (no annotations: DDP checks them against its own types)
     """DDP communication hook: reduce only the selected entries of the bucket's gradients."""
     import torch.distributed as dist
 
@@ -200,8 +201,8 @@ def expect_ddp(optimizer: Any) -> None:
     if optimizer._ddp is not None:
         optimizer._ddp.activate()
         return
-    if world_size() == 1 or not _plain_params(optimizer):
-        return
+    if world_size() == 1 or not optimizer.replica_check or not _plain_params(optimizer):
+        return  # (replica_check=False: ranks that train on their own)
     _PENDING.add(optimizer)
     _arm()
 
