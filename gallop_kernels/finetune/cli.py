@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--calibration-fraction", type=float, default=0.05,
                    help="fraction d_s of the training data whose mean gradient selects (default: %(default)s)")
     p.add_argument("--lean", action="store_true", help="memory-lean gradients: keep only the selected entries of each gradient and "
-                        "freeze tensors with none (turns the Trainer's gradient clipping off); refused with --bits 4, "
+                        "freeze tensors with none (gradient clipping and the logged grad_norm use the kept entries); refused with --bits 4, "
                         "which is lean already")
     p.add_argument("--bits", type=int, default=None, help="4: load the model with a 4-bit NF4 bitsandbytes base and train a sparse fp32 delta on the "
                         "--target-modules layers; the saved delta holds dequantized base + delta at the selected "

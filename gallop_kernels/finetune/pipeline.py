@@ -57,7 +57,7 @@ class FinetuneConfig:
     calibration_fraction: float = 0.05
     lean: bool = False
     bits: int | None = None
-    max_grad_norm: float = 1.0  # the Trainer's default clipping; 0 disables (forced by lean)
+    max_grad_norm: float = 1.0  # the Trainer's default clipping (lean: of the kept entries); 0 disables
     epochs: float = 1.0
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -211,9 +211,8 @@ def _training_args(config: FinetuneConfig) -> Any:
         disable_tqdm=not config.progress,
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
-        # Lean mode frees each dense gradient as it lands, so there is nothing for the Trainer's
-        # gradient-norm clipping to read: it is off there (said in --lean's help).
-        max_grad_norm=0.0 if config.lean else config.max_grad_norm,
+        # (lean mode: the norm of the kept entries, clipped and logged by gallop_trainer's mixin)
+        max_grad_norm=config.max_grad_norm,
         **{ckpt_flag: config.gradient_checkpointing},
     )
 
@@ -256,6 +255,7 @@ def run_finetune(config: FinetuneConfig, out: TextIO | None = None) -> FinetuneR
 
     from gallop_kernels.delta import save_delta
     from gallop_kernels.finetune.representations import representation_for
+    from gallop_kernels.integrations.transformers import gallop_trainer
 
     rep = representation_for(config)
     model, tokenizer = _load_model_and_tokenizer(config.model, config.bf16, four_bit=rep.four_bit)
@@ -263,13 +263,14 @@ def run_finetune(config: FinetuneConfig, out: TextIO | None = None) -> FinetuneR
     collate = CausalLMCollator(tokenizer.pad_token_id)
     os.makedirs(config.output, exist_ok=True)
     loss_log = os.path.join(config.output, LOSS_LOG)
-    if config.resume is None and os.path.exists(loss_log):
+    main_process = _is_main_process()  # (under torchrun / accelerate launch only rank 0 writes)
+    if config.resume is None and main_process and os.path.exists(loss_log):
         os.remove(loss_log)
 
     rep.prepare(model, dataset, collate)
     args = _training_args(config)
     with rep.trainer_context(model):
-        trainer = Trainer(
+        trainer = gallop_trainer(Trainer)(
             model=model, args=args, train_dataset=dataset, data_collator=collate,
             callbacks=[*rep.callbacks(), _selection_printer(rep, out), _loss_logger(loss_log)],
             **rep.trainer_options(model, args),
@@ -280,17 +281,21 @@ def run_finetune(config: FinetuneConfig, out: TextIO | None = None) -> FinetuneR
     meta = {"calibration_fraction": config.calibration_fraction, "epochs": config.epochs, "lr": config.lr,
             "target_modules": json.dumps(config.target_modules), "steps": trainer.state.global_step}
     delta_path = os.path.join(config.output, DELTA_FILE)
-    save_delta(delta_path, rep.extract_delta(model, trainer, meta))
+    delta = rep.extract_delta(model, trainer, meta)
+    if main_process:
+        save_delta(delta_path, delta)
     saved = [delta_path]
     if config.save_full:
         full = os.path.join(config.output, "model")
         trainer.save_model(full)
-        tokenizer.save_pretrained(full)
+        if main_process:
+            tokenizer.save_pretrained(full)
         saved.append(full)
     summary = rep.selection()[0] or {}
     selection_path = os.path.join(config.output, SELECTION_FILE)
-    with open(selection_path, "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
+    if main_process:
+        with open(selection_path, "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     result = FinetuneResult(
         output=config.output,
@@ -304,9 +309,15 @@ def run_finetune(config: FinetuneConfig, out: TextIO | None = None) -> FinetuneR
         summary=summary,
         saved=saved + [loss_log, selection_path],
     )
-    with open(os.path.join(config.output, SUMMARY_FILE), "w", encoding="utf-8") as f:
-        json.dump({"config": asdict(config), "result": asdict(result)}, f, indent=2, default=str)
+    if main_process:
+        with open(os.path.join(config.output, SUMMARY_FILE), "w", encoding="utf-8") as f:
+            json.dump({"config": asdict(config), "result": asdict(result)}, f, indent=2, default=str)
     return result
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a torchrun / accelerate launch (its RANK), or a process on its own."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def print_result(result: FinetuneResult, file: TextIO | None = None) -> None:
