@@ -321,6 +321,8 @@ def _is_main_process() -> bool:
 
 
 def print_result(result: FinetuneResult, file: TextIO | None = None) -> None:
+    if not _is_main_process():
+        return  # (one report per launch, not one per rank)
     out = file or sys.stdout
     share = result.num_selected / result.num_trainable if result.num_trainable else 0.0
     loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"

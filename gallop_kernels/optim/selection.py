@@ -98,6 +98,10 @@ def plan(
     grads = selection_gradients(params, state, since)
     if since and reduce is not None:
         reduce([g for g in grads if g is not None])
+    resolved = ops.resolve_backend(backend, tensors[0].device)
+    if layout is not None and resolved == "triton" and backend == "auto" \
+            and not ops.triton_accepts_layout():
+        resolved = "torch"  # (the same exact set; until the Triton selection takes a layout)
     return ops.select_indices(
         tensors,
         grads,
@@ -106,7 +110,7 @@ def plan(
         score_eps=group["score_eps"],
         seed=group["seed"],
         names=names,
-        backend=ops.resolve_backend(backend, tensors[0].device),
+        backend=resolved,
         layout=layout,
     )
 

@@ -85,7 +85,8 @@ class SparseAdamW(Optimizer):
         replica_check: under several ranks, check after every selection that the ranks which
             must agree (DDP replicas, HSDP replicate ranks) selected the same entries, and that
             FSDP2 shards hold k entries together; raises on every rank otherwise. Pass False
-            only when ranks train different params on purpose.
+            only when ranks train on their own on purpose (it also keeps lean mode from looking
+            for a DDP module).
 
     Distributed training (`docs/design.md#distributed`): under DDP nothing changes (lean mode
     attaches to the DDP module by itself, see :meth:`attach_ddp`); under FSDP2 / HSDP
