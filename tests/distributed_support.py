@@ -87,7 +87,7 @@ def _free_port() -> int:
 
 
 def spawn(module: str, world: int, out: Path, cases: list[str] | None = None,
-          timeout_s: float = 150) -> list[dict[str, str]]:
+          timeout_s: float = 300) -> list[dict[str, str]]:
     """Run ``module``'s cases on ``world`` ranks; every rank's results (raises on a crash/hang)."""
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",

@@ -49,8 +49,8 @@ def mlp(dtype: torch.dtype = torch.float32) -> nn.Module:
 
 
 def batch(step: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(100 + step)
-    return torch.randn(6, 6, generator=gen).to(dtype), torch.randn(6, 4, generator=gen).to(dtype)
+    gen = torch.Generator().manual_seed(100 + step)  # 12 rows: 2, 3 and 4 ranks split it evenly
+    return torch.randn(12, 6, generator=gen).to(dtype), torch.randn(12, 4, generator=gen).to(dtype)
 
 
 VARIANTS = {
@@ -209,28 +209,38 @@ def make_case(case: dict, seed: int):
 
 
 def _selection_parity(ctx: Ranks, backend: str) -> None:
+    """Every case is one param group of one sharded module (one fully_shard and one backward per
+    dtype): each group selects on its own, exactly as one process would."""
+    from torch.distributed.fsdp import fully_shard
+
     from gallop_kernels import SparseAdamW, ops, reference
 
     if backend == "triton" and not ops.triton_accepts_layout():
         raise Skip("triton_select does not take a shard layout yet (the kernels branch)")
-    for n, case in enumerate(selection_cases()):
-        params, grads = make_case(case, seed=n)
-        holder = Holder(params, grads)
-        from torch.distributed.fsdp import fully_shard
-
+    cases = list(enumerate(selection_cases()))
+    for dtype in ("float32", "bfloat16"):
+        mine = [(n, c) for n, c in cases if c.get("dtype", "float32") == dtype]
+        made = [make_case(c, seed=n) for n, c in mine]
+        holder = Holder([p for ps, _ in made for p in ps], [g for _, gs in made for g in gs])
         fully_shard(holder)
         holder().backward()
-        score = user_score if case["score"] == "callable" else case["score"]
-        opt = SparseAdamW(holder.named_parameters(), density=case["density"], score=score,
-                          backend=backend)
+        groups, at = [], 0
+        for (n, case), (ps, _) in zip(mine, made):
+            score = user_score if case["score"] == "callable" else case["score"]
+            groups.append(dict(params=list(holder.ps[at:at + len(ps)]), density=case["density"],
+                               score=score, param_names=[f"ps.{at + i}" for i in range(len(ps))]))
+            at += len(ps)
+        opt = SparseAdamW(groups, backend=backend)
         opt.select()
-        full_p = [full(p) for p in holder.ps]
-        full_g = [full(p.grad) for p in holder.ps]
-        names = [f"ps.{i}" for i in range(len(full_p))]
-        want = reference.select(full_p, full_g, case["density"], score, 1e-8, 0, names)
-        for i, p in enumerate(holder.ps):
-            got = global_selection(ctx, opt, p)
-            assert got == want[i].tolist(), f"case {n} {case} tensor {i}: {got} != {want[i].tolist()}"
+        for (n, case), group in zip(mine, opt.param_groups):
+            full_p = [full(p) for p in group["params"]]
+            full_g = [full(p.grad) for p in group["params"]]
+            want = reference.select(full_p, full_g, case["density"], group["score"], 1e-8, 0,
+                                    group["param_names"])
+            for i, p in enumerate(group["params"]):
+                got = global_selection(ctx, opt, p)
+                assert got == want[i].tolist(), (f"case {n} {case} tensor {i}: {got} != "
+                                                 f"{want[i].tolist()}")
 
 
 def case_selection_torch(ctx):
@@ -334,6 +344,17 @@ def case_hsdp_replicate_all_shard_1(ctx):
 
     mesh = init_device_mesh("cpu", (ctx.world, 1), mesh_dim_names=("replicate", "shard"))
     _fsdp_parity(ctx, "lean", mesh=mesh)
+
+
+def case_hsdp_2x2(ctx):
+    """Real HSDP: 2 replicas of 2 shards (4 ranks; the slow test)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if ctx.world != 4:
+        raise Skip("needs 4 ranks")
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    for variant in ("plain", "lean", "8bit"):
+        _fsdp_parity(ctx, variant, mesh=mesh)
 
 
 def case_ddp_lean_comm_hook(ctx):
@@ -628,6 +649,7 @@ CASES = {
     "fsdp2_zero_grad_init_then_train": case_fsdp_zero_grad_init_then_train,
     "hsdp_replicate_1_shard_all": case_hsdp_replicate_1_shard_all,
     "hsdp_replicate_all_shard_1": case_hsdp_replicate_all_shard_1,
+    "hsdp_2x2": case_hsdp_2x2,
     "params_swapped_after_sharding": case_params_swapped_after_sharding,
     "phase_one_ddp": case_phase_one_ddp,
     "phase_one_fsdp2": case_phase_one_fsdp2,
@@ -639,7 +661,7 @@ CASES = {
 }
 WORLD_3 = [  # three ranks: uneven shards everywhere; the cases that differ from two
     "selection_torch", "selection_triton", "nan_on_one_rank", "fsdp2_plain", "fsdp2_lean",
-    "fsdp2_8bit", "ddp_lean", "phase_one_fsdp2", "phase_one_ddp", "dcp_resume_and_reshard",
+    "fsdp2_lean-clip", "ddp_lean", "phase_one_fsdp2", "dcp_resume_and_reshard",
 ]
 
 
@@ -659,11 +681,12 @@ def runs(tmp_path_factory):
     gdcp.save(opt, shared / "ckpt-w1", model=model, state=model_state(model))
     train(model, opt, range(2, 6), torch.float32)
     (shared / "w1-final.json").write_text(json.dumps(snapshot(None, model, opt)))
-    results = {2: spawn(__file__, 2, shared / "w2"), 3: spawn(__file__, 3, shared / "w3", WORLD_3)}
+    two = [c for c in CASES if c != "hsdp_2x2"]
+    results = {2: spawn(__file__, 2, shared / "w2", two), 3: spawn(__file__, 3, shared / "w3", WORLD_3)}
     return shared, results
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [c for c in CASES if c != "hsdp_2x2"])
 def test_two_ranks(runs, name):
     check_case(runs[1][2], name)
 
@@ -671,6 +694,15 @@ def test_two_ranks(runs, name):
 @pytest.mark.parametrize("name", WORLD_3)
 def test_three_ranks(runs, name):
     check_case(runs[1][3], name)
+
+
+@pytest.mark.slow
+def test_hsdp_on_four_ranks(tmp_path, request):
+    """HSDP on a 2 x 2 mesh (replicate x shard) against one process: 4 processes, so slow."""
+    if "slow" not in (request.config.option.markexpr or ""):
+        pytest.skip("4 ranks: run with -m slow")
+    check_case(spawn(__file__, 4, tmp_path / "w4", ["hsdp_2x2", "selection_torch"],
+                     timeout_s=300), "hsdp_2x2")
 
 
 def test_checkpoint_of_two_ranks_loads_in_one_process(runs):
