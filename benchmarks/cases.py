@@ -507,18 +507,28 @@ MODEL_SIZES = {
 }
 
 
-def state_bytes_formula(optimizer: str, n_params: int, density: float | None = None) -> float:
-    """Optimizer state bytes for bf16 parameters (formulas; see benchmarks/README.md)."""
-    if optimizer == "torch AdamW (state in param dtype, bf16)":
-        return 4.0 * n_params
-    if optimizer == "AdamW fp32 m, v + fp32 master (mixed precision)":
-        return 12.0 * n_params
-    if optimizer == "bitsandbytes AdamW8bit":
-        return n_params * (2.0 + 2 * 4 / 256)  # uint8 m, v + one fp32 absmax per 256-block each
+# Rows of the state table -> the memory registry's method (gallop_kernels/memory/methods.py).
+STATE_METHODS = {
+    "torch AdamW (state in param dtype, bf16)": "adamw",
+    "AdamW fp32 m, v + fp32 master (mixed precision)": "adamw-mixed",
+    "bitsandbytes AdamW8bit": "adamw8bit",
+}
+
+
+def state_bytes_formula(optimizer: str, n_params: int, density: float | None = None,
+                        tensors: list[int] | None = None) -> float:
+    """Optimizer state bytes for bf16 parameters: the memory registry's one formula
+    (`memory.methods.state_bytes`), over ``tensors`` (their sizes) or one flat tensor."""
+    from gallop_kernels.memory import methods
+
     if optimizer.startswith("SparseAdamW"):
-        k = math.floor(density * n_params + 0.5)
-        return 16.0 * k  # int32 index + fp32 m, v, master (bf16 params)
-    raise ValueError(optimizer)
+        # k is chosen over the whole group, so the group counts as one flat tensor
+        return methods.state_bytes(methods.get("sparse"), [(n_params, 1)], param_bytes=2,
+                                   density=density)
+    if optimizer not in STATE_METHODS:
+        raise ValueError(optimizer)
+    shape = [(n, 1) for n in tensors] if tensors else [(n_params, 1)]
+    return methods.state_bytes(methods.get(STATE_METHODS[optimizer]), shape, param_bytes=2)
 
 
 def measured_state_bytes(opt: torch.optim.Optimizer) -> int:

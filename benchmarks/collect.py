@@ -285,7 +285,7 @@ def memory_rows(env, n: int, dtype: torch.dtype) -> list[dict[str, Any]]:
                          "skipped": f"{type(exc).__name__}: {exc}"})
             continue
         dens = float(name.split("=")[1]) if "density=" in name else None
-        formula = C.state_bytes_formula(name, n, dens)
+        formula = C.state_bytes_formula(name, n, dens, tensors=C.split_sizes(n))
         rows.append({"source": "measured", "model": f"{len(C.split_sizes(n))}-tensor model", "params": n,
                      "dtype": str(dtype).replace("torch.", ""), "optimizer": name,
                      "state_bytes": measured, "formula_bytes": formula,

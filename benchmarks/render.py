@@ -107,7 +107,7 @@ def render_markdown(data: dict[str, Any], plots: dict[str, str] | None = None) -
                          f"{_fmt_time(r['median_s'])} | {gbps} | {frac} | {vs} |")
         lines.append("")
     lines += ["## Optimizer state memory", "",
-              "Formula rows: bf16 parameters; SparseAdamW keeps an int32 index and fp32 m, v and "
+              "Formula rows (`gallop_kernels/memory/methods.py`, the one state formula): bf16 parameters; SparseAdamW keeps an int32 index and fp32 m, v and "
               "master per selected entry (16 B); torch AdamW keeps m, v in the param dtype; "
               "AdamW8bit keeps uint8 m, v and an fp32 absmax per 256-block of each.", ""]
     formula = [r for r in data["memory"] if r["source"] == "formula"]

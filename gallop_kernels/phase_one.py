@@ -245,7 +245,8 @@ class Collective(Protocol):
 
 
 def default_collective() -> Collective | None:
-    """The ``torch.distributed`` ranks when a process group with several ranks is up, else None."""
+    """The ``torch.distributed`` ranks when a process group with several ranks is up, else None
+    (`ops.collective.ProcessGroupCollective`, the one adapter over ``torch.distributed``)."""
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return ProcessGroupCollective()

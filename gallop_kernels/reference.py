@@ -243,6 +243,12 @@ def sparse_adamw_step(
 
 # ----------------------------------------------------------------------------------------------
 # 8-bit blockwise optimizer state (bitsandbytes' dynamic quantization maps)
+#
+# The contract of state_bits=8 is that every backend produces the same codes, absmaxes and
+# weights, bit for bit, step after step. So this section defines both the quantization rule and
+# the step's float32 arithmetic exactly (not "whatever torch's CPU or CUDA kernels do"), and the
+# Triton kernel (`gallop_kernels.ops.triton.sparse_adamw`) computes the same operations in the
+# same order. bitsandbytes stays the source of the maps.
 # ----------------------------------------------------------------------------------------------
 
 QUANT_BLOCK = 256
@@ -250,7 +256,8 @@ QUANT_BLOCK = 256
 
 
 def quantization_map(signed: bool, device: torch.device | str = "cpu") -> torch.Tensor:
-    """bitsandbytes' dynamic map: signed for ``exp_avg``, unsigned for ``exp_avg_sq``."""
+    """bitsandbytes' dynamic map (256 sorted float32 values in [-1, 1]): signed for
+    ``exp_avg``, unsigned for ``exp_avg_sq``."""
     return _quantization_map(signed, str(torch.device(device)))
 
 
@@ -262,25 +269,106 @@ def _quantization_map(signed: bool, device: str) -> torch.Tensor:
 
 
 def quantize_blockwise(values: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 -> (uint8 codes, fp32 absmax per block of 256), with bitsandbytes' own kernel."""
-    import bitsandbytes.functional as bnbf
+    """fp32 -> (uint8 codes, fp32 absmax per block of `QUANT_BLOCK`): the one quantization rule.
 
-    if values.numel() == 0:
-        return torch.empty(0, dtype=torch.uint8, device=values.device), torch.empty(
-            0, dtype=torch.float32, device=values.device
-        )
-    code = quantization_map(signed, values.device)
-    codes, state = bnbf.quantize_blockwise(values.float(), code=code, blocksize=QUANT_BLOCK)
-    return codes, state.absmax.float()
+    Per block, ``absmax`` is the largest ``|x|`` (signed) or the largest ``x`` (unsigned, x >= 0),
+    ``s = x / absmax`` (IEEE float32 division; 0 when absmax is 0) clamped to [-1, 1], and the
+    code is the index of the map value nearest to ``s``: the last map value ``<= s`` or the next
+    one, whichever has the smaller float32 distance ``|c - s|``, the lower code on a tie.
+
+    How this relates to bitsandbytes: the absmaxes and the maps are bitsandbytes' own, and
+    dequantization (``map[code] * absmax``) is identical, so bitsandbytes can read these codes.
+    Its quantizers do not always pick the nearest code: on the same values and maps its CPU
+    ``quantize_blockwise`` picks another code for ~0.2% of entries of Gaussian (m-like) or
+    uniform blocks and ~3% of squared-Gaussian (v-like) blocks, up to 7 codes away, and never a
+    nearer one (measured; tests/test_state_8bit.py pins that ours is never farther). Small
+    per-step differences compound through the moments, so an optimizer that mixed the two
+    rules would drift apart within tens of steps. Nearest-with-ties-down is a rule that a Triton
+    kernel, a vectorised torch function and a reader can all state and reproduce exactly.
+    """
+    device = values.device
+    x = values.reshape(-1).to(torch.float32)
+    n = x.numel()
+    if n == 0:
+        return (torch.empty(0, dtype=torch.uint8, device=device),
+                torch.empty(0, dtype=torch.float32, device=device))
+    blocks = -(-n // QUANT_BLOCK)
+    padded = torch.zeros(blocks * QUANT_BLOCK, dtype=torch.float32, device=device)
+    padded[:n] = x
+    padded = padded.view(blocks, QUANT_BLOCK)
+    absmax = (padded.abs() if signed else padded).amax(dim=1)
+    # An elementwise division by a broadcast tensor: IEEE on every device (torch's CUDA kernels
+    # multiply by a reciprocal only when the divisor is a host scalar).
+    scaled = torch.where(absmax[:, None] > 0, padded / absmax[:, None], torch.zeros_like(padded))
+    scaled = scaled.clamp(-1.0, 1.0).reshape(-1)[:n]
+    code = quantization_map(signed, device)
+    lo = (torch.searchsorted(code, scaled, right=True) - 1).clamp_(min=0)
+    up = (lo + 1).clamp_(max=code.numel() - 1)
+    nearer_up = (code[up] - scaled).abs() < (scaled - code[lo]).abs()
+    return torch.where(nearer_up, up, lo).to(torch.uint8), absmax
 
 
 def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
-    """(uint8 codes, absmax) -> fp32, the inverse of `quantize_blockwise` up to its rounding."""
+    """(uint8 codes, absmax) -> fp32: ``map[code] * absmax`` (bitsandbytes' dequantization)."""
     if codes.numel() == 0:
         return torch.empty(0, dtype=torch.float32, device=codes.device)
     code = quantization_map(signed, codes.device)
     block_max = absmax.repeat_interleave(QUANT_BLOCK)[: codes.numel()]
     return code[codes.long()] * block_max
+
+
+def fma_f32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """float32 ``a * b + c`` rounded once (an exact fused multiply-add), on any device.
+
+    The float64 product of two float32 values is exact; the float64 sum is corrected with its
+    rounding error (TwoSum) when it falls exactly halfway between two float32 values, the one
+    case where rounding it again could differ from rounding the exact sum."""
+    a, b, c = (t.to(torch.float64) for t in torch.broadcast_tensors(a, b, c))
+    p = a * b
+    s = p + c
+    bb = s - p
+    err = (p - (s - bb)) + (c - bb)  # s + err == p + c exactly
+    r = s.to(torch.float32)
+    r64 = r.to(torch.float64)
+    toward = torch.where(s > r64, torch.full_like(r, math.inf), torch.full_like(r, -math.inf))
+    other = torch.nextafter(r, toward)
+    halfway = (s != r64) & ((other.to(torch.float64) - s) == (s - r64))
+    # halfway: the exact value lies on err's side of s
+    fix = halfway & (err != 0) & ((err > 0) == (other > r))
+    return torch.where(fix, other, r)
+
+
+def _div_f32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """IEEE float32 ``x / y`` with ``y`` broadcast to a tensor, on every device."""
+    return x / y.expand_as(x)
+
+
+def adamw_update_exact(w, g, m, v, step: int, lr: float, beta1: float, beta2: float, eps: float,
+                       weight_decay: float):
+    """One AdamW step in float32 with every rounding defined; returns new (w, m, v).
+
+    The same operations as the Triton kernel (`ops/triton/adamw_math.adamw_update`), in order:
+    scalars rounded to float32 from Python doubles; ``w·decay``; ``m = fma(g, 1-β1, m·β1)``;
+    ``v = fma((1-β2)·g, g, v·β2)``; ``denom = sqrt_rn(v) / sqrt(1-β2^t) + eps`` (correctly
+    rounded square root: float64 sqrt of a float32 then rounded, which is exact for float32);
+    ``w + (-lr/(1-β1^t))·m / denom``. IEEE division throughout.
+    """
+    dev = w.device
+
+    def f32(x: float) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.float32, device=dev)
+
+    decay = f32(1.0 - lr * weight_decay)
+    b1, c1, b2, c2 = f32(beta1), f32(1.0 - beta1), f32(beta2), f32(1.0 - beta2)
+    bc2_sqrt = f32(math.sqrt(1.0 - beta2**step))
+    step_size = f32(-lr / (1.0 - beta1**step))
+    w = w * decay
+    m = fma_f32(g, c1, m * b1)
+    v = fma_f32(c2 * g, g, v * b2)
+    root = v.to(torch.float64).sqrt().to(torch.float32)
+    denom = _div_f32(root, bc2_sqrt) + f32(eps)
+    w = w + (step_size * m) / denom  # tensor / tensor: IEEE division on every device
+    return w, m, v
 
 
 def sparse_adamw_step_8bit(
@@ -299,10 +387,24 @@ def sparse_adamw_step_8bit(
     eps: float,
     weight_decay: float,
 ) -> None:
-    """`sparse_adamw_step` with m, v held as 8-bit blockwise codes: dequantize, step, requantize."""
+    """`sparse_adamw_step` with m, v held as 8-bit blockwise codes, in place: dequantize,
+    `adamw_update_exact`, requantize with `quantize_blockwise`. Every backend reproduces this
+    bit for bit (codes, absmaxes, master and param)."""
+    if indices.numel() == 0:
+        return
+    flat = param.data.view(-1)
+    idx = indices.to(torch.int64)
+    g = grad.reshape(-1)
+    if g.numel() != idx.numel():
+        g = g[idx]
+    g = g.to(torch.float32)
+    w = master if master is not None else flat[idx].to(torch.float32)
     m = dequantize_blockwise(exp_avg, exp_avg_absmax, signed=True)
     v = dequantize_blockwise(exp_avg_sq, exp_avg_sq_absmax, signed=False)
-    sparse_adamw_step(param, grad, indices, m, v, master, step, lr, beta1, beta2, eps, weight_decay)
+    w_new, m, v = adamw_update_exact(w, g, m, v, step, lr, beta1, beta2, eps, weight_decay)
+    if master is not None:
+        master.copy_(w_new)
+    flat[idx] = w_new.to(param.dtype)
     for codes, absmax, value, signed in (
         (exp_avg, exp_avg_absmax, m, True), (exp_avg_sq, exp_avg_sq_absmax, v, False)
     ):

@@ -1,11 +1,16 @@
-"""The offline demo: task generators are right, and the pipeline learns B on a tiny setting."""
+"""The demos: the tiny one's generated tasks and pipeline (learns B, keeps A), and the real demo's
+pipeline on the random tiny chat model (every step of `gallop demo`, in seconds)."""
+
+import io
 
 import pytest
 import torch
 
-from gallop_kernels.demo import DemoConfig, run_demo, tasks
-from gallop_kernels.demo.model import build_model, tiny_llama_config
-from gallop_kernels.demo.tasks import IGNORE, NUM_SPECIAL, TASK_A, TASK_B
+from gallop_kernels import toy as tasks
+from gallop_kernels.demo import DemoConfig, TinyDemoConfig, print_result, run_demo, run_tiny_demo
+from gallop_kernels.toy import IGNORE, NUM_SPECIAL, TASK_A, TASK_B
+from gallop_kernels.toy import build_tiny_model as build_model
+from gallop_kernels.toy import tiny_llama_config
 
 
 def _decode(batch: tasks.Batch, length: int, num_symbols: int):
@@ -78,7 +83,7 @@ TINY = dict(pretrain_steps=100, finetune_steps=100, hidden_size=64, num_symbols=
 
 @pytest.fixture(scope="module")
 def tiny_result():
-    return run_demo(DemoConfig(**TINY))
+    return run_tiny_demo(TinyDemoConfig(**TINY))
 
 
 def test_pipeline_result_is_sane(tiny_result):
@@ -105,14 +110,58 @@ def test_pipeline_learns_b_and_keeps_a(tiny_result):
 
 
 def test_pipeline_is_deterministic():
-    config = DemoConfig(**(TINY | dict(pretrain_steps=8, finetune_steps=8, eval_examples=64)))
-    first, second = run_demo(config).as_dict(), run_demo(config).as_dict()
+    config = TinyDemoConfig(**(TINY | dict(pretrain_steps=8, finetune_steps=8, eval_examples=64)))
+    first, second = run_tiny_demo(config).as_dict(), run_tiny_demo(config).as_dict()
     untimed = {"pretrain_seconds": 0, "finetune_seconds": 0}
     assert first | untimed == second | untimed
 
 
 def test_pipeline_rejects_bad_options():
     with pytest.raises(ValueError, match="density"):
-        run_demo(DemoConfig(**(TINY | {"density": 1.5})))
+        run_tiny_demo(TinyDemoConfig(**(TINY | {"density": 1.5})))
     with pytest.raises(ValueError):
-        run_demo(DemoConfig(**(TINY | {"calibration_batches": 0})))
+        run_tiny_demo(TinyDemoConfig(**(TINY | {"calibration_batches": 0})))
+
+
+# ---- the real demo's pipeline (gallop demo), on the random tiny chat model -------------------------
+
+REAL_TINY = dict(model="tiny", steps=3, batch_size=4, calibration_batches=2, ood_items=3, density=0.05,
+                 device="cpu", threads=1)
+
+
+@pytest.fixture(scope="module")
+def real_result():
+    return run_demo(DemoConfig(**REAL_TINY))
+
+
+def test_real_demo_pipeline_measures_and_trains_only_the_selection(real_result):
+    r = real_result
+    assert set(r.before) == set(r.after) == {"codes", *DemoConfig().ood_tasks}
+    assert all(0.0 <= v <= 1.0 for v in [*r.before.values(), *r.after.values()])
+    assert r.num_selected == int(0.05 * r.num_targets + 0.5)  # one global group over the projections
+    assert r.num_targets < r.num_params  # embeddings and norms are not selectable
+    assert len(r.losses) == 3 and all(loss == loss for loss in r.losses)
+    # SparseAdamW keeps an index and two fp32 moments per selected entry; AdamW 8 bytes per parameter
+    assert 12 * r.num_selected <= r.sparse_state_bytes < r.adamw_state_bytes
+    assert r.adamw_state_bytes == 8 * r.num_params
+    assert len(r.examples) == 3 and all(e["expected"] in {c for c, _ in tasks_codes()} for e in r.examples)
+    out = io.StringIO()
+    print_result(r, out)
+    text = out.getvalue()
+    for needle in ("codes", "kept, mean (OOD)", "trained entries", "optimizer state", "time:"):
+        assert needle in text
+
+
+def tasks_codes():
+    from gallop_kernels.chat_tasks import CATEGORIES
+
+    return CATEGORIES.values()
+
+
+def test_real_demo_rejects_bad_options():
+    with pytest.raises(ValueError, match="steps"):
+        run_demo(DemoConfig(**(REAL_TINY | {"steps": -1})))
+    with pytest.raises(ValueError, match="OOD"):
+        run_demo(DemoConfig(**(REAL_TINY | {"ood_tasks": ("nope",)})))
+    with pytest.raises(ValueError, match="density"):
+        run_demo(DemoConfig(**(REAL_TINY | {"density": 0.0})))

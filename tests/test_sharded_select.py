@@ -152,6 +152,13 @@ def worker(rank: int, world: int, port: int, backend: str, out: str) -> None:
     results = {}
     try:
         collective = ProcessGroupCollective()
+        # phase one's default reduction is the same adapter
+        from gallop_kernels.phase_one import default_collective
+
+        ones = torch.ones(3, dtype=torch.int64)
+        default_collective().all_reduce_sum_(ones)
+        gathered = collective.all_gather(torch.tensor([rank, 10 * rank]))
+        results["_collectives"] = {"sum": ones.tolist(), "gather": gathered.tolist()}
         for case in cases(world):
             params, grads = build(case)
             mine = shards(case, world)[rank]
@@ -232,6 +239,9 @@ def _spawn(world: int, backend: str, out: Path) -> list[dict]:
 def _check(results: list[dict], world: int) -> None:
     from gallop_kernels import reference
 
+    for res in results:
+        assert res["_collectives"] == {"sum": [world] * 3,
+                                       "gather": [[r, 10 * r] for r in range(world)]}
     for case in cases(world):
         params, grads = build(case)
         names = [f"layer{t}.weight" for t in range(len(params))]

@@ -167,6 +167,9 @@ def test_layout_validation() -> None:
         streaming_select([torch.ones(4)], [None], 1, layout=ShardLayout(_OneRank(), 4, (2,)))
     with pytest.raises(ValueError, match="non-negative"):
         ShardLayout(_OneRank(), 4, (-1,))
+    with pytest.raises(TypeError, match="total"):
+        ShardLayout(_OneRank(), 4.0, (0,))
+    assert ShardLayout(_OneRank(), torch.tensor(4).item(), [0]).offsets == (0,)
     with pytest.raises(TypeError, match="layout"):
         streaming_select([torch.ones(4)], [None], 1, layout=(0,))
 

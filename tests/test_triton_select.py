@@ -1,8 +1,9 @@
 """Triton selection (score + radix select + compaction) against reference.py.
 
 Runs on the CPU in the Triton interpreter (conftest sets TRITON_INTERPRET=1), so shapes stay
-small; the launcher's BLOCK / TILES_PER_CHUNK are shrunk so that even these shapes span many
-chunks and tiles, with tensors that are not multiples of either.
+small; the launcher's BLOCK (entries per tile) is shrunk so that even these shapes span many
+tiles and several tiles per program of the persistent grid, with tensors that are not multiples
+of it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def small_chunks_and_poison(monkeypatch):
     """Small chunks (many programs per tensor) and poisoned output/count buffers."""
     monkeypatch.setattr(S, "BLOCK", 64)
-    monkeypatch.setattr(S, "TILES_PER_CHUNK", 2)
 
     def poisoned(size, dtype, device):
         return torch.full((size,), -7, dtype=dtype, device=device)
@@ -77,7 +77,7 @@ def _group(sizes, pdtypes, gdtypes, levels=None, seed=0):
     return params, grads
 
 
-SIZES = [300, 33, 1, 129, 128]  # BLOCK * TILES = 128: partial tiles/chunks, and an exact one
+SIZES = [300, 33, 1, 129, 128]  # BLOCK = 64: partial tiles, and whole ones
 
 
 @pytest.mark.parametrize("score", ["gallop", "gradient", "magnitude", "random"])
@@ -88,12 +88,17 @@ def test_named_scores_mixed_dtypes(score):
         check(params, grads, k, score, seed=3)
 
 
-@pytest.mark.parametrize("capacity", [0, 10**9], ids=["no-capture", "always-capture"])
+CAPACITIES = {"no-capture": lambda total, k: 0, "bucket-only": lambda total, k: max(k // 2, 40),
+              "always-capture": lambda total, k: 10**9}
+
+
+@pytest.mark.parametrize("capacity", list(CAPACITIES))
 @pytest.mark.parametrize("score", ["gallop", "magnitude", "precomputed"])
 def test_candidate_capture_modes(monkeypatch, capacity, score):
-    """The AIR-style candidate buffer (captured bucket re-read instead of θ, g) and the full
-    re-read path select the same, with ties; and the capture really happens when allowed."""
-    monkeypatch.setattr(S, "_candidate_capacity", lambda total: capacity)
+    """The candidate buffer (everything at/above the bucket, or the bucket only, re-read
+    instead of θ, g) and the full re-read path select the same, with ties; and the capture
+    really happens when allowed."""
+    monkeypatch.setattr(S, "candidate_capacity", CAPACITIES[capacity])
     levels = [0.0, 0.5, -0.5, 2.0, 1e-9, -3.0, 7.0]
     params, grads = _group(SIZES, [torch.float32, torch.float16], [torch.bfloat16],
                            levels=levels, seed=8)
@@ -110,8 +115,10 @@ def test_candidate_capture_modes(monkeypatch, capacity, score):
     for level in range(3):
         plan.histogram_pass(level, state, hist[level], bad)
         plan.choose_bucket(level, hist[level], state)
-    captured = int(state[R_.S_CAPTURE])
-    assert captured == (2 if capacity else 0)
+    captured = int(state[R_.S_CAPTURE.value])
+    want = {"no-capture": R_.CAPTURE_NONE, "bucket-only": R_.CAPTURED_EQ,
+            "always-capture": R_.CAPTURED_GE}[capacity]
+    assert captured == want.value
     check(params, [None] * len(params), 200, "precomputed", precomputed=rnd)
 
 
@@ -333,8 +340,8 @@ def test_input_validation():
 @pytest.mark.parametrize("score", ["gallop", "random", "gradient"])
 def test_gpu_large_group_default_blocks(monkeypatch, score):
     """Millions of entries with the launcher's GPU block sizes (skipped without CUDA)."""
-    monkeypatch.setattr(S, "BLOCK", 1024)
-    monkeypatch.setattr(S, "TILES_PER_CHUNK", 16)
+    monkeypatch.setattr(S, "BLOCK", 2048)
+    monkeypatch.setattr(S, "CBLOCK", 128)
     params, grads = _group([3_000_000, 1_000_001, 17], [torch.bfloat16, torch.float16],
                            [torch.bfloat16, torch.float32], seed=10)
     params[1][:500_000] = 0.5  # a large block of exact ties
@@ -342,3 +349,51 @@ def test_gpu_large_group_default_blocks(monkeypatch, score):
     n = sum(p.numel() for p in params)
     for density in (0.01, 0.3):
         check(params, grads, R.k_for_density(n, density), score, seed=1)
+
+
+class _RecordingCollective:
+    """A stand-in for ``world_size`` ranks in one process: sums and gathers as if every rank
+    held this rank's tensor, and records the sequence of collectives issued."""
+
+    def __init__(self, world_size: int, rank: int):
+        self.world_size, self.rank, self.calls = world_size, rank, []
+
+    def all_reduce_sum_(self, tensor):
+        self.calls.append(("all_reduce", tuple(tensor.shape), tensor.dtype))
+        tensor.mul_(self.world_size)
+
+    def all_gather(self, tensor):
+        self.calls.append(("all_gather", tuple(tensor.shape), tensor.dtype))
+        return torch.stack([tensor] * self.world_size)
+
+
+def test_one_rank_layout_is_the_single_process_selection():
+    from gallop_kernels.ops.collective import ShardLayout
+
+    params, grads = _group(SIZES, DTYPES, [torch.bfloat16, None])
+    offsets = tuple(sum(SIZES[:i]) for i in range(len(SIZES)))
+    for score, k in (("gallop", 1), ("gallop", sum(SIZES)), ("random", 97)):
+        coll = _RecordingCollective(1, 0)
+        layout = ShardLayout(coll, sum(SIZES), offsets)
+        with_layout = triton_select(params, grads, k, score, seed=5, layout=layout)
+        without = triton_select(params, grads, k, score, seed=5)
+        for a, b in zip(with_layout, without):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+        assert [c[0] for c in coll.calls][:2] == ["all_gather", "all_reduce"]
+
+
+def test_same_collectives_whatever_the_local_data():
+    """A rank with data and a rank whose shards are all empty issue the same collectives, in
+    the same order, with the same shapes (else a real process group would hang)."""
+    from gallop_kernels.ops.collective import ShardLayout
+
+    params, grads = _group([90, 7, 40], [torch.float32], [torch.bfloat16])
+    empty = [p[:0] for p in params]
+    total = 2 * sum(p.numel() for p in params)
+    sequences = []
+    for rank, (ps, gs) in enumerate([(params, grads), (empty, [g[:0] for g in grads])]):
+        coll = _RecordingCollective(2, rank)
+        layout = ShardLayout(coll, total, (0, 90, 97))
+        triton_select(ps, gs, 20, "gallop", layout=layout)
+        sequences.append(coll.calls)
+    assert sequences[0] == sequences[1] and len(sequences[0]) >= 4

@@ -1,7 +1,19 @@
-"""``gallop finetune``: validated JSONL data, the Trainer-based GaLLoP pipeline, and its CLI."""
+"""``gallop finetune``: validated chat/prompt/text data, the config, the Trainer-based GaLLoP pipeline, its CLI.
 
-from gallop_kernels.finetune.data import DataError, load_jsonl, load_records
-from gallop_kernels.finetune.pipeline import FinetuneConfig, FinetuneResult, NotAvailableYet, run_finetune
+In Python, ``run_finetune(FinetuneConfig(data=["train.jsonl"], density=0.01))`` (or
+``run_finetune(FinetuneConfig.from_file("run.yaml"))``) does what the command does.
+"""
 
-__all__ = ["DataError", "FinetuneConfig", "FinetuneResult", "NotAvailableYet", "load_jsonl", "load_records",
-           "run_finetune"]
+from gallop_kernels.finetune.config import FinetuneConfig, NotAvailableYet
+from gallop_kernels.finetune.data import (
+    CausalLMCollator,
+    DataError,
+    encode_records,
+    load_jsonl,
+    load_records,
+    load_training_data,
+)
+from gallop_kernels.finetune.pipeline import FinetuneResult, run_finetune
+
+__all__ = ["CausalLMCollator", "DataError", "FinetuneConfig", "FinetuneResult", "NotAvailableYet", "encode_records",
+           "load_jsonl", "load_records", "load_training_data", "run_finetune"]

@@ -1,88 +1,85 @@
-"""``gallop finetune``: argparse wiring (``register``) and the handler."""
+"""``gallop finetune``: the flags (built from `finetune.config.OPTIONS`) and the handler.
+
+Every flag is a field of :class:`~gallop_kernels.finetune.config.FinetuneConfig`; the parser
+records only the flags actually given, so that they override a ``--config`` file while ``--help``
+still shows every default.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from gallop_kernels.reference import SCORE_NAMES
+from gallop_kernels.finetune.config import OPTIONS, help_text
+
+EPILOG = """\
+examples:
+  gallop finetune --data train.jsonl --output out
+  gallop finetune --model path/to/hf-folder --data a.jsonl:0.7 --data b.jsonl:0.3 --eval-split 0.05
+  gallop finetune --config run.yaml --lr 2e-4          # flags override the file
+
+config file (YAML or JSON): the same options as keys, e.g.
+  model: path/to/model.gguf
+  data: [a.jsonl:0.7, b.jsonl:0.3]
+  eval_data: eval.jsonl
+  lr: 2.0e-4
+  report_to: tensorboard
+The resolved config is saved as finetune_config.json in the output folder; --config reads it back.
+In Python: gallop_kernels.finetune.run_finetune(FinetuneConfig(...)) does what this command does."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``finetune`` subcommand; its handler is set as ``func``."""
     p = subparsers.add_parser(
         "finetune",
-        help="sparse GaLLoP fine-tuning of a causal LM on a JSONL file",
+        help="sparse GaLLoP fine-tuning of a causal LM on chat, prompt/response or text data",
         description="Fine-tune a causal language model with GaLLoP (Hugging Face Trainer + SparseAdamW): "
                     "phase one selects the entries with the largest |gradient| / |weight| on a calibration "
                     "fraction of the data, phase two trains only those. Writes the sparse delta "
-                    "(gallop_delta.safetensors), the loss log and the selection summary to --output.",
+                    "(gallop_delta.safetensors), the loss log, the selection summary and the resolved "
+                    "config to --output.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,  # only flags given on the command line reach the namespace
     )
-    p.add_argument("--model", required=True, help="local model directory (save_pretrained), or a hub id when online")
-    p.add_argument("--data", required=True,
-                   help='JSONL file of {"prompt", "response"} or {"text"} lines, or a `datasets` name when online')
-    p.add_argument("--output", default="gallop-finetune", help="output directory (default: %(default)s)")
-    p.add_argument("--density", type=float, default=0.01, help="fraction of trainable entries to train (0, 1]")
-    p.add_argument("--score", default="gallop", help=f"selection score: {', '.join(SCORE_NAMES)} (default: gallop)")
-    p.add_argument("--calibration-fraction", type=float, default=0.05,
-                   help="fraction d_s of the training data whose mean gradient selects (default: %(default)s)")
-    p.add_argument("--lean", action="store_true", help="memory-lean gradients: keep only the selected entries of each gradient and "
-                        "freeze tensors with none (gradient clipping and the logged grad_norm use the kept entries); refused with --bits 4, "
-                        "which is lean already")
-    p.add_argument("--bits", type=int, default=None, help="4: load the model with a 4-bit NF4 bitsandbytes base and train a sparse fp32 delta on the "
-                        "--target-modules layers; the saved delta holds dequantized base + delta at the selected "
-                        "entries (rebuild with apply_sparse_delta on a 4-bit-loaded base). Not combinable with "
-                        "--lean (redundant), --save-full, --resume/--save-steps, --train-embeddings/--train-norms")
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (overrides --epochs)")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
-    p.add_argument("--max-length", type=int, default=512, help="truncate examples to this many tokens")
-    p.add_argument("--target-modules", default="all-linear",
-                   help="'all-linear' (default: every linear layer but the output head, as in PEFT) or "
-                        "comma-separated module names or name suffixes, e.g. q_proj,v_proj,lm_head")
-    p.add_argument("--train-embeddings", action="store_true", help="also sparsely train the input embedding")
-    p.add_argument("--train-norms", action="store_true", help="also sparsely train normalization weights")
-    p.add_argument("--save-full", action="store_true", help="also save the full fine-tuned model (not with --bits 4)")
-    p.add_argument("--save-steps", type=int, default=0, help="save a resumable checkpoint every N steps")
-    p.add_argument("--resume", default=None, help="checkpoint directory to resume from, or 'last' (not with --bits 4 yet)")
-    p.add_argument("--bf16", action="store_true", help="bf16 weights and autocast")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--logging-steps", type=int, default=10)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="a YAML or JSON file of options (keys as the flags, e.g. max_steps); flags given "
+                        "here override it, a repeated flag (--data) replaces its list")
+    for option in OPTIONS:
+        kwargs = dict(help=help_text(option), dest=option.name)
+        if option.parse is None:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            default_metavar = {int: "N", float: "X"}.get(option.parse, option.name.upper())
+            kwargs.update(type=option.parse, metavar=option.metavar or default_metavar)
+            if option.choices is not None:
+                kwargs.update(choices=option.choices, metavar=None)
+            if option.repeat:
+                kwargs["action"] = "append"
+        p.add_argument(option.flag, **kwargs)
     # gallop_kernels/cli.py calls handler(args, subparser); func(args) is the same without the parser
     p.set_defaults(func=finetune_main, handler=lambda args, parser: finetune_main(args), subparser=p)
     return p
 
 
 def config_from_args(args: argparse.Namespace):
-    from gallop_kernels.finetune.pipeline import FinetuneConfig
+    """The :class:`FinetuneConfig` of parsed arguments: the ``--config`` file, then the flags given."""
+    from gallop_kernels.finetune.config import FinetuneConfig
 
-    targets = args.target_modules
-    if targets != "all-linear":
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    return FinetuneConfig(
-        model=args.model, data=args.data, output=args.output, density=args.density, score=args.score,
-        calibration_fraction=args.calibration_fraction, lean=args.lean, bits=args.bits, epochs=args.epochs,
-        lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        max_length=args.max_length, max_steps=args.max_steps, target_modules=targets,
-        train_embeddings=args.train_embeddings, train_norms=args.train_norms, save_full=args.save_full,
-        bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
-        logging_steps=args.logging_steps, progress=not args.no_progress, resume=args.resume,
-        save_steps=args.save_steps,
-    )
+    flags = {o.name: getattr(args, o.name) for o in OPTIONS if hasattr(args, o.name)}
+    if getattr(args, "config", None):
+        return FinetuneConfig.from_file(args.config, **flags)
+    return FinetuneConfig(**flags)
 
 
 def finetune_main(args: argparse.Namespace) -> int:
     """Handler of ``gallop finetune``; returns the exit status (2 for bad input, before training)."""
     from gallop_kernels.finetune.pipeline import print_result, run_finetune
+    from gallop_kernels.models import ModelUnavailable
 
     try:
         result = run_finetune(config_from_args(args))
-    except (ValueError, FileNotFoundError, TypeError) as e:
+    except (ValueError, FileNotFoundError, TypeError, ModelUnavailable) as e:
         print(f"gallop finetune: error: {e}", file=sys.stderr)
         return 2
     print_result(result)

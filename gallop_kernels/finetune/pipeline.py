@@ -1,82 +1,56 @@
 """``gallop finetune`` as a function: validate everything, then train with the Trainer integration.
 
-Order of work: all options and the data are checked first (bad density, unknown score, missing or
-malformed data, unavailable flags raise before a model is even loaded); then the model and
-tokenizer load, the trainable representation prepares the model (`finetune.representations`:
-SparseAdamW on the chosen weights, or with ``--bits 4`` a sparse fp32 delta on a 4-bit NF4 base),
-the ``Trainer`` runs phase one (where the representation does not run it first) and phase two;
-finally the sparse delta (or the full model), the loss log and the selection summary are written
-to ``output``. :func:`run_finetune` is that sequence, written once for both representations
-(`docs/design.md#finetune`).
+Order of work (`docs/design.md#finetune`): the options (`finetune.config.check_options`) and the
+data (every file, every line) are checked first; then the model is resolved (the embedded
+default, a ``.gguf`` file converted once into the cache, a folder or a hub id:
+`gallop_kernels.models`) and loaded, and every example is encoded (chat template, assistant-only
+labels), so a bad conversation fails before anything is written. Only then is the output folder
+touched: the trainable representation prepares the model (`finetune.representations`: SparseAdamW
+on the chosen weights, or with ``bits=4`` a sparse fp32 delta on a 4-bit NF4 base), the ``Trainer``
+runs phase one (where the representation does not run it first), phase two and the evaluations,
+and the sparse delta (or the full model), the loss log, the selection summary, the resolved config
+and the result are written. :func:`run_finetune` is that sequence, written once for both
+representations.
 
-With ``--bits 4`` the saved delta holds *dequantized base + Δ* at the selected entries; rebuild
-the trained model with ``apply_sparse_delta`` on a freshly 4-bit-loaded base. ``--lean``
-(redundant: the delta path is already lean), ``--save-full``, ``--resume``, ``--save-steps``,
-``--train-embeddings`` and ``--train-norms`` are refused with ``--bits 4``.
+With ``bits=4`` the saved delta holds *dequantized base + Δ* at the selected entries; rebuild the
+trained model with ``apply_sparse_delta`` on a freshly 4-bit-loaded base.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
+import logging
 import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, TextIO
+from typing import Any, Callable, Iterator, TextIO
 
+from gallop_kernels.finetune.config import (
+    CONFIG_FILE,
+    FinetuneConfig,
+    NotAvailableYet,
+    check_options,
+    report_targets,
+)
 from gallop_kernels.finetune.data import (
     CausalLMCollator,
     DataError,
-    ListDataset,
-    Record,
-    load_records,
-    tokenize,
+    EncodedDataset,
+    TrainingData,
+    encode_records,
+    load_training_data,
 )
-from gallop_kernels.rules import check_fraction, check_score
 
 DELTA_FILE = "gallop_delta.safetensors"
 LOSS_LOG = "loss_log.jsonl"
 SELECTION_FILE = "selection.json"
 SUMMARY_FILE = "finetune_summary.json"
-
-
-class NotAvailableYet(ValueError):
-    """A flag for a feature that is planned (the memory-lean issue) but not built yet."""
-
-
-@dataclass
-class FinetuneConfig:
-    """What ``gallop finetune`` runs; the defaults are its defaults."""
-
-    model: str
-    data: str
-    output: str = "gallop-finetune"
-    density: float = 0.01
-    score: str = "gallop"
-    calibration_fraction: float = 0.05
-    lean: bool = False
-    bits: int | None = None
-    max_grad_norm: float = 1.0  # the Trainer's default clipping (lean: of the kept entries); 0 disables
-    epochs: float = 1.0
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 512
-    max_steps: int = -1
-    target_modules: str | list[str] = "all-linear"
-    train_embeddings: bool = False
-    train_norms: bool = False
-    save_full: bool = False
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    data_split: str = "train"
-    logging_steps: int = 10
-    progress: bool = True
-    resume: str | None = None
-    save_steps: int = 0
+# Files a folder must hold for AutoTokenizer to build a tokenizer without converting anything.
+DATASETS_BARS_ENV = "HF_DATASETS_DISABLE_PROGRESS_BARS"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
 
 
 @dataclass
@@ -89,139 +63,184 @@ class FinetuneResult:
     steps: int
     final_loss: float | None
     seconds: float
+    eval_examples: int = 0
+    eval_loss: float | None = None
     summary: dict[str, dict[str, int]] = field(default_factory=dict)
     saved: list[str] = field(default_factory=list)
 
 
-def _positive(name: str, value: Any, integer: bool = False) -> None:
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok or not (value > 0) or (not integer and not math.isfinite(value)):
-        raise ValueError(f"{name} must be a positive {'integer' if integer else 'number'}, got {value!r}")
-
-
-def check_options(config: FinetuneConfig) -> None:
-    """Every option that can be checked without loading anything; ValueError says which."""
-    if config.bits is not None:
-        if config.bits != 4:
-            raise ValueError(f"--bits must be 4 (a 4-bit base), got {config.bits}")
-        if config.lean:
-            raise ValueError("--lean is redundant with --bits 4 (the 4-bit path already keeps only the selected "
-                             "entries as a sparse delta); drop --lean")
-        if config.save_full:
-            raise ValueError("--save-full is not possible with --bits 4: a 4-bit base plus a sparse delta cannot be "
-                             "saved as a plain full-precision model; use the saved delta with apply_sparse_delta")
-        if config.resume is not None or config.save_steps:
-            raise NotAvailableYet("--resume and --save-steps (checkpoints) are not supported with --bits 4 yet")
-        if config.train_embeddings or config.train_norms:
-            raise ValueError("--train-embeddings and --train-norms are not supported with --bits 4 "
-                             "(the 4-bit path trains linear layers only)")
-    check_fraction(config.density, "--density")
-    check_score(config.score, "--score", allow_callable=False)
-    check_fraction(config.calibration_fraction, "--calibration-fraction")
-    _positive("--epochs", config.epochs)
-    _positive("--lr", config.lr)
-    _positive("--batch-size", config.batch_size, integer=True)
-    _positive("--grad-accum", config.grad_accum, integer=True)
-    _positive("--max-length", config.max_length, integer=True)
-    _positive("--logging-steps", config.logging_steps, integer=True)
-    if not isinstance(config.max_steps, int) or config.max_steps == 0 or config.max_steps < -1:
-        raise ValueError(f"--max-steps must be a positive integer (or -1 for --epochs), got {config.max_steps!r}")
-    if config.weight_decay < 0:
-        raise ValueError(f"--weight-decay must be >= 0, got {config.weight_decay}")
-    if config.save_steps < 0:
-        raise ValueError(f"--save-steps must be >= 0, got {config.save_steps}")
-    if config.resume is not None and config.resume != "last" and not os.path.isdir(config.resume):
-        raise FileNotFoundError(f"--resume checkpoint not found: {config.resume!r}")
-    if os.path.exists(config.output) and not os.path.isdir(config.output):
-        raise ValueError(f"--output {config.output!r} exists and is not a directory")
-
-
-def check_model(spec: str) -> None:
-    """A local model directory must hold a config.json; anything else is taken as a hub id."""
-    expanded = os.path.expanduser(spec)
-    if os.path.isdir(expanded):
-        if not os.path.isfile(os.path.join(expanded, "config.json")):
-            raise FileNotFoundError(f"--model {spec!r} is a directory without config.json "
-                                    "(save one with model.save_pretrained(path))")
-        return
-    if os.path.exists(expanded):
-        raise ValueError(f"--model {spec!r} is a file; give the directory written by save_pretrained")
-    if spec.startswith(("/", ".", "~")) or spec.count("/") > 1:
-        raise FileNotFoundError(f"--model path not found: {spec!r}")
-
-
-def prepare(config: FinetuneConfig) -> list[Record]:
-    """All checks that need no model: options, model path, data. Returns the validated records."""
+def prepare(config: FinetuneConfig) -> TrainingData:
+    """All checks that need no model: the options, then every data file. Returns the records."""
     check_options(config)
-    check_model(config.model)
-    return load_records(config.data, config.data_split)
+    return load_training_data(config.data, config.eval_data, config.eval_split, config.seed, config.data_split)
 
 
-def _load_model_and_tokenizer(spec: str, bf16: bool, four_bit: bool = False) -> tuple[Any, Any]:
+# ---------------------------------------------------------------------------------------------
+# Quiet: progress lines, progress bars, one import-time notice
+# ---------------------------------------------------------------------------------------------
+
+
+def progress_printer(out: TextIO, enabled: bool) -> Callable[[str], None]:
+    """``say(line)``: print a progress line to ``out`` when ``enabled``, else nothing."""
+    def say(line: str) -> None:
+        if enabled:
+            print(line, file=out, flush=True)
+    return say
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """transformers', huggingface_hub's and datasets' own progress bars (weight loading, GGUF
+    conversion, downloads, dataset preparation) on or off for the duration; the previous settings
+    are restored afterwards."""
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    datasets = sys.modules.get("datasets")  # not imported for it: it is slow to import
+    was = (hf_logging.is_progress_bar_enabled(), not hub_utils.are_progress_bars_disabled(),
+           datasets.is_progress_bar_enabled() if datasets else None, os.environ.get(DATASETS_BARS_ENV))
+    if not enabled:
+        hf_logging.disable_progress_bar()
+        hub_utils.disable_progress_bars()
+        if datasets:
+            datasets.disable_progress_bars()
+        os.environ[DATASETS_BARS_ENV] = "1"  # read when `datasets` is first imported (a hub dataset)
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was[0] else hf_logging.disable_progress_bar)()
+        (hub_utils.enable_progress_bars if was[1] else hub_utils.disable_progress_bars)()
+        if was[2] is not None:
+            (datasets.enable_progress_bars if was[2] else datasets.disable_progress_bars)()
+        if was[3] is None:
+            os.environ.pop(DATASETS_BARS_ENV, None)
+        else:
+            os.environ[DATASETS_BARS_ENV] = was[3]
+
+
+def _not_the_cpu_kernel_notice(record: logging.LogRecord) -> bool:
+    return "gemm_4bit_forward" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def no_bitsandbytes_notice(enabled: bool = True) -> Iterator[None]:
+    """transformers' Trainer imports peft when it is installed, and peft imports bitsandbytes, whose
+    CPU backend logs that an optional 4-bit kernel could not be fetched from the hub. Without a
+    4-bit base that line is noise: filter exactly it while the Trainer modules are imported."""
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if enabled:
+        logger.addFilter(_not_the_cpu_kernel_notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_not_the_cpu_kernel_notice)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_model(config: FinetuneConfig, say: Callable[[str], None]) -> Any:
+    """`gallop_kernels.models.resolve_model` (converting a GGUF file once), plus a check that a
+    model folder holds a tokenizer, so that a folder with only config.json gets that message and
+    not a hint from deep inside transformers about sentencepiece."""
+    from gallop_kernels import models
+
+    resolved = models.resolve_model(config.model, log=say)
+    if resolved.origin == "folder" and not any(os.path.isfile(os.path.join(resolved.path, name))
+                                               for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"--model {config.model!r} has config.json but no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+            f"save it there with tokenizer.save_pretrained({config.model!r})")
+    return resolved
+
+
+def base_model_name(config: FinetuneConfig) -> str:
+    """What the delta records as its base: the model as given, or the embedded GGUF's file name."""
+    from gallop_kernels import models
+
+    return models.EMBEDDED_GGUF if config.model is None else os.fspath(config.model)
+
+
+def load_model(resolved: Any, config: FinetuneConfig, four_bit: bool, say: Callable[[str], None]) -> tuple[Any, Any]:
     """The model (bf16 or fp32; with ``four_bit`` an NF4 bitsandbytes base) and a padding tokenizer."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    local = os.path.isdir(os.path.expanduser(spec))
-    where = os.path.expanduser(spec) if local else spec
-    # bf16 weights with --bf16 (SparseAdamW keeps fp32 master copies of the selected entries)
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    options: dict[str, Any] = {"dtype": dtype}
+    from gallop_kernels import models
+
+    dtype = torch.bfloat16 if config.bf16 else torch.float32
+    options: dict[str, Any] = {}
     if four_bit:
         from transformers import BitsAndBytesConfig
 
         options["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
         options["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
+    t0 = time.perf_counter()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where)
-        model = AutoModelForCausalLM.from_pretrained(where, **options)
+        model, tokenizer = models.load_model_and_tokenizer(resolved.path, dtype=dtype, **options)
     except OSError as e:
-        hint = "" if local else " (a hub id needs network access; pass a local directory saved with save_pretrained)"
-        raise ValueError(f"could not load model {spec!r}{hint}: {e}") from e
+        raise ValueError(f"could not load model {resolved.describe()}: {e}") from e
+    if tokenizer.pad_token_id is None and tokenizer.unk_token is not None:
+        tokenizer.pad_token = tokenizer.unk_token
     if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
-    if tokenizer.pad_token_id is None:
-        raise ValueError(f"the tokenizer of {spec!r} has no pad, eos or unk token to pad with")
+        raise ValueError(f"the tokenizer of {resolved.name!r} has no pad, eos or unk token to pad with")
+    count = sum(p.numel() for p in model.parameters())
+    say(f"model: {resolved.describe()}, {count:,} parameters, loaded in {time.perf_counter() - t0:.1f} s")
     return model, tokenizer
 
 
-def _training_args(config: FinetuneConfig) -> Any:
+# ---------------------------------------------------------------------------------------------
+# The Trainer
+# ---------------------------------------------------------------------------------------------
+
+
+def training_arguments(config: FinetuneConfig, has_eval: bool, output: str | None = None) -> Any:
+    """The ``TrainingArguments`` of a run; checkpoints go to ``output`` (default ``config.output``)."""
     import torch
     from transformers import TrainingArguments
 
     fields = TrainingArguments.__dataclass_fields__
     ckpt_flag = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    # transformers 5 reads a warmup_steps below 1 as a ratio; 4.x has warmup_ratio
+    warmup = ({"warmup_ratio": config.warmup_ratio} if "warmup_ratio" in fields and config.warmup_ratio
+              else {"warmup_steps": config.warmup_ratio or config.warmup_steps})
+    evaluation = {"eval_strategy": "steps", "eval_steps": config.eval_steps} if has_eval and config.eval_steps else {}
     return TrainingArguments(
-        output_dir=config.output,
+        output_dir=config.output if output is None else output,
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
         per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum,
         learning_rate=config.lr,
         weight_decay=config.weight_decay,
-        lr_scheduler_type="linear",
-        warmup_steps=0,
+        lr_scheduler_type=config.lr_scheduler,
         logging_steps=config.logging_steps,
         save_strategy="steps" if config.save_steps else "no",
         save_steps=config.save_steps or 500,
-        report_to=[],
+        report_to=report_targets(config.report_to) or "none",
         seed=config.seed,
         bf16=config.bf16,
         disable_tqdm=not config.progress,
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
+        # Lean mode frees each dense gradient as it lands, so there is nothing for the Trainer's
+        # gradient-norm clipping to read: it is off there (said in --lean's help).
         # (lean mode: the norm of the kept entries, clipped and logged by gallop_trainer's mixin)
         max_grad_norm=config.max_grad_norm,
+        **warmup,
+        **evaluation,
         **{ckpt_flag: config.gradient_checkpointing},
     )
 
 
-def _loss_logger(path: str):
+def _loss_logger(path: str) -> Any:
     from transformers import TrainerCallback
 
     class LossLog(TrainerCallback):
-        """Appends every Trainer log (step, loss, lr, grad norm) to a JSONL file."""
+        """Appends every Trainer log (step, loss, lr, grad norm, eval loss) to a JSONL file."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and state.is_world_process_zero:
@@ -231,7 +250,7 @@ def _loss_logger(path: str):
     return LossLog()
 
 
-def _selection_printer(representation: Any, out: TextIO):
+def _selection_printer(representation: Any, say: Callable[[str], None]) -> Any:
     from transformers import TrainerCallback
 
     from gallop_kernels.summary import format_selection_summary
@@ -240,95 +259,143 @@ def _selection_printer(representation: Any, out: TextIO):
         def on_train_begin(self, args, state, control, **kwargs):
             summary, how = representation.selection()
             if summary is not None and state.is_world_process_zero:
-                print(f"selection ({how}):\n{format_selection_summary(summary)}", file=out, flush=True)
+                say(f"selection ({how}):\n{format_selection_summary(summary)}")
 
     return PrintSelection()
 
 
-def run_finetune(config: FinetuneConfig, out: TextIO | None = None) -> FinetuneResult:
-    """Validate, fine-tune, save. Raises ValueError/FileNotFoundError before training on bad input."""
-    out = out or sys.stdout
-    records = prepare(config)
-    t0 = time.perf_counter()
+def _encode(data: TrainingData, tokenizer: Any, config: FinetuneConfig) -> tuple[EncodedDataset, EncodedDataset | None]:
+    train = encode_records(data.train, tokenizer, config.max_length, config.chat_template)
+    evals = encode_records(data.eval, tokenizer, config.max_length, config.chat_template) if data.eval else None
+    for name, ds in (("training", train), ("eval", evals)):
+        if ds is not None and ds.skipped:
+            print(f"gallop finetune: warning: {len(ds.skipped)} {name} example(s) have no trained token within "
+                  f"--max-length {config.max_length} and are skipped (first: {ds.skipped[0]})", file=sys.stderr)
+    return train, evals
 
-    from transformers import Trainer
 
+def save_delta_files(representation: Any, model: Any, trainer: Any, config: FinetuneConfig, output: str,
+                     write: bool = True) -> list[str]:
+    """Write the trained delta into ``output`` (``write``: this rank writes); returns the paths.
+
+    Today one safetensors file (`gallop_kernels.delta.save_delta`). This is the one place where the
+    adapter folder (config, model card, PEFT export) will be written instead.
+    """
     from gallop_kernels.delta import save_delta
-    from gallop_kernels.finetune.representations import representation_for
-    from gallop_kernels.integrations.transformers import gallop_trainer
-
-    rep = representation_for(config)
-    model, tokenizer = _load_model_and_tokenizer(config.model, config.bf16, four_bit=rep.four_bit)
-    dataset = ListDataset(tokenize(records, tokenizer, config.max_length))
-    collate = CausalLMCollator(tokenizer.pad_token_id)
-    os.makedirs(config.output, exist_ok=True)
-    loss_log = os.path.join(config.output, LOSS_LOG)
-    main_process = _is_main_process()  # (under torchrun / accelerate launch only rank 0 writes)
-    if config.resume is None and main_process and os.path.exists(loss_log):
-        os.remove(loss_log)
-
-    rep.prepare(model, dataset, collate)
-    args = _training_args(config)
-    with rep.trainer_context(model):
-        trainer = gallop_trainer(Trainer)(
-            model=model, args=args, train_dataset=dataset, data_collator=collate,
-            callbacks=[*rep.callbacks(), _selection_printer(rep, out), _loss_logger(loss_log)],
-            **rep.trainer_options(model, args),
-        )
-    resume = None if config.resume is None else (True if config.resume == "last" else config.resume)
-    train_out = trainer.train(resume_from_checkpoint=resume)
 
     meta = {"calibration_fraction": config.calibration_fraction, "epochs": config.epochs, "lr": config.lr,
-            "target_modules": json.dumps(config.target_modules), "steps": trainer.state.global_step}
-    delta_path = os.path.join(config.output, DELTA_FILE)
-    delta = rep.extract_delta(model, trainer, meta)
-    if main_process:
-        save_delta(delta_path, delta)
-    saved = [delta_path]
-    if config.save_full:
-        full = os.path.join(config.output, "model")
-        trainer.save_model(full)
+            "target_modules": json.dumps(config.target_modules), "steps": trainer.state.global_step,
+            "data": json.dumps(config.to_dict()["data"])}
+    path = os.path.join(output, DELTA_FILE)
+    delta = representation.extract_delta(model, trainer, base_model_name(config), meta)
+    if write:
+        save_delta(path, delta)
+    return [path]
+
+
+def run_finetune(config: FinetuneConfig, out: TextIO | None = None) -> FinetuneResult:
+    """Validate, fine-tune, evaluate, save: what ``gallop finetune`` does, as one call.
+
+    Raises ``ValueError`` (``DataError`` for data), ``FileNotFoundError`` or
+    ``gallop_kernels.models.ModelUnavailable`` before the output folder is touched on bad input.
+    Progress lines go to ``out`` (stdout) unless ``config.progress`` is False.
+    """
+    out = out or sys.stdout
+    say = progress_printer(out, config.progress)
+    t0 = time.perf_counter()
+    with progress_bars(config.progress), no_bitsandbytes_notice(config.bits is None):
+        data = prepare(config)
+        from transformers import Trainer
+        from transformers.trainer_callback import PrinterCallback
+
+        from gallop_kernels.finetune.representations import representation_for
+        from gallop_kernels.integrations.transformers import gallop_trainer
+
+        rep = representation_for(config, log=say)
+        resolved = resolve_model(config, say)
+        model, tokenizer = load_model(resolved, config, rep.four_bit, say)
+        train, evals = _encode(data, tokenizer, config)
+        template = "chat template" if train.chat_template else "raw prompt + response"
+        say(f"data: {data.describe()}; prompt/response lines: {template}")
+
+        # Everything is validated: from here on the output folder is written (every write below
+        # goes through `output`, the one place where a staging folder would be swapped in).
+        output = config.output
+        main_process = is_main_process()  # (under torchrun / accelerate launch only rank 0 writes)
+        os.makedirs(output, exist_ok=True)
         if main_process:
-            tokenizer.save_pretrained(full)
-        saved.append(full)
+            config.save(os.path.join(output, CONFIG_FILE))
+        loss_log = os.path.join(output, LOSS_LOG)
+        if config.resume is None and main_process and os.path.exists(loss_log):
+            os.remove(loss_log)
+
+        collate = CausalLMCollator(tokenizer.pad_token_id)
+        rep.prepare(model, train, collate)
+        args = training_arguments(config, has_eval=evals is not None, output=output)
+        with rep.trainer_context(model):
+            trainer = gallop_trainer(Trainer)(
+                model=model, args=args, train_dataset=train, eval_dataset=evals, data_collator=collate,
+                callbacks=[*rep.callbacks(), _selection_printer(rep, say), _loss_logger(loss_log)],
+                **rep.trainer_options(model, args),
+            )
+        if not config.progress:
+            trainer.remove_callback(PrinterCallback)  # the per-step log lines: they are in the loss log
+        resume = None if config.resume is None else (True if config.resume == "last" else config.resume)
+        train_out = trainer.train(resume_from_checkpoint=resume)
+        eval_loss = None
+        if evals is not None:
+            eval_loss = trainer.evaluate()["eval_loss"]
+            say(f"eval loss {eval_loss:.4f} on {len(evals)} example(s)")
+
+        saved = save_delta_files(rep, model, trainer, config, output, write=main_process)
+        if config.save_full:
+            full = os.path.join(output, "model")
+            trainer.save_model(full)
+            if main_process:
+                tokenizer.save_pretrained(full)
+            saved.append(full)
     summary = rep.selection()[0] or {}
-    selection_path = os.path.join(config.output, SELECTION_FILE)
+    selection_path = os.path.join(output, SELECTION_FILE)
     if main_process:
         with open(selection_path, "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     result = FinetuneResult(
-        output=config.output,
-        num_examples=len(dataset),
+        output=output,
+        num_examples=len(train),
         num_trainable=rep.num_trainable,
         num_selected=rep.num_selected(trainer),
         calibration_examples=rep.calibration_examples(),
         steps=trainer.state.global_step,
         final_loss=losses[-1] if losses else train_out.training_loss,
         seconds=time.perf_counter() - t0,
+        eval_examples=0 if evals is None else len(evals),
+        eval_loss=eval_loss,
         summary=summary,
-        saved=saved + [loss_log, selection_path],
+        saved=saved + [loss_log, selection_path, os.path.join(output, CONFIG_FILE)],
     )
     if main_process:
-        with open(os.path.join(config.output, SUMMARY_FILE), "w", encoding="utf-8") as f:
-            json.dump({"config": asdict(config), "result": asdict(result)}, f, indent=2, default=str)
+        with open(os.path.join(output, SUMMARY_FILE), "w", encoding="utf-8") as f:
+            json.dump(asdict(result), f, indent=2, default=str)
     return result
 
 
-def _is_main_process() -> bool:
-    """Rank 0 of a torchrun / accelerate launch (its RANK), or a process on its own."""
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun / accelerate launch (its ``RANK``), or a process on its own: the one
+    that writes the output folder and prints the result."""
     return int(os.environ.get("RANK", "0")) == 0
 
 
 def print_result(result: FinetuneResult, file: TextIO | None = None) -> None:
-    if not _is_main_process():
+    if not is_main_process():
         return  # (one report per launch, not one per rank)
     out = file or sys.stdout
     share = result.num_selected / result.num_trainable if result.num_trainable else 0.0
     loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
+    evaluated = "" if result.eval_loss is None else f"; eval loss {result.eval_loss:.4f} ({result.eval_examples} examples)"
     print(f"fine-tuned {result.num_selected:,} of {result.num_trainable:,} trainable entries ({share:.2%}) "
           f"for {result.steps} steps on {result.num_examples} examples in {result.seconds:.1f} s; "
-          f"last logged loss {loss}", file=out)
+          f"last logged loss {loss}{evaluated}", file=out)
     for path in result.saved:
         print(f"  wrote {path}", file=out)
 

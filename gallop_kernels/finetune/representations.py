@@ -15,7 +15,8 @@ for the result, and ``extract_delta``.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+import time
+from typing import Any, Callable, Iterator
 
 from torch import nn
 
@@ -27,8 +28,9 @@ class Representation:
 
     four_bit = False  # the model loads with a 4-bit base
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, log: Callable[[str], Any] | None = None) -> None:
         self.config = config
+        self.log = log or (lambda line: None)  # progress lines of phase one
         self.num_trainable = 0
 
     def prepare(self, model: nn.Module, dataset: Any, collate_fn: Any) -> None:
@@ -54,18 +56,18 @@ class Representation:
     def num_selected(self, trainer: Any) -> int:
         raise NotImplementedError
 
-    def extract_delta(self, model: nn.Module, trainer: Any, metadata: dict[str, Any]) -> Any:
+    def extract_delta(self, model: nn.Module, trainer: Any, base_model: str, metadata: dict[str, Any]) -> Any:
         raise NotImplementedError
 
 
 class SparseWeights(Representation):
     """SparseAdamW on the targeted weights themselves (plain or lean)."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, log: Callable[[str], Any] | None = None) -> None:
         from gallop_kernels.integrations.transformers import GallopCallback
 
-        super().__init__(config)
-        self.phase_one = GallopCallback(calibration_fraction=config.calibration_fraction)
+        super().__init__(config, log)
+        self.phase_one = GallopCallback(calibration_fraction=config.calibration_fraction, log=log)
 
     def prepare(self, model: nn.Module, dataset: Any, collate_fn: Any) -> None:
         from gallop_kernels.integrations.targets import select_trainable
@@ -97,10 +99,10 @@ class SparseWeights(Representation):
 
         return unwrap_optimizer(trainer.optimizer).num_selected
 
-    def extract_delta(self, model: nn.Module, trainer: Any, metadata: dict[str, Any]) -> Any:
+    def extract_delta(self, model: nn.Module, trainer: Any, base_model: str, metadata: dict[str, Any]) -> Any:
         from gallop_kernels.delta import extract_delta
 
-        return extract_delta(model, trainer.optimizer, base_model=self.config.model, metadata=metadata)
+        return extract_delta(model, trainer.optimizer, base_model=base_model, metadata=metadata)
 
 
 class SparseDelta4bit(Representation):
@@ -108,8 +110,8 @@ class SparseDelta4bit(Representation):
 
     four_bit = True
 
-    def __init__(self, config: Any) -> None:
-        super().__init__(config)
+    def __init__(self, config: Any, log: Callable[[str], Any] | None = None) -> None:
+        super().__init__(config, log)
         self.wrapped: dict[str, Any] = {}
         self.summary: Summary | None = None
         self.examples = 0
@@ -120,6 +122,9 @@ class SparseDelta4bit(Representation):
         from gallop_kernels.integrations import bitsandbytes as bnb_delta
 
         c = self.config
+        self.log(f"phase one (4-bit base): calibrating on a {c.calibration_fraction:g} fraction of "
+                 f"{len(dataset)} training examples and selecting ...")
+        t0 = time.perf_counter()
         self.wrapped, self.examples = bnb_delta.select_sparse_delta_from_dataset(
             model, dataset, collate_fn, c.density, score=c.score, target_modules=c.target_modules,
             fraction=c.calibration_fraction, batch_size=c.batch_size, seed=c.seed,
@@ -128,6 +133,10 @@ class SparseDelta4bit(Representation):
         self.num_trainable = sum(m.weight_numel for m in self.wrapped.values())
         self.summary = summarize((f"{name}.weight", m.delta_indices.numel(), m.weight_numel)
                                  for name, m in self.wrapped.items())
+        selected = self.num_selected(None)
+        self.log(f"phase one (4-bit base): {self.examples} calibration examples; selected {selected:,} of "
+                 f"{self.num_trainable:,} entries ({selected / max(self.num_trainable, 1):.2%}) "
+                 f"in {time.perf_counter() - t0:.1f} s")
 
     def trainer_options(self, model: nn.Module, args: Any) -> dict[str, Any]:
         from gallop_kernels.integrations import bitsandbytes as bnb_delta
@@ -155,13 +164,13 @@ class SparseDelta4bit(Representation):
     def num_selected(self, trainer: Any) -> int:
         return sum(int(m.delta_indices.numel()) for m in self.wrapped.values())
 
-    def extract_delta(self, model: nn.Module, trainer: Any, metadata: dict[str, Any]) -> Any:
+    def extract_delta(self, model: nn.Module, trainer: Any, base_model: str, metadata: dict[str, Any]) -> Any:
         from gallop_kernels.integrations import bitsandbytes as bnb_delta
 
-        return bnb_delta.extract_sparse_delta(model, base_model=self.config.model,
+        return bnb_delta.extract_sparse_delta(model, base_model=base_model,
                                               metadata={**metadata, "bits": 4})
 
 
-def representation_for(config: Any) -> Representation:
+def representation_for(config: Any, log: Callable[[str], Any] | None = None) -> Representation:
     """``--bits 4``: the delta on a 4-bit base; otherwise SparseAdamW on the weights."""
-    return SparseDelta4bit(config) if config.bits == 4 else SparseWeights(config)
+    return (SparseDelta4bit if config.bits == 4 else SparseWeights)(config, log)

@@ -42,6 +42,7 @@ schedulers work unchanged: selection happens once, before the first step, and ``
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 import torch
@@ -50,7 +51,7 @@ from torch import nn
 from gallop_kernels.integrations.targets import ALL_LINEAR, select_trainable
 from gallop_kernels.optim import SparseAdamW
 from gallop_kernels.optim.unwrap import unwrap_optimizer
-from gallop_kernels.phase_one import calibrate_dataset, optimizer_sink, select_from_sink
+from gallop_kernels.phase_one import calibrate_dataset, calibration_subset, optimizer_sink, select_from_sink
 from gallop_kernels.rules import check_count, check_fraction
 from gallop_kernels.summary import format_selection_summary, layer_type, selection_summary
 
@@ -112,6 +113,8 @@ class GallopCallback(TrainerCallback):
         batch_size: calibration batch size (default: ``per_device_train_batch_size``).
         seed: seed of the subset (default: ``args.seed``).
         loss_fn: ``(model, inputs) -> loss``; default ``model(**inputs).loss``.
+        log: called with a progress line before calibration, after it and after selection
+            (examples, seconds, entries selected), e.g. ``print``; None: silent.
 
     After selection, ``self.summary`` holds :func:`selection_summary` and ``self.num_examples``
     the number of calibration examples. When resuming, the loaded optimizer already holds the
@@ -125,12 +128,14 @@ class GallopCallback(TrainerCallback):
         batch_size: int | None = None,
         seed: int | None = None,
         loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+        log: Callable[[str], Any] | None = None,
     ) -> None:
         self.calibration_fraction = check_fraction(calibration_fraction, "calibration_fraction")
         check_count(batch_size, "batch_size", allow_none=True)
         self.batch_size = batch_size
         self.seed = seed
         self.loss_fn = loss_fn
+        self.log = log
         self.summary: dict[str, dict[str, int]] | None = None
         self.num_examples = 0
         self.resumed = False
@@ -144,16 +149,26 @@ class GallopCallback(TrainerCallback):
         if train_dataloader is None or getattr(train_dataloader, "dataset", None) is None:
             raise RuntimeError("GallopCallback needs the Trainer's training dataloader")
         autocast = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else None)
+        dataset = train_dataloader.dataset
+        batch_size = self.batch_size or args.per_device_train_batch_size
+        seed = args.seed if self.seed is None else self.seed
+        say = self.log if self.log is not None and state.is_world_process_zero else (lambda line: None)
+        say(f"phase one: calibrating on {len(calibration_subset(len(dataset), self.calibration_fraction, seed))} "
+            f"of {len(dataset)} training examples (batch {batch_size}) ...")
+        t0 = time.perf_counter()
         sink = optimizer_sink(opt)
         self.num_examples = calibrate_dataset(
-            model, sink, train_dataloader.dataset, train_dataloader.collate_fn,
-            fraction=self.calibration_fraction,
-            batch_size=self.batch_size or args.per_device_train_batch_size,
-            seed=args.seed if self.seed is None else self.seed,
+            model, sink, dataset, train_dataloader.collate_fn,
+            fraction=self.calibration_fraction, batch_size=batch_size, seed=seed,
             device=args.device, autocast_dtype=autocast, loss_fn=self.loss_fn,
         )
+        t1 = time.perf_counter()
+        say(f"phase one: calibration took {t1 - t0:.1f} s; selecting ...")
         select_from_sink(opt, sink)
         model.zero_grad(set_to_none=True)
+        total = sum(p.numel() for group in opt.param_groups for p in group["params"])
+        say(f"phase one: selected {opt.num_selected:,} of {total:,} entries "
+            f"({opt.num_selected / max(total, 1):.2%}) in {time.perf_counter() - t1:.1f} s")
         self.summary = selection_summary(model, opt)
         return control
 

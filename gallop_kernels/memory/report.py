@@ -172,8 +172,8 @@ def prediction_table(name: str, config: Any, setup: mm.Setup, methods: list[str]
 def targets_lines(config: Any, setup: mm.Setup) -> list[str]:
     """The memory issue's 8B targets against the predictions. The "80 GB" GPU holds 80 GiB
     (H100: 79.1 GiB usable by torch), so that bound is checked in GiB; the others in GB."""
-    out = ["", "Targets of the memory issue (GPU, 8B shape, ρ = 1%) — predicted only; each is "
-           "owed a GPU measurement:"]
+    out = ["", "Targets for an 8B model on one 80 GB GPU (ρ = 1%) — predictions, "
+           "not yet measured on a GPU:"]
     for key, (op, bound) in TARGETS_8B.items():
         p = mm.predict(config, key, setup)
         if op == "<=":

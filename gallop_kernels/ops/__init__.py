@@ -177,9 +177,12 @@ def sparse_adamw_update_8bit(
             )
         return
 
-    from gallop_kernels.ops.sparse_adamw_8bit import triton_sparse_adamw_8bit_step
+    from gallop_kernels.ops.sparse_adamw import triton_sparse_adamw_step
 
-    triton_sparse_adamw_8bit_step(
-        list(params), list(grads), *([st[k] for st in states] for k in keys),
+    columns = {k: [st[k] for st in states] for k in keys}
+    triton_sparse_adamw_step(
+        list(params), list(grads), columns["indices"], columns["exp_avg"], columns["exp_avg_sq"],
         [st.get("master") for st in states], step, lr, beta1, beta2, eps, weight_decay,
+        state_layout="8bit", exp_avg_absmaxes=columns["exp_avg_absmax"],
+        exp_avg_sq_absmaxes=columns["exp_avg_sq_absmax"],
     )

@@ -52,8 +52,13 @@ class ShardLayout:
     offsets: tuple[int, ...]
 
     def __post_init__(self) -> None:
-        if isinstance(self.total, bool) or not isinstance(self.total, int) or self.total < 0:
+        try:
+            total = operator.index(self.total)
+        except TypeError:
+            raise TypeError(f"ShardLayout.total must be an int, got {self.total!r}") from None
+        if isinstance(self.total, bool) or total < 0:
             raise ValueError(f"ShardLayout.total must be a non-negative int, got {self.total!r}")
+        object.__setattr__(self, "total", total)
         try:
             offsets = tuple(operator.index(o) for o in self.offsets)
         except TypeError:

@@ -1,38 +1,45 @@
-"""Launcher for exact top-k selection with the Triton kernels (`docs/design.md#selection-semantics`, `docs/design.md#kernels`).
+"""Launcher for exact top-k selection with the Triton kernels (kernels 1-3 of
+`docs/design.md#kernels`).
 
 ``triton_select`` returns the same index sets as ``reference.select_topk`` over the group's scores:
-the k largest float32 scores, ties to the lower flat index in the group's concatenation.
+the k largest float32 scores, ties to the lower flat index in the group's concatenation. With a
+``ShardLayout`` (see ops/collective.py) the tensors are this rank's shards and the result is the
+exact selection of the whole group, as local indices.
 
-Algorithm (everything decided on the device; one host synchronisation):
+Algorithm (everything decided on the device; one host synchronisation). Work is split in tiles
+of BLOCK entries of one tensor; every full pass is a persistent launch (a few programs per SM)
+over the tiles of several tensors, so a pass with nothing to do costs ~SM-count programs.
 
-1. Radix select over the keys of the scores (``score_histogram_kernel`` + ``choose_bucket_kernel``)
-   with 8-bit digits: 8/8/8/7 bits for the 31-bit keys of the named scores (all >= 0, the first
-   digit starts at bit 30), 8/8/8/8 for the 32-bit keys of signed precomputed scores. 8 bits because
-   ``tl.histogram``'s GPU lowering costs about (bins / 32) ballot-and-popcount steps per element:
-   256 bins keep a pass near memory speed, 2048 bins would make it compute bound. Each pass
-   recomputes the score from θ and g (never stored) and keeps the entries matching the prefix
-   chosen so far, read from a device state buffer. The bucket choice runs on the device.
-   * Early stop: once the chosen bucket holds exactly the remaining k entries, later passes exit.
-   * Candidates (AIR top-k's rule): once the chosen bucket holds <= N/32 entries (capped at 2^26),
-     the next full pass also captures them (key + chunk id) into a buffer and stores per chunk the
-     count above the bucket; later passes and the compaction counts then read only the buffer.
-     Typical large groups: 4 full reads of θ, g (3 radix passes, the last one capturing, + write).
-2. Compaction counts: per chunk, entries above / equal to the threshold (``count_kernel`` over θ, g,
-   or ``candidate_count_kernel`` over the buffer), scanned with torch.cumsum on the device into
-   each chunk's output position and tie quota (ties go to the lowest global flat indices).
-3. The one host sync: per-tensor NaN/inf counts and selected counts (to raise naming the tensor,
-   and to allocate each tensor's output).
-4. ``write_kernel``: every chunk writes its selected local indices, in order (chunks selecting
-   nothing skip reading).
+1. Radix select over the keys of the scores, digits of 11/10/10 bits for the 31-bit keys of the
+   named scores (all >= 0: the raw float bits order correctly, the first digit starts at bit 30)
+   and 11/11/10 for the 32-bit keys of signed precomputed scores. Each pass recomputes the score
+   from θ and g (never stored). After each pass ``choose_bucket_kernel`` picks, from the summed
+   histogram, the bucket holding the k-th largest key (all_reduce'd across ranks first).
+   * Early stop: once the bucket holds exactly the remaining k entries, later passes exit.
+   * Candidates (AIR top-k's rule, adapted): once the entries at or above the chosen bucket fit
+     the buffer (``candidate_capacity``: k + N/256), the next full pass captures all of them
+     (key, offset in tile); later passes, the counts and the write read only the buffer. The
+     11-bit first digit makes that bucket small (~0.1% of N at typical score spreads), so a
+     typical large group reads θ and g twice: pass 0 and the capture pass. If only the bucket
+     itself fits, the pass captures the bucket and counts the entries above it per tile (the
+     write then reads θ and g once more); if not even that, the next pass histograms the next
+     digit from θ and g.
+   * NaN/inf scores land in the top (or, signed, the bottom) bins of pass 0: their count comes
+     with the one host sync; only then are they counted per tensor, to name the parameter.
+2. Compaction counts per tile (above / equal to the threshold), scanned with torch.cumsum into
+   each tile's output position and tie quota: ties go to the lowest global flat indices, per
+   tensor and per rank in global order (all-gathered (offset, tie count) pairs when sharded).
+3. The one host sync: the NaN/inf count and per-tensor selected counts (to allocate outputs).
+4. The write pass: every tile with selected entries writes them in order, from the candidate
+   buffer when every selectable entry was captured, else from θ and g.
 
-Extra device memory: 4 × 256 int64 bins, a few ints per chunk (chunk = BLOCK × TILES_PER_CHUNK
-entries), the candidate buffer (8 bytes × min(N/32, 2^26)), the launch tables and the outputs;
-never an N-length buffer.
+Extra device memory: the state, one histogram per level (2048 int64 bins), four int32 per tile
+(tile = BLOCK entries) and their int64 scans, the candidate buffer (8 bytes x
+``candidate_capacity``), the launch tables and the outputs; never an N-length buffer.
 """
 
 from __future__ import annotations
 
-import math
 import operator
 import os
 from typing import Sequence
@@ -40,31 +47,49 @@ from typing import Sequence
 import torch
 import triton.language as tl
 
-from gallop_kernels.ops.triton.compaction import candidate_count_kernel, count_kernel, write_kernel
-from gallop_kernels.ops.triton.radix_select import STATE_SIZE, S_KREM, choose_bucket_kernel
-from gallop_kernels.ops.triton.score import (
-    F_GCHUNK, F_GOFF, F_GRAD, F_NUMEL, F_OUT, F_START, F_THETA, F_TID, NF, SCORE_CODES,
+from gallop_kernels import reference
+from gallop_kernels.ops.collective import ShardLayout
+from gallop_kernels.ops.launch import Launch, check_device, log_slots, program_count, run_all, upload
+from gallop_kernels.ops.triton.compaction import (
+    candidate_count_kernel, candidate_write_kernel, count_kernel, write_kernel,
 )
-from gallop_kernels.ops.triton.score_histogram import candidate_histogram_kernel, score_histogram_kernel
+from gallop_kernels.ops.triton.multi_tensor import HEAD_LOG_SLOTS, HEAD_SLOTS, HEAD_WORK, build_table
+from gallop_kernels.ops.triton.radix_select import (
+    S_CAP, S_CAP_LOCAL, S_K, S_KREM, S_SEED_MIX, S_TILES, STATE_SIZE, choose_bucket_kernel,
+)
+from gallop_kernels.ops.triton.score import (
+    ROW_FIELDS, ROW_GOFF, ROW_GRAD, ROW_GTILE, ROW_NUMEL, ROW_OUT, ROW_START, ROW_THETA, ROW_TID,
+    SCORE_CODES,
+)
+from gallop_kernels.ops.triton.score_histogram import (
+    candidate_histogram_kernel, capture_kernel, histogram_kernel,
+)
 
-__all__ = ["SelectionPlan", "triton_select"]
+__all__ = ["SelectionPlan", "triton_select", "candidate_capacity"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Entries per tile and tiles per chunk (one program per chunk). Module attributes so tests can
-# shrink them; chosen for the interpreter's speed when it is on.
-BLOCK = 128 if _INTERPRET else 1024
-TILES_PER_CHUNK = 4 if _INTERPRET else 16
-NUM_WARPS = 4
+# Entries per tile. A module attribute so tests can shrink it; 2048 = 16 per thread with 4 warps
+# (two 16-byte vector loads of bf16 per tensor), amortising the histogram's per-tile cost.
+BLOCK = 128 if _INTERPRET else 2048
+# Candidates per step when a tile's candidate segment is read (one per thread with 4 warps): a
+# segment holds ~1% of a tile at typical densities, so reading it BLOCK-wide would cost as many
+# instructions as a full pass.
+CBLOCK = 16 if _INTERPRET else 128
 
 INT32_LIMIT = 2**31
 _MASK32 = 0xFFFFFFFF
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+SCORES = tuple(SCORE_CODES)
 
 # (shift, digit bits) of the radix passes, most significant digit first.
-DIGITS_UNSIGNED = ((23, 8), (15, 8), (7, 8), (0, 7))  # 31-bit keys of scores >= 0
-DIGITS_SIGNED = ((24, 8), (16, 8), (8, 8), (0, 8))  # 32-bit keys of signed scores
+DIGITS_UNSIGNED = ((20, 11), (10, 10), (0, 10))  # 31-bit keys of scores >= 0
+DIGITS_SIGNED = ((21, 11), (10, 11), (0, 10))  # 32-bit keys of signed scores
+BINS = 2048
+
+CANDIDATE_SHARE = 256  # the buffer holds k + N/256 candidates
+CANDIDATE_LIMIT = 1 << 27  # ... at most (8 bytes each: 1 GiB)
 
 
 def _lowbias32(x: int) -> int:
@@ -76,40 +101,28 @@ def _lowbias32(x: int) -> int:
     return x ^ (x >> 16)
 
 
-def _upload(values: list[int], device: torch.device) -> torch.Tensor:
-    """A small int64 table on ``device`` without blocking the host (pinned, non_blocking copy)."""
-    host = torch.tensor(values, dtype=torch.int64)
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
-
-
-def _check_device(device: torch.device) -> None:
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise ValueError(
-            f"the Triton kernels need CUDA tensors, got {device} (or set TRITON_INTERPRET=1 before "
-            f"importing triton to run them on the CPU)"
-        )
-
-
 def _empty(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A buffer that a kernel overwrites entirely (the tests replace this to poison it)."""
     return torch.empty(size, dtype=dtype, device=device)
 
 
-def _candidate_capacity(total: int) -> int:
-    """Capacity of the candidate buffer (AIR top-k's rule: capture a bucket only when it holds at
-    most N/32 entries), capped so that the buffer (8 bytes per candidate) stays <= 512 MiB."""
-    return min(max(total // 32, 1), 1 << 26)
+def candidate_capacity(total: int, k: int) -> int:
+    """The capture threshold: capture once the entries at/above the chosen bucket number at most
+    this (k plus a bucket of N/256, AIR top-k's N/32 made tighter by the 11-bit first digit),
+    capped so the buffer stays <= 1 GiB. The same on every rank (global total and k)."""
+    return max(0, min(k + -(-total // CANDIDATE_SHARE), CANDIDATE_LIMIT))
 
 
-def _log_slots(n: int) -> int:
-    return max(1, math.ceil(math.log2(n)) + 1) if n > 1 else 0
+def bad_bins(signed: bool) -> slice | tuple[slice, slice]:
+    """The pass-0 bins that hold exactly the NaN/inf scores (exponent all ones)."""
+    if signed:  # +inf/NaN: sign bit set in the key; -inf/NaN: all bits flipped
+        return (slice(BINS - 4, BINS), slice(0, 4))
+    return (slice(BINS - 8, BINS),)
 
 
-def _check_inputs(params, grads, k, score, names, precomputed):
+def _check_inputs(params, grads, k, score, names, precomputed, layout):
     if score not in SCORE_CODES:
-        raise ValueError(f"unknown score {score!r}; expected one of {tuple(SCORE_CODES)}")
+        raise ValueError(f"unknown score {score!r}; expected one of {SCORES}")
     params = list(params)
     grads = list(grads)
     if len(grads) != len(params):
@@ -120,13 +133,13 @@ def _check_inputs(params, grads, k, score, names, precomputed):
     if not params:
         raise ValueError("triton_select needs at least one tensor")
     device = params[0].device
-    _check_device(device)
+    check_device(device)
     for p, g, name in zip(params, grads, names):
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"param {name} is not a tensor")
         if p.device != device:
             raise ValueError(f"param {name} is on {p.device}, expected {device} like the first one")
-        if p.dtype not in _FLOAT_DTYPES:
+        if p.dtype not in FLOAT_DTYPES:
             raise TypeError(f"param {name} has dtype {p.dtype}; expected float32, bfloat16 or float16")
         if not p.is_contiguous():
             raise ValueError(f"param {name} is not contiguous")
@@ -138,7 +151,7 @@ def _check_inputs(params, grads, k, score, names, precomputed):
             raise TypeError(f"grad of {name} is sparse; dense gradients only")
         if g.device != device:
             raise ValueError(f"grad of {name} is on {g.device}, expected {device}")
-        if g.dtype not in _FLOAT_DTYPES:
+        if g.dtype not in FLOAT_DTYPES:
             raise TypeError(f"grad of {name} has dtype {g.dtype}; expected float32, bfloat16 or float16")
         if g.shape != p.shape:
             raise ValueError(f"grad of {name} has shape {tuple(g.shape)}, param {tuple(p.shape)}")
@@ -163,7 +176,12 @@ def _check_inputs(params, grads, k, score, names, precomputed):
                 raise ValueError(f"precomputed score of {name} is on {s.device}, expected {device}")
             if not s.is_contiguous():
                 raise ValueError(f"precomputed score of {name} is not contiguous")
-    total = sum(p.numel() for p in params)
+    if layout is not None:
+        if not isinstance(layout, ShardLayout):
+            raise TypeError(f"layout must be a ShardLayout, got {type(layout).__name__}")
+        if len(layout.offsets) != len(params):
+            raise ValueError(f"layout has {len(layout.offsets)} offsets for {len(params)} tensors")
+    total = layout.total if layout is not None else sum(p.numel() for p in params)
     if isinstance(k, bool):
         raise TypeError("k must be an int, got bool")
     try:
@@ -175,181 +193,289 @@ def _check_inputs(params, grads, k, score, names, precomputed):
     return params, grads, names, precomputed, device, total, k
 
 
-class SelectionPlan:
-    """The launch tables of one group's selection, and its passes as separate steps.
+def _aligned(*tensors_and_numel) -> bool:
+    *tensors, numel = tensors_and_numel
+    return numel % 16 == 0 and all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
 
-    The steps are shaped for sharded parameters (`docs/design.md#distributed`): ``histogram_pass`` takes this rank's
-    tensors and adds into a histogram; ``choose_bucket`` takes the *summed* histogram, so an
-    ``all_reduce`` of the bins (a few KB) can sit between the two, and every rank then finds the
-    same exact threshold in the device ``state``. (Across ranks the tie quota of ``compact_counts``
-    would also need the number of ties on earlier ranks: an exclusive scan of one int per rank.)
+
+class SelectionPlan:
+    """The launch tables of one group's selection, and its stages as separate steps.
+
+    The stages, in the order `triton_select` runs them (benchmarks/stages.py times them alone):
+
+    1. ``new_state(k)`` -> ``(state, hist, bad)``: the device state (k, the capture threshold,
+       the seed), one histogram per radix level ``hist[level]`` and a per-tensor NaN/inf count
+       buffer (filled only when pass 0 finds NaN/inf, see `count_bad`); allocates the per-tile
+       counts (``cnt_gt``) and the candidate buffer.
+    2. For each level: ``histogram_pass(level, state, hist[level])`` adds this rank's histogram
+       of the level's digit into ``hist[level]`` (level 0: every entry; later levels: the
+       entries matching the prefix, from θ, g or from the captured candidates; a level may also
+       capture); then, after an ``all_reduce`` of ``hist[level]`` when sharded,
+       ``choose_bucket(level, hist[level], state)`` decides the bucket (and capture) on device.
+    3. ``compact_counts(state)`` -> ``(take, take_excl, ties, per_tensor)``: per tile the number
+       taken, its exclusive scan and tie quota, and per tensor the number selected (the tie
+       quota is all-gathered across ranks when sharded).
+    4. ``write(state, take, take_excl, ties, outs)``: every tensor's sorted local indices.
+
+    Every stage only enqueues device work; the one host sync is in `triton_select`.
+    ``launches(k)`` lists every `Launch` the stages issue (the compile gate compiles them).
     """
 
-    def __init__(self, params, grads, score, score_eps, seed, precomputed, device):
-        self.params, self.grads, self.device = params, grads, device
+    def __init__(self, params, grads, score, score_eps, seed, precomputed, device,
+                 layout: ShardLayout | None = None):
+        self.params, self.grads, self.device, self.layout = params, grads, device, layout
+        self.score = score
         self.code = SCORE_CODES[score]
         self.signed = score == "precomputed"
         self.digits = tuple(DIGITS_SIGNED if self.signed else DIGITS_UNSIGNED)
         self.key_bits = 32 if self.signed else 31
-        self.block, self.tiles = int(BLOCK), int(TILES_PER_CHUNK)
-        chunk = self.block * self.tiles
+        self.block = int(BLOCK)
         self.eps = float(score_eps)
+        self.seed = int(seed)
         self.seed_mix = _lowbias32(int(seed))
+        self.precomputed = precomputed
         self.theta = precomputed if self.signed else params
-        total = sum(p.numel() for p in params)
-        self.cap = max(0, min(int(_candidate_capacity(total)), total))  # 0: never capture
-        self.cand_key = torch.empty(max(self.cap, 1), dtype=torch.int32, device=device)
-        self.cand_chunk = torch.empty(max(self.cap, 1), dtype=torch.int32, device=device)
-        self.cnt_gt = _empty(0, torch.int32, device)  # allocated with the state
+        sizes = [p.numel() for p in params]
+        self.local_total = sum(sizes)
+        if layout is None:
+            self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+            self.total = self.local_total
+        else:
+            self.offsets = list(layout.offsets)
+            self.total = layout.total
+        self.index_dtypes = [torch.int64 if n >= INT32_LIMIT else torch.int32 for n in sizes]
 
-        # Tensors grouped by what the kernels read: one launch per group and pass.
-        self.launches: dict[tuple, list[int]] = {}
-        self.first_chunk, self.n_chunks, self.flat_offsets = [], [], []
-        goff = gchunk = 0
-        for i, (p, g) in enumerate(zip(params, grads)):
-            n = p.numel()
-            self.flat_offsets.append(goff)
-            self.first_chunk.append(gchunk)
-            c = -(-n // chunk)
-            self.n_chunks.append(c)
-            goff += n
-            gchunk += c
-            if n == 0:
-                continue
-            if score == "random":
-                tkey = (None, None)
-            elif score == "precomputed":
-                tkey = (torch.float32, None)
-            elif score == "gradient":
-                tkey = (None, None if g is None else g.dtype)
-            elif score == "magnitude":
-                tkey = (p.dtype, None)
-            else:
-                tkey = (p.dtype, None if g is None else g.dtype)
-            idx64 = n >= INT32_LIMIT  # module attribute: the tests lower it to test int64 output
-            self.launches.setdefault(tkey + (idx64,), []).append(i)
-        self.total_chunks = gchunk
-        self.index_dtypes = [
-            torch.int64 if p.numel() >= INT32_LIMIT else torch.int32 for p in params
-        ]
+        # Tiles: per tensor ceil(n / BLOCK), numbered in group order (global tile ids).
+        self.n_tiles = [-(-n // self.block) for n in sizes]
+        self.first_tile = [sum(self.n_tiles[:i]) for i in range(len(sizes))]
+        self.total_tiles = sum(self.n_tiles)
+        self.nonempty = [i for i, n in enumerate(sizes) if n > 0]
+        # Full passes: one launch per (θ dtype, g dtype, index width, aligned); the candidate
+        # write: one per index width.
+        self.groups: dict[tuple, list[int]] = {}
+        self.cand_groups: dict[tuple, list[int]] = {}
+        for i in self.nonempty:
+            g, n = grads[i], sizes[i]
+            t = self.theta[i] if score in ("gallop", "magnitude", "precomputed") else None
+            gg = g if score in ("gallop", "gradient") else None
+            tkey = (None if t is None else t.dtype, None if gg is None else gg.dtype)
+            idx64 = self.index_dtypes[i] == torch.int64
+            self.groups.setdefault(tkey + (idx64, _aligned(t, gg, n)), []).append(i)
+            self.cand_groups.setdefault((idx64,), []).append(i)
+        self.tables = self._tables(None)
 
-        values, self.specs = self._rows()
-        # One upload: the launch tables, then each non-empty tensor's first and last chunk id.
-        self.nonempty = [i for i, p in enumerate(params) if p.numel() > 0]
-        bounds = [self.first_chunk[i] for i in self.nonempty]
-        bounds += [self.first_chunk[i] + self.n_chunks[i] - 1 for i in self.nonempty]
-        blob = _upload(values + bounds, device)
-        self.table = blob[: len(values)]
-        n_ne = len(self.nonempty)
-        self.first_idx = blob[len(values): len(values) + n_ne]
-        self.last_idx = blob[len(values) + n_ne:]
+    # ---- launch tables --------------------------------------------------------------------
 
-    def _rows(self, out_ptrs=None):
-        values, specs = [], []
-        for (t_dtype, g_dtype, idx64), members in self.launches.items():
-            row0 = len(values) // NF
-            start = 0
-            for i in members:
-                row = [0] * NF
-                row[F_THETA] = self.theta[i].data_ptr() if t_dtype is not None else 0
-                row[F_GRAD] = self.grads[i].data_ptr() if g_dtype is not None else 0
-                row[F_NUMEL] = self.params[i].numel()
-                row[F_GOFF] = self.flat_offsets[i]
-                row[F_GCHUNK] = self.first_chunk[i]
-                row[F_START] = start
-                row[F_TID] = i
-                row[F_OUT] = out_ptrs[i] if out_ptrs is not None else 0
-                values.extend(row)
-                start += self.n_chunks[i]
-            specs.append((row0, len(members), start, t_dtype, g_dtype, idx64))
-        return values, specs
+    def _rows(self, members, out_ptrs):
+        rows, start = [], 0
+        for i in members:
+            row = [0] * ROW_FIELDS.value
+            row[ROW_THETA] = self.theta[i].data_ptr() if self.score in ("gallop", "magnitude", "precomputed") else 0
+            g = self.grads[i]
+            row[ROW_GRAD] = g.data_ptr() if g is not None and self.score in ("gallop", "gradient") else 0
+            row[ROW_NUMEL] = self.params[i].numel()
+            row[ROW_GOFF] = self.offsets[i]
+            row[ROW_GTILE] = self.first_tile[i]
+            row[ROW_START] = start
+            row[ROW_OUT] = out_ptrs[i] if out_ptrs is not None else 0
+            row[ROW_TID] = i
+            rows.append(row)
+            start += self.n_tiles[i]
+        header = [0] * 3
+        header[HEAD_SLOTS], header[HEAD_LOG_SLOTS], header[HEAD_WORK] = (
+            len(rows), log_slots(len(rows)), start)
+        return build_table(header, rows, ROW_FIELDS.value), start
 
-    def _launches(self, table=None):
-        table = self.table if table is None else table
-        for row0, n_slots, n_progs, t_dtype, g_dtype, idx64 in self.specs:
-            sub = table[row0 * NF: (row0 + n_slots) * NF]
+    def _tables(self, out_ptrs):
+        """One upload: every full-pass table, then (with outputs) every candidate-write table.
+        Returns {("full" | "cand", key): (table, tiles)}."""
+        values, where = [], {}
+        kinds = [("full", self.groups)] + ([("cand", self.cand_groups)] if out_ptrs else [])
+        for kind, groups in kinds:
+            for key, members in groups.items():
+                vals, tiles = self._rows(members, out_ptrs)
+                where[(kind, key)] = (len(values), len(vals), tiles)
+                values += vals
+        blob = upload(values, self.device) if values else None
+        return {k: (blob[a: a + n], tiles) for k, (a, n, tiles) in where.items()}
+
+    def _full_launches(self, kernel, tables, args, **extra):
+        """One launch of a full-pass kernel per θ/g group, with that group's constexprs."""
+        out = []
+        for (t_dtype, g_dtype, idx64, aligned), _ in self.groups.items():
+            table, tiles = tables[("full", (t_dtype, g_dtype, idx64, aligned))]
             const = dict(
-                LOG_SLOTS=_log_slots(n_slots),
                 THETA_T=_TL_DTYPE[t_dtype] if t_dtype is not None else tl.float32,
                 G_T=_TL_DTYPE[g_dtype] if g_dtype is not None else tl.float32,
                 SCORE=self.code, HAS_G=g_dtype is not None, SIGNED=self.signed,
-                BLOCK=self.block, TILES=self.tiles, num_warps=NUM_WARPS,
+                ALIGNED=aligned, BLOCK=self.block, **extra,
             )
-            yield sub, n_slots, n_progs, idx64, const
+            if kernel is write_kernel:
+                const["IDX_T"] = tl.int64 if idx64 else tl.int32
+            out.append(Launch(kernel, (program_count(self.device, tiles),), (table, *args), const))
+        return out
+
+    # ---- stages -----------------------------------------------------------------------------
 
     def new_state(self, k: int):
         """Device buffers: selection state, one histogram per level, per-tensor NaN/inf counts."""
-        state = torch.zeros(STATE_SIZE, dtype=torch.int64, device=self.device)
-        state[S_KREM] = k
-        bins = max(1 << nbits for _, nbits in self.digits)
-        hist = torch.zeros(len(self.digits), bins, dtype=torch.int64, device=self.device)
+        cap = candidate_capacity(self.total, k)
+        self.cap_local = min(cap, self.local_total)
+        values = [0] * STATE_SIZE.value
+        values[S_KREM], values[S_K], values[S_CAP] = k, k, cap
+        values[S_CAP_LOCAL], values[S_SEED_MIX], values[S_TILES] = (
+            self.cap_local, self.seed_mix, self.total_tiles)
+        state = upload(values, self.device)
+        hist = torch.zeros(len(self.digits), BINS, dtype=torch.int64, device=self.device)
         bad = torch.zeros(len(self.params), dtype=torch.int64, device=self.device)
-        # per-chunk counts above the threshold: written by a capturing pass or the count pass
-        self.cnt_gt = _empty(self.total_chunks, torch.int32, self.device)
+        size = max(self.cap_local, 1)
+        self.cand = _empty(size, torch.int64, self.device)  # key << 16 | offset in tile
+        tiles = max(self.total_tiles, 1)
+        self.seg_start = _empty(tiles, torch.int32, self.device)
+        self.seg_count = _empty(tiles, torch.int32, self.device)
+        self.cnt_gt = _empty(tiles, torch.int32, self.device)  # written by capture or counts
+        self.cnt_eq = _empty(tiles, torch.int32, self.device)
         return state, hist, bad
 
-    def histogram_pass(self, level: int, state, hist_out, bad) -> None:
-        """Adds the level's digit histogram of the entries matching ``state``'s prefix into
-        ``hist_out`` (level 0: of every entry, and counts NaN/inf scores per tensor into ``bad``).
-        Reads θ and g, or the candidate buffer once the chosen bucket was captured."""
+    def _level_launches(self, level: int, state, hist_out) -> list[Launch]:
         shift, nbits = self.digits[level]
         hi_mask = ((1 << self.key_bits) - 1) & ~((1 << (shift + nbits)) - 1)
-        for sub, n_slots, n_progs, _, const in self._launches():
-            score_histogram_kernel[(n_progs,)](
-                sub, n_slots, state, hist_out, bad, self.eps, self.seed_mix,
-                self.cand_key, self.cand_chunk, self.cnt_gt, self.cap,
-                FILTER=level > 0, CHECK_BAD=level == 0,
-                SHIFT=shift, DIGIT_BITS=nbits, HI_MASK=hi_mask, **const,
-            )
-        if level >= 2:  # candidates can be captured by pass 1 at the earliest
-            candidate_histogram_kernel[(self._candidate_programs(),)](
-                self.cand_key, state, hist_out, self.cap,
-                SHIFT=shift, DIGIT_BITS=nbits, HI_MASK=hi_mask,
-                BLOCK=self.block, TILES=self.tiles, num_warps=NUM_WARPS,
-            )
+        launches = self._full_launches(
+            histogram_kernel, self.tables, (state, hist_out, self.eps),
+            FILTER=level > 0, SHIFT=shift, DIGIT_BITS=nbits, HI_MASK=hi_mask,
+        )
+        if level == 0:
+            return launches
+        launches += self._full_launches(
+            capture_kernel, self.tables,
+            (state, self.cand, self.seg_start, self.seg_count, self.cnt_gt, self.eps),
+            HI_MASK=hi_mask,
+        )
+        cand_tiles = -(-max(self.cap_local, 1) // self.block)
+        launches.append(Launch(
+            candidate_histogram_kernel, (program_count(self.device, cand_tiles),),
+            (self.cand, state, hist_out),
+            dict(SHIFT=shift, DIGIT_BITS=nbits, HI_MASK=hi_mask, BLOCK=self.block),
+        ))
+        return launches
 
-    def _candidate_programs(self) -> int:
-        return max(1, -(-self.cap // (self.block * self.tiles)))
+    def histogram_pass(self, level: int, state, hist_out, bad=None) -> None:
+        """Adds this rank's histogram of the level's digit, over the entries matching the prefix
+        in ``state``, into ``hist_out``: from θ and g, or (capturing first when the last bucket
+        choice said so) from the candidate buffer. ``bad`` is unused (kept for callers of the
+        earlier API; NaN/inf scores are counted from ``hist[0]``)."""
+        run_all(self._level_launches(level, state, hist_out))
 
     def choose_bucket(self, level: int, hist, state) -> None:
-        """Picks, on the device, the bucket of the summed histogram holding the k-th largest."""
+        """Picks, on the device, the bucket of the summed histogram holding the k-th largest
+        key, and whether the next full pass captures candidates."""
+        self._choose_launch(level, hist, state)()
+
+    def _choose_launch(self, level, hist, state) -> Launch:
         shift, nbits = self.digits[level]
-        choose_bucket_kernel[(1,)](
-            hist, state, self.cap, SHIFT=shift, DIGIT_BITS=nbits,
-            CAN_CAPTURE=level + 1 < len(self.digits), num_warps=4,
-        )
+        return Launch(choose_bucket_kernel, (1,), (hist, state),
+                      dict(SHIFT=shift, DIGIT_BITS=nbits, CAN_CAPTURE=level + 1 < len(self.digits)))
+
+    def _count_launches(self, state) -> list[Launch]:
+        launches = self._full_launches(count_kernel, self.tables,
+                                       (state, self.cnt_gt, self.cnt_eq, self.eps))
+        launches.append(Launch(
+            candidate_count_kernel, (program_count(self.device, max(self.total_tiles, 1)),),
+            (state, self.cand, self.seg_start, self.seg_count, self.cnt_gt, self.cnt_eq),
+            dict(CBLOCK=CBLOCK),
+        ))
+        return launches
 
     def compact_counts(self, state):
-        """Per chunk: entries taken, tie quota and exclusive prefix of taken (all on the device),
-        and per non-empty tensor the number selected."""
-        cnt_gt = self.cnt_gt
-        cnt_eq = torch.zeros(self.total_chunks, dtype=torch.int32, device=self.device)
-        for sub, n_slots, n_progs, _, const in self._launches():  # skipped if captured
-            count_kernel[(n_progs,)](
-                sub, n_slots, state, cnt_gt, cnt_eq, self.eps, self.seed_mix, **const
-            )
-        candidate_count_kernel[(self._candidate_programs(),)](  # only if captured
-            self.cand_key, self.cand_chunk, state, cnt_gt, cnt_eq, self.cap,
-            BLOCK=self.block, TILES=self.tiles, num_warps=NUM_WARPS,
-        )
-        eq = cnt_eq.to(torch.int64)
+        """Per tile: entries taken, its exclusive scan and tie quota (on the device); per
+        non-empty tensor, the number selected."""
+        run_all(self._count_launches(state))
+        dev = self.device
+        tiles = self.total_tiles
+        gt = self.cnt_gt[:tiles].to(torch.int64)
+        eq = self.cnt_eq[:tiles].to(torch.int64)
         eq_excl = torch.cumsum(eq, 0) - eq
-        ties = torch.minimum((state[S_KREM] - eq_excl).clamp_(min=0), eq)
-        take = cnt_gt.to(torch.int64) + ties
+        n = len(self.params)
+        first = torch.tensor(self.first_tile, dtype=torch.int64, device=dev)
+        last = first + torch.tensor(self.n_tiles, dtype=torch.int64, device=dev)  # exclusive
+        # per tensor: ties, and ties before it in global flat order (over ranks when sharded)
+        eq_pad = torch.cat([eq_excl, (eq_excl[-1:] + eq[-1:]) if tiles else eq_excl.new_zeros(1)])
+        tensor_eq = eq_pad[last] - eq_pad[first] if tiles else torch.zeros(n, dtype=torch.int64, device=dev)
+        before = self._ties_before(tensor_eq)
+        krem = state[S_KREM.value]
+        quota = torch.minimum((krem - before).clamp(min=0), tensor_eq)
+        owner = torch.repeat_interleave(torch.arange(n, device=dev),
+                                        torch.tensor(self.n_tiles, device=dev), output_size=tiles)
+        within = eq_excl - eq_excl[first[owner]] if tiles else eq_excl
+        ties = torch.minimum((quota[owner] - within).clamp(min=0), eq)
+        take = gt + ties
         take_incl = torch.cumsum(take, 0)
         take_excl = take_incl - take
-        per_tensor = take_incl[self.last_idx] - take_excl[self.first_idx]
+        pad = torch.cat([take_excl, take_incl[-1:] if tiles else take_excl.new_zeros(1)])
+        per_tensor = (pad[last] - pad[first])[self.nonempty] if tiles else pad.new_zeros(0)
         return take, take_excl, ties, per_tensor
 
+    def _ties_before(self, tensor_eq: torch.Tensor) -> torch.Tensor:
+        """Per local tensor, the ties of all (tensor, rank) pieces before it in global flat
+        order: an exclusive scan here, over all-gathered (offset, count) pairs when sharded."""
+        if self.layout is None:
+            return torch.cumsum(tensor_eq, 0) - tensor_eq
+        coll = self.layout.collective
+        offsets = torch.tensor(self.offsets, dtype=torch.int64, device=tensor_eq.device)
+        pairs = coll.all_gather(torch.stack([offsets, tensor_eq]))  # [world, 2, n]
+        all_off = pairs[:, 0].reshape(-1)
+        all_cnt = pairs[:, 1].reshape(-1)
+        order = torch.sort(all_off, stable=True).indices
+        excl = torch.cumsum(all_cnt[order], 0) - all_cnt[order]
+        before = torch.empty_like(excl)
+        before[order] = excl
+        n = len(self.params)
+        return before[coll.rank * n: (coll.rank + 1) * n]
+
+    def _write_launches(self, state, take, take_excl, ties, outs) -> list[Launch]:
+        tables = self._tables([o.data_ptr() for o in outs])
+        launches = self._full_launches(write_kernel, tables,
+                                       (state, take, take_excl, ties, self.cnt_eq, self.eps))
+        for (idx64,), _ in self.cand_groups.items():
+            table, tiles = tables[("cand", (idx64,))]
+            launches.append(Launch(
+                candidate_write_kernel, (program_count(self.device, tiles),),
+                (table, state, self.cand, self.seg_start, self.seg_count,
+                 take, take_excl, ties, self.cnt_eq),
+                dict(IDX_T=tl.int64 if idx64 else tl.int32, BLOCK=self.block, CBLOCK=CBLOCK),
+            ))
+        return launches
+
     def write(self, state, take, take_excl, ties, outs) -> None:
-        """Writes every tensor's sorted selected indices into ``outs``."""
-        values, _ = self._rows([o.data_ptr() for o in outs])
-        table = _upload(values, self.device)
-        for sub, n_slots, n_progs, idx64, const in self._launches(table):
-            write_kernel[(n_progs,)](
-                sub, n_slots, state, take, take_excl, ties, self.eps, self.seed_mix,
-                IDX_T=tl.int64 if idx64 else tl.int32, **const,
-            )
+        """Writes every tensor's sorted selected local indices into ``outs``."""
+        run_all(self._write_launches(state, take, take_excl, ties, outs))
+
+    def launches(self, k: int) -> list[Launch]:
+        """Every launch one selection issues (no kernel runs): the compile gate's variants."""
+        state, hist, _ = self.new_state(k)
+        out = []
+        for level in range(len(self.digits)):
+            out += self._level_launches(level, state, hist[level])
+            out.append(self._choose_launch(level, hist[level], state))
+        out += self._count_launches(state)
+        tiles = max(self.total_tiles, 1)
+        take = torch.zeros(tiles, dtype=torch.int64, device=self.device)
+        outs = [torch.empty(max(p.numel(), 1), dtype=dt, device=self.device)
+                for p, dt in zip(self.params, self.index_dtypes)]
+        out += self._write_launches(state, take, take, take, outs)
+        return out
+
+    def count_bad(self, names) -> list[int]:
+        """Per local tensor, its NaN/inf scores (error path only: torch, one tensor at a time)."""
+        counts = []
+        for i, p in enumerate(self.params):
+            if self.signed:
+                s = self.precomputed[i].reshape(-1)
+            else:
+                s = reference.compute_score(p, self.grads[i], self.score, self.eps, self.seed,
+                                            self.offsets[i])
+            counts.append(int((~torch.isfinite(s)).sum()))
+        return counts
 
 
 def triton_select(
@@ -361,40 +487,61 @@ def triton_select(
     seed: int = 0,
     names: Sequence[str] | None = None,
     precomputed: Sequence[torch.Tensor] | None = None,
+    layout: ShardLayout | None = None,
 ) -> list[torch.Tensor]:
     """Per tensor, the sorted flat indices of its selected entries (int32; int64 for a tensor of
     >= 2**31 entries): the k largest scores of the group, ties to the lower flat index.
 
-    A NaN or infinite score raises ``ValueError`` naming the tensor.
+    With ``layout`` the tensors are this rank's shards (ops/collective.py): k counts the whole
+    group (``layout.total``), the random score hashes and ties follow global flat indices
+    (``layout.offsets[i] + local index``), and the indices returned are local. Every rank issues
+    the same collectives in the same order, whatever its data, also with empty shards.
+
+    A NaN or infinite score raises ``ValueError`` naming the tensor (on every rank).
     """
     params, grads, names, precomputed, device, total, k = _check_inputs(
-        params, grads, k, score, names, precomputed
+        params, grads, k, score, names, precomputed, layout
     )
-    plan = SelectionPlan(params, grads, score, score_eps, seed, precomputed, device)
+    coll = layout.collective if layout is not None else None
+    if coll is not None:  # the all-gather of the tie pass needs one row per tensor everywhere
+        counts = coll.all_gather(torch.tensor([len(params)], dtype=torch.int64, device=device))
+        if int(counts.min()) != int(counts.max()):
+            raise ValueError(
+                f"every rank must pass the same number of tensors to a sharded selection, got "
+                f"{counts.reshape(-1).tolist()}"
+            )
+    plan = SelectionPlan(params, grads, score, score_eps, seed, precomputed, device, layout)
     if total == 0:
         return [torch.empty(0, dtype=dt, device=device) for dt in plan.index_dtypes]
 
     # Radix select: the exact k-th largest key, decided on the device.
-    state, hist, bad = plan.new_state(k)
+    state, hist, _ = plan.new_state(k)
     for level in range(len(plan.digits)):
-        plan.histogram_pass(level, state, hist[level], bad)
-        # (sharded parameters: all_reduce(hist[level]) here)
+        plan.histogram_pass(level, state, hist[level])
+        if coll is not None:
+            coll.all_reduce_sum_(hist[level])
         plan.choose_bucket(level, hist[level], state)
 
     take, take_excl, ties, per_tensor = plan.compact_counts(state)
 
-    # The one host sync: NaN/inf check and the output sizes.
-    info = torch.cat([bad, per_tensor]).cpu().tolist()
-    for i, nb in enumerate(info[: len(params)]):
-        if nb:
-            raise ValueError(
-                f"selection score of parameter {names[i]} has {nb} NaN/infinite value(s); "
-                f"check its weights and gradient"
-            )
+    # The one host sync: NaN/inf count (summed over ranks already) and the output sizes.
+    n_bad = sum(hist[0][s].sum() for s in bad_bins(plan.signed)).reshape(1)
+    info = torch.cat([n_bad, per_tensor]).cpu().tolist()
+    if info[0]:
+        bad = torch.tensor(plan.count_bad(names), dtype=torch.int64, device=device)
+        if coll is not None:
+            coll.all_reduce_sum_(bad)
+        for i, nb in enumerate(bad.tolist()):
+            if nb:
+                raise ValueError(
+                    f"selection score of parameter {names[i]} has {nb} NaN/infinite value(s); "
+                    f"check its weights and gradient"
+                )
+        raise ValueError(f"selection scores have {info[0]} NaN/infinite value(s)")
     counts = [0] * len(params)
     for j, i in enumerate(plan.nonempty):
-        counts[i] = info[len(params) + j]
-    if sum(counts) != k:
+        counts[i] = info[1 + j]
+    if coll is None and sum(counts) != k:
         raise RuntimeError(f"internal error: selected {sum(counts)} entries, expected k={k}")
     outs = [_empty(c, dt, device) for c, dt in zip(counts, plan.index_dtypes)]
     plan.write(state, take, take_excl, ties, outs)

@@ -1,6 +1,10 @@
-"""Launcher for the fused multi-tensor sparse AdamW step.
+"""Launcher for the fused multi-tensor sparse AdamW step (kernel 4 of
+`docs/design.md#kernels`).
 
-The update of `docs/design.md#sparse-update`, kernel 4 of `docs/design.md#kernels`.
+One launcher for both state layouts (``state_layout="fp32"`` or ``"8bit"``: bitsandbytes'
+blockwise dynamic quantization, `reference.QUANT_BLOCK` entries per absmax). The launches are
+built as `Launch` descriptions by `sparse_adamw_launches` (what the compile gate enumerates) and
+run by `triton_sparse_adamw_step`.
 """
 
 from __future__ import annotations
@@ -12,33 +16,26 @@ from typing import Sequence
 import torch
 import triton.language as tl
 
+from gallop_kernels.ops.launch import Launch, check_device, log_slots, run_all, upload
+from gallop_kernels.ops.triton.multi_tensor import HEAD_LOG_SLOTS, HEAD_SLOTS, HEAD_WORK, build_table
 from gallop_kernels.ops.triton.sparse_adamw import (
-    F_COUNT, F_EXP_AVG, F_EXP_AVG_SQ, F_GRAD, F_INDEX, F_MASTER, F_PARAM, F_START, NF,
+    ROW_COUNT, ROW_EXP_AVG, ROW_EXP_AVG_ABSMAX, ROW_EXP_AVG_SQ, ROW_EXP_AVG_SQ_ABSMAX, ROW_FIELDS,
+    ROW_GRAD, ROW_INDEX, ROW_MASTER, ROW_PARAM, ROW_START, STATE_BLOCKWISE8, STATE_FP32,
     sparse_adamw_kernel,
 )
 
-__all__ = ["triton_sparse_adamw_step"]
+__all__ = ["STATE_LAYOUTS", "sparse_adamw_launches", "triton_sparse_adamw_step"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-BLOCK = 256 if _INTERPRET else 1024
-NUM_WARPS = 4
+BLOCK = 256 if _INTERPRET else 1024  # entries per program with fp32 state (tests shrink it)
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_TL_DTYPE = {
+STATE_LAYOUTS = {"fp32": STATE_FP32, "8bit": STATE_BLOCKWISE8}
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+TL_DTYPE = {
     torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
     torch.int32: tl.int32, torch.int64: tl.int64,
 }
-
-
-def _upload(values: list[int], device: torch.device) -> torch.Tensor:
-    host = torch.tensor(values, dtype=torch.int64)
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
-
-
-def _log_slots(n: int) -> int:
-    return max(1, math.ceil(math.log2(n)) + 1) if n > 1 else 0
 
 
 def _check_state(t, what, i, count, device, dtype=torch.float32):
@@ -54,14 +51,6 @@ def _check_state(t, what, i, count, device, dtype=torch.float32):
         raise ValueError(f"{what} of tensor #{i} is not contiguous (it is updated in place)")
 
 
-def check_device(device: torch.device) -> None:
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise ValueError(
-            f"the Triton kernels need CUDA tensors, got {device} (or set TRITON_INTERPRET=1 before "
-            f"importing triton to run them on the CPU)"
-        )
-
-
 def check_step(step: int) -> None:
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise ValueError(f"step must be an int >= 1, got {step!r}")
@@ -73,11 +62,11 @@ def check_param_grad_indices(i: int, p, g, idx, device: torch.device) -> bool:
         raise TypeError(f"param and indices of tensor #{i} must be tensors")
     if p.device != device:
         raise ValueError(f"param #{i} is on {p.device}, expected {device}")
-    if p.dtype not in _FLOAT_DTYPES:
+    if p.dtype not in FLOAT_DTYPES:
         raise TypeError(f"param #{i} has dtype {p.dtype}; expected float32, bfloat16 or float16")
     if not p.is_contiguous():
         raise ValueError(f"param #{i} is not contiguous (it is updated in place)")
-    if idx.dtype not in (torch.int32, torch.int64):
+    if idx.dtype not in INDEX_DTYPES:
         raise TypeError(f"indices of tensor #{i} have dtype {idx.dtype}; expected int32 or int64")
     if idx.device != device:
         raise ValueError(f"indices of tensor #{i} are on {idx.device}, expected {device}")
@@ -88,7 +77,7 @@ def check_param_grad_indices(i: int, p, g, idx, device: torch.device) -> bool:
         raise TypeError(f"grad of tensor #{i} is not a tensor")
     if g.is_sparse:
         raise TypeError(f"grad of tensor #{i} is sparse; dense gradients only")
-    if g.dtype not in _FLOAT_DTYPES:
+    if g.dtype not in FLOAT_DTYPES:
         raise TypeError(f"grad of tensor #{i} has dtype {g.dtype}; expected float32, bfloat16 or float16")
     if g.device != device:
         raise ValueError(f"grad of tensor #{i} is on {g.device}, expected {device}")
@@ -113,27 +102,104 @@ def adamw_scalars(step: int, lr: float, beta1: float, beta2: float, eps: float,
     )
 
 
-def launch_table(
-    launches: dict[tuple, list[tuple[list[int], int]]], nf: int, f_start: int, block: int,
-    device: torch.device,
-) -> tuple[torch.Tensor, list[tuple[tuple, int, int, int]]]:
-    """One int64 table for every launch: per launch key, rows of ``nf`` fields whose ``f_start``
-    field is filled with the row's first program (``block`` entries per program).
+def sparse_adamw_launches(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    indices: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    masters: Sequence[torch.Tensor | None],
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    *,
+    state_layout: str = "fp32",
+    exp_avg_absmaxes: Sequence[torch.Tensor] | None = None,
+    exp_avg_sq_absmaxes: Sequence[torch.Tensor] | None = None,
+) -> list[Launch]:
+    """Validate every input (before anything changes) and describe the step's launches."""
+    if state_layout not in STATE_LAYOUTS:
+        raise ValueError(f"unknown state_layout {state_layout!r}; expected one of {tuple(STATE_LAYOUTS)}")
+    eight = state_layout == "8bit"
+    lists = [list(x) for x in (params, grads, indices, exp_avgs, exp_avg_sqs, masters)]
+    if eight:
+        if exp_avg_absmaxes is None or exp_avg_sq_absmaxes is None:
+            raise ValueError('state_layout="8bit" needs exp_avg_absmaxes and exp_avg_sq_absmaxes')
+        lists += [list(exp_avg_absmaxes), list(exp_avg_sq_absmaxes)]
+    else:
+        n = len(lists[0])
+        lists += [[None] * n, [None] * n]
+    if len({len(x) for x in lists}) != 1:
+        raise ValueError("params, grads, indices, exp_avgs, exp_avg_sqs, masters (and absmaxes) "
+                         "differ in length")
+    if not lists[0]:
+        return []
+    check_step(step)
+    device = lists[0][0].device
+    from gallop_kernels import reference
 
-    ``launches`` maps a key to (row, count) pairs. Returns the table on ``device`` and, per key,
-    (key, first row, number of rows, number of programs).
-    """
+    block = reference.QUANT_BLOCK if eight else int(BLOCK)  # 8-bit: a program per quant block
+    state_dtype = torch.uint8 if eight else torch.float32
+    launches: dict[tuple, list[tuple[list[int], int]]] = {}
+    for i, (p, g, idx, m, v, w, m_max, v_max) in enumerate(zip(*lists)):
+        compact = check_param_grad_indices(i, p, g, idx, device)
+        count = idx.numel()
+        _check_state(m, "exp_avg", i, count, device, state_dtype)
+        _check_state(v, "exp_avg_sq", i, count, device, state_dtype)
+        if eight:
+            blocks = -(-count // block)
+            _check_state(m_max, "exp_avg_absmax", i, blocks, device)
+            _check_state(v_max, "exp_avg_sq_absmax", i, blocks, device)
+        if w is not None:
+            _check_state(w, "master", i, count, device)
+        if count == 0:
+            continue
+        row = [0] * ROW_FIELDS.value
+        row[ROW_PARAM], row[ROW_GRAD], row[ROW_INDEX] = p.data_ptr(), g.data_ptr(), idx.data_ptr()
+        row[ROW_EXP_AVG], row[ROW_EXP_AVG_SQ] = m.data_ptr(), v.data_ptr()
+        if eight:
+            row[ROW_EXP_AVG_ABSMAX], row[ROW_EXP_AVG_SQ_ABSMAX] = m_max.data_ptr(), v_max.data_ptr()
+        row[ROW_MASTER] = w.data_ptr() if w is not None else 0
+        row[ROW_COUNT] = count
+        key = (p.dtype, g.dtype, w is not None, idx.dtype, compact)
+        launches.setdefault(key, []).append((row, count))
+    if not launches:
+        return []
+
+    # One upload: every launch's table (header row + rows), each starting on a row boundary.
     values: list[int] = []
     specs = []
     for key, members in launches.items():
-        row0, start = len(values) // nf, 0
+        rows, start = [], 0
         for row, count in members:
-            row = list(row)
-            row[f_start] = start
-            values.extend(row)
+            row[ROW_START] = start
+            rows.append(row)
             start += -(-count // block)
-        specs.append((key, row0, len(members), start))
-    return _upload(values, device), specs
+        header = [0] * 3
+        header[HEAD_SLOTS], header[HEAD_LOG_SLOTS], header[HEAD_WORK] = (
+            len(rows), log_slots(len(rows)), start)
+        specs.append((key, len(values), len(rows) + 1, start))
+        values += build_table(header, rows, ROW_FIELDS.value)
+    table = upload(values, device)
+    if eight:
+        signed = reference.quantization_map(True, device)
+        unsigned = reference.quantization_map(False, device)
+    else:
+        signed = unsigned = table  # unused placeholders (the fp32 layout reads no map)
+    scalars = adamw_scalars(step, lr, beta1, beta2, eps, weight_decay)
+    out = []
+    for (p_dtype, g_dtype, has_master, idx_dtype, compact), first, n_rows, n_progs in specs:
+        out.append(Launch(
+            sparse_adamw_kernel, (n_progs,),
+            (table[first: first + n_rows * ROW_FIELDS.value], signed, unsigned, *scalars),
+            dict(P_T=TL_DTYPE[p_dtype], G_T=TL_DTYPE[g_dtype], IDX_T=TL_DTYPE[idx_dtype],
+                 HAS_MASTER=has_master, COMPACT_GRAD=compact, STATE=STATE_LAYOUTS[state_layout],
+                 BLOCK=block),
+        ))
+    return out
 
 
 def triton_sparse_adamw_step(
@@ -149,46 +215,26 @@ def triton_sparse_adamw_step(
     beta2: float,
     eps: float,
     weight_decay: float,
+    *,
+    state_layout: str = "fp32",
+    exp_avg_absmaxes: Sequence[torch.Tensor] | None = None,
+    exp_avg_sq_absmaxes: Sequence[torch.Tensor] | None = None,
 ) -> None:
-    """One AdamW step on the selected entries of every tensor, in place; matches
-    ``reference.sparse_adamw_step`` for each. ``grads[i]`` is the dense gradient (param's shape,
-    any float dtype) or the gathered gradient of the selected entries (``indices[i].numel()``
-    values), as in the reference. No host synchronisation."""
-    lists = [list(x) for x in (params, grads, indices, exp_avgs, exp_avg_sqs, masters)]
-    params, grads, indices, exp_avgs, exp_avg_sqs, masters = lists
-    if len({len(x) for x in lists}) != 1:
-        raise ValueError("params, grads, indices, exp_avgs, exp_avg_sqs and masters differ in length")
-    if not params:
-        return
-    check_step(step)
-    device = params[0].device
-    check_device(device)
-    block = int(BLOCK)
-    launches: dict[tuple, list[tuple[list[int], int]]] = {}
-    for i, (p, g, idx, m, v, w) in enumerate(zip(*lists)):
-        compact = check_param_grad_indices(i, p, g, idx, device)
-        count = idx.numel()
-        _check_state(m, "exp_avg", i, count, device)
-        _check_state(v, "exp_avg_sq", i, count, device)
-        if w is not None:
-            _check_state(w, "master", i, count, device)
-        if count == 0:
-            continue
-        row = [0] * NF
-        row[F_PARAM], row[F_GRAD], row[F_INDEX] = p.data_ptr(), g.data_ptr(), idx.data_ptr()
-        row[F_EXP_AVG], row[F_EXP_AVG_SQ] = m.data_ptr(), v.data_ptr()
-        row[F_MASTER] = w.data_ptr() if w is not None else 0
-        row[F_COUNT] = count
-        key = (p.dtype, g.dtype, w is not None, idx.dtype, compact)
-        launches.setdefault(key, []).append((row, count))
-    if not launches:
-        return
-    scalars = adamw_scalars(step, lr, beta1, beta2, eps, weight_decay)
-    table, specs = launch_table(launches, NF, F_START, block, device)
-    for (p_dtype, g_dtype, has_master, idx_dtype, compact), row0, n_slots, n_progs in specs:
-        sparse_adamw_kernel[(n_progs,)](
-            table[row0 * NF: (row0 + n_slots) * NF], n_slots, *scalars,
-            LOG_SLOTS=_log_slots(n_slots), P_T=_TL_DTYPE[p_dtype], G_T=_TL_DTYPE[g_dtype],
-            IDX_T=_TL_DTYPE[idx_dtype], HAS_MASTER=has_master, COMPACT_GRAD=compact,
-            BLOCK=block, num_warps=NUM_WARPS,
-        )
+    """One AdamW step on the selected entries of every tensor, in place. No host sync.
+
+    ``grads[i]`` is the dense gradient (param's shape, any float dtype) or the gathered gradient
+    of the selected entries (``indices[i].numel()`` values). With ``state_layout="fp32"`` it
+    matches ``reference.sparse_adamw_step`` (bit for bit on the CPU but for torch's CPU sqrt,
+    which is not always correctly rounded); with ``"8bit"`` (uint8 ``exp_avgs``/``exp_avg_sqs``
+    and float32 absmaxes per `reference.QUANT_BLOCK` entries) it produces exactly the codes,
+    absmaxes and weights of ``reference.sparse_adamw_step_8bit``.
+    """
+    params = list(params)
+    if params:
+        check_device(params[0].device)
+    launches = sparse_adamw_launches(
+        params, grads, indices, exp_avgs, exp_avg_sqs, masters, step, lr, beta1, beta2, eps,
+        weight_decay, state_layout=state_layout, exp_avg_absmaxes=exp_avg_absmaxes,
+        exp_avg_sq_absmaxes=exp_avg_sq_absmaxes,
+    )
+    run_all(launches)

@@ -14,8 +14,9 @@ found digit by digit, most significant first:
 1. pass A reads θ and g: a histogram of every key's top digit (up to 16 bits, 64Ki bins; fewer
    for small groups, whose fixed costs would otherwise show) and the NaN/inf check;
 2. pass B reads θ and g again and keeps the (position, key) of every entry at or above the bucket
-   holding the k-th largest key; the remaining digits are then found among the kept keys alone
-   (8 bits a round, 256 bins), and the output is taken from them: two reads in all;
+   holding the k-th largest key; the rest of the threshold is then found among the kept keys
+   alone (``torch.kthvalue`` in one process; across ranks, digit by digit, 8 bits a round, from
+   summed 256-bin histograms), and the output is taken from them: two reads in all;
 3. only when that bucket holds more than ``max(chunk, min(k, MAX_CANDIDATES))`` entries (many
    exact ties) is the next digit histogrammed by another read (16 bits) before keeping, and when
    the exact threshold itself has too many ties the keeping read keeps ties only up to the number
@@ -368,6 +369,13 @@ def streaming_select(
             kept = _keep(group, devices[0], lo)
         if low_bits == 0:
             break
+        if kept is not None and ranks.collective is None:
+            # One process: the k-th largest of the kept bucket directly (no histogram rounds).
+            kk = kept[1]
+            inside = kk[(kk >= lo) & (kk <= last)]
+            lo = int(torch.kthvalue(inside.cpu(), inside.numel() - remaining + 1).values)
+            remaining -= int((inside > lo).sum())
+            break
         bits = min(8 if kept is not None else 16, low_bits)
         low_bits -= bits
         digits = _Histogram(1 << bits)
@@ -458,16 +466,15 @@ def _take(group: _Group, devices, at: torch.Tensor, key: torch.Tensor, threshold
     if any(quota):
         tie = key == threshold
         tie_at = tie.nonzero().squeeze(1)
-        # A tensor's ties are one run in packed order (tensors in offset order): number each
-        # tie within its tensor and take those below the tensor's quota.
+        # A tensor's ties are one run in packed order (tensors in offset order): take the first
+        # quota[t] of each run.
         per_tensor = _per_segment(group.segments, at[tie_at], n_tensors)
-        counts = torch.tensor([per_tensor[t] for t in group.order], dtype=torch.int64)
-        starts = torch.cumsum(counts, 0) - counts
-        limits = torch.tensor([quota[t] for t in group.order], dtype=torch.int64)
-        first_of = torch.repeat_interleave(starts, counts).to(tie_at.device)
-        limit_of = torch.repeat_interleave(limits, counts).to(tie_at.device)
-        rank_in_tensor = torch.arange(tie_at.numel(), device=tie_at.device) - first_of
-        take[tie_at[rank_in_tensor < limit_of]] = True
+        parts, start = [], 0
+        for t in group.order:
+            if quota[t]:
+                parts.append(tie_at[start:start + quota[t]])
+            start += per_tensor[t]
+        take[torch.cat(parts)] = True
     chosen = at[take]
     out: list[list[torch.Tensor]] = [[] for _ in devices]
     if group.segments:

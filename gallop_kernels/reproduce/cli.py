@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from dataclasses import replace
@@ -17,54 +18,66 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``reproduce`` subcommand; its handler is set as ``func``."""
-    from gallop_kernels.reproduce.runner import METHODS
+    from gallop_kernels.reproduce.runner import METHODS, ReproConfig
 
+    d = ReproConfig()
     p = subparsers.add_parser(
         "reproduce",
-        help="small-scale reproduction of the paper's comparison (tiny Llama, generated tasks, CPU)",
-        description="Pretrain a tiny Llama on a mixture of generated tasks, fine-tune it on a new task with "
-                    "full fine-tuning, LoRA, GaLLoP, gradient (SIFT/SAFT), magnitude (PaFi) and random "
-                    "selection at matched budgets over several seeds, and write raw.json, table.md and plot.png "
-                    "(ID accuracy, OOD accuracy, forget ratio, collapse rate).",
+        help="the paper's comparison on SmolLM2-135M-Instruct: ID/OOD accuracy, forget ratio, collapse rate",
+        description="Fine-tune SmolLM2-135M-Instruct on a new rule (codes of word categories, held-out words) "
+                    "with full fine-tuning, LoRA, GaLLoP, SIFT, SAFT-like, PaFi and random selection at a budget "
+                    "matched to LoRA, each at its own learning rate tuned on a validation split, over several "
+                    "seeds; measure the new task (ID) and tasks the model already answers (OOD), and write "
+                    "raw.json (after every run: an interrupted run resumes), table.md and plot.png. "
+                    "See docs/reproduction.md.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--output", default=os.path.join("results", "reproduction"), help="default: %(default)s")
-    p.add_argument("--seeds", type=_ints, default=None, help="comma-separated seeds (default: 0,1,2)")
-    p.add_argument("--ranks", type=_ints, default=None,
-                   help="LoRA ranks defining the matched budgets (default: 1,4,16)")
-    p.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}")
-    p.add_argument("--jobs", type=int, default=None, help="worker processes (default: 2 or the CPU count if fewer)")
-    p.add_argument("--smoke", action="store_true", help="seconds-long CI setting: exercises everything, learns nothing")
+    p.add_argument("--output", default=os.path.join("results", "reproduction"), help="folder of the results")
+    p.add_argument("--model", default=None, help="a .gguf file, HF folder or hub id (default: the embedded model)")
+    p.add_argument("--seeds", type=_ints, default=d.seeds, help="comma-separated seeds")
+    p.add_argument("--methods", default=",".join(d.methods), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--rank", type=int, default=d.lora_rank, help="LoRA rank defining the matched budget")
+    p.add_argument("--steps", type=int, default=d.steps, help="fine-tuning steps per run")
+    p.add_argument("--threads", type=int, default=d.threads, help="CPU threads for torch")
+    p.add_argument("--smoke", action="store_true",
+                   help="seconds-long CI setting on a random tiny chat model: exercises everything, learns nothing")
+    p.add_argument("--report-only", action="store_true", help="only rewrite table.md and plot.png from raw.json")
     p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--cache", default=None, help="directory to keep/reuse the pretrained models (optional)")
     # gallop_kernels/cli.py calls handler(args, subparser); func(args) is the same without the parser
     p.set_defaults(func=reproduce_main, handler=lambda args, parser: reproduce_main(args), subparser=p)
     return p
 
 
 def reproduce_main(args: argparse.Namespace) -> int:
+    from gallop_kernels.models import ModelUnavailable
     from gallop_kernels.reproduce.report import markdown_table, write_outputs
     from gallop_kernels.reproduce.runner import SMOKE, ReproConfig, run_reproduction
 
-    cfg = SMOKE if args.smoke else ReproConfig(jobs=max(1, min(2, os.cpu_count() or 1)))
-    changes = {}
-    if args.seeds is not None:
-        changes["seeds"] = args.seeds
-    if args.ranks is not None:
-        changes["lora_ranks"] = args.ranks
-    if args.methods is not None:
-        changes["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    if args.cache is not None:
-        changes["cache_dir"] = args.cache
-    if args.jobs is not None:
-        changes["jobs"] = args.jobs
-    try:
-        cfg = replace(cfg, **changes)
-        cfg.check()
-    except ValueError as e:
-        print(f"gallop reproduce: error: {e}", file=sys.stderr)
-        return 2
-    raw = run_reproduction(cfg)
+    raw_path = os.path.join(args.output, "raw.json")
+    if args.report_only:
+        try:
+            with open(raw_path, encoding="utf-8") as f:
+                raw = json.load(f)
+        except (OSError, ValueError) as e:
+            print(f"gallop reproduce: error: cannot read {raw_path}: {e}", file=sys.stderr)
+            return 2
+    else:
+        base = SMOKE if args.smoke else ReproConfig()
+        changes = {"methods": tuple(m.strip() for m in args.methods.split(",") if m.strip()), "threads": args.threads}
+        if not args.smoke:
+            changes.update(model=args.model, seeds=args.seeds, lora_rank=args.rank, steps=args.steps)
+        try:
+            cfg = replace(base, **changes)
+            cfg.check()
+        except ValueError as e:
+            print(f"gallop reproduce: error: {e}", file=sys.stderr)
+            return 2
+        try:
+            raw = run_reproduction(cfg, raw_path=raw_path)
+        except ModelUnavailable as e:
+            print(f"gallop reproduce: {e}", file=sys.stderr)
+            return 2
     paths = write_outputs(raw, args.output, make_plot=not args.no_plot)
     print(markdown_table(raw))
-    print(f"wall time {raw['wall_seconds']:.0f} s; wrote " + ", ".join(paths))
+    print("wrote " + ", ".join(paths))
     return 0

@@ -13,45 +13,43 @@ from gallop_kernels.reproduce.runner import METHOD_LABELS, METHODS
 METRICS = ("id_accuracy", "ood_accuracy", "forget_ratio", "collapse_rate")
 
 
-def per_run_metrics(raw: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each run with the paper's metrics against the vanilla (pretrained) model of its seed."""
-    out = []
+def _accuracies(raw: dict[str, Any], result: dict[str, Any]) -> dict[str, float]:
+    return {raw["id_task"]: result["id_test"], **{t: result["ood"][t] for t in raw["ood_tasks"]}}
+
+
+def final_runs(raw: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs at each method's chosen learning rate, with the paper's metrics against the base model."""
     threshold = raw["config"]["collapse_threshold"]
+    vanilla = _accuracies(raw, raw["vanilla"])
+    out = []
     for r in raw["runs"]:
-        vanilla = raw["vanilla"][str(r["seed"])]["accuracy"]
-        tuned = {k: r["accuracy"][k] for k in [raw["id_task"], *raw["ood_tasks"]]}
-        try:
+        if raw["chosen_lr"].get(r["method"]) != r["lr"] or r["seed"] not in raw["config"]["seeds"]:
+            continue
+        tuned = _accuracies(raw, r)
+        if sum(vanilla[t] for t in raw["ood_tasks"]) == 0:  # a model that knows nothing (the smoke
+            # setting's random tiny model): nothing to forget, the forget ratio is undefined
+            m = run_metrics(tuned, {**vanilla, **{t: 1.0 for t in raw["ood_tasks"]}}, raw["id_task"], threshold)
+            m = {**m.as_dict(), "vanilla_ood_accuracy": 0.0, "forget_ratio": float("nan")}
+        else:
             m = run_metrics(tuned, vanilla, raw["id_task"], threshold).as_dict()
-        except ValueError:  # vanilla OOD accuracy 0 (only in toy settings): forget ratio undefined
-            ood = [tuned[k] for k in raw["ood_tasks"]]
-            m = {"id_accuracy": tuned[raw["id_task"]], "ood_accuracy": sum(ood) / len(ood),
-                 "vanilla_ood_accuracy": 0.0, "forget_ratio": float("nan"),
-                 "collapse_rate": sum(v <= threshold for v in ood) / len(ood)}
         out.append({**r, **m})
     return out
 
 
 def aggregate(raw: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per (method, budget): mean and std over seeds of every metric."""
-    runs = per_run_metrics(raw)
+    """One row per method: mean and std over seeds of every metric."""
+    runs = final_runs(raw)
     rows = []
-    keys = sorted({(r["method"], r["rank"]) for r in runs},
-                  key=lambda k: (k[1] or 0, METHODS.index(k[0])))
-    for method, rank in keys:
-        group = [r for r in runs if r["method"] == method and r["rank"] == rank]
-        row = {"method": method, "rank": rank, "seeds": len(group), "trainable": group[0]["trainable"],
-               "density": group[0]["density"]}
-        for m in METRICS:
-            vals = [r[m] for r in group if not math.isnan(r[m])]
-            row[m] = mean_std(vals) if vals else (float("nan"), float("nan"))
+    for method in [m for m in METHODS if any(r["method"] == m for r in runs)]:
+        group = [r for r in runs if r["method"] == method]
+        row = {"method": method, "seeds": len(group), "trainable": group[0]["trainable"],
+               "lr": group[0]["lr"], "seconds": mean_std([r["seconds"] for r in group])}
+        for k in METRICS:
+            values = [r[k] for r in group if not math.isnan(r[k])]
+            row[k] = mean_std(values) if values else (math.nan, math.nan)
+        row["per_task"] = {t: mean_std([r["ood"][t] for r in group]) for t in raw["ood_tasks"]}
         rows.append(row)
     return rows
-
-
-def vanilla_row(raw: dict[str, Any]) -> dict[str, tuple[float, float]]:
-    ids = [v["accuracy"][raw["id_task"]] for v in raw["vanilla"].values()]
-    oods = [sum(v["accuracy"][k] for k in raw["ood_tasks"]) / len(raw["ood_tasks"]) for v in raw["vanilla"].values()]
-    return {"id_accuracy": mean_std(ids), "ood_accuracy": mean_std(oods)}
 
 
 def _pct(ms: tuple[float, float]) -> str:
@@ -62,69 +60,76 @@ def _pct(ms: tuple[float, float]) -> str:
 
 
 def markdown_table(raw: dict[str, Any]) -> str:
-    """The results as a Markdown table (percentages, mean ± std over seeds)."""
+    """The results as Markdown: the main table, OOD per task, and the learning-rate tuning."""
     cfg = raw["config"]
-    n_seeds = len(cfg["seeds"])
-    van = vanilla_row(raw)
+    van = raw["vanilla"]
+    van_ood = sum(van["ood"][t] for t in raw["ood_tasks"]) / len(raw["ood_tasks"])
+    rows = aggregate(raw)
+    n_seeds = max((r["seeds"] for r in rows), default=0)
     lines = [
-        f"ID task: `{raw['id_task']}`; OOD tasks: {', '.join(f'`{t}`' for t in raw['ood_tasks'])}. "
-        f"Exact-match accuracy (%), mean ± std over {n_seeds} seed(s) (each seed: its own pretraining, "
-        f"data order, LoRA init and random selection). Model: {raw['num_params']:,}-parameter Llama "
-        f"({cfg['num_layers']} layers, hidden {cfg['hidden_size']}); {cfg['finetune_steps']} fine-tuning steps "
-        f"of batch {cfg['finetune_batch']}. Forget ratio and collapse rate are in %; collapse = OOD task "
-        f"accuracy ≤ {100 * cfg['collapse_threshold']:g}%.",
+        f"Model: {raw['model_name']} ({raw['num_params']:,} parameters). ID task `{raw['id_task']}` "
+        f"({raw['id_items']['train']} training words, {raw['id_items']['test']} unseen test words); OOD tasks "
+        + ", ".join(f"`{t}` ({raw['ood_items'][t]})" for t in raw["ood_tasks"])
+        + f". Teacher-forced exact match (= greedy decoding), %, mean ± std over {n_seeds} seed(s). "
+        f"{cfg['steps']} steps of batch {cfg['batch_size']}; budget = LoRA rank {cfg['lora_rank']} = "
+        f"{raw['budget']:,} trainable entries ({100 * raw['budget'] / raw['num_target_params']:.2f}% of the "
+        f"q/k/v/o/gate/up/down weights). Forget ratio and collapse rate (OOD task accuracy ≤ "
+        f"{100 * cfg['collapse_threshold']:g}%) as in `gallop_kernels/metrics.py`.",
         "",
-        "| method | trainable params (density of linear weights) | ID acc | OOD acc | forget ratio | collapse rate |",
-        "|---|---|---|---|---|---|",
-        f"| pretrained (no fine-tuning) | – | {_pct(van['id_accuracy'])} | {_pct(van['ood_accuracy'])} | – | – |",
+        "| method | trainable | lr (tuned) | ID acc | OOD acc | forget ratio | collapse rate |",
+        "|---|---|---|---|---|---|---|",
+        f"| base model (no fine-tuning) | – | – | {100 * van['id_test']:.1f} | {100 * van_ood:.1f} | – | – |",
     ]
-    for row in aggregate(raw):
-        if row["method"] == "full":
-            budget = f"all {row['trainable']:,}"
-        elif row["method"] == "lora":
-            budget = f"{row['trainable']:,} (rank {row['rank']})"
-        else:
-            budget = f"{row['trainable']:,} ({100 * row['density']:.2f}%)"
-        lines.append(f"| {METHOD_LABELS[row['method']]} | {budget} | {_pct(row['id_accuracy'])} | "
-                     f"{_pct(row['ood_accuracy'])} | {_pct(row['forget_ratio'])} | {_pct(row['collapse_rate'])} |")
+    for row in rows:
+        lines.append(f"| {METHOD_LABELS[row['method']]} | {row['trainable']:,} | {row['lr']:g} | "
+                     f"{_pct(row['id_accuracy'])} | {_pct(row['ood_accuracy'])} | {_pct(row['forget_ratio'])} | "
+                     f"{_pct(row['collapse_rate'])} |")
+    lines += ["", "OOD accuracy per task (%):", "",
+              "| method | " + " | ".join(raw["ood_tasks"]) + " |", "|---|" + "---|" * len(raw["ood_tasks"]),
+              "| base model | " + " | ".join(f"{100 * van['ood'][t]:.1f}" for t in raw["ood_tasks"]) + " |"]
+    for row in rows:
+        lines.append(f"| {METHOD_LABELS[row['method']]} | "
+                     + " | ".join(_pct(row["per_task"][t]) for t in raw["ood_tasks"]) + " |")
+    tune_seed = cfg["tune_seed"]
+    lines += ["", f"Learning-rate tuning (seed {tune_seed}): ID validation accuracy % (loss); chosen in bold.", "",
+              "| method | " + " | ".join(["lr → val acc (val loss), OOD acc"]) + " |", "|---|---|"]
+    for method in [m for m in METHODS if m in raw["chosen_lr"]]:
+        cells = []
+        for r in sorted((r for r in raw["runs"] if r["method"] == method and r["seed"] == tune_seed),
+                        key=lambda r: r["lr"]):
+            ood = sum(r["ood"].values()) / len(r["ood"])
+            cell = f"{r['lr']:g} → {100 * r['id_val']:.0f} ({r['id_val_loss']:.2f}), {100 * ood:.0f}"
+            cells.append(f"**{cell}**" if r["lr"] == raw["chosen_lr"][method] else cell)
+        lines.append(f"| {METHOD_LABELS[method]} | " + "; ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot(raw: dict[str, Any], path: str) -> None:
-    """ID accuracy against OOD accuracy, one point per method and budget, error bars over seeds."""
+    """ID accuracy against OOD accuracy, one point per method, error bars over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"full": "black", "lora": "tab:purple", "gallop": "tab:red", "gradient": "tab:blue",
-              "magnitude": "tab:green", "random": "tab:gray"}
-    markers = {"full": "s", "lora": "D", "gallop": "o", "gradient": "^", "magnitude": "v", "random": "x"}
-    ranks = sorted(raw["budgets"], key=int)
-    sizes = {r: 40 + 50 * i for i, r in enumerate(ranks)}
+    colors = {"full": "black", "lora": "tab:purple", "gallop": "tab:red", "sift": "tab:cyan", "saft": "tab:blue",
+              "pafi": "tab:green", "random": "tab:gray"}
+    markers = {"full": "s", "lora": "D", "gallop": "o", "sift": "P", "saft": "^", "pafi": "v", "random": "x"}
     fig, ax = plt.subplots(figsize=(7, 5.2))
-    van = vanilla_row(raw)
-    ax.errorbar(100 * van["ood_accuracy"][0], 100 * van["id_accuracy"][0], xerr=100 * van["ood_accuracy"][1],
-                yerr=100 * van["id_accuracy"][1], fmt="*", ms=14, color="gold", mec="black", label="pretrained",
-                zorder=5)
-    seen = set()
+    van = raw["vanilla"]
+    van_ood = sum(van["ood"][t] for t in raw["ood_tasks"]) / len(raw["ood_tasks"])
+    ax.scatter([100 * van_ood], [100 * van["id_test"]], marker="*", s=220, color="gold", edgecolor="black",
+               label="base model", zorder=5)
     for row in aggregate(raw):
         m = row["method"]
         x, xe = (100 * v for v in row["ood_accuracy"])
         y, ye = (100 * v for v in row["id_accuracy"])
-        size = 60 if row["rank"] is None else sizes[str(row["rank"])]
         ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="none", ecolor=colors[m], alpha=0.6, capsize=2)
-        ax.scatter([x], [y], s=size, marker=markers[m], color=colors[m], alpha=0.85,
-                   label=METHOD_LABELS[m] if m not in seen else None, zorder=4)
-        seen.add(m)
-        if row["density"] is not None and m == "gallop":
-            ax.annotate(f"{100 * row['density']:.1f}%", (x, y), textcoords="offset points", xytext=(6, -10),
-                        fontsize=8, color=colors[m])
-    ax.set_xlabel("OOD accuracy (%, mean over pre-training tasks)")
-    ax.set_ylabel(f"ID accuracy (%, {raw['id_task']})")
-    budgets = ", ".join(f"rank {r} ≙ {100 * raw['budgets'][r]['density']:.1f}%" for r in ranks)
-    ax.set_title(f"Fine-tuning a tiny Llama on a new task ({len(raw['config']['seeds'])} seeds)\n"
-                 f"marker size = budget: {budgets}", fontsize=10)
+        ax.scatter([x], [y], s=70, marker=markers[m], color=colors[m], label=METHOD_LABELS[m], zorder=4)
+    ax.set_xlabel("OOD accuracy (%, mean over tasks the base model already answers)")
+    ax.set_ylabel(f"ID accuracy (%, {raw['id_task']}, unseen words)")
+    cfg = raw["config"]
+    ax.set_title(f"{raw['model_name'].split('/')[-1]}: {cfg['steps']} steps, budget {raw['budget']:,} entries "
+                 f"(LoRA rank {cfg['lora_rank']}), {len(cfg['seeds'])} seeds", fontsize=10)
     ax.set_xlim(-3, 103)
     ax.set_ylim(-3, 103)
     ax.grid(alpha=0.3)
@@ -138,8 +143,10 @@ def write_outputs(raw: dict[str, Any], output: str, make_plot: bool = True) -> l
     """raw.json, table.md and plot.png in ``output``; returns the paths written."""
     os.makedirs(output, exist_ok=True)
     paths = [os.path.join(output, "raw.json"), os.path.join(output, "table.md")]
-    with open(paths[0], "w", encoding="utf-8") as f:
+    tmp = paths[0] + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(raw, f, indent=1, default=str)
+    os.replace(tmp, paths[0])
     with open(paths[1], "w", encoding="utf-8") as f:
         f.write(markdown_table(raw))
     if make_plot:

@@ -1,38 +1,62 @@
-"""The small-scale reproduction: pretrain a tiny Llama on a task mixture, fine-tune it on a new task
-with each method at matched trainable-parameter budgets, and measure ID/OOD accuracy, forget ratio
-and collapse rate over seeds.
+"""The paper's comparison on a real pretrained model: ``gallop reproduce`` (see docs/reproduction.md).
 
-Budgets are matched to LoRA: LoRA of rank r on every linear layer but the head trains
-``r * sum(in + out)`` parameters; the sparse methods (GaLLoP, gradient/SIFT-SAFT, magnitude/PaFi,
-random) train the same number of entries, selected globally over the same linear weights
-(density ``r * sum(in + out) / sum(in * out)``). Full fine-tuning (AdamW on every parameter) is the
-unconstrained reference. Every (seed, method, budget) run is independent and seeded, so results do
-not depend on how runs are scheduled over worker processes.
+SmolLM2-135M-Instruct is fine-tuned on the ``codes`` task (a new rule; see
+`gallop_kernels/chat_tasks.py`) with each method at one matched trainable-parameter budget, and
+evaluated on held-out ``codes`` words (ID) and on tasks the base model already answers (OOD).
+
+Methods (the sparse ones train exactly the budget, over the same projection weights):
+
+- ``full``: ``torch.optim.AdamW`` on every parameter.
+- ``lora``: peft LoRA of rank r on q/k/v/o/gate/up/down; its trainable count *is* the budget.
+- ``gallop``: one global selection by |g| / (|θ| + ε) from the mean gradient of a few calibration batches.
+- ``sift``: as SIFT's code does it: per tensor, top-|g| of the *first micro-batch*, k = min(int(ρN) + 1, N).
+- ``saft``: one global selection by |g| (the earlier "gradient" row; SAFT-like, not SIFT).
+- ``pafi``: one global selection of the smallest |θ| (no gradient needed).
+- ``random``: a seeded random global selection.
+
+A learning rate per method is chosen on the ``codes`` validation words (best accuracy, ties to the
+lower validation loss) from ``lr_grid`` with the tuning seed; the chosen rate then runs on every seed.
+Every finished run is appended to ``raw.json`` at once, and a rerun with the same settings skips
+the runs already there, so an interrupted reproduction resumes where it stopped.
 """
 
 from __future__ import annotations
 
-import math
+import hashlib
+import json
 import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 import torch
 
-from gallop_kernels.reproduce import tasks as T
+from gallop_kernels import chat_tasks as C
 
-METHODS = ("full", "lora", "gallop", "gradient", "magnitude", "random")
-SPARSE_METHODS = ("gallop", "gradient", "magnitude", "random")
+TINY = "tiny"  # the model spec of the smoke settings: a random tiny chat Llama (`gallop_kernels/toy.py`)
+METHODS = ("full", "lora", "gallop", "sift", "saft", "pafi", "random")
+SPARSE_SCORES = {"gallop": "gallop", "sift": "gradient", "saft": "gradient", "pafi": "magnitude", "random": "random"}
 METHOD_LABELS = {
     "full": "Full FT (AdamW)",
     "lora": "LoRA (peft)",
     "gallop": "GaLLoP",
-    "gradient": "gradient (SIFT/SAFT)",
-    "magnitude": "magnitude (PaFi)",
+    "sift": "SIFT (per tensor, |g| of 1 batch)",
+    "saft": "SAFT-like (global |g|)",
+    "pafi": "PaFi (smallest |θ|)",
     "random": "random",
+}
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+OOD_TASKS = ("opposites", "plurals", "capitals", "languages", "next_number", "addition")
+DEFAULT_LR_GRID = {
+    "full": (1e-5, 3e-5, 1e-4),
+    "lora": (3e-4, 1e-3, 3e-3),
+    "gallop": (3e-4, 1e-3, 3e-3),
+    "sift": (3e-4, 1e-3, 3e-3),
+    "saft": (3e-4, 1e-3, 3e-3),
+    "pafi": (3e-4, 1e-3, 3e-3),
+    "random": (3e-4, 1e-3, 3e-3),
 }
 
 
@@ -40,26 +64,19 @@ METHOD_LABELS = {
 class ReproConfig:
     """Everything that decides a reproduction; the defaults are what ``gallop reproduce`` runs."""
 
+    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct; TINY: the random tiny chat model
     seeds: tuple[int, ...] = (0, 1, 2)
-    lora_ranks: tuple[int, ...] = (1, 4, 16)  # budgets; sparse densities are matched to them
     methods: tuple[str, ...] = METHODS
-    num_symbols: int = 10
-    length: int = 6
-    hidden_size: int = 128
-    num_layers: int = 2
-    pretrain_steps: int = 1500
-    pretrain_batch: int = 64
-    pretrain_lr: float = 3e-3
-    finetune_steps: int = 200
-    finetune_batch: int = 32
-    lr_full: float = 3e-4
-    lr_lora: float = 3e-3
-    lr_sparse: float = 3e-3
-    calibration_fraction: float = 0.05  # d_s of the fine-tuning set (steps x batch examples)
-    eval_examples: int = 256
+    lora_rank: int = 4  # the budget: LoRA's trainable count at this rank
+    steps: int = 40
+    batch_size: int = 8
+    calibration_batches: int = 4  # phase one of the global sparse methods (SIFT uses exactly one)
+    lr_grid: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(DEFAULT_LR_GRID))
+    tune_seed: int = 0
+    ood_tasks: tuple[str, ...] = OOD_TASKS
+    max_ood_items: int | None = None  # per OOD task (None: all); the same items for every run
     collapse_threshold: float = 0.01
-    jobs: int = 2
-    cache_dir: str | None = None  # keep pretrained weights here, keyed by the pretraining settings
+    threads: int = 1
 
     def check(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -67,292 +84,343 @@ class ReproConfig:
             raise ValueError(f"unknown method(s) {unknown}; choose from {METHODS}")
         if not self.seeds:
             raise ValueError("need at least one seed")
-        if not self.lora_ranks or any(r < 1 for r in self.lora_ranks):
-            raise ValueError(f"lora_ranks must be positive integers, got {self.lora_ranks}")
-        for name in ("num_symbols", "length", "hidden_size", "num_layers", "pretrain_batch",
-                     "finetune_steps", "finetune_batch", "eval_examples", "jobs"):
+        bad_tasks = [t for t in self.ood_tasks if t not in C.CANDIDATE_OOD]
+        if bad_tasks or not self.ood_tasks:
+            raise ValueError(f"unknown or no OOD task(s) {bad_tasks}; choose from {sorted(C.CANDIDATE_OOD)}")
+        for name in ("lora_rank", "steps", "batch_size", "calibration_batches", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.pretrain_steps < 0:
-            raise ValueError("pretrain_steps must be >= 0")
-        if not 0.0 < self.calibration_fraction <= 1.0:
-            raise ValueError(f"calibration_fraction must be in (0, 1], got {self.calibration_fraction}")
-        if self.hidden_size % 4:
-            raise ValueError("hidden_size must be a multiple of 4 (4 attention heads)")
+        for m in self.methods:
+            grid = self.lr_grid.get(m)
+            if not grid or any(not (isinstance(lr, (int, float)) and lr > 0) for lr in grid):
+                raise ValueError(f"lr_grid[{m!r}] must be a non-empty list of positive learning rates, got {grid}")
+
+    def fingerprint(self) -> str:
+        """What must match for earlier runs to be reused (seeds and methods may grow)."""
+        d = asdict(self)
+        for k in ("seeds", "methods", "threads"):
+            d.pop(k)
+        d["lr_grid"] = {m: list(v) for m, v in sorted(self.lr_grid.items())}
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-# Seconds-long settings for CI: every code path (all methods, metrics, table, plot), no learning.
-SMOKE = ReproConfig(seeds=(0,), lora_ranks=(1,), num_symbols=5, length=3, hidden_size=16, num_layers=1,
-                    pretrain_steps=4, pretrain_batch=16, finetune_steps=2, finetune_batch=8, eval_examples=16,
-                    calibration_fraction=0.25, jobs=1)
+# Seconds-long CI setting on the random tiny chat model: every code path, nothing learned.
+SMOKE = ReproConfig(model=TINY, seeds=(0,), steps=2, batch_size=4, calibration_batches=1, lora_rank=1,
+                    lr_grid={m: (1e-3,) for m in METHODS}, max_ood_items=6)
 
 
-# ----------------------------------------------------------------------------------------------
-# Model, budgets
-# ----------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+# Model, budget, data
+# ---------------------------------------------------------------------------------------------
 
 
-def build_model(cfg: ReproConfig, seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def load(spec: str | None, log: Callable[[str], None] | None = None) -> tuple[Any, Any, str]:
+    """A fresh float32 copy of the model, its tokenizer, and a description of where it came from."""
+    if spec == TINY:
+        from gallop_kernels.toy import tiny_chat_model
 
-    config = LlamaConfig(
-        vocab_size=T.vocab_size(cfg.num_symbols), hidden_size=cfg.hidden_size,
-        intermediate_size=2 * cfg.hidden_size, num_hidden_layers=cfg.num_layers, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=T.seq_len(cfg.length), tie_word_embeddings=False,
-        use_cache=False, pad_token_id=T.PAD, bos_token_id=T.BOS, eos_token_id=T.SEP,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
+        return (*tiny_chat_model(), "random tiny chat Llama (gallop_kernels.toy, knows nothing)")
+    from gallop_kernels.models import load_model_and_tokenizer, resolve_model
 
-
-def linear_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
-    """(in, out) of every linear layer but the output head: LoRA's and the sparse methods' targets."""
-    head = model.get_output_embeddings()
-    return [(m.in_features, m.out_features) for m in model.modules()
-            if isinstance(m, torch.nn.Linear) and m is not head]
+    resolved = resolve_model(spec, log=log)
+    model, tokenizer = load_model_and_tokenizer(resolved.path if resolved.origin != "hub" else spec)
+    return model, tokenizer, resolved.describe()
 
 
-def budget(model: torch.nn.Module, rank: int) -> tuple[int, float]:
-    """Trainable parameters of LoRA rank ``rank`` and the matched sparse density."""
-    shapes = linear_shapes(model)
-    n_lora = rank * sum(i + o for i, o in shapes)
-    n_linear = sum(i * o for i, o in shapes)
-    return n_lora, min(1.0, n_lora / n_linear)
-
-
-# ----------------------------------------------------------------------------------------------
-# Data and evaluation
-# ----------------------------------------------------------------------------------------------
-
-
-def eval_sets(cfg: ReproConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Held-out examples of every task, the same for every seed and method."""
-    gen = torch.Generator().manual_seed(1_000_003)
-    return {t.name: T.make_batch(t, cfg.eval_examples, cfg.length, cfg.num_symbols, gen, "eval")
-            for t in T.ALL_TASKS}
-
-
-def evaluate(model: torch.nn.Module, sets: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-    return {name: T.exact_match(model, ids, labels) for name, (ids, labels) in sets.items()}
-
-
-def _loss(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids, labels=labels).loss
-
-
-# ----------------------------------------------------------------------------------------------
-# One pretraining, one fine-tuning
-# ----------------------------------------------------------------------------------------------
-
-
-def _cache_path(cfg: ReproConfig, seed: int) -> str | None:
-    if cfg.cache_dir is None:
-        return None
-    import hashlib
-
-    key = (T.vocab_size(cfg.num_symbols), [t.name for t in T.PRETRAIN_TASKS], cfg.num_symbols, cfg.length,
-           cfg.hidden_size, cfg.num_layers, cfg.pretrain_steps, cfg.pretrain_batch, cfg.pretrain_lr,
-           cfg.eval_examples, seed)
-    digest = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
-    return os.path.join(cfg.cache_dir, f"pretrained-{digest}.pt")
-
-
-def pretrain(cfg: ReproConfig, seed: int) -> dict[str, Any]:
-    """Dense AdamW on the pre-training mixture (warm-up, cosine decay). Returns weights and accuracies.
-
-    With ``cfg.cache_dir`` the result is stored there and reused by later runs with the same
-    pretraining settings (its recorded ``seconds`` are those of the run that computed it).
-    """
-    cache = _cache_path(cfg, seed)
-    if cache is not None and os.path.isfile(cache):
-        return torch.load(cache, weights_only=True)
-    t0, c0 = time.perf_counter(), time.process_time()
-    model = build_model(cfg, seed)
-    gen = torch.Generator().manual_seed(10_000 + seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
-    steps = cfg.pretrain_steps
-    warmup = max(1, min(50, steps // 10))
-    model.train()
-    for step in range(steps):
-        scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        for g in opt.param_groups:
-            g["lr"] = cfg.pretrain_lr * scale
-        ids, labels = T.mixture_batch(T.PRETRAIN_TASKS, cfg.pretrain_batch, cfg.length, cfg.num_symbols, gen)
-        _loss(model, ids, labels).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    accs = evaluate(model, eval_sets(cfg))
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    result = {"seed": seed, "state": state, "accuracy": accs, "seconds": time.perf_counter() - t0,
-              "cpu_seconds": time.process_time() - c0}
-    if cache is not None:
-        os.makedirs(cfg.cache_dir, exist_ok=True)
-        torch.save(result, cache + ".tmp")
-        os.replace(cache + ".tmp", cache)
-    return result
-
-
-def finetune(cfg: ReproConfig, seed: int, state: dict[str, torch.Tensor], method: str, rank: int | None
-             ) -> dict[str, Any]:
-    """Fine-tune the pretrained weights on the ID task with one method; returns the per-task accuracies."""
-    from gallop_kernels import SparseAdamW
+def target_parameters(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, weight) of the projections every method may train; everything else is frozen."""
     from gallop_kernels.integrations.transformers import select_trainable
 
+    names = select_trainable(model, list(TARGETS))
+    return [(n, model.get_parameter(n)) for n in names]
+
+
+def lora_budget(targets: list[tuple[str, torch.Tensor]], rank: int) -> int:
+    """Trainable parameters of LoRA rank ``rank`` on these weights: r * (in + out) each."""
+    return rank * sum(p.shape[0] + p.shape[1] for _, p in targets)
+
+
+def sift_k(numel: int, density: float) -> int:
+    """SIFT's per-tensor count, ``min(int(ρN) + 1, N)`` (its code: ``int(numel * ratio) + 1``)."""
+    return min(int(numel * density) + 1, numel)
+
+
+def sift_groups(targets: list[tuple[str, torch.Tensor]], density: float) -> list[dict[str, Any]]:
+    """One param group per tensor whose density makes SparseAdamW's k equal SIFT's k exactly."""
+    from gallop_kernels.reference import k_for_density
+
+    groups = []
+    for name, p in targets:
+        k = sift_k(p.numel(), density)
+        d = k / p.numel()
+        if k_for_density(p.numel(), d) != k:  # floor(d*N + 0.5) == k for d = k/N; checked, not assumed
+            raise AssertionError(f"density {d!r} does not give k={k} for {name}")
+        groups.append({"params": [(name, p)], "density": d})
+    return groups
+
+
+@dataclass
+class Data:
+    """Tokenized batches of every split, built once per tokenizer."""
+
+    train: list[C.Item]
+    train_batch: Callable[[list[C.Item]], C.Batch]
+    id_val: C.Batch
+    id_test: C.Batch
+    ood: dict[str, C.Batch]
+
+
+def build_data(cfg: ReproConfig, tokenizer: Any) -> Data:
+    ood = {}
+    for name in cfg.ood_tasks:
+        items = list(C.CANDIDATE_OOD[name]().items)
+        if cfg.max_ood_items is not None:
+            items = C.shuffled(items, 12345)[:cfg.max_ood_items]
+        ood[name] = C.encode_items(items, tokenizer)
+    return Data(
+        train=C.training_items(C.CODES, tokenizer),
+        train_batch=lambda items: C.encode_items(items, tokenizer),
+        id_val=C.encode_items(C.CODES.split("val"), tokenizer),
+        id_test=C.encode_items(C.CODES.split("test"), tokenizer),
+        ood=ood,
+    )
+
+
+def batches(items: list[C.Item], batch_size: int, steps: int, seed: int) -> list[list[C.Item]]:
+    """``steps`` batches drawn in epochs, each epoch a fresh seeded shuffle."""
+    out: list[list[C.Item]] = []
+    epoch = 0
+    pool: list[C.Item] = []
+    while len(out) < steps:
+        if len(pool) < batch_size:
+            pool += C.shuffled(items, seed * 1000 + epoch)
+            epoch += 1
+        out.append(pool[:batch_size])
+        pool = pool[batch_size:]
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: Data) -> dict[str, Any]:
+    """ID validation accuracy and loss, ID test accuracy, and the accuracy of every OOD task."""
+    was = model.training
+    model.eval()
+    out = {"id_val": C.exact_match(model, data.id_val), "id_val_loss": C.loss(model, data.id_val).item(),
+           "id_test": C.exact_match(model, data.id_test),
+           "ood": {name: C.exact_match(model, b) for name, b in data.ood.items()}}
+    model.train(was)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# One fine-tuning run
+# ---------------------------------------------------------------------------------------------
+
+
+def run_one(cfg: ReproConfig, data: Data, method: str, lr: float, seed: int,
+            log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Fine-tune a fresh copy of the base model on ``codes`` with one method; returns what it measured."""
+    from gallop_kernels import SparseAdamW
+
     t0, c0 = time.perf_counter(), time.process_time()
-    model = build_model(cfg, seed)
-    model.load_state_dict(state)
-    run_seed = 7919 * seed + 104_729 * (rank or 0) + METHODS.index(method)
-    gen = torch.Generator().manual_seed(20_000 + seed)  # the same fine-tuning data for every method
-    n = cfg.finetune_steps * cfg.finetune_batch
-    train_ids, train_labels = T.make_batch(T.FINETUNE_TASK, n, cfg.length, cfg.num_symbols, gen)
-    density = None
+    model, _, _ = load(cfg.model)
+    model.train()
+    targets = target_parameters(model)  # freezes all but the projections
+    budget = lora_budget(targets, cfg.lora_rank)
+    n_linear = sum(p.numel() for _, p in targets)
+    density = budget / n_linear
+    plan = batches(data.train, cfg.batch_size, cfg.steps, seed)
+    run_seed = 1_000 * seed + METHODS.index(method)
+    t_select = 0.0
     if method == "full":
-        params = list(model.parameters())
-        opt = torch.optim.AdamW(params, lr=cfg.lr_full, weight_decay=0.0)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         trainable = sum(p.numel() for p in params)
-        lr = cfg.lr_full
     elif method == "lora":
         from peft import LoraConfig, get_peft_model
 
         torch.manual_seed(run_seed)  # LoRA's A init
-        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                                                 target_modules="all-linear"))
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, lora_dropout=0.0,
+                                                 target_modules=list(TARGETS)))
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=cfg.lr_lora, weight_decay=0.0)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         trainable = sum(p.numel() for p in params)
-        lr = cfg.lr_lora
+        if trainable != budget:
+            raise AssertionError(f"LoRA trains {trainable} parameters, the budget formula says {budget}")
     else:
-        _, density = budget(model, rank)
-        names = select_trainable(model)
-        params = [model.get_parameter(nm) for nm in names]
-        opt = SparseAdamW(list(zip(names, params)), lr=cfg.lr_sparse, weight_decay=0.0, density=density,
-                          score=method, seed=run_seed)
-        # Phase one: the mean gradient over a seeded random d_s fraction of the fine-tuning set.
-        count = min(n, max(1, math.ceil(cfg.calibration_fraction * n - 1e-9)))
-        pick = torch.randperm(n, generator=torch.Generator().manual_seed(run_seed))[:count]
-        for s in range(0, count, cfg.finetune_batch):
-            idx = pick[s:s + cfg.finetune_batch]
-            (_loss(model, train_ids[idx], train_labels[idx]) * (len(idx) / count)).backward()
+        ts = time.perf_counter()
+        if method == "sift":
+            opt = SparseAdamW(sift_groups(targets, density), lr=lr, weight_decay=0.0, score="gradient")
+            calibration = plan[:1]  # SIFT: the gradient of the first training micro-batch
+        else:
+            opt = SparseAdamW(targets, lr=lr, weight_decay=0.0, density=density, score=SPARSE_SCORES[method],
+                              seed=run_seed)
+            picks = batches(data.train, cfg.batch_size, cfg.calibration_batches, seed + 7_777)
+            calibration = [] if method in ("pafi", "random") else picks
+        for items in calibration:
+            (C.loss(model, data.train_batch(items)) / len(calibration)).backward()
         opt.select()
         opt.zero_grad(set_to_none=True)
         trainable = opt.num_selected
-        lr = cfg.lr_sparse
-    model.train()
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(run_seed + 1))
+        t_select = time.perf_counter() - ts
+        if log:
+            log(f"    {method}: selected {trainable:,} entries in {t_select:.0f} s")
     losses = []
-    for step in range(cfg.finetune_steps):
+    for step, items in enumerate(plan):
         for g in opt.param_groups:
-            g["lr"] = lr * (1 - step / cfg.finetune_steps)  # linear decay
-        idx = order[step * cfg.finetune_batch:(step + 1) * cfg.finetune_batch]
-        loss = _loss(model, train_ids[idx], train_labels[idx])
+            g["lr"] = lr * (1 - step / cfg.steps)  # linear decay to 0
+        loss = C.loss(model, data.train_batch(items))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    accs = evaluate(model, eval_sets(cfg))
-    return {"seed": seed, "method": method, "rank": rank, "density": density, "trainable": trainable,
-            "lr": lr, "final_loss": sum(losses[-10:]) / len(losses[-10:]), "accuracy": accs,
-            "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
+        if log and (step + 1) % 10 == 0:
+            log(f"    {method} lr {lr:g} seed {seed}: step {step + 1}/{cfg.steps} loss {losses[-1]:.3f} "
+                f"({time.perf_counter() - t0:.0f} s)")
+    t_train = time.perf_counter() - t0
+    result = evaluate(model, data)
+    return {"method": method, "lr": lr, "seed": seed, "trainable": trainable, "budget": budget,
+            "density": None if method in ("full", "lora") else density, "losses": losses, **result,
+            "seconds": time.perf_counter() - t0, "train_seconds": t_train, "select_seconds": t_select,
+            "cpu_seconds": time.process_time() - c0}
 
 
-# ----------------------------------------------------------------------------------------------
-# Scheduling
-# ----------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+# The schedule: vanilla, tuning, seeds; raw.json written as it goes
+# ---------------------------------------------------------------------------------------------
 
 
-def _worker_init() -> None:
-    torch.set_num_threads(1)  # N single-threaded workers beat one N-threaded process on tiny models
+def choose_lr(runs: list[dict[str, Any]], method: str, seed: int) -> float | None:
+    """Best ID validation accuracy among ``method``'s tuning runs; ties go to the lower validation loss."""
+    cand = [r for r in runs if r["method"] == method and r["seed"] == seed]
+    if not cand:
+        return None
+    best = max(cand, key=lambda r: (r["id_val"], -r["id_val_loss"], -r["lr"]))
+    return best["lr"]
 
 
-def _pretrain_job(args):
-    return pretrain(*args)
+def _machine() -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpus": os.cpu_count(), "cpu": cpu, "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "cuda": torch.cuda.is_available()}
 
 
-def _finetune_job(args):
-    return finetune(*args)
+def _save(raw: dict[str, Any], path: str | None) -> None:
+    if path is None:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(raw, f, indent=1, default=str)
+    os.replace(tmp, path)
 
 
-def jobs_of(cfg: ReproConfig, seed: int) -> list[tuple[str, int | None]]:
-    out: list[tuple[str, int | None]] = []
-    if "full" in cfg.methods:
-        out.append(("full", None))
-    for rank in cfg.lora_ranks:
-        out.extend((m, rank) for m in cfg.methods if m != "full")
-    return out
+def _load_previous(path: str | None, cfg: ReproConfig, log: Callable[[str], None]) -> dict[str, Any] | None:
+    if path is None or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        log(f"reproduce: {path} is unreadable; starting afresh")
+        return None
+    if raw.get("fingerprint") != cfg.fingerprint():
+        log(f"reproduce: {path} was made with other settings; starting afresh (it will be overwritten)")
+        return None
+    return raw
 
 
-def _log_pretrained(log: Callable[[str], None], seed: int, result: dict[str, Any]) -> None:
-    acc = result["accuracy"]
-    ood = [acc[t.name] for t in T.PRETRAIN_TASKS]
-    log(f"  pretrained seed {seed} in {result['seconds']:.1f} s: OOD {sum(ood) / len(ood):.3f} "
-        f"(min {min(ood):.3f}), ID {acc[T.FINETUNE_TASK.name]:.3f}")
-
-
-def run_reproduction(cfg: ReproConfig = ReproConfig(),
+def run_reproduction(cfg: ReproConfig = ReproConfig(), raw_path: str | None = None,
                      log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run everything; returns the raw results (JSON-ready)."""
+    """Run (or resume) everything; returns the raw results, also written to ``raw_path`` after every run."""
     cfg.check()
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, raw_path, log)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(cfg: ReproConfig, raw_path: str | None, log: Callable[[str], None]) -> dict[str, Any]:
     t0 = time.perf_counter()
-    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    probe = build_model(cfg, 0)
-    budgets = {r: budget(probe, r) for r in cfg.lora_ranks}
-    total_jobs = len(cfg.seeds) * len(jobs_of(cfg, 0))
-    log(f"reproduce: {len(cfg.seeds)} seed(s) x {len(jobs_of(cfg, 0))} fine-tunes = {total_jobs} runs, "
-        f"{cfg.jobs} worker(s); model {sum(p.numel() for p in probe.parameters()):,} params")
-    pretrained: dict[int, dict[str, Any]] = {}
-    runs: list[dict[str, Any]] = []
+    raw = _load_previous(raw_path, cfg, log)
+    model, tokenizer, source = load(cfg.model, log)
+    data = build_data(cfg, tokenizer)
+    if raw is None:
+        targets = target_parameters(model)
+        raw = {"config": asdict(cfg), "fingerprint": cfg.fingerprint(), "model": cfg.model or "embedded default", "model_source": source,
+               "model_name": source.split(" (")[0],
+               "num_params": sum(p.numel() for p in model.parameters()),
+               "num_target_params": sum(p.numel() for _, p in targets),
+               "budget": lora_budget(targets, cfg.lora_rank), "id_task": C.CODES.name,
+               "id_items": {s: len(C.CODES.split(s)) for s in C.SPLITS},
+               "ood_tasks": list(cfg.ood_tasks), "ood_items": {k: len(b) for k, b in data.ood.items()},
+               "chance": {"id": C.CODES.chance}, "vanilla": None, "runs": [], "chosen_lr": {},
+               "wall_seconds": 0.0, "machine": _machine(), "sessions": []}
+        ts = time.perf_counter()
+        raw["vanilla"] = {**evaluate(model, data), "seconds": time.perf_counter() - ts}
+        _save(raw, raw_path)
+    del model
+    session = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_start": _loadavg()}
+    raw["sessions"].append(session)
+    raw["config"]["seeds"], raw["config"]["methods"] = list(cfg.seeds), list(cfg.methods)
+    van = raw["vanilla"]
+    log(f"reproduce: base model ID val {van['id_val']:.3f} test {van['id_test']:.3f}; OOD "
+        + ", ".join(f"{k} {v:.2f}" for k, v in van["ood"].items()))
 
-    def done(r: dict[str, Any]) -> None:
-        runs.append(r)
-        acc = r["accuracy"]
-        ood = [v for k, v in acc.items() if k != T.FINETUNE_TASK.name]
-        log(f"  [{len(runs)}/{total_jobs}] seed {r['seed']} {r['method']:<9} rank {r['rank']} "
-            f"ID {acc[T.FINETUNE_TASK.name]:.3f} OOD {sum(ood) / len(ood):.3f} ({r['seconds']:.1f} s, "
-            f"{time.perf_counter() - t0:.0f} s elapsed)")
+    def have(method: str, lr: float, seed: int) -> bool:
+        return any(r["method"] == method and r["lr"] == lr and r["seed"] == seed for r in raw["runs"])
 
-    if cfg.jobs == 1:
-        for seed in cfg.seeds:
-            pretrained[seed] = pretrain(cfg, seed)
-            _log_pretrained(log, seed, pretrained[seed])
-            for method, rank in jobs_of(cfg, seed):
-                done(finetune(cfg, seed, pretrained[seed]["state"], method, rank))
-    else:
-        import multiprocessing as mp
+    plan: list[tuple[str, float, int]] = []
+    for m in cfg.methods:
+        plan += [(m, lr, cfg.tune_seed) for lr in cfg.lr_grid[m]]
+    total = len(plan) + len(cfg.methods) * len([s for s in cfg.seeds if s != cfg.tune_seed])
+    done_before = len(raw["runs"])
 
-        ctx = mp.get_context("spawn")
-        with ctx.Pool(cfg.jobs, initializer=_worker_init) as pool:
-            pre = {s: pool.apply_async(_pretrain_job, ((cfg, s),)) for s in cfg.seeds}
-            pending = []
-            for seed in cfg.seeds:
-                pretrained[seed] = pre[seed].get()
-                _log_pretrained(log, seed, pretrained[seed])
-                for method, rank in jobs_of(cfg, seed):
-                    pending.append(pool.apply_async(
-                        _finetune_job, ((cfg, seed, pretrained[seed]["state"], method, rank),), callback=done))
-            for p in pending:
-                p.get()
-    runs.sort(key=lambda r: (r["seed"], METHODS.index(r["method"]), r["rank"] or 0))
-    wall = time.perf_counter() - t0
-    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return {
-        "config": asdict(cfg),
-        "id_task": T.FINETUNE_TASK.name,
-        "ood_tasks": [t.name for t in T.PRETRAIN_TASKS],
-        "budgets": {str(r): {"trainable": n, "density": d} for r, (n, d) in budgets.items()},
-        "num_params": sum(p.numel() for p in probe.parameters()),
-        "vanilla": {str(s): {"accuracy": p["accuracy"], "seconds": p["seconds"], "cpu_seconds": p.get("cpu_seconds")}
-                    for s, p in pretrained.items()},
-        "runs": runs,
-        "wall_seconds": wall,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "torch": torch.__version__, "loadavg_start": load_start, "loadavg_end": load_end},
-    }
+    def execute(method: str, lr: float, seed: int) -> None:
+        if have(method, lr, seed):
+            return
+        r = run_one(cfg, data, method, lr, seed, log)
+        raw["runs"].append(r)
+        raw["wall_seconds"] = raw.get("wall_seconds", 0.0) + r["seconds"]
+        session["loadavg_end"] = _loadavg()
+        _save(raw, raw_path)
+        ood = sum(r["ood"].values()) / len(r["ood"])
+        log(f"  [{len(raw['runs'])}/{total}] {method:<6} lr {lr:g} seed {seed}: ID val {r['id_val']:.3f} "
+            f"test {r['id_test']:.3f} OOD {ood:.3f} loss {r['losses'][-1]:.3f} ({r['seconds']:.0f} s, "
+            f"{time.perf_counter() - t0:.0f} s this session)")
+
+    for method, lr, seed in plan:  # tuning on the tuning seed
+        execute(method, lr, seed)
+    for method in cfg.methods:
+        raw["chosen_lr"][method] = choose_lr(raw["runs"], method, cfg.tune_seed)
+    _save(raw, raw_path)
+    for seed in cfg.seeds:
+        for method in cfg.methods:
+            execute(method, raw["chosen_lr"][method], seed)
+    session["seconds"] = time.perf_counter() - t0
+    session["loadavg_end"] = _loadavg()
+    session["new_runs"] = len(raw["runs"]) - done_before
+    _save(raw, raw_path)
+    return raw
+
+
+def _loadavg() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
 def smoke_config(**overrides: Any) -> ReproConfig:
     return replace(SMOKE, **overrides)
 
 
-__all__ = ["METHODS", "METHOD_LABELS", "ReproConfig", "SMOKE", "budget", "finetune", "pretrain",
-           "run_reproduction", "smoke_config"]
+__all__ = ["METHODS", "METHOD_LABELS", "OOD_TASKS", "ReproConfig", "SMOKE", "choose_lr", "lora_budget",
+           "run_one", "run_reproduction", "sift_groups", "sift_k", "smoke_config"]

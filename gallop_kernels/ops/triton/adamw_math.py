@@ -41,9 +41,12 @@ def adamw_update(w, g, m, v, decay, beta1, one_minus_beta1, beta2, one_minus_bet
                  bias_correction2_sqrt, step_size, eps):
     """One AdamW step in float32 in torch's order of operations; returns (w, m, v).
 
-    torch's CPU kernels fuse ``exp_avg.mul_(β1).add_(g, alpha=1-β1)`` and
-    ``exp_avg_sq.mul_(β2).addcmul_(g, g, value=1-β2)`` into multiply-adds, and divide with IEEE
-    division (``div_rn``), so on the CPU this is bit-identical to `reference.sparse_adamw_step`.
+    Floating point (every launch has ``enable_fp_fusion=False``, so nothing is contracted
+    implicitly): a fused multiply-add exactly where torch's CPU kernels use one
+    (``exp_avg.mul_(β1).add_(g, alpha=1-β1)`` and ``exp_avg_sq.mul_(β2).addcmul_(g, g,
+    value=1-β2)`` vectorise to fmadd), IEEE division (``div_rn``) and square root (``sqrt_rn``),
+    every other operation rounded on its own. The compiled SASS has no other FFMA than those two
+    and the ones inside the IEEE division/square-root sequences (checked by the compile gate).
     """
     w = w * decay
     # torch: exp_avg.mul_(β1).add_(g, alpha=1-β1) -> fmadd(g, 1-β1, m·β1)

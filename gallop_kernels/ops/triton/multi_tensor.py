@@ -1,33 +1,54 @@
-"""Multi-tensor launch helpers shared by the selection and sparse AdamW kernels.
+"""Multi-tensor launch tables and exact float conversions shared by the selection and step kernels.
 
-A launch covers several tensors through an int64 table with one row per tensor ("slot"): data
-pointers, sizes and the index of the slot's first program. A program finds its slot by binary
-search over that column, so one launch serves any number of tensors without per-tensor launches.
+A launch covers several tensors through one int64 table: a header row, then one row per tensor
+("slot"). Field positions are named ``tl.constexpr`` globals, used both by the launcher that
+fills a row (a constexpr works as a list index) and by the kernel that reads it, so no literal
+offsets appear anywhere. The header holds what would otherwise be integer kernel arguments (the
+number of slots and of binary-search steps), so no integer value ever selects a compiled variant
+(see gallop_kernels/ops/launch.py).
 """
 
 import triton
 import triton.language as tl
 
+# Header row of every launch table (the rest of the header row is launch-specific or zero).
+HEAD_SLOTS = tl.constexpr(0)  # number of slot rows
+HEAD_LOG_SLOTS = tl.constexpr(1)  # binary-search steps to find a slot: launch.log_slots(slots)
+HEAD_WORK = tl.constexpr(2)  # work items of the launch (tiles, blocks): programs split them
+
+
+def build_table(header: list[int], rows: list[list[int]], row_fields: int) -> list[int]:
+    """Flat values of one launch table: the header padded to a row, then the rows."""
+    head = list(header) + [0] * (row_fields - len(header))
+    values = head
+    for row in rows:
+        assert len(row) == row_fields
+        values.extend(row)
+    return values
+
 
 @triton.jit
-def find_slot(table_ptr, pid, n_slots, NF: tl.constexpr, F_START: tl.constexpr,
-              LOG_SLOTS: tl.constexpr):
-    """Largest slot s with table[s, F_START] <= pid (rows sorted by F_START, row 0 starts at 0)."""
-    lo = 0
-    hi = n_slots
-    for _ in tl.static_range(LOG_SLOTS):
+def find_slot(rows_ptr, item, n_slots, log_slots, ROW: tl.constexpr, START: tl.constexpr):
+    """Largest slot s with rows[s, START] <= item (rows sorted by START, row 0 starts at 0).
+
+    ``log_slots`` (from the header) bounds a runtime loop: one compiled kernel for any number of
+    slots."""
+    item = item.to(tl.int64)
+    lo = item * 0
+    hi = lo + n_slots.to(tl.int64)
+    for _ in range(0, log_slots):
         mid = (lo + hi) // 2
-        start = tl.load(table_ptr + mid.to(tl.int64) * NF + F_START)
-        go = start <= pid
+        start = tl.load(rows_ptr + mid.to(tl.int64) * ROW + START)
+        go = start <= item
         lo = tl.where(go, mid, lo)
         hi = tl.where(go, hi, mid)
     return lo
 
 
 # ----------------------------------------------------------------------------------------------
-# Exact float conversions. bfloat16 goes through its raw bits: the Triton interpreter converts
-# bf16 subnormals wrongly and rounds fp32 -> bf16 half-up, and the bit version is exact (and as
-# cheap) on a GPU too. So a bf16 tensor is addressed as uint16 by the kernels.
+# Exact float conversions. A bf16 tensor is addressed as uint16 by the kernels: the Triton
+# interpreter rounds fp32 -> bf16 half-up, so the store rounds the raw bits to nearest even
+# itself (exact, and as cheap on a GPU). Loads bitcast the raw bits to bf16 and upcast (exact).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -45,7 +66,7 @@ def load_f32(ptr, offs, mask, DT: tl.constexpr):
     """Load entries of a tensor of dtype DT (pointer from ``as_pointer``) upcast to float32."""
     if DT == tl.bfloat16:
         raw = tl.load(ptr + offs, mask=mask, other=0)
-        return (raw.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+        return raw.to(tl.bfloat16, bitcast=True).to(tl.float32)
     else:
         return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
 

@@ -14,13 +14,15 @@ The arithmetic mirrors `gallop_kernels.reference.compute_score` bit for bit:
 import triton
 import triton.language as tl
 
-from gallop_kernels.ops.triton.multi_tensor import find_slot
+from gallop_kernels.ops.triton.multi_tensor import (
+    HEAD_LOG_SLOTS, HEAD_SLOTS, HEAD_WORK, as_pointer, find_slot,
+)
 
-SCORE_GALLOP = 0
-SCORE_GRADIENT = 1
-SCORE_MAGNITUDE = 2
-SCORE_RANDOM = 3
-SCORE_PRECOMPUTED = 4
+SCORE_GALLOP = tl.constexpr(0)
+SCORE_GRADIENT = tl.constexpr(1)
+SCORE_MAGNITUDE = tl.constexpr(2)
+SCORE_RANDOM = tl.constexpr(3)
+SCORE_PRECOMPUTED = tl.constexpr(4)
 
 SCORE_CODES = {
     "gallop": SCORE_GALLOP,
@@ -58,11 +60,12 @@ def hash_uniform(gidx, seed_mix):
 def tile_key(theta_ptr, g_ptr, offs, mask, gidx, eps, seed_mix,
              SCORE: tl.constexpr, HAS_G: tl.constexpr, SIGNED: tl.constexpr,
              THETA_T: tl.constexpr, G_T: tl.constexpr):
-    """Radix key of the scores of entries ``offs`` (int64) of one tensor, and their NaN/inf flags.
+    """Radix key of the scores of entries ``offs`` of one tensor, and their NaN/inf flags.
 
     ``gidx`` is the flat index in the group's concatenation (only the random score reads it).
     ``theta_ptr`` points at the precomputed float32 scores when SCORE == SCORE_PRECOMPUTED.
-    bf16 tensors are addressed as uint16 and upcast through their bits (see multi_tensor.py).
+    bf16 tensors are addressed as uint16 (see multi_tensor.py) and bitcast to bf16 before the
+    upcast, which compiles to one instruction per element (a shift of the raw bits is three).
     Masked-off lanes get a harmless finite score; callers mask every use.
 
     Keys: unsigned comparison of keys orders like the scores. Named scores are >= 0, so their
@@ -71,11 +74,11 @@ def tile_key(theta_ptr, g_ptr, offs, mask, gidx, eps, seed_mix,
     the others, and map -0.0 onto +0.0 (32 significant bits).
     (One function rather than several small ones: every nested call costs the interpreter.)
     """
-    if SCORE == 3:  # random
+    if SCORE == SCORE_RANDOM:
         s = hash_uniform(gidx, seed_mix)
-    elif SCORE == 4:  # precomputed (float32)
+    elif SCORE == SCORE_PRECOMPUTED:  # float32
         s = tl.load(theta_ptr + offs, mask=mask, other=0.0)
-    elif SCORE == 1:  # gradient
+    elif SCORE == SCORE_GRADIENT:
         if HAS_G:
             if G_T == tl.bfloat16:
                 graw = tl.load(g_ptr + offs, mask=mask, other=0)
@@ -88,17 +91,17 @@ def tile_key(theta_ptr, g_ptr, offs, mask, gidx, eps, seed_mix,
     else:
         if THETA_T == tl.bfloat16:
             traw = tl.load(theta_ptr + offs, mask=mask, other=0)
-            theta = (traw.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+            theta = traw.to(tl.bfloat16, bitcast=True).to(tl.float32)
         else:
             theta = tl.load(theta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         denom = tl.abs(theta) + eps
-        if SCORE == 2:  # magnitude
+        if SCORE == SCORE_MAGNITUDE:
             s = tl.math.div_rn(tl.full(offs.shape, 1.0, tl.float32), denom)
         else:  # gallop
             if HAS_G:
                 if G_T == tl.bfloat16:
                     graw = tl.load(g_ptr + offs, mask=mask, other=0)
-                    g = (graw.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+                    g = graw.to(tl.bfloat16, bitcast=True).to(tl.float32)
                 else:
                     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
                 s = tl.math.div_rn(tl.abs(g), denom)
@@ -116,39 +119,74 @@ def tile_key(theta_ptr, g_ptr, offs, mask, gidx, eps, seed_mix,
 
 
 # ----------------------------------------------------------------------------------------------
-# The selection launch table: one int64 row per tensor of a launch (see ops/select.py).
+# The selection launch table (see ops/select.py): a header row (multi_tensor.HEAD_*; HEAD_WORK is
+# the number of tiles of the launch), then one int64 row per tensor, named fields below. Tiles
+# are BLOCK entries of one tensor; "global" tile ids number the tiles of the whole group in
+# order (per-tile counts and candidate segments are indexed by them).
 # ----------------------------------------------------------------------------------------------
 
-F_THETA = 0  # data_ptr of θ (or of the precomputed float32 scores)
-F_GRAD = 1  # data_ptr of g (0 when the gradient is None)
-F_NUMEL = 2  # number of entries of the tensor
-F_GOFF = 3  # flat offset of the tensor's first entry in the group's concatenation
-F_GCHUNK = 4  # global id of the tensor's first chunk (chunks numbered in group order)
-F_START = 5  # id, within this launch, of the tensor's first program (= first chunk)
-F_TID = 6  # index of the tensor in the group
-F_OUT = 7  # data_ptr of the tensor's output indices (write pass only)
-NF = 8
+ROW_THETA = tl.constexpr(0)  # data_ptr of θ (or of the precomputed float32 scores)
+ROW_GRAD = tl.constexpr(1)  # data_ptr of g (0 when the gradient is None)
+ROW_NUMEL = tl.constexpr(2)  # number of entries of the tensor
+ROW_GOFF = tl.constexpr(3)  # global flat offset of the tensor's first entry (random score)
+ROW_GTILE = tl.constexpr(4)  # global id of the tensor's first tile
+ROW_START = tl.constexpr(5)  # id, within this launch, of the tensor's first tile
+ROW_OUT = tl.constexpr(6)  # data_ptr of the tensor's output indices (write passes only)
+ROW_TID = tl.constexpr(7)  # index of the tensor in the group
+ROW_FIELDS = tl.constexpr(8)  # (even: every row starts 16-byte aligned)
 
 
 @triton.jit
-def chunk_of(table_ptr, pid, n_slots, LOG_SLOTS: tl.constexpr, CHUNK: tl.constexpr):
-    """Slot row, local chunk number and element range of program ``pid`` of a selection launch."""
-    slot = find_slot(table_ptr, pid, n_slots, 8, 5, LOG_SLOTS)
-    row = table_ptr + slot.to(tl.int64) * 8
-    chunk = pid - tl.load(row + 5)  # int64: chunk number within the tensor
-    numel = tl.load(row + 2)
-    base = chunk * CHUNK  # int64 offset of the chunk's first entry
-    return row, chunk, numel, base
+def program_tiles(table_ptr):
+    """This program's contiguous range [t0, t1) of the launch's tiles: a persistent grid of a
+    few programs per SM walks all tiles, so a pass that has nothing to do costs one state read
+    per program, not one program per tile."""
+    work = tl.load(table_ptr + HEAD_WORK)
+    pid = tl.program_id(0).to(tl.int64)
+    nprog = tl.num_programs(0).to(tl.int64)
+    return pid * work // nprog, (pid + 1) * work // nprog
 
 
 @triton.jit
-def row_pointers(row, THETA_T: tl.constexpr, G_T: tl.constexpr):
-    if THETA_T == tl.bfloat16:
-        theta_ptr = tl.load(row + 0).to(tl.pointer_type(tl.uint16))
-    else:
-        theta_ptr = tl.load(row + 0).to(tl.pointer_type(THETA_T))
-    if G_T == tl.bfloat16:
-        g_ptr = tl.load(row + 1).to(tl.pointer_type(tl.uint16))
-    else:
-        g_ptr = tl.load(row + 1).to(tl.pointer_type(G_T))
-    return theta_ptr, g_ptr
+def first_slot(table_ptr, t):
+    """The slot (row number) holding launch tile ``t``."""
+    return find_slot(table_ptr + ROW_FIELDS, t, tl.load(table_ptr + HEAD_SLOTS),
+                     tl.load(table_ptr + HEAD_LOG_SLOTS), ROW_FIELDS, ROW_START)
+
+
+@triton.jit
+def slot_fields(table_ptr, slot):
+    """Row pointer of slot ``slot``, its first launch tile and the next slot's first tile (the
+    launch's end for the last slot). (Only these are carried through the tile loop: fields
+    reloaded per tile are L1 hits, and carrying them costs more instructions than it saves.)"""
+    row = table_ptr + ROW_FIELDS + slot.to(tl.int64) * ROW_FIELDS
+    start = tl.load(row + ROW_START)
+    has_next = slot + 1 < tl.load(table_ptr + HEAD_SLOTS)
+    nxt = tl.load(row + ROW_FIELDS + ROW_START, mask=has_next, other=0)
+    nxt = tl.where(has_next, nxt, tl.load(table_ptr + HEAD_WORK))
+    return row, start, nxt
+
+
+@triton.jit
+def tile_of(row, local, THETA_T: tl.constexpr, G_T: tl.constexpr, ALIGNED: tl.constexpr,
+            BLOCK: tl.constexpr):
+    """θ and g pointers at the start of the tensor's tile ``local``, in-tile offsets (int32),
+    their mask, the tile's first flat index in the tensor (int64), the tile's global flat index
+    base (random score) and its global tile id.
+
+    ALIGNED (the launcher checked that every θ and g of the launch is 16-byte aligned and has a
+    multiple of 16 entries) tells the compiler so, which turns the loads into 16-byte vectors."""
+    numel = tl.load(row + ROW_NUMEL)
+    theta_ptr = as_pointer(tl.load(row + ROW_THETA), THETA_T)
+    g_ptr = as_pointer(tl.load(row + ROW_GRAD), G_T)
+    if ALIGNED:  # (a hint on the pointer: one on the int64 address is lost in the cast)
+        numel = tl.multiple_of(numel, 16)
+        theta_ptr = tl.multiple_of(theta_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+    base = local * BLOCK
+    lim = tl.minimum(numel - base, BLOCK).to(tl.int32)
+    offs = tl.arange(0, BLOCK)
+    m = offs < lim
+    theta_ptr += base
+    g_ptr += base
+    return theta_ptr, g_ptr, offs, m, base, tl.load(row + ROW_GOFF) + base, tl.load(row + ROW_GTILE)

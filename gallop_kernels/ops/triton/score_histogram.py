@@ -1,117 +1,155 @@
-"""Fused score + radix histogram pass (`docs/design.md#kernels`: kernel 1, the passes of kernel 2).
+"""The radix passes (`docs/design.md#kernels`: kernels 1 and 2): histogram, capture, candidate histogram.
 
-One program per chunk of ``BLOCK * TILES`` entries of one tensor (a multi-tensor launch: the
-program finds its tensor in the launch table). It reads θ and g once, computes the float32 score
-in registers (never stored), turns it into a radix key and histograms one digit of the key with
-``tl.histogram`` into a per-program register histogram. Later passes keep only the entries whose
-higher key bits equal the prefix chosen so far (read from the device state buffer, no host round
-trip). At the end the program adds its non-zero bins to the global histogram with one atomic per
-bin, so a hot bin (all-equal or all-zero scores) costs one atomic per program, not per entry.
+Every full pass is a persistent launch over the tiles (BLOCK entries of one tensor) of several
+tensors (`score.program_tiles`, `score.slot_fields`): it reads θ and g once per tile, computes the
+float32 score in registers (never stored) and its radix key.
 
-Pass 0 also counts NaN/inf scores per tensor (``bad``), so the launcher can raise naming it.
+* ``histogram_kernel``: pass 0 histograms the first digit of every key; later (FILTER) passes
+  histogram the next digit of the keys matching the prefix chosen so far, and skip the
+  histogram on tiles where nothing matches. Each program accumulates its histogram in registers
+  over all its tiles and adds the non-zero bins to the global one at the end (relaxed atomics:
+  the counts are read only after the launch), so a hot bin costs one atomic per program.
+  NaN/inf scores need no separate count: their keys fill the top bins of pass 0 (see
+  ops/select.py, `bad_bins`).
+* ``capture_kernel``: the pass after the bucket choice that decided to capture (S_CAPTURE):
+  appends the tile's entries at/above or in the bucket (key << 16 | offset in the tile) to the
+  candidate buffer as one segment per tile (one relaxed atomic reserves it, only on tiles that
+  capture something) and stores, per tile, the segment and the count of entries above the bucket.
+* ``candidate_histogram_kernel``: the later radix passes over the candidate buffer only.
+
+A pass whose mode is not active exits after reading the state (one load per program).
 """
 
 import triton
 import triton.language as tl
 
-from gallop_kernels.ops.triton.score import chunk_of, row_pointers, tile_key
+from gallop_kernels.ops.triton.radix_select import (
+    CAPTURE_GE_NEXT, CAPTURE_NONE, S_CAP_LOCAL, S_CAPTURE, S_DONE, S_NCAND, S_PREFIX, S_SEED_MIX,
+    capture_pending, captured,
+)
+from gallop_kernels.ops.triton.score import (
+    first_slot, program_tiles, slot_fields, tile_key, tile_of,
+)
 
 
 @triton.jit
-def score_histogram_kernel(
-    table_ptr, n_slots, state_ptr, hist_ptr, bad_ptr, eps, seed_mix,
-    cand_key_ptr, cand_chunk_ptr, cnt_gt_ptr, cap,
-    LOG_SLOTS: tl.constexpr, THETA_T: tl.constexpr, G_T: tl.constexpr,
-    SCORE: tl.constexpr, HAS_G: tl.constexpr, SIGNED: tl.constexpr,
-    FILTER: tl.constexpr, CHECK_BAD: tl.constexpr,
-    SHIFT: tl.constexpr, DIGIT_BITS: tl.constexpr, HI_MASK: tl.constexpr,
-    BLOCK: tl.constexpr, TILES: tl.constexpr,
+def histogram_kernel(
+    table_ptr, state_ptr, hist_ptr, eps,
+    THETA_T: tl.constexpr, G_T: tl.constexpr, SCORE: tl.constexpr, HAS_G: tl.constexpr,
+    SIGNED: tl.constexpr, ALIGNED: tl.constexpr, FILTER: tl.constexpr,
+    SHIFT: tl.constexpr, DIGIT_BITS: tl.constexpr, HI_MASK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """One radix pass over the chunks of a launch.
-
-    FILTER (passes after the first): only entries whose key bits under HI_MASK equal the prefix
-    in the state count. The pass is skipped when the threshold is already final (S_DONE) or the
-    candidates were captured (S_CAPTURE == 2: ``candidate_histogram_kernel`` runs instead). When
-    S_CAPTURE == 1 the pass also captures: it appends every matching entry (key, global chunk id)
-    to the candidate buffer (one atomic per tile that has any) and stores, per chunk, the number
-    of entries above the prefix (``cnt_gt``), so compaction needs no full counting pass.
-    """
     BINS: tl.constexpr = 1 << DIGIT_BITS
-    pid = tl.program_id(0)
-    row, chunk, numel, base = chunk_of(table_ptr, pid, n_slots, LOG_SLOTS, BLOCK * TILES)
-    theta_ptr, g_ptr = row_pointers(row, THETA_T, G_T)
-    goff = tl.load(row + 3)
-    gchunk = tl.load(row + 4) + chunk
-    n_tiles = tl.minimum(tl.cdiv(numel - base, BLOCK), TILES).to(tl.int32)
-    if FILTER:
-        capture = tl.load(state_ptr + 5)
-        skip = (tl.load(state_ptr + 3) != 0) | (capture == 2)
-        n_tiles = tl.where(skip, 0, n_tiles)
-        prefix = tl.load(state_ptr + 0).to(tl.uint32)
-        capturing = capture == 1
-        # (as a vector: the interpreter turns vector & scalar-bool into integers)
-        capturing_vec = (tl.zeros([BLOCK], tl.int64) + capture) == 1
-        n_above = tl.zeros([BLOCK], tl.int32)
+    t0, t1 = program_tiles(table_ptr)
+    seed_mix = tl.load(state_ptr + S_SEED_MIX)
+    if FILTER:  # only while nothing is captured and the threshold is not final
+        active = (tl.load(state_ptr + S_DONE) == 0) & (tl.load(state_ptr + S_CAPTURE) == CAPTURE_NONE)
+        t1 = tl.where(active, t1, t0)
+        prefix = tl.load(state_ptr + S_PREFIX).to(tl.uint32)
     acc = tl.zeros([BINS], tl.int32)
-    nbad = tl.zeros([BLOCK], tl.int32)
-    for t in range(0, n_tiles):
-        offs = base + t * BLOCK + tl.arange(0, BLOCK)  # int64
-        m = offs < numel
-        key, bad = tile_key(theta_ptr, g_ptr, offs, m, goff + offs, eps, seed_mix,
-                            SCORE, HAS_G, SIGNED, THETA_T, G_T)
+    slot = first_slot(table_ptr, t0)
+    row, start, nxt = slot_fields(table_ptr, slot)
+    for t in range(t0, t1):
+        if t >= nxt:  # the next tensor (every tensor of a launch has at least one tile)
+            slot += 1
+            row, start, nxt = slot_fields(table_ptr, slot)
+        theta_ptr, g_ptr, offs, m, base, gbase, gtile0 = tile_of(
+            row, t - start, THETA_T, G_T, ALIGNED, BLOCK)
+        gidx = gbase + offs
+        key, _ = tile_key(theta_ptr, g_ptr, offs, m, gidx, eps, seed_mix,
+                          SCORE, HAS_G, SIGNED, THETA_T, G_T)
         digit = ((key >> SHIFT) & (BINS - 1)).to(tl.int32)
         if FILTER:
-            high = key & HI_MASK
-            hm = m & (high == prefix)
-            # capture (a no-op unless S_CAPTURE == 1)
-            n_above += (m & (high > prefix)).to(tl.int32)
-            cm = hm & capturing_vec
-            ci = cm.to(tl.int32)
-            n_cand = tl.sum(ci, 0)
-            start = tl.atomic_add(state_ptr + 6, n_cand.to(tl.int64), mask=n_cand > 0)
-            pos = start + (tl.cumsum(ci, 0) - ci)
-            cw = cm & (pos < cap)
-            tl.store(cand_key_ptr + pos, key.to(tl.int32, bitcast=True), mask=cw)
-            tl.store(cand_chunk_ptr + pos, gchunk.to(tl.int32) + tl.zeros([BLOCK], tl.int32),
-                     mask=cw)
-            # Most tiles of a late pass match nothing: skip the histogram's ballots there.
-            if tl.sum(hm.to(tl.int32), 0) > 0:
+            hm = m & ((key & HI_MASK) == prefix)
+            if tl.max(hm.to(tl.int32), 0) > 0:  # most tiles of a late pass match nothing
                 acc += tl.histogram(digit, BINS, mask=hm)
         else:
             acc += tl.histogram(digit, BINS, mask=m)
-        if CHECK_BAD:
-            nbad += (bad & m).to(tl.int32)
     bins = tl.arange(0, BINS)
-    tl.atomic_add(hist_ptr + bins, acc.to(tl.int64), mask=acc > 0)
-    if FILTER:
-        tl.store(cnt_gt_ptr + gchunk, tl.sum(n_above, 0), mask=capturing)
-    if CHECK_BAD:
-        total_bad = tl.sum(nbad, 0).to(tl.int64)
-        tl.atomic_add(bad_ptr + tl.load(row + 6), total_bad, mask=total_bad > 0)
+    tl.atomic_add(hist_ptr + bins, acc.to(tl.int64), mask=acc > 0, sem="relaxed")
+
+
+@triton.jit
+def capture_kernel(
+    table_ptr, state_ptr, cand_ptr, seg_start_ptr, seg_count_ptr, cnt_gt_ptr, eps,
+    THETA_T: tl.constexpr, G_T: tl.constexpr, SCORE: tl.constexpr, HAS_G: tl.constexpr,
+    SIGNED: tl.constexpr, ALIGNED: tl.constexpr, HI_MASK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Captures the candidates of every tile (active while S_CAPTURE is pending).
+
+    A candidate is one int64, ``key << 16 | offset in the tile``. CAPTURE_GE_NEXT captures every
+    entry whose key prefix is >= the chosen one (the bucket and all above it); CAPTURE_EQ_NEXT
+    the bucket only, and then ``cnt_gt`` gets the count above it per tile. As a range: the
+    prefixes in [lo, hi] are captured, with hi = HI_MASK (GE) or the prefix (EQ), and the entries
+    above hi are counted (none for GE), so the per-element work is two comparisons with uniform
+    bounds. Per tile: ``seg_count`` (0 when nothing is captured) and, when not 0,
+    ``seg_start``. Offsets in a segment increase, so the write can emit indices in order."""
+    tl.static_assert(BLOCK <= 32768)  # two in-tile counts packed into one int32 sum
+    t0, t1 = program_tiles(table_ptr)
+    capture = tl.load(state_ptr + S_CAPTURE)
+    t1 = tl.where(capture_pending(capture), t1, t0)
+    seed_mix = tl.load(state_ptr + S_SEED_MIX)
+    lo = tl.load(state_ptr + S_PREFIX).to(tl.uint32)
+    hi = tl.where(capture == CAPTURE_GE_NEXT, HI_MASK, lo.to(tl.int64)).to(tl.uint32)
+    span = hi - lo
+    cap_local = tl.load(state_ptr + S_CAP_LOCAL).to(tl.int32)
+    slot = first_slot(table_ptr, t0)
+    row, start, nxt = slot_fields(table_ptr, slot)
+    for t in range(t0, t1):
+        if t >= nxt:
+            slot += 1
+            row, start, nxt = slot_fields(table_ptr, slot)
+        local = t - start
+        theta_ptr, g_ptr, offs, m, base, gbase, gtile0 = tile_of(
+            row, local, THETA_T, G_T, ALIGNED, BLOCK)
+        gidx = gbase + offs
+        key, _ = tile_key(theta_ptr, g_ptr, offs, m, gidx, eps, seed_mix,
+                          SCORE, HAS_G, SIGNED, THETA_T, G_T)
+        high = key & HI_MASK
+        # low 16 bits: entries with prefix >= lo; high 16 bits: entries with prefix > hi
+        packed = tl.sum((m & (high >= lo)).to(tl.int32) + ((m & (high > hi)).to(tl.int32) << 16), 0)
+        n_above = packed >> 16
+        n = (packed & 0xFFFF) - n_above
+        gtile = gtile0 + local
+        if n > 0:  # the capture machinery runs only on tiles that capture something
+            first = tl.atomic_add(state_ptr + S_NCAND, n.to(tl.int64), sem="relaxed").to(tl.int32)
+            # The bucket choice admitted at most S_CAP_LOCAL candidates and this pass finds the
+            # same keys, so the tile always fits; checked per tile to stay in bounds regardless.
+            at = tl.where(first + n <= cap_local, first, -BLOCK)
+            # (an unsigned range test, not the comparisons above: recomputed here rather than
+            # kept alive as predicates through the reduction)
+            cm = m & ((high - lo) <= span)
+            ci = cm.to(tl.int32)
+            # one int32 carries the position and the mask (-1: not stored)
+            pos = tl.where(cm, at + (tl.cumsum(ci, 0) - ci), -1)
+            cand = (key.to(tl.int64) << 16) | offs.to(tl.int64)
+            tl.store(cand_ptr + pos, cand, mask=pos >= 0)
+            tl.store(seg_start_ptr + gtile, first)
+        tl.store(seg_count_ptr + gtile, n)
+        tl.store(cnt_gt_ptr + gtile, n_above)
 
 
 @triton.jit
 def candidate_histogram_kernel(
-    cand_key_ptr, state_ptr, hist_ptr, cap,
-    SHIFT: tl.constexpr, DIGIT_BITS: tl.constexpr, HI_MASK: tl.constexpr,
-    BLOCK: tl.constexpr, TILES: tl.constexpr,
+    cand_ptr, state_ptr, hist_ptr,
+    SHIFT: tl.constexpr, DIGIT_BITS: tl.constexpr, HI_MASK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """A radix pass over the captured candidates instead of θ and g (runs when S_CAPTURE == 2
-    and the threshold is not final yet; otherwise every program exits at once)."""
+    """A radix pass over the captured candidates instead of θ and g (active once the capture
+    has happened and while the threshold is not final)."""
     BINS: tl.constexpr = 1 << DIGIT_BITS
-    pid = tl.program_id(0)
-    n = tl.minimum(tl.load(state_ptr + 6), cap)
-    base = pid.to(tl.int64) * (BLOCK * TILES)
-    active = (tl.load(state_ptr + 5) == 2) & (tl.load(state_ptr + 3) == 0)
-    n_tiles = tl.minimum(tl.maximum(tl.cdiv(n - base, BLOCK), 0), TILES).to(tl.int32)
-    n_tiles = tl.where(active, n_tiles, 0)
-    prefix = tl.load(state_ptr + 0).to(tl.uint32)
+    capture = tl.load(state_ptr + S_CAPTURE)
+    active = (capture_pending(capture) | captured(capture)) & (tl.load(state_ptr + S_DONE) == 0)
+    n = tl.minimum(tl.load(state_ptr + S_NCAND), tl.load(state_ptr + S_CAP_LOCAL))
+    work = tl.where(active, tl.cdiv(n, BLOCK), 0)
+    pid = tl.program_id(0).to(tl.int64)
+    nprog = tl.num_programs(0).to(tl.int64)
+    prefix = tl.load(state_ptr + S_PREFIX).to(tl.uint32)
     acc = tl.zeros([BINS], tl.int32)
-    for t in range(0, n_tiles):
-        offs = base + t * BLOCK + tl.arange(0, BLOCK)
+    for t in range(pid * work // nprog, (pid + 1) * work // nprog):
+        offs = t * BLOCK + tl.arange(0, BLOCK)
         m = offs < n
-        key = tl.load(cand_key_ptr + offs, mask=m, other=0).to(tl.uint32, bitcast=True)
+        key = (tl.load(cand_ptr + offs, mask=m, other=0) >> 16).to(tl.uint32)
         digit = ((key >> SHIFT) & (BINS - 1)).to(tl.int32)
         acc += tl.histogram(digit, BINS, mask=m & ((key & HI_MASK) == prefix))
     bins = tl.arange(0, BINS)
-    tl.atomic_add(hist_ptr + bins, acc.to(tl.int64), mask=acc > 0)
+    tl.atomic_add(hist_ptr + bins, acc.to(tl.int64), mask=acc > 0, sem="relaxed")

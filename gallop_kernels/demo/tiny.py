@@ -1,4 +1,5 @@
-"""The demo pipeline: pretrain a tiny Llama on task A, fine-tune it sparsely on task B, measure both.
+"""The tiny demo (``gallop demo --tiny``): pretrain a tiny Llama on task A, fine-tune it sparsely on
+task B, measure both. Seconds on a CPU, for CI and quick checks; the main demo is `demo/real.py`.
 
 Kept as a function returning a result so that tests and the CLI share it; printing is separate.
 """
@@ -8,18 +9,20 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Iterator, TextIO
+from typing import TextIO
 
 import torch
 
-from gallop_kernels.demo import tasks
-from gallop_kernels.demo.model import build_model, tiny_llama_config
-from gallop_kernels.demo.tasks import TASK_A, TASK_B, Batch, Task
+from gallop_kernels import toy as tasks
+from gallop_kernels.demo.common import mib as _mib
+from gallop_kernels.demo.common import progress as _progress
+from gallop_kernels.demo.common import resolve_device, state_bytes
+from gallop_kernels.toy import TASK_A, TASK_B, Batch, Task, build_tiny_model, tiny_llama_config
 
 
 @dataclass(frozen=True)
-class DemoConfig:
-    """Everything that decides a demo run; the defaults are what ``gallop demo`` runs."""
+class TinyDemoConfig:
+    """Everything that decides a demo run; the defaults are what ``gallop demo --tiny`` runs."""
 
     seed: int = 0
     density: float = 0.03
@@ -41,10 +44,10 @@ class DemoConfig:
 
 
 @dataclass
-class DemoResult:
+class TinyDemoResult:
     """What the demo measured. Accuracies are per answer token on held-out examples."""
 
-    config: DemoConfig
+    config: TinyDemoConfig
     device: str
     num_params: int
     num_selected: int
@@ -74,38 +77,11 @@ class DemoResult:
         return d
 
 
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` is CUDA when present, else CPU; anything else is passed to ``torch.device``."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return dev
-
-
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor the optimizer keeps in its per-parameter state."""
-    return sum(v.numel() * v.element_size()
-               for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
-
-
-def _progress(steps: int, desc: str, show: bool) -> Iterator[int]:
-    """A tqdm bar on stderr when asked for (and installed), else a plain range."""
-    if not show:
-        return iter(range(steps))
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm comes with transformers
-        return iter(range(steps))
-    return iter(tqdm(range(steps), desc=desc, unit="step", file=sys.stderr, leave=False, dynamic_ncols=True))
-
-
 def _loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return model(input_ids=batch.input_ids, labels=batch.labels).loss
 
 
-def run_demo(config: DemoConfig = DemoConfig(), progress: bool = False) -> DemoResult:
+def run_tiny_demo(config: TinyDemoConfig = TinyDemoConfig(), progress: bool = False) -> TinyDemoResult:
     """Run the whole demo and return what it measured. Deterministic for a given config on one device.
 
     Raises ``ValueError``/``TypeError`` for bad options before any training (the optimizer is
@@ -121,7 +97,7 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = False) -> DemoR
         torch.set_num_threads(previous)
 
 
-def _run(config: DemoConfig, progress: bool) -> DemoResult:
+def _run(config: TinyDemoConfig, progress: bool) -> TinyDemoResult:
     from gallop_kernels import SparseAdamW
 
     minimum = {"pretrain_steps": 0, "finetune_steps": 0, "calibration_batches": 1, "batch_size": 1,
@@ -133,7 +109,7 @@ def _run(config: DemoConfig, progress: bool) -> DemoResult:
     S, L = config.num_symbols, config.length
     model_config = tiny_llama_config(tasks.vocab_size(S), hidden_size=config.hidden_size,
                                      num_layers=config.num_layers, max_positions=2 * L + 8)
-    model = build_model(model_config, config.seed, device)
+    model = build_tiny_model(model_config, config.seed, device)
     params = list(model.parameters())
     extra = {"seed": config.seed} if config.score == "random" else {}
     sparse_opt = SparseAdamW(params, lr=config.lr, weight_decay=0.0, density=config.density,
@@ -196,7 +172,7 @@ def _run(config: DemoConfig, progress: bool) -> DemoResult:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     finetune_seconds = time.perf_counter() - t1
 
-    return DemoResult(
+    return TinyDemoResult(
         config=config,
         device=str(device),
         num_params=sum(p.numel() for p in params),
@@ -215,11 +191,7 @@ def _run(config: DemoConfig, progress: bool) -> DemoResult:
     )
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
-
-
-def print_result(result: DemoResult, file: TextIO | None = None) -> None:
+def print_tiny_result(result: TinyDemoResult, file: TextIO | None = None) -> None:
     """Human-readable report of a demo run."""
     c, r = result.config, result
     out = file or sys.stdout

@@ -1,0 +1,341 @@
+"""The adapter folder users recognise: the delta, a small JSON config and a model card, plus PEFT
+SHiRA files where SHiRA can hold the delta (`docs/design.md#adapter-folder`).
+
+    folder/
+      gallop_delta.safetensors    the delta (`gallop_kernels.delta` format, version 2)
+      gallop_adapter.json         base model + fingerprint, method, score, density, targets, data,
+                                  the command that trained it, how to load it
+      README.md                   the model card (Hugging Face front matter + the same facts)
+      adapter_config.json         PEFT SHiRA (when exportable): PeftModel.from_pretrained(base, folder)
+      adapter_model.safetensors
+
+`save_adapter` checks everything first (the delta, the config's keys and JSON-ability, whether
+SHiRA can hold the delta, the files it would replace), then writes each file atomically (a
+temporary file renamed into place). `load_adapter` reads the folder back and checks that its
+config and delta belong together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from torch import nn
+
+from gallop_kernels.adapter.shira import PEFT_CONFIG, PEFT_WEIGHTS, NotExportable, shira_export
+from gallop_kernels.delta import (
+    DELTA_FILE,
+    SparseDelta,
+    apply_delta,
+    as_delta,
+    check_delta,
+    merge_delta,
+    save_delta,
+)
+
+ADAPTER_FORMAT = "gallop-adapter"
+ADAPTER_VERSION = 1
+CONFIG_FILE = "gallop_adapter.json"
+CARD_FILE = "README.md"
+ADAPTER_FILES = (DELTA_FILE, CONFIG_FILE, CARD_FILE, PEFT_CONFIG, PEFT_WEIGHTS)
+DERIVED_KEYS = ("format", "version", "delta_file", "delta_version", "delta_kind", "base_model",
+                "base_fingerprint", "base_quantization", "score", "density", "num_entries",
+                "num_tensors", "trained_modules", "peft", "load", "created_with")
+"""Config keys `save_adapter` derives from the delta; the caller's config may not set them."""
+
+
+@dataclass
+class Adapter:
+    """A delta with its adapter config, as `load_adapter` reads it."""
+
+    delta: SparseDelta
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike) -> "Adapter":
+        return load_adapter(folder)
+
+    def save_pretrained(self, folder: str | os.PathLike, *, peft: bool | str = "auto",
+                        overwrite: bool = False) -> list[str]:
+        user = {k: v for k, v in self.config.items() if k not in DERIVED_KEYS}
+        return save_adapter(folder, self.delta, config=user, peft=peft, overwrite=overwrite)
+
+    def apply(self, model: nn.Module, **kwargs: Any) -> list[str]:
+        """`gallop_kernels.delta.apply_delta` (``scale``, ``check_base``, ``strict``)."""
+        return apply_delta(model, self.delta, **kwargs)
+
+    def merge(self, model: nn.Module, **kwargs: Any) -> SparseDelta:
+        """`gallop_kernels.delta.merge_delta`: returns what ``unmerge_delta`` restores."""
+        return merge_delta(model, self.delta, **kwargs)
+
+
+def _module_names(delta: SparseDelta) -> list[str]:
+    return sorted({name.rpartition(".")[0] or name for name in delta.indices})
+
+
+def _density(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _load_code(base: str, peft: bool, quantized: bool) -> dict[str, str | None]:
+    base_ref = json.dumps(base or "<the base model>")
+    python = (
+        "from transformers import AutoModelForCausalLM\n"
+        "from gallop_kernels.delta import apply_delta\n"
+        f"model = AutoModelForCausalLM.from_pretrained({base_ref})\n"
+        'apply_delta(model, "path/to/this/folder")  # checks the base; scale=0.5 applies half'
+    )
+    if quantized:
+        python += (
+            "\n# or onto the 4-bit base it was trained on:\n"
+            "# from gallop_kernels.integrations.bitsandbytes import apply_sparse_delta\n"
+            '# apply_sparse_delta(model_4bit, "path/to/this/folder")'
+        )
+    peft_code = (
+        "from peft import PeftModel\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"base = AutoModelForCausalLM.from_pretrained({base_ref})\n"
+        'model = PeftModel.from_pretrained(base, "path/to/this/folder")'
+    ) if peft else None
+    return {"python": python, "peft": peft_code}
+
+
+def adapter_config(delta: SparseDelta, config: Mapping[str, Any] | None, peft: dict[str, Any]) -> dict[str, Any]:
+    """The JSON config of an adapter folder: what the delta says about itself plus the caller's
+    ``config`` (e.g. ``target_modules``, ``data``, ``command``, ``training``; JSON values)."""
+    user = dict(config or {})
+    bad = [k for k in user if not isinstance(k, str)]
+    if bad:
+        raise TypeError(f"adapter config keys must be strings, got {bad[0]!r}")
+    clash = sorted(set(user) & set(DERIVED_KEYS))
+    if clash:
+        raise ValueError(f"adapter config may not set {clash}: save_adapter derives them from the delta")
+    try:
+        json.dumps(user, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"adapter config must be JSON (finite numbers, strings, lists, dicts): {e}") from e
+    from gallop_kernels import __version__
+
+    meta = delta.metadata
+    quant = meta.get("base_quantization", "none") or "none"
+    out: dict[str, Any] = {
+        "format": ADAPTER_FORMAT,
+        "version": ADAPTER_VERSION,
+        "delta_file": DELTA_FILE,
+        "delta_version": meta["version"],
+        "delta_kind": delta.kind,
+        "base_model": meta.get("base_model", ""),
+        "base_fingerprint": meta.get("base_fingerprint"),
+        "base_quantization": quant,
+        "method": user.pop("method", "gallop"),
+        "score": meta.get("score", ""),
+        "density": _density(meta.get("density", "")),
+        "num_entries": delta.num_entries,
+        "num_tensors": len(delta.indices),
+        "target_modules": user.pop("target_modules", _module_names(delta)),
+        "trained_modules": _module_names(delta),
+        "data": user.pop("data", None),
+        "command": user.pop("command", None),
+    }
+    out.update(user)
+    out["peft"] = peft
+    out["load"] = _load_code(out["base_model"], peft.get("exported", False), quant not in ("none", ""))
+    out["created_with"] = f"gallop_kernels {__version__}"
+    return out
+
+
+def _is_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return (0 < len(parts) <= 2 and all(parts) and not os.path.isabs(text)
+            and not text.startswith(".") and not os.path.exists(text))
+
+
+def model_card(config: Mapping[str, Any], delta: SparseDelta) -> str:
+    """README.md: Hugging Face front matter and the facts of the config, for people."""
+    base = config["base_model"]
+    exported = config["peft"].get("exported", False)
+    front = ["---"]
+    if base and _is_hub_id(base):
+        front.append(f"base_model: {base}")
+    front.append(f"library_name: {'peft' if exported else 'gallop_kernels'}")
+    front.append("tags:")
+    front += [f"- {t}" for t in ("gallop", "sparse-fine-tuning", "sparse-delta") + (("shira",) if exported else ())]
+    front.append("---")
+    size = delta.nbytes() / 2**20
+    rows = [
+        ("base model", f"`{base}`" if base else "(not recorded)"),
+        ("base fingerprint", f"`{config['base_fingerprint']}`" if config["base_fingerprint"] else "(none: version-1 delta)"),
+        ("base quantization", config["base_quantization"]),
+        ("method / score", f"{config['method']} / {config['score']}"),
+        ("density", str(config["density"])),
+        ("trained entries", f"{config['num_entries']:,} in {config['num_tensors']} tensors ({size:.2f} MiB)"),
+        ("target modules", f"`{json.dumps(config['target_modules'])}`"),
+        ("data", f"`{json.dumps(config['data'])}`" if config.get("data") is not None else "(not recorded)"),
+        ("command", f"`{config['command']}`" if config.get("command") else "(not recorded)"),
+    ]
+    lines = front + [
+        "",
+        f"# GaLLoP sparse delta{f' of `{base}`' if base else ''}",
+        "",
+        "A sparse fine-tune: only the entries listed below changed. The file `gallop_delta.safetensors` "
+        "stores, per trained tensor, their flat indices and the differences from the base there, "
+        "plus a fingerprint of the base. Made with gallop_kernels.",
+        "",
+        "| | |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in rows],
+        "",
+        "## Load it",
+        "",
+        "```python",
+        config["load"]["python"],
+        "```",
+    ]
+    if exported:
+        lines += ["", "With PEFT (a SHiRA adapter with the same entries; "
+                  f"r={config['peft']['r']}, {config['peft']['padding']:,} zero-valued padding entries):",
+                  "", "```python", config["load"]["peft"], "```"]
+    else:
+        lines += ["", f"Not exported to PEFT: {config['peft'].get('reason', 'not requested')}."]
+    lines += [
+        "",
+        "## Notes",
+        "",
+        "- The delta applies only to its base: `apply_delta` compares a sample of the model's weights "
+        "with the recorded fingerprint and refuses another model (`check_base=False` overrides).",
+        "- `apply_delta(model, folder, scale=s)` adds s times the differences; `merge_delta` returns the "
+        "overwritten entries so that `unmerge_delta` restores the base exactly; `combine_deltas` "
+        "adds several deltas with weights.",
+    ]
+    if config["base_quantization"] not in ("none", ""):
+        lines.append(
+            f"- Trained on a {config['base_quantization']} 4-bit base: the differences are from the "
+            "dequantized weights. On the full-precision base, `apply_delta` writes W + Δ: the fine-tune "
+            "transferred, not a bit-exact copy of the 4-bit model (whose weights differ from W by the "
+            "quantization error)."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _peft_part(delta: SparseDelta, peft: bool | str) -> tuple[dict[str, Any], Any]:
+    if peft not in (True, False, "auto"):
+        raise ValueError(f"peft must be True, False or 'auto', got {peft!r}")
+    if peft is False:
+        return {"exported": False, "reason": "not requested (peft=False)"}, None
+    try:
+        export = shira_export(delta)
+    except NotExportable as e:
+        if peft is True:
+            raise
+        return {"exported": False, "reason": str(e)}, None
+    info = {"exported": True, "peft_type": "SHIRA", "r": export.r, "padding": export.padding,
+            "files": [PEFT_CONFIG, PEFT_WEIGHTS]}
+    return info, export
+
+
+def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _write_text(text: str) -> Callable[[str], None]:
+    def write(path: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    return write
+
+
+def save_adapter(
+    folder: str | os.PathLike,
+    delta: SparseDelta | str | os.PathLike,
+    *,
+    config: Mapping[str, Any] | None = None,
+    peft: bool | str = "auto",
+    overwrite: bool = False,
+) -> list[str]:
+    """Write ``delta`` as an adapter folder; returns the paths written.
+
+    Args:
+        folder: created if missing.
+        delta: a `SparseDelta` or a delta file.
+        config: what the delta does not know, as JSON values: ``target_modules`` (the option as
+            given), ``data`` (files or dataset names), ``command`` (the command line that trained
+            it), ``training`` (hyperparameters), ``method`` (default "gallop"), anything else.
+        peft: also write PEFT SHiRA files: "auto" (when SHiRA can hold the delta; the config says
+            why not otherwise), True (refuse when it cannot) or False.
+        overwrite: replace adapter files already in ``folder`` (and drop stale PEFT files).
+
+    Everything is checked before the first file is written; each file is written atomically.
+    """
+    delta = as_delta(delta)
+    check_delta(delta)
+    if not isinstance(overwrite, bool):
+        raise TypeError("overwrite must be a bool")
+    folder = os.fspath(folder)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"{folder!r} exists and is not a folder")
+    peft_info, export = _peft_part(delta, peft)
+    cfg = adapter_config(delta, config, peft_info)
+    card = model_card(cfg, delta)
+    paths = {name: os.path.join(folder, name) for name in ADAPTER_FILES}
+    for name, path in paths.items():
+        if os.path.islink(path):
+            raise ValueError(f"{path!r} is a symbolic link; refusing to write through it")
+        if os.path.exists(path) and not overwrite:
+            raise FileExistsError(f"{path!r} exists; pass overwrite=True to replace the adapter in {folder!r}")
+    os.makedirs(folder, exist_ok=True)
+    written = []
+    save_delta(paths[DELTA_FILE], delta)  # (atomic itself)
+    written.append(paths[DELTA_FILE])
+    if export is not None:
+        from safetensors.torch import save_file
+
+        _atomic_write(paths[PEFT_WEIGHTS], lambda tmp: save_file(export.tensors, tmp, metadata={"format": "pt"}))
+        _atomic_write(paths[PEFT_CONFIG], _write_text(json.dumps(export.config, indent=2, sort_keys=True)))
+        written += [paths[PEFT_WEIGHTS], paths[PEFT_CONFIG]]
+    else:
+        for name in (PEFT_CONFIG, PEFT_WEIGHTS):  # (only reached with overwrite=True)
+            if os.path.exists(paths[name]):
+                os.remove(paths[name])
+    _atomic_write(paths[CARD_FILE], _write_text(card))
+    _atomic_write(paths[CONFIG_FILE], _write_text(json.dumps(cfg, indent=2) + "\n"))
+    return written + [paths[CARD_FILE], paths[CONFIG_FILE]]
+
+
+def load_adapter(folder: str | os.PathLike) -> Adapter:
+    """Read an adapter folder written by `save_adapter` (``ValueError`` when it is not one, or
+    when its config and delta do not belong together)."""
+    folder = os.fspath(folder)
+    path = os.path.join(folder, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {folder!r}: not a GaLLoP adapter folder")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path!r} is not readable JSON: {e}") from e
+    if not isinstance(config, dict) or config.get("format") != ADAPTER_FORMAT:
+        raise ValueError(f"{path!r} is not a GaLLoP adapter config")
+    if config.get("version") != ADAPTER_VERSION:
+        raise ValueError(f"{path!r}: unsupported adapter config version {config.get('version')!r}")
+    name = config.get("delta_file")
+    if not isinstance(name, str) or name != os.path.basename(name) or name in ("", ".", ".."):
+        raise ValueError(f"{path!r}: delta_file must be a file name inside the folder, got {name!r}")
+    delta = as_delta(os.path.join(folder, name))
+    if (config.get("base_fingerprint") != delta.metadata.get("base_fingerprint")
+            or config.get("num_entries") != delta.num_entries):
+        raise ValueError(f"{folder!r}: {CONFIG_FILE} and {name} describe different deltas")
+    return Adapter(delta, config)

@@ -1,0 +1,137 @@
+"""The base fingerprint: a small, content-based sample of the base a delta was trained from.
+
+A delta stores differences, so it only means something on its own base. Each trained tensor keeps
+a `BaseSample` (`docs/design.md#delta-fingerprint`): the base's values at
+
+- a fixed sample of `FIXED_SAMPLE` positions spread over the tensor (a golden-ratio sequence in
+  integer arithmetic: the same positions on every machine for one shape), and
+- up to `TOUCHED_SAMPLE` of the positions the delta changes (evenly spaced over its indices),
+
+stored in the base's own dtype. When the base was block-quantized (a 4-bit NF4/FP4 base), the
+values are the dequantized ones and each carries a tolerance of `QUANTIZED_TOLERANCE` times the
+largest magnitude in its quantization block, so the full-precision base matches a delta trained on
+its 4-bit copy. Positions are kept in the sample, so a reader never recomputes them.
+
+A model matches a sample when, at every sampled position, its value equals the recorded one: bit
+for bit when both are the same dtype and neither side is quantized, else within the tolerances
+plus one unit of the coarser dtype's precision (a base loaded in bf16 from fp32 weights matches).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+FIXED_SAMPLE = 32
+TOUCHED_SAMPLE = 32
+QUANTIZED_TOLERANCE = 0.25
+"""NF4 and FP4 round an entry by at most 0.18 of its block's largest dequantized magnitude
+(measured with bitsandbytes, blocksize 64, with and without double quantization)."""
+
+_GOLDEN = 0x9E3779B97F4A7C15  # 2^64 / golden ratio
+
+
+@dataclass
+class BaseSample:
+    """The base's values at sorted unique flat ``positions`` of one tensor (``tolerance``: None
+    for an exact base, else the fp32 allowance per position of a quantized one)."""
+
+    positions: torch.Tensor
+    values: torch.Tensor
+    tolerance: torch.Tensor | None = None
+
+
+class TensorView:
+    """A base tensor as the fingerprint sees it: dense values (dequantized for a 4-bit layer) and,
+    for a block-quantized one, its ``blocksize`` (the tolerance of each value)."""
+
+    def __init__(self, tensor: torch.Tensor, blocksize: int | None = None) -> None:
+        self.flat = tensor.detach().reshape(-1)
+        self.blocksize = blocksize
+
+    @property
+    def numel(self) -> int:
+        return self.flat.numel()
+
+    def gather(self, positions: torch.Tensor) -> torch.Tensor:
+        return self.flat.index_select(0, positions.to(self.flat.device)).cpu()
+
+    def tolerance(self, positions: torch.Tensor) -> torch.Tensor | None:
+        if self.blocksize is None:
+            return None
+        size = int(self.blocksize)
+        starts = positions.to(self.flat.device) // size * size
+        block = starts[:, None] + torch.arange(size, device=self.flat.device)[None, :]
+        block = block.clamp_(max=self.numel - 1)
+        absmax = self.flat[block].float().abs().amax(dim=1)
+        return (QUANTIZED_TOLERANCE * absmax).cpu()
+
+
+def fixed_positions(numel: int, count: int = FIXED_SAMPLE) -> torch.Tensor:
+    """``count`` positions spread over ``[0, numel)`` (all of them for a small tensor)."""
+    if numel <= count:
+        return torch.arange(numel, dtype=torch.int64)
+    picks = {(((i + 1) * _GOLDEN) % (1 << 64)) * numel >> 64 for i in range(count)}
+    return torch.tensor(sorted(picks), dtype=torch.int64)
+
+
+def touched_positions(indices: torch.Tensor, count: int = TOUCHED_SAMPLE) -> torch.Tensor:
+    """Up to ``count`` of the delta's sorted ``indices``, evenly spaced, first and last included."""
+    indices = indices.detach().to(torch.int64).cpu()
+    k = indices.numel()
+    if k <= count:
+        return indices
+    return indices[[i * (k - 1) // (count - 1) for i in range(count)]]
+
+
+def sample_positions(numel: int, indices: torch.Tensor) -> torch.Tensor:
+    """The sorted unique positions a delta of ``indices`` samples in a tensor of ``numel`` entries."""
+    return torch.unique(torch.cat([fixed_positions(numel), touched_positions(indices)]))
+
+
+def record(view: TensorView, indices: torch.Tensor) -> BaseSample:
+    """The sample of ``view`` (the base tensor) for a delta changing ``indices``."""
+    positions = sample_positions(view.numel, indices)
+    return BaseSample(positions, view.gather(positions).clone(), view.tolerance(positions))
+
+
+def _slack(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | float:
+    """One unit of the coarser dtype's precision at ``a`` and ``b``'s magnitude (0: same dtype)."""
+    if a.dtype == b.dtype:
+        return 0.0
+    coarse = max((a.dtype, b.dtype), key=lambda d: torch.finfo(d).eps)
+    info = torch.finfo(coarse)
+    return info.eps * torch.maximum(a.double().abs(), b.double().abs()) + info.tiny
+
+
+def differs(recorded: torch.Tensor, recorded_tol: torch.Tensor | None,
+            found: torch.Tensor, found_tol: torch.Tensor | None) -> torch.Tensor:
+    """Per position: whether ``found`` differs from ``recorded`` beyond their tolerances."""
+    slack = _slack(recorded, found)
+    if recorded_tol is None and found_tol is None and isinstance(slack, float):
+        return recorded != found
+    allowed = slack + sum(t.double() for t in (recorded_tol, found_tol) if t is not None)
+    return (recorded.double() - found.double()).abs() > allowed
+
+
+def mismatches(sample: BaseSample, view: TensorView) -> int:
+    """How many sampled positions of ``view`` differ from ``sample``."""
+    found = view.gather(sample.positions)
+    return int(differs(sample.values, sample.tolerance, found, view.tolerance(sample.positions)).sum())
+
+
+def digest(samples: Mapping[str, BaseSample], shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """``"sha256:<hex>"`` of every tensor's name, shape and sample: the fingerprint's identity,
+    written to the metadata and checked on load (a tampered sample is refused)."""
+    h = hashlib.sha256()
+    for name in sorted(samples):
+        s = samples[name]
+        h.update(f"{name}\0{tuple(shapes[name])}\0{s.values.dtype}\0".encode())
+        h.update(s.positions.to(torch.int64).contiguous().numpy().tobytes())
+        h.update(s.values.contiguous().view(torch.uint8).numpy().tobytes())
+        if s.tolerance is not None:
+            h.update(b"\0tol\0" + s.tolerance.float().contiguous().numpy().tobytes())
+    return "sha256:" + h.hexdigest()

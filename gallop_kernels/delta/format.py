@@ -1,0 +1,350 @@
+"""The delta file format: the in-memory `SparseDelta`, its checks, and its safetensors file.
+
+One safetensors file (`docs/design.md#delta-format`). Per trained tensor ``name``:
+
+- ``{name}::indices``: sorted unique flat indices (`reference.index_dtype`),
+- ``{name}::values``: version 2: the *differences* trained − base at those entries (float32, or
+  float64 where float32 cannot give back every trained value exactly); version 1: the trained
+  values themselves, in the parameter's dtype,
+- ``{name}::shape``: the tensor's shape (int64),
+- version 2 only, the base fingerprint (`delta.fingerprint`): ``{name}::base_positions`` (int64),
+  ``{name}::base_values`` (the base's dtype) and, for a quantized base, ``{name}::base_tolerance``
+  (float32);
+
+and string metadata: ``format`` = "gallop-delta", ``version`` ("2"; "1" files are read),
+``kind`` ("difference", or "absolute" for the entries `merge_delta` overwrote and for version-1
+files), ``base_model``, ``base_fingerprint`` (`fingerprint.digest` of the samples), ``score``,
+``density``, ``dtype``, ``num_entries``, ``modules`` (JSON: tensor → the class of the module that
+owns it), the 4-bit writer's ``base_quantization``, and the user's own keys, which may not set any
+of these (`RESERVED_KEYS`).
+
+`check_delta` checks a whole delta (names, shapes, index sets, values, fingerprint, metadata)
+without a model; `load_delta` runs it on what it read and every operation runs it before it
+changes anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from gallop_kernels.delta.fingerprint import BaseSample, digest
+from gallop_kernels.rules import check_index_set
+
+FORMAT = "gallop-delta"
+VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
+DIFFERENCE = "difference"
+ABSOLUTE = "absolute"
+DELTA_FILE = "gallop_delta.safetensors"
+"""The delta's file name inside an adapter folder (`load_delta` of a folder reads it)."""
+
+_SEP = "::"
+WRITER_KEYS = ("base_quantization",)
+RESERVED_KEYS = ("format", "version", "kind", "base_model", "base_fingerprint", "score", "density",
+                 "dtype", "num_entries", "modules", *WRITER_KEYS)
+"""Metadata keys the format writes itself; user metadata may set none of them."""
+
+_TENSOR_PARTS = ("indices", "values", "shape", "base_positions", "base_values", "base_tolerance")
+
+
+@dataclass
+class SparseDelta:
+    """Per-tensor flat indices and values, shapes, string metadata and the base fingerprint.
+
+    ``values`` are differences from the base (``kind == "difference"``) or, for a version-1 file
+    and for what `merge_delta` returns, the entries' absolute values (``kind == "absolute"``).
+    ``base`` holds one `BaseSample` per tensor (empty when the delta has no fingerprint).
+    """
+
+    indices: dict[str, torch.Tensor]
+    values: dict[str, torch.Tensor]
+    shapes: dict[str, tuple[int, ...]]
+    metadata: dict[str, str] = field(default_factory=dict)
+    base: dict[str, BaseSample] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        """``"difference"`` or ``"absolute"`` (a version-1 delta: its ``kind`` key, if any, was
+        the user's)."""
+        if self.metadata.get("version") == "1":
+            return ABSOLUTE
+        return self.metadata.get("kind", "")
+
+    @property
+    def num_entries(self) -> int:
+        return sum(int(v.numel()) for v in self.values.values())
+
+    @property
+    def modules(self) -> dict[str, str]:
+        """Tensor name → class of the module that owns it (empty when not recorded)."""
+        if self.metadata.get("version") == "1":
+            return {}
+        try:
+            found = json.loads(self.metadata.get("modules", "{}"))
+        except ValueError:
+            return {}
+        return found if isinstance(found, dict) else {}
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in (self.indices, self.values) for t in d.values())
+
+
+def score_label(score: Any) -> str:
+    """How a score is recorded in the metadata (a callable has no portable name)."""
+    return score if isinstance(score, str) else "callable"
+
+
+def _check_metadata_keys(extra: Mapping[Any, Any], allowed: Iterable[str], whose: str) -> None:
+    bad = [k for k in extra if not isinstance(k, str)]
+    if bad:
+        raise TypeError(f"{whose} metadata keys must be strings, got {bad[0]!r}")
+    clash = sorted(set(extra) & (set(RESERVED_KEYS) - set(allowed)))
+    if clash:
+        raise ValueError(f"{whose} metadata may not set {clash}: the delta format writes them itself")
+
+
+def new_delta(
+    indices: dict[str, torch.Tensor],
+    values: dict[str, torch.Tensor],
+    shapes: dict[str, tuple[int, ...]],
+    *,
+    base_model: str,
+    scores: Iterable[str],
+    densities: Iterable[str],
+    dtypes: Iterable[str],
+    base: Mapping[str, BaseSample] | None = None,
+    modules: Mapping[str, str] | None = None,
+    kind: str = DIFFERENCE,
+    fields: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> SparseDelta:
+    """A checked `SparseDelta` of the current version with the format's metadata.
+
+    ``fields`` are the writer's own keys (``base_quantization``), ``metadata`` the user's; neither
+    may set the keys the format writes (`RESERVED_KEYS`), which would make the file unreadable or
+    lie about its content.
+    """
+    _check_metadata_keys(fields or {}, WRITER_KEYS, "writer")
+    _check_metadata_keys(metadata or {}, (), "user")
+    shapes = {n: tuple(int(s) for s in shape) for n, shape in shapes.items()}
+    samples = dict(base or {})
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "kind": kind,
+        "base_model": str(base_model),
+        "score": ",".join(sorted(set(scores))),
+        "density": ",".join(sorted(set(densities))),
+        "dtype": ",".join(sorted(set(dtypes))),
+        "num_entries": str(sum(int(v.numel()) for v in values.values())),
+    }
+    if samples:
+        meta["base_fingerprint"] = digest(samples, shapes)
+    if modules:
+        meta["modules"] = json.dumps(dict(sorted(modules.items())))
+    meta.update({k: str(v) for k, v in (fields or {}).items()})
+    meta.update({k: str(v) for k, v in (metadata or {}).items()})
+    delta = SparseDelta(dict(indices), dict(values), shapes, meta, samples)
+    check_delta(delta)
+    return delta
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_dense(where: str, tensor: Any) -> None:
+    """A tensor with data (no meta or sparse tensor reaches the numeric checks)."""
+    if isinstance(tensor, torch.Tensor) and (tensor.is_meta or tensor.layout != torch.strided):
+        raise ValueError(f"{where}: expected a dense tensor with data, got a {tensor.layout} "
+                         f"tensor{' on the meta device' if tensor.is_meta else ''}")
+
+
+def check_values(where: str, values: Any, count: int) -> None:
+    """``count`` finite floating-point values in a 1-D tensor."""
+    _check_dense(where, values)
+    if not isinstance(values, torch.Tensor) or values.dim() != 1 or values.numel() != count:
+        got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+        raise ValueError(f"{where}: {count} indices need as many values in a 1-D tensor, got {got}")
+    if not values.is_floating_point():
+        raise ValueError(f"{where}: values must be floating point, got {values.dtype}")
+    if count and not bool(torch.isfinite(values).all()):
+        raise ValueError(f"{where}: values must be finite (found NaN or inf)")
+
+
+def check_entries(where: str, indices: Any, values: Any, numel: int) -> torch.Tensor:
+    """One delta tensor: indices sorted, unique, integer and in ``[0, numel)``
+    (`rules.check_index_set`), one finite floating-point value per index. Returns int64 indices."""
+    _check_dense(where, indices)
+    idx = check_index_set(indices, numel, where)
+    check_values(where, values, idx.numel())
+    return idx
+
+
+def _check_shape(where: str, shape: Any) -> int:
+    if not isinstance(shape, tuple) or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
+    ):
+        raise ValueError(f"{where}: shape must be a tuple of non-negative ints, got {shape!r}")
+    return math.prod(shape)
+
+
+def _check_sample(where: str, sample: Any, numel: int) -> None:
+    if not isinstance(sample, BaseSample):
+        raise ValueError(f"{where}: base fingerprint must be a BaseSample, got {type(sample).__name__}")
+    _check_dense(f"{where} (base fingerprint)", sample.positions)
+    positions = check_index_set(sample.positions, numel, f"{where} (base fingerprint)")
+    check_values(f"{where} (base fingerprint)", sample.values, positions.numel())
+    if sample.tolerance is not None:
+        check_values(f"{where} (base tolerance)", sample.tolerance, positions.numel())
+        if sample.tolerance.dtype != torch.float32 or bool((sample.tolerance < 0).any()):
+            raise ValueError(f"{where}: base tolerance must be non-negative float32")
+
+
+def check_delta(delta: Any) -> None:
+    """The whole delta, before anything uses it: metadata (format, readable version, kind,
+    entry count, fingerprint digest), every tensor present with a shape, its index set and one
+    finite value per index, and a fingerprint sample per tensor when there is one at all.
+    ``TypeError``/``ValueError`` otherwise."""
+    if not isinstance(delta, SparseDelta):
+        raise TypeError(f"expected a SparseDelta (or a delta file path), got {type(delta).__name__}")
+    meta = delta.metadata
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise ValueError("delta metadata must be a dict of strings")
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"not a GaLLoP delta (metadata format={meta.get('format')!r}); build deltas with new_delta")
+    if meta.get("version") not in READABLE_VERSIONS:
+        raise ValueError(f"unsupported GaLLoP delta version {meta.get('version')!r} "
+                         f"(this reader: {', '.join(READABLE_VERSIONS)})")
+    if meta["version"] == "1" and delta.base:
+        raise ValueError("a version-1 delta holds absolute values and no fingerprint")
+    if delta.kind not in (DIFFERENCE, ABSOLUTE):
+        raise ValueError(f"unknown delta kind {meta.get('kind')!r} (expected {DIFFERENCE!r} or {ABSOLUTE!r})")
+    for part in ("indices", "values", "shapes", "base"):
+        if not isinstance(getattr(delta, part), dict):
+            raise TypeError(f"delta.{part} must be a dict")
+    names = set(delta.indices)
+    if set(delta.values) != names or set(delta.shapes) != names:
+        raise ValueError("delta indices, values and shapes must name the same tensors "
+                         f"(missing or extra: {sorted(names ^ set(delta.values) | names ^ set(delta.shapes))})")
+    if delta.base and set(delta.base) != names:
+        raise ValueError(f"the base fingerprint must cover every tensor (missing or extra: "
+                         f"{sorted(names ^ set(delta.base))})")
+    for name in delta.indices:
+        if not isinstance(name, str) or not name or _SEP in name:
+            raise ValueError(f"invalid tensor name {name!r} in delta")
+        where = f"delta tensor {name!r}"
+        numel = _check_shape(where, delta.shapes[name])
+        check_entries(where, delta.indices[name], delta.values[name], numel)
+        if delta.kind == DIFFERENCE and delta.values[name].dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"{where}: differences must be float32 or float64, got {delta.values[name].dtype}")
+        if delta.base:
+            _check_sample(where, delta.base[name], numel)
+    if "num_entries" in meta and meta["num_entries"] != str(delta.num_entries):
+        raise ValueError(f"delta metadata says {meta['num_entries']} entries, the tensors hold {delta.num_entries}")
+    if delta.base:
+        if meta.get("base_fingerprint") != digest(delta.base, delta.shapes):
+            raise ValueError("the delta's base fingerprint does not match its recorded digest (corrupt or edited)")
+    elif "base_fingerprint" in meta and meta["version"] != "1":  # (version 1 reserved no such key)
+        raise ValueError("the delta's metadata names a base fingerprint but holds no sample")
+
+
+# ----------------------------------------------------------------------------------------------
+# The file
+# ----------------------------------------------------------------------------------------------
+
+
+def save_delta(path: str | os.PathLike, delta: SparseDelta) -> None:
+    """Check ``delta`` (`check_delta`), then write it as one safetensors file, atomically
+    (a temporary file in the same folder, renamed over ``path``)."""
+    from safetensors.torch import save_file
+
+    check_delta(delta)
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path!r} is a folder; give the delta file's path (or use gallop_kernels.adapter.save_adapter)")
+    tensors = {}
+    for name in delta.indices:
+        tensors[f"{name}{_SEP}indices"] = delta.indices[name].detach().cpu().contiguous()
+        tensors[f"{name}{_SEP}values"] = delta.values[name].detach().cpu().contiguous()
+        tensors[f"{name}{_SEP}shape"] = torch.tensor(delta.shapes[name], dtype=torch.int64)
+        if delta.base:
+            s = delta.base[name]
+            tensors[f"{name}{_SEP}base_positions"] = s.positions.to(torch.int64).cpu().contiguous()
+            tensors[f"{name}{_SEP}base_values"] = s.values.cpu().contiguous()
+            if s.tolerance is not None:
+                tensors[f"{name}{_SEP}base_tolerance"] = s.tolerance.cpu().contiguous()
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=dict(delta.metadata))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _read(path: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for a bad header or payload
+        raise ValueError(f"{path!r} is not a readable safetensors file: {e}") from e
+    return meta, tensors
+
+
+def load_delta(path: str | os.PathLike) -> SparseDelta:
+    """Read a delta file (version 2, or version 1 with absolute values), or the delta of an
+    adapter folder; everything is checked (`check_delta`). ``ValueError`` when it is not a valid
+    delta, ``FileNotFoundError`` when there is nothing at ``path``."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, DELTA_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no delta file at {path!r}")
+    meta, tensors = _read(path)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path!r} is not a GaLLoP delta (metadata format={meta.get('format')!r})")
+    if meta.get("version") not in READABLE_VERSIONS:
+        raise ValueError(f"{path!r}: unsupported GaLLoP delta version {meta.get('version')!r} "
+                         f"(this reader: {', '.join(READABLE_VERSIONS)})")
+    allowed = _TENSOR_PARTS if meta["version"] == "2" else _TENSOR_PARTS[:3]
+    parts: dict[str, dict[str, torch.Tensor]] = {p: {} for p in _TENSOR_PARTS}
+    for key, t in tensors.items():
+        name, sep, part = key.rpartition(_SEP)
+        if not sep or part not in allowed:
+            raise ValueError(f"{path!r}: unexpected tensor {key!r} in a version-{meta['version']} delta file")
+        parts[part][name] = t
+    shapes = {}
+    for name, t in parts["shape"].items():
+        if t.dtype != torch.int64 or t.dim() != 1 or bool((t < 0).any()):
+            raise ValueError(f"{path!r}: {name}{_SEP}shape must be non-negative int64 sizes")
+        shapes[name] = tuple(int(s) for s in t.tolist())
+    names = set(parts["indices"])
+    samples = {}
+    for name in parts["base_positions"].keys() | parts["base_values"].keys() | parts["base_tolerance"].keys():
+        if name not in parts["base_positions"] or name not in parts["base_values"]:
+            raise ValueError(f"{path!r}: incomplete base fingerprint for {name!r}")
+        samples[name] = BaseSample(parts["base_positions"][name], parts["base_values"][name],
+                                   parts["base_tolerance"].get(name))
+    delta = SparseDelta(parts["indices"], parts["values"], shapes, meta, samples)
+    if names != set(shapes) or names != set(parts["values"]):
+        raise ValueError(f"{path!r}: corrupt delta file: indices, values and shapes name different tensors")
+    try:
+        check_delta(delta)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path!r}: {e}") from e
+    return delta

@@ -1,0 +1,100 @@
+"""The real-model tasks: right answers, disjoint deterministic splits, answer-only labels, exact match."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gallop_kernels import chat_tasks as C
+from gallop_kernels.chat import IGNORE
+from gallop_kernels.reproduce.runner import OOD_TASKS
+from gallop_kernels.toy import byte_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
+
+
+def test_codes_rule_is_a_function_of_the_category():
+    words = [w for _, ws in C.CATEGORIES.values() for w in ws]
+    assert len(words) == len(set(words)), "a word in two categories would make its code ambiguous"
+    codes = [code for code, _ in C.CATEGORIES.values()]
+    assert len(set(codes)) == len(codes) == round(1 / C.CODES.chance)
+    by_word = {w: code for code, ws in C.CATEGORIES.values() for w in ws}
+    for item in C.CODES.items:
+        word = item.question.split('"')[1]
+        assert item.answer == by_word[word] and item.key == word
+
+
+def test_codes_test_words_are_never_trained_on():
+    parts = {p: {it.key for it in C.CODES.split(p)} for p in C.SPLITS}
+    assert not parts["train"] & parts["test"] and not parts["train"] & parts["val"] and not parts["val"] & parts["test"]
+    assert sum(len(v) for v in parts.values()) == len(C.CODES.items)
+    # every category is in every split, so the test measures the rule on each category
+    for split in C.SPLITS:
+        answers = {it.answer for it in C.CODES.split(split)}
+        assert answers == {code for code, _ in C.CATEGORIES.values()}, split
+    # deterministic: a hash of the word decides, not the order of the list
+    reordered = C.ChatTask("x", "", tuple(reversed(C.CODES.items)))
+    assert {it.key for it in reordered.split("test")} == parts["test"]
+    with pytest.raises(ValueError, match="split"):
+        C.CODES.split("dev")
+
+
+@pytest.mark.parametrize("name", sorted(C.CANDIDATE_OOD))
+def test_generated_ood_answers_are_right(name):
+    task = C.CANDIDATE_OOD[name]()
+    assert task.items and len({it.question for it in task.items}) == len(task.items)
+    for it in task.items:
+        assert it.answer.startswith(" ") and it.answer.strip(), it  # one space, then the answer word(s)
+        if name == "addition":
+            a, b = (int(x) for x in it.question[len("What is "):-1].split(" + "))
+            assert int(it.answer) == a + b
+        elif name == "next_number":
+            assert int(it.answer) == int(it.question.split()[-1].rstrip("?")) + 1
+        elif name == "next_letter":
+            assert ord(it.answer.strip()) == ord(it.question.split()[-1].rstrip("?")) + 1
+        elif name == "next_day":
+            days = list(C.DAYS)
+            assert days.index(it.answer.strip()) == (days.index(it.question.split()[-1].rstrip("?")) + 1) % 7
+
+
+def test_reproduction_ood_tasks_exist():
+    assert set(OOD_TASKS) <= set(C.CANDIDATE_OOD)
+
+
+def test_encoding_labels_only_the_answer(tok):
+    item = C.CANDIDATE_OOD["plurals"]().items[0]
+    batch = C.encode_items([item, C.CODES.items[0]], tok)
+    assert batch.input_ids.shape == batch.labels.shape == batch.attention_mask.shape
+    for row in range(2):
+        labelled = batch.labels[row][batch.labels[row] != IGNORE].tolist()
+        answer = [item, C.CODES.items[0]][row].answer
+        assert tok.decode(labelled) == answer
+    # padding: no attention, no label
+    assert ((batch.attention_mask == 0) <= (batch.labels == IGNORE)).all()
+    train = C.training_items(C.CODES, tok)
+    assert all(it.answer.endswith(tok.eos_token) for it in train)  # training teaches the model to stop
+
+
+class _Oracle(torch.nn.Module):
+    """Predicts the true next token everywhere, except (optionally) at one position of one row."""
+
+    def __init__(self, vocab: int, spoil_row: int | None = None):
+        super().__init__()
+        self.vocab, self.spoil_row = vocab, spoil_row
+
+    def forward(self, input_ids, attention_mask=None):
+        nxt = input_ids.roll(-1, 1)
+        if self.spoil_row is not None and self.spoil_row < len(nxt):
+            nxt[self.spoil_row, :] = 0  # wrong everywhere in that row
+        return type("Out", (), {"logits": torch.nn.functional.one_hot(nxt, self.vocab).float()})
+
+
+def test_exact_match_counts_whole_answers(tok):
+    items = list(C.CODES.split("test"))[:5]
+    batch = C.encode_items(items, tok)
+    assert C.exact_match(_Oracle(len(tok)), batch, chunk=2) == 1.0
+    assert C.exact_match(_Oracle(len(tok), spoil_row=1), batch, chunk=8) == pytest.approx(4 / 5)
+    assert C.correct(_Oracle(len(tok), spoil_row=0), batch).tolist() == [False, True, True, True, True]
