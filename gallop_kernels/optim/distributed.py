@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import sys
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -35,7 +36,7 @@ from gallop_kernels import reference
 from gallop_kernels.ops.collective import ProcessGroupCollective, ShardLayout
 
 __all__ = [
-    "GroupPlacement", "all_gradients_zero", "check_replicas", "check_supported",
+    "GroupPlacement", "all_gradients_zero", "check_names", "check_replicas", "check_supported",
     "global_indices", "is_dtensor", "local", "placement", "world_size",
 ]
 
@@ -110,17 +111,36 @@ def _placement_error(name: object, placements: Any, why: str) -> ValueError:
     )
 
 
+def check_names(names: Sequence[str]) -> None:
+    """Refuse FSDP1's wrapped names (its ``use_orig_params`` views are plain tensors otherwise)."""
+    for name in names:
+        if "_fsdp_wrapped_module" in name or "_flat_param" in name:
+            raise _flat_param_error(repr(name))
+
+
+_CHECKED: "weakref.WeakKeyDictionary[torch.Tensor, tuple]" = None  # type: ignore[assignment]
+
+
 def check_supported(params: Sequence[torch.Tensor], names: Sequence[object]) -> None:
-    """Refuse params that no exact global selection can address (before anything changes)."""
+    """Refuse params that no exact global selection can address (before anything changes).
+
+    Runs every step (params may be swapped): metadata only, and a DTensor's placements are
+    mapped once per (param, placements). ``names`` are formatted only for a message.
+    """
+    global _CHECKED
+    if _CHECKED is None:
+        _CHECKED = weakref.WeakKeyDictionary()
     dtensors = []
     for p, name in zip(params, names):
-        if getattr(p, "_is_flat_param", False) or "_fsdp_wrapped_module" in str(name) \
-                or "_flat_param" in str(name):
+        if getattr(p, "_is_flat_param", False):
             raise _flat_param_error(name)
         if hasattr(p, "ds_id") or hasattr(p, "ds_numel"):
             raise _zero_error(name)
         if is_dtensor(p):
-            _check_placements(p, name)
+            key = (p.device_mesh, tuple(p.placements), tuple(p.shape))
+            if _CHECKED.get(p) != key:
+                _check_placements(p, name)
+                _CHECKED[p] = key
             dtensors.append((p, name))
     if not dtensors:
         return

@@ -212,6 +212,9 @@ class SparseAdamW(Optimizer):
         params = list(params)
         tensors = [p[1] if isinstance(p, tuple) else p for p in params]
         names = [p[0] for p in params] if all(isinstance(p, tuple) for p in params) else None
+        given = names or param_group.get("param_names")
+        if isinstance(given, (list, tuple)):
+            distributed.check_names([str(n) for n in given])
         distributed.check_supported(
             tensors, names or [f"#{j} (shape {tuple(getattr(t, 'shape', ()))})"
                                for j, t in enumerate(tensors)])
