@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import sys
-import weakref
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -118,7 +117,8 @@ def check_names(names: Sequence[str]) -> None:
             raise _flat_param_error(repr(name))
 
 
-_CHECKED: "weakref.WeakKeyDictionary[torch.Tensor, tuple]" = None  # type: ignore[assignment]
+_CHECKED_ATTR = "_gallop_placement_checked"
+"""Set on a DTensor param whose (mesh, placements, shape) were mapped: the check runs once."""
 
 
 def check_supported(params: Sequence[torch.Tensor], names: Sequence[object]) -> None:
@@ -127,9 +127,6 @@ def check_supported(params: Sequence[torch.Tensor], names: Sequence[object]) -> 
     Runs every step (params may be swapped): metadata only, and a DTensor's placements are
     mapped once per (param, placements). ``names`` are formatted only for a message.
     """
-    global _CHECKED
-    if _CHECKED is None:
-        _CHECKED = weakref.WeakKeyDictionary()
     dtensors = []
     for p, name in zip(params, names):
         if getattr(p, "_is_flat_param", False):
@@ -137,10 +134,10 @@ def check_supported(params: Sequence[torch.Tensor], names: Sequence[object]) -> 
         if hasattr(p, "ds_id") or hasattr(p, "ds_numel"):
             raise _zero_error(name)
         if is_dtensor(p):
-            key = (p.device_mesh, tuple(p.placements), tuple(p.shape))
-            if _CHECKED.get(p) != key:
+            key = (id(p.device_mesh), tuple(p.placements), tuple(p.shape))
+            if getattr(p, _CHECKED_ATTR, None) != key:
                 _check_placements(p, name)
-                _CHECKED[p] = key
+                setattr(p, _CHECKED_ATTR, key)
             dtensors.append((p, name))
     if not dtensors:
         return
