@@ -67,8 +67,8 @@ class DDPExchange:
         self._optimizer = weakref.ref(optimizer)
         self.active = False
         self.bytes_reduced = 0  # payload all-reduced by this exchange (for measurements)
-        if mode == "comm_hook":
-            module.register_comm_hook(self, _comm_hook)
+        if mode == "comm_hook" and optimizer._lean is not None:
+            module.register_comm_hook(self, _comm_hook)  # (plain mode: DDP's own reduction)
 
     # -- compact mode -----------------------------------------------------------------------
 
@@ -228,6 +228,7 @@ def exchange(optimizer: Any) -> Callable[[list[torch.Tensor]], None] | None:
 
 _PENDING: "weakref.WeakSet[Any]" = weakref.WeakSet()
 _HOOK: list[Any] = []
+_LAST_SEEN: list[Any] = [None, frozenset()]  # the DDP module last looked at, and its param ids
 
 
 def _arm() -> None:
@@ -239,9 +240,12 @@ def _on_forward(module: Any, args: Any) -> None:
     ddp = getattr(_ddp_class(), "_active_ddp_module", None)
     if ddp is None:
         return
-    inside = {id(p) for p in ddp.module.parameters()}
+    if _LAST_SEEN[0] is not ddp:  # (once per DDP module, not once per submodule's forward)
+        _LAST_SEEN[:] = [ddp, frozenset(id(p) for p in ddp.module.parameters())]
+    inside = _LAST_SEEN[1]
     for opt in list(_PENDING):
         if opt._ddp is None and _params_of(opt) & inside:
             attach(opt, ddp, "compact")
     if not _PENDING and _HOOK:
         _HOOK.pop().remove()
+        _LAST_SEEN[:] = [None, frozenset()]
