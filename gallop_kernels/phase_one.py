@@ -21,11 +21,14 @@ The pieces:
    gradient to the same buffer type.
 3. **The RNG.** :func:`forked_rng` restores the global RNG afterwards: training that follows
    draws the same random numbers as without phase one (a resume stays exact).
-4. **The reduction.** :func:`reduce_gradients` is the one distributed step: it sums every
-   rank's accumulated gradients through a *collective* (``world_size``, ``rank``,
-   ``all_reduce_sum_``; :func:`default_collective` wraps ``torch.distributed``), so every rank
-   selects the same entries. Today a sink that cannot be reduced refuses to run under several
-   ranks before any batch runs; see `docs/design.md#distributed`.
+4. **The reduction.** :func:`reduce_gradients` is the one distributed step: under DDP (plain
+   params on every rank) it sums every rank's accumulated gradients through a *collective*
+   (``world_size``, ``rank``, ``all_reduce_sum_``; :func:`default_collective` is
+   `ops.collective.ProcessGroupCollective` over the world), device gradients and host buffers
+   alike, so every rank selects the same entries. Under FSDP2 the model's own backward reduces
+   (averages) each shard's gradient over the mesh, so each rank's loss is scaled by the mesh size
+   instead, and every rank runs the same number of batches (FSDP2 all-gathers in each forward).
+   See `docs/design.md#distributed`.
 5. **Selection** stays with the owner of the entries: ``optimizer.select(gradients=...)``
    (streamed chunk by chunk from host buffers), or the 4-bit path's streaming select.
 """
@@ -39,6 +42,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequenc
 import torch
 from torch import nn
 
+from gallop_kernels.ops.collective import ProcessGroupCollective
+from gallop_kernels.optim.distributed import is_dtensor, local
 from gallop_kernels.optim.unwrap import unwrap_optimizer
 from gallop_kernels.rules import check_count, check_fraction
 
@@ -74,11 +79,11 @@ class GradientSink:
     """Where the accumulation loop's gradients go (see the module docstring).
 
     A sink opens :meth:`capturing` around the loop, exposes what it accumulated as
-    :meth:`tensors` (in a fixed order, the same on every rank) and, where it can, sums them over
-    the ranks in :meth:`reduce`.
+    :meth:`tensors` (in a fixed order, the same on every rank) and sums them over the ranks in
+    :meth:`reduce` (by default every tensor of :meth:`tensors`, e.g. host buffers).
     """
 
-    reducible = False  # whether reduce() is implemented (checked before the loop runs)
+    reducible = True  # whether reduce() works (checked before the loop runs)
 
     @contextlib.contextmanager
     def capturing(self) -> Iterator[None]:
@@ -88,7 +93,10 @@ class GradientSink:
         raise NotImplementedError
 
     def reduce(self, collective: "Collective") -> None:
-        raise _not_reducible(self)
+        if not self.reducible:
+            raise _not_reducible(self)
+        for tensor in self.tensors():  # same tensors, same order on every rank
+            collective.all_reduce_sum_(tensor)
 
 
 def _not_reducible(sink: GradientSink) -> NotImplementedError:
@@ -137,7 +145,7 @@ class HostGradients(GradientSink):
 
     def _offload(self, param: torch.Tensor) -> None:
         with torch.no_grad():
-            self.buffers[param].add(param.grad)
+            self.buffers[param].add(local(param.grad))  # (FSDP2: the reduced local shard)
         param.grad = None
 
     @contextlib.contextmanager
@@ -146,7 +154,7 @@ class HostGradients(GradientSink):
         opt.unfreeze()  # a new calibration scores every tensor
         opt.zero_grad(set_to_none=True)
         params = [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
-        self.buffers = {p: HostGradientBuffer(p.shape, p.device) for p in params}
+        self.buffers = {p: HostGradientBuffer(local(p).shape, p.device) for p in params}
         handles = [p.register_post_accumulate_grad_hook(self._offload) for p in params]
         try:
             with opt.paused_lean():
@@ -241,9 +249,16 @@ def default_collective() -> Collective | None:
     (`ops.collective.ProcessGroupCollective`, the one adapter over ``torch.distributed``)."""
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        from gallop_kernels.ops.collective import ProcessGroupCollective
-
         return ProcessGroupCollective()
+    return None
+
+
+def _fsdp_mesh_size(model: nn.Module) -> int | None:
+    """The data-parallel size FSDP2 averages gradients over, if the model's params are sharded
+    DTensors (FSDP2 / HSDP), else None."""
+    for p in model.parameters():
+        if is_dtensor(p):
+            return p.device_mesh.size()
     return None
 
 
@@ -306,9 +321,12 @@ def calibrate_dataset(
     Each batch's loss is weighted by its share of the calibration examples. Under several ranks
     (``collective``; ``"auto"``: `default_collective`, ``None``: this process alone) each rank
     takes its share of the examples and the sums are reduced, so every rank ends with the same
-    mean; a sink that cannot be reduced is refused before any batch runs. The model runs in train
-    mode (restored afterwards) and the global RNG state is restored. The caller then selects
-    (e.g. :func:`select_from_sink`). Returns the number of calibration examples.
+    mean; a sink that cannot be reduced is refused before any batch runs. A DDP-wrapped
+    ``model`` runs under ``no_sync()`` (the reduction here is the only one). An FSDP2 model
+    reduces in its own backward: each rank's loss is scaled by the mesh size (FSDP2 averages)
+    and every rank runs the same number of batches (padded with zero-weight ones). The model
+    runs in train mode (restored afterwards) and the global RNG state is restored. The caller
+    then selects (e.g. :func:`select_from_sink`). Returns the number of calibration examples.
     """
     check_count(batch_size, "batch_size")
     try:
@@ -320,29 +338,56 @@ def calibrate_dataset(
     if collective == "auto":
         collective = default_collective()
     world, rank = (1, 0) if collective is None else (collective.world_size, collective.rank)
-    if world > 1 and not sink.reducible:
+    mesh_size = _fsdp_mesh_size(model) if world > 1 else None
+    if world > 1 and mesh_size is None and not sink.reducible:
         raise _not_reducible(sink)
+    if mesh_size is not None:
+        if mesh_size != world:
+            raise ValueError(f"phase one under FSDP2 needs the device mesh to span every rank "
+                             f"(mesh of {mesh_size}, {world} ranks)")
+        if not isinstance(sink, (DeviceGradients, HostGradients)):
+            raise NotImplementedError(f"{type(sink).__name__}: phase one of a sharded (FSDP2) "
+                                      f"model takes the optimizer's sinks only")
     mine = indices[rank::world]
     device = torch.device(device if device is not None else next(model.parameters()).device)
     loss_fn = loss_fn or model_loss
     chunks = [mine[start:start + batch_size] for start in range(0, len(mine), batch_size)]
+    scale = 1.0
+    if mesh_size is not None:
+        # FSDP2 averages over the mesh: scale so that the average is our sum; every rank runs
+        # as many batches as rank 0 (the most examples), the extra ones weighing nothing.
+        scale = float(mesh_size)
+        most = -(-len(indices[0::world]) // batch_size)
+        chunks += [[]] * (most - len(chunks))
 
     def weighted_loss(chunk: list[int]) -> torch.Tensor:
-        inputs = _to_device(collate_fn([dataset[i] for i in chunk]), device)
+        share = len(chunk) / total
+        inputs = _to_device(collate_fn([dataset[i] for i in (chunk or indices[:1])]), device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             loss = loss_fn(model, inputs)
-        return loss.float() * (len(chunk) / total)
+        return loss.float() * (share * scale)
 
     was_training = model.training
     model.train()
     try:
-        with forked_rng(device):
+        with forked_rng(device), _no_sync(model):
             if chunks:
                 accumulate(sink, chunks, weighted_loss, average=False)
-        reduce_gradients(sink, collective)
+        if mesh_size is None:
+            reduce_gradients(sink, collective)
     finally:
         model.train(was_training)
     return total
+
+
+def _no_sync(model: nn.Module) -> contextlib.AbstractContextManager:
+    """DDP's ``no_sync()`` for a DDP-wrapped model (phase one reduces by itself), else nothing."""
+    no_sync = getattr(model, "no_sync", None)
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel) and no_sync is not None:
+        return no_sync()
+    return contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------

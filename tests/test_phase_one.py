@@ -137,8 +137,11 @@ def test_reduction_is_one_step_over_every_parameter():
 def test_a_sink_that_cannot_reduce_refuses_before_any_batch():
     model = Toy()
     opt = SparseAdamW(model.parameters(), lean=True)
-    sink = optimizer_sink(opt)
-    assert isinstance(sink, HostGradients)
+
+    class Unreducible(HostGradients):
+        reducible = False
+
+    sink = Unreducible(opt)
     calls = []
 
     def loss_fn(m, inputs):
@@ -148,6 +151,20 @@ def test_a_sink_that_cannot_reduce_refuses_before_any_batch():
     with pytest.raises(NotImplementedError, match="torch.distributed"):
         calibrate_dataset(model, sink, Data(), collate, collective=FakeRanks(), loss_fn=loss_fn)
     assert calls == [] and not opt.is_selected()
+
+
+def test_host_buffers_are_reduced_like_device_gradients():
+    """Lean mode's host-offload calibration sums its host buffers over the ranks, every
+    trainable tensor once and in order (the DDP path; real ranks: tests/test_distributed_*)."""
+    model = Toy()
+    select_trainable(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = SparseAdamW(params, density=0.2, lean=True)
+    sink, ranks = optimizer_sink(opt), FakeRanks()
+    assert isinstance(sink, HostGradients)
+    calibrate_dataset(model, sink, Data(), collate, fraction=0.5, batch_size=2, collective=ranks)
+    assert ranks.reduced == [tuple(p.shape) for p in params]
+    assert all(p.grad is None for p in params)
 
 
 @pytest.mark.parametrize("lean", [False, True], ids=["device-grads", "host-buffers"])

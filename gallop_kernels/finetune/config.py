@@ -58,7 +58,7 @@ class FinetuneConfig:
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # the Trainer's default clipping; 0 disables (forced by lean)
+    max_grad_norm: float = 1.0  # the Trainer's default clipping (lean: of the kept entries); 0 disables
     batch_size: int = 8
     grad_accum: int = 1
     max_length: int = 512
@@ -167,8 +167,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("train_embeddings", "also sparsely train the input embedding"),
     Option("train_norms", "also sparsely train normalization weights"),
     Option("lean", "memory-lean gradients: keep only the selected entries of each gradient and freeze "
-           "tensors with none (the Trainer's gradient clipping is off then); not with --bits 4, which is "
-           "lean already"),
+           "tensors with none (clipping and the logged grad_norm use the norm of the kept entries); not "
+           "with --bits 4, which is lean already"),
     Option("bits", "4: load the model with a 4-bit NF4 bitsandbytes base and train a sparse fp32 delta on "
            "the --target-modules layers (rebuild with apply_sparse_delta on a 4-bit-loaded base); not with "
            "--lean, --save-full, --resume/--save-steps, --train-embeddings/--train-norms",
@@ -180,7 +180,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("warmup_steps", "linear warmup over this many steps (not with --warmup-ratio)", int),
     Option("warmup_ratio", "linear warmup over this fraction of the training steps, in [0, 1)", float),
     Option("weight_decay", "AdamW weight decay on the selected entries", float),
-    Option("max_grad_norm", "clip the gradient norm to this (0: off; off with --lean)", float),
+    Option("max_grad_norm", "clip the gradient norm to this (0: off; with --lean: the kept entries' norm)",
+           float),
     Option("batch_size", "examples per device and step (also the calibration batch)", int),
     Option("grad_accum", "gradient accumulation steps", int),
     Option("max_length", "truncate examples to this many tokens", int),

@@ -255,7 +255,8 @@ def training_arguments(config: FinetuneConfig, has_eval: bool, output: str | Non
         dataloader_num_workers=0,
         # Lean mode frees each dense gradient as it lands, so there is nothing for the Trainer's
         # gradient-norm clipping to read: it is off there (said in --lean's help).
-        max_grad_norm=0.0 if config.lean else config.max_grad_norm,
+        # (lean mode: the norm of the kept entries, clipped and logged by gallop_trainer's mixin)
+        max_grad_norm=config.max_grad_norm,
         **warmup,
         **evaluation,
         **{ckpt_flag: config.gradient_checkpointing},
@@ -301,10 +302,10 @@ def _encode(data: TrainingData, tokenizer: Any, config: FinetuneConfig) -> tuple
 
 
 def save_delta_files(representation: Any, model: Any, trainer: Any, config: FinetuneConfig, output: str,
-                     base: Any = None) -> list[str]:
+                     base: Any = None, write: bool = True) -> list[str]:
     """Write the trained delta into ``output`` as an adapter folder (`gallop_kernels.adapter`: the
     delta file, a JSON config, a model card and, where SHiRA can hold it, PEFT's files); returns the
-    paths written."""
+    paths written (``write=False``: another rank than 0 of a launch, which extracts but writes nothing)."""
     from gallop_kernels.adapter import save_adapter
 
     meta = {"calibration_fraction": config.calibration_fraction, "epochs": config.epochs, "lr": config.lr,
@@ -321,6 +322,8 @@ def save_delta_files(representation: Any, model: Any, trainer: Any, config: Fine
                      if key in settings},
         "steps": trainer.state.global_step,
     }
+    if not write:
+        return []
     # (the staging folder is this run's own: an adapter left there by an interrupted attempt is replaced)
     return save_adapter(output, delta, config=adapter_config, overwrite=True)
 
@@ -347,7 +350,8 @@ def run_finetune(config: FinetuneConfig, out: TextIO | None = None) -> FinetuneR
             print(f"gallop finetune: note: {note}", file=sys.stderr)
         with rundir.RunFolder(plan) as run:
             result = _train_and_save(config, data, run, say, t0)
-            rundir.write_json_atomic(os.path.join(run.path, SUMMARY_FILE), asdict(result))
+            if is_main_process():
+                rundir.write_json_atomic(os.path.join(run.path, SUMMARY_FILE), asdict(result))
             run.publish()
     return result
 
@@ -359,9 +363,11 @@ def _train_and_save(config: FinetuneConfig, data: TrainingData, run: rundir.RunF
     from transformers.trainer_callback import PrinterCallback
 
     from gallop_kernels.finetune.representations import representation_for
+    from gallop_kernels.integrations.transformers import gallop_trainer
     from gallop_kernels.models import ModelUnavailable
 
     rep = representation_for(config, log=say)
+    main_process = is_main_process()  # (under torchrun / accelerate launch only rank 0 writes)
     with user_input(ValueError, TypeError, OSError, ModelUnavailable):  # the model, the encoded data
         resolved = resolve_model(config, say)
         model, tokenizer = load_model(resolved, config, rep.four_bit, say)
@@ -372,7 +378,8 @@ def _train_and_save(config: FinetuneConfig, data: TrainingData, run: rundir.RunF
 
     output = run.path  # everything below is written to the staging folder
     # (without the run controls: replaying this file with --config must not overwrite or resume)
-    dataclasses.replace(config, overwrite=False, resume=None).save(os.path.join(output, CONFIG_FILE))
+    if main_process:
+        dataclasses.replace(config, overwrite=False, resume=None).save(os.path.join(output, CONFIG_FILE))
     loss_log = run.loss_log
 
     collate = CausalLMCollator(tokenizer.pad_token_id)
@@ -380,7 +387,7 @@ def _train_and_save(config: FinetuneConfig, data: TrainingData, run: rundir.RunF
         rep.prepare(model, train, collate)
         args = training_arguments(config, has_eval=evals is not None, output=output)
     with rep.trainer_context(model):
-        trainer = Trainer(
+        trainer = gallop_trainer(Trainer)(
             model=model, args=args, train_dataset=train, eval_dataset=evals, data_collator=collate,
             callbacks=[run.callback(), *rep.callbacks(), _selection_printer(rep, say), _loss_logger(loss_log)],
             **rep.trainer_options(model, args),
@@ -393,15 +400,17 @@ def _train_and_save(config: FinetuneConfig, data: TrainingData, run: rundir.RunF
         eval_loss = trainer.evaluate()["eval_loss"]
         say(f"eval loss {eval_loss:.4f} on {len(evals)} example(s)")
 
-    saved = save_delta_files(rep, model, trainer, config, output, base=base)
+    saved = save_delta_files(rep, model, trainer, config, output, base=base, write=main_process)
     if config.save_full:
         full = os.path.join(output, "model")
         trainer.save_model(full)
-        tokenizer.save_pretrained(full)
+        if main_process:
+            tokenizer.save_pretrained(full)
         saved.append(full)
     summary = rep.selection()[0] or {}
     selection_path = os.path.join(output, SELECTION_FILE)
-    rundir.write_json_atomic(selection_path, summary)
+    if main_process:
+        rundir.write_json_atomic(selection_path, summary)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return FinetuneResult(
         output=run.final(output),
@@ -419,7 +428,15 @@ def _train_and_save(config: FinetuneConfig, data: TrainingData, run: rundir.RunF
     )
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun / accelerate launch (its ``RANK``), or a process on its own: the one
+    that writes the output folder and prints the result."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def print_result(result: FinetuneResult, file: TextIO | None = None) -> None:
+    if not is_main_process():
+        return  # (one report per launch, not one per rank)
     out = file or sys.stdout
     share = result.num_selected / result.num_trainable if result.num_trainable else 0.0
     loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"

@@ -25,6 +25,14 @@ Three pieces, usable together or alone::
 - :class:`GallopCallback` runs GaLLoP's phase one (`gallop_kernels.phase_one.calibrate_dataset`)
   when training begins. When the optimizer already holds a selection (resuming from a checkpoint:
   the ``Trainer`` loads the optimizer, indices included, before training begins) it does nothing.
+- :func:`gallop_trainer` (or :class:`GallopTrainerMixin`) makes a ``Trainer`` class (or TRL's
+  ``SFTTrainer``) clip and log lean mode's gradient norm: lean mode frees each dense gradient as
+  it lands, so the ``Trainer``'s own clipping finds no ``.grad`` and would log ``grad_norm: 0``.
+  With a plain ``Trainer`` the callback still clips (before each step), but the logged norm stays 0.
+
+Under ``torchrun`` / ``accelerate launch`` (DDP) nothing changes: phase one splits the
+calibration examples over the ranks and sums their gradients, and lean mode finds the DDP module
+by itself (`docs/design.md#distributed`).
 
 Gradient accumulation, bf16/fp16 autocast, gradient checkpointing and the ``Trainer``'s LR
 schedulers work unchanged: selection happens once, before the first step, and ``SparseAdamW`` is a
@@ -56,7 +64,9 @@ __all__ = [
     "ALL_LINEAR",
     "GallopCallback",
     "format_selection_summary",
+    "GallopTrainerMixin",
     "gallop_optimizer_cls_and_kwargs",
+    "gallop_trainer",
     "layer_type",
     "select_trainable",
     "selection_summary",
@@ -161,3 +171,63 @@ class GallopCallback(TrainerCallback):
             f"({opt.num_selected / max(total, 1):.2%}) in {time.perf_counter() - t1:.1f} s")
         self.summary = selection_summary(model, opt)
         return control
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        # Lean mode with a plain Trainer: its clipping found no .grad, so clip the kept
+        # gradients here (GallopTrainerMixin already did, and logs the norm).
+        opt = _lean_optimizer(optimizer)
+        if opt is not None and args.max_grad_norm and args.max_grad_norm > 0 \
+                and opt.last_grad_norm is None:
+            opt.clip_grad_norm_(args.max_grad_norm)
+        return control
+
+
+def _lean_optimizer(optimizer: Any) -> SparseAdamW | None:
+    """The SparseAdamW behind the Trainer's optimizer if it runs in lean mode, else None."""
+    try:
+        opt = unwrap_optimizer(optimizer)
+    except TypeError:
+        return None
+    return opt if opt.lean else None
+
+
+class GallopTrainerMixin:
+    """Mix into a ``Trainer`` class: in lean mode, clip and log the norm of the kept gradients.
+
+    The ``Trainer`` computes (and clips) the gradient norm over ``model.parameters()``' ``.grad``;
+    lean mode keeps only the selected entries, in its own buffers, so the norm is taken there:
+    ``SparseAdamW.clip_grad_norm_`` (the kept entries; DDP-averaged, summed over FSDP2 shards).
+    Overrides the ``Trainer``'s ``_clip_grad_norm`` and ``_get_grad_norm`` (transformers >= 5);
+    any other optimizer goes through the ``Trainer``'s own code.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        for name in ("_clip_grad_norm", "_get_grad_norm"):
+            if not callable(getattr(super(), name, None)):
+                raise TypeError(f"GallopTrainerMixin needs a transformers Trainer with {name}() "
+                                f"(transformers >= 5)")
+        super().__init__(*args, **kwargs)
+
+    def _clip_grad_norm(self, model):
+        opt = _lean_optimizer(self.optimizer)
+        if opt is None:
+            return super()._clip_grad_norm(model)
+        return opt.clip_grad_norm_(self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        opt = _lean_optimizer(self.optimizer)
+        if opt is not None and grad_norm is None:
+            grad_norm = opt.clip_grad_norm_(float("inf"))
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
+
+
+def gallop_trainer(trainer_cls: type | None = None) -> type:
+    """``trainer_cls`` (default ``transformers.Trainer``; e.g. ``trl.SFTTrainer``) with
+    :class:`GallopTrainerMixin`: lean mode's gradient norm is clipped and logged."""
+    if trainer_cls is None:
+        from transformers import Trainer
+
+        trainer_cls = Trainer
+    if issubclass(trainer_cls, GallopTrainerMixin):
+        return trainer_cls
+    return type(f"Gallop{trainer_cls.__name__}", (GallopTrainerMixin, trainer_cls), {})

@@ -2,6 +2,8 @@
 
 * ``llama3-8b``: the Llama-3-8B shape (hidden 4096, 32 layers, MLP 14336, vocab 128256, GQA 32/8
   heads, untied ``lm_head``): 8.03 B parameters. Only predicted here (no weights are downloaded).
+* ``llama3-70b``: the Llama-3-70B shape (hidden 8192, 80 layers, MLP 28672, vocab 128256, GQA
+  64/8 heads): 70.55 B parameters; predicted only (``gallop memory --gpus`` for FSDP2).
 * ``llama-0.3b``: the same architecture scaled down to 0.37 B parameters for CPU measurements.
   The vocabulary stays at 128256, so the embedding, ``lm_head`` and the fp32 logits temporaries
   (which dominate an 8B model's activation peak) are exercised at their real width.
@@ -21,6 +23,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama3-8b": dict(
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    ),
+    "llama3-70b": dict(
+        vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=8192,
         rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
     ),
     "llama-0.3b": dict(

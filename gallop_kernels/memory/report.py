@@ -2,6 +2,7 @@
 
     gallop memory --config llama3-8b                 # predictions (GPU step, seq 2048, batch 1)
     gallop memory --config llama3-8b --measure       # + measure every method on llama-0.3b
+    gallop memory --config llama3-70b --gpus 2,4,8   # + per-GPU peaks under FSDP2 (predicted)
     python -m gallop_kernels.memory --config path/to/config.json --json
 
 Predictions come from `gallop_kernels.memory.model`. ``--measure`` runs one real step of every
@@ -62,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write the measured comparison to PREFIX.json and PREFIX.md")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per measurement")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--gpus", default=None, metavar="G[,G...]",
+                   help="also predict the per-GPU peak under FSDP2 on these GPU counts "
+                        "(e.g. 2,4,8); predictions only")
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -216,6 +220,20 @@ def run(args: argparse.Namespace) -> int:
         predictions=[mm.predict(config, k, setup).as_dict() for k in methods],
     )
     text = [prediction_table(name, config, setup, methods)]
+    if args.gpus:
+        from gallop_kernels.memory import sharded
+
+        try:
+            gpus = [int(g) for g in args.gpus.split(",") if g.strip()]
+            if not gpus or min(gpus) < 1:
+                raise ValueError
+        except ValueError:
+            print(f"gallop memory: error: --gpus takes GPU counts like 2,4,8, got {args.gpus!r}",
+                  file=sys.stderr)
+            return 2
+        text += ["", sharded.fsdp2_table(name, config, setup, gpus)]
+        out["fsdp2"] = {g: [sharded.predict_fsdp2(config, k, setup, g).as_dict()
+                            for k in sharded.FSDP2_METHODS] for g in gpus}
     if name == "llama3-8b" and setup.seq == 2048 and setup.batch == 1 and setup.device == "cuda":
         text += targets_lines(config, setup)
 

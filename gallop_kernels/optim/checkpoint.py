@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 
+from gallop_kernels.optim.distributed import local
 from gallop_kernels.optim.selection import moments_fp32, needs_master, store_moments, uses_8bit
 from gallop_kernels.optim.validation import (
     check_group_options,
@@ -278,8 +279,8 @@ def prepare_load(
         if "steps_since_selection" not in group_of[key]:
             raise ValueError(f"{where_of[key]}: state for a parameter whose group has no "
                              f"selection ('steps_since_selection' is missing)")
-        state[id_map[key]] = _prepare_entry(
-            where_of[key], saved, id_map[key], group_of[key], convert_layout
+        state[id_map[key]] = _prepare_entry(  # (a DTensor's state fits its local shard)
+            where_of[key], saved, local(id_map[key]), group_of[key], convert_layout
         )
     for i, (saved, group) in enumerate(zip(saved_groups, new_groups)):
         if "steps_since_selection" in group:

@@ -5,14 +5,23 @@ its fresh dense gradient into a compact fp32 buffer (aligned with the optimizer 
 the dense gradient at once, so at most one parameter's dense gradient exists at a time. Gradient
 accumulation keeps working: the compact buffer accumulates until ``zero_grad``. Tensors with no
 selected entry get ``requires_grad=False`` so autograd never computes their weight gradient.
+
+Across ranks (``docs/design.md#distributed``): under FSDP2 the hook fires on the sharded param
+with the gradient already reduced over the ranks, and gathers from its local shard; a tensor is
+frozen only when no shard holds a selected entry (every rank freezes alike). Under DDP the hook
+fires *before* DDP averages, so `optim/ddp.py` takes over the exchange: the hook gathers the
+rank-local gradient and the step averages the compact buffers (``"compact"``), or the hook
+leaves the gradient to a DDP communication hook (``"comm_hook"``: :attr:`gathers_in_hook` off).
 """
 
 from __future__ import annotations
 
 import weakref
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
+
+from gallop_kernels.optim.distributed import local
 
 
 class LeanGradients:
@@ -22,6 +31,7 @@ class LeanGradients:
         self,
         optimizer_state: Callable[[], dict],
         reselection_due: Callable[[torch.Tensor], bool],
+        gradients_arrived: Callable[[], None] = lambda: None,
     ) -> None:
         self._optimizer_state = optimizer_state  # a getter: load_state_dict replaces the dict
         # Before a step that re-selects, the gradient must stay dense: it is applied to the
@@ -32,6 +42,11 @@ class LeanGradients:
         self._frozen: list[torch.Tensor] = []
         self._hooks: dict[int, torch.utils.hooks.RemovableHandle] = {}
         self.paused = False  # calibration takes the dense gradients itself
+        self._gradients_arrived = gradients_arrived
+        # Set by optim/ddp.py: False when a DDP communication hook gathers instead of this hook.
+        self.gathers_in_hook = True
+        # Whether gradients arrived since the last exchange over the ranks (optim/ddp.py).
+        self.fresh = False
 
     def watch(self, param: torch.Tensor) -> None:
         """Install the gather hook on ``param`` (once)."""
@@ -41,29 +56,42 @@ class LeanGradients:
 
     def gather(self, param: torch.Tensor) -> None:
         """Fold ``param.grad`` into its compact buffer and free it (no-op before selection)."""
+        if self.paused:
+            return
+        self.fresh = True
+        self._gradients_arrived()
         st = self._optimizer_state().get(param)
-        if self.paused or not st or "indices" not in st or param.grad is None:
+        if not st or "indices" not in st or param.grad is None or not self.gathers_in_hook:
             return
         if self._reselection_due(param):
             return
-        grad = param.grad.reshape(-1)
-        buf = self._compact.get(param)
-        if buf is None or buf.numel() != st["indices"].numel():
-            buf = torch.zeros(st["indices"].numel(), dtype=torch.float32, device=param.device)
-            self._compact[param] = buf
-        elif param not in self._gathered:
-            buf.zero_()
-        buf.add_(torch.index_select(grad, 0, st["indices"]))
+        grad = local(param.grad).reshape(-1)
+        self.add(param, torch.index_select(grad, 0, st["indices"]))
         if "grad_accum" in st:
             st["grad_accum"].add_(grad)
-        self._gathered.add(param)
         param.grad = None
 
+    def add(self, param: torch.Tensor, kept: torch.Tensor, replace: bool = False) -> None:
+        """Add (or with ``replace``, set) the kept entries of a gradient of ``param``."""
+        buf = self._compact.get(param)
+        if buf is None or buf.numel() != kept.numel() or buf.device != kept.device:
+            buf = torch.zeros(kept.numel(), dtype=torch.float32, device=kept.device)
+            self._compact[param] = buf
+        elif param not in self._gathered or replace:
+            buf.zero_()
+        buf.add_(kept)
+        self._gathered.add(param)
+
+    def compact_grads(self) -> dict[torch.Tensor, torch.Tensor]:
+        """The compact buffers gathered since ``zero_grad``, by param."""
+        return {p: self._compact[p] for p in self._gathered}
+
     def grad(self, param: torch.Tensor) -> torch.Tensor | None:
-        """The gradient the step should use: compact if gathered since ``zero_grad``, else dense."""
+        """The (local) gradient the step should use: compact if gathered since ``zero_grad``,
+        else dense."""
         if param in self._gathered:
             return self._compact[param]
-        return param.grad
+        return local(param.grad)
 
     def gathered(self, param: torch.Tensor) -> bool:
         return param in self._gathered
@@ -71,13 +99,13 @@ class LeanGradients:
     def zero(self) -> None:
         """Forget accumulated compact gradients (called by ``zero_grad``)."""
         self._gathered.clear()
+        self.fresh = False
 
-    def freeze_unselected(self, params: list[torch.Tensor]) -> None:
-        """``requires_grad=False`` for tensors without a selected entry; remembered for `unfreeze`."""
-        state = self._optimizer_state()
-        for p in params:
-            st = state.get(p)
-            if st and "indices" in st and st["indices"].numel() == 0 and p.requires_grad:
+    def freeze_unselected(self, params: Sequence[torch.Tensor], empty: Sequence[bool]) -> None:
+        """``requires_grad=False`` for the params whose selection is ``empty`` (on every rank);
+        remembered for `unfreeze`."""
+        for p, nothing in zip(params, empty):
+            if nothing and p.requires_grad:
                 p.requires_grad_(False)
                 self._frozen.append(p)
 
@@ -101,6 +129,7 @@ class LeanGradients:
             "gathered": list(self._gathered),
             "frozen": list(self._frozen),
             "paused": self.paused,
+            "fresh": self.fresh,
         }
 
     def restore(self, snapshot: dict) -> None:
@@ -109,6 +138,7 @@ class LeanGradients:
         self._gathered = set(snapshot["gathered"])
         self._frozen = list(snapshot["frozen"])
         self.paused = bool(snapshot["paused"])
+        self.fresh = bool(snapshot.get("fresh", False))
         for p in self._frozen:  # (a hook needs requires_grad; they get it back in `unfreeze`)
             p.requires_grad_(True)
             self.watch(p)

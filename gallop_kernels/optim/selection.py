@@ -6,12 +6,14 @@ index sets (and raises on NaN/inf scores); `apply` installs them into the optimi
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from gallop_kernels import ops, reference
+from gallop_kernels.ops.collective import ShardLayout
 from gallop_kernels.ops.streaming_select import streaming_select
+from gallop_kernels.optim.distributed import GroupPlacement, local
 from gallop_kernels.rules import DEFAULT_MIN_8BIT_ENTRIES
 
 
@@ -55,14 +57,14 @@ def selection_gradients(
     """The gradient each param is scored with.
 
     The first selection uses the current ``.grad``. A re-selection (GMT) uses the mean of the
-    gradients accumulated since the previous selection.
+    gradients accumulated since the previous selection. Both are local (a DTensor's shard).
     """
     if not steps_since_selection:
-        return [p.grad for p in params]
+        return [local(p.grad) for p in params]
     grads = []
     for p in params:
         accum = state[p].get("grad_accum") if p in state else None
-        grads.append(None if accum is None else (accum / steps_since_selection).view_as(p))
+        grads.append(None if accum is None else (accum / steps_since_selection).view_as(local(p)))
     return grads
 
 
@@ -73,44 +75,60 @@ def plan(
     backend: str,
     from_accumulated: bool,
     gradients: dict[torch.Tensor, torch.Tensor] | None = None,
+    place: GroupPlacement | None = None,
+    reduce: Callable[[list[torch.Tensor]], None] | None = None,
 ) -> list[torch.Tensor]:
     """New sorted index set per param of ``group``; changes nothing.
 
     ``gradients`` (param -> gradient, possibly on another device) replaces ``.grad``; such
     gradients go through the chunked radix select, which copies one chunk at a time.
+    ``place`` (`optim/distributed.py`): a sharded group selects over all ranks' shards
+    (the indices returned are local). ``reduce`` averages a re-selection's accumulated
+    gradients over DDP ranks that did not average them (lean mode, `optim/ddp.py`).
     """
     params = group["params"]
     if not params:  # an empty group (the Trainer's no-decay group can be) selects nothing
         return []
-    device = params[0].device
+    layout = place.layout if place is not None else None
+    tensors = [local(p) for p in params]
     if gradients is not None:
         grads = [gradients.get(p) for p in params]
-        return streaming_select_group(group, params, grads, names)
+        return streaming_select_group(group, tensors, grads, names, layout)
     since = group.get("steps_since_selection") if from_accumulated else None
     grads = selection_gradients(params, state, since)
+    if since and reduce is not None:
+        reduce([g for g in grads if g is not None])
+    resolved = ops.resolve_backend(backend, tensors[0].device)
+    if layout is not None and resolved == "triton" and backend == "auto" \
+            and not ops.triton_accepts_layout():
+        resolved = "torch"  # (the same exact set; until the Triton selection takes a layout)
     return ops.select_indices(
-        params,
+        tensors,
         grads,
         density=group["density"],
         score=group["score"],
         score_eps=group["score_eps"],
         seed=group["seed"],
         names=names,
-        backend=ops.resolve_backend(backend, device),
+        backend=resolved,
+        layout=layout,
     )
 
 
 def streaming_select_group(
     group: dict, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None],
-    names: Sequence[str],
+    names: Sequence[str], layout: ShardLayout | None = None,
 ) -> list[torch.Tensor]:
+    """The chunked radix select over (local) ``params`` with gradients from anywhere."""
     for p, g, name in zip(params, grads, names):
         if g is not None and g.shape != p.shape:
             raise ValueError(f"gradient given for {name} has shape "
-                             f"{tuple(g.shape)}, expected {tuple(p.shape)}")
-    k = reference.k_for_density(sum(p.numel() for p in params), group["density"])
+                             f"{tuple(g.shape)}, expected {tuple(p.shape)}"
+                             + (" (its local shard's)" if layout is not None else ""))
+    total = layout.total if layout is not None else sum(p.numel() for p in params)
+    k = reference.k_for_density(total, group["density"])
     chosen = streaming_select(
-        params, grads, k, group["score"], group["score_eps"], group["seed"], names
+        params, grads, k, group["score"], group["score_eps"], group["seed"], names, layout=layout
     )
     return [c.to(reference.index_dtype(p.numel())) for c, p in zip(chosen, params)]
 
@@ -130,8 +148,9 @@ def _carry_over(
 def apply(group: dict, state: dict, new_indices: Sequence[torch.Tensor]) -> None:
     """Install a selection: entries that stay keep m, v and master; new entries start at zero."""
     accumulate = group["reselect_every"] is not None
-    for p, idx in zip(group["params"], new_indices):
-        st = state[p]
+    for param, idx in zip(group["params"], new_indices):
+        st = state[param]  # keyed by the param; everything else lives on its local shard
+        p = local(param)
         k = idx.numel()
         exp_avg = torch.zeros(k, dtype=torch.float32, device=p.device)
         exp_avg_sq = torch.zeros_like(exp_avg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any, Callable, Iterable, Iterator
@@ -11,7 +12,8 @@ import torch
 from torch.optim import Optimizer
 
 from gallop_kernels import ops
-from gallop_kernels.optim import checkpoint, selection
+from gallop_kernels.optim import checkpoint, distributed, selection
+from gallop_kernels.optim.distributed import local
 from gallop_kernels.optim.lean import LeanGradients
 from gallop_kernels.optim.validation import (
     check_carry_over,
@@ -80,6 +82,17 @@ class SparseAdamW(Optimizer):
         lean: after selection, gather each gradient's selected entries into a compact fp32
             buffer in a post-accumulate-grad hook and free the dense gradient at once; freeze
             (``requires_grad=False``) tensors with no selected entry. See `optim/lean.py`.
+        replica_check: under several ranks, check after every selection that the ranks which
+            must agree (DDP replicas, HSDP replicate ranks) selected the same entries, and that
+            FSDP2 shards hold k entries together; raises on every rank otherwise. Pass False
+            only when ranks train on their own on purpose (it also keeps lean mode from looking
+            for a DDP module).
+
+    Distributed training (`docs/design.md#distributed`): under DDP nothing changes (lean mode
+    attaches to the DDP module by itself, see :meth:`attach_ddp`); under FSDP2 / HSDP
+    (``fully_shard``) build the optimizer after sharding: the selection is the exact global one
+    (histograms summed over the shard dimension), the state is per shard, and
+    ``selected_indices`` / ``num_selected`` are this rank's (local) ones.
     """
 
     def __init__(
@@ -100,8 +113,11 @@ class SparseAdamW(Optimizer):
         min_8bit_entries: int = DEFAULT_MIN_8BIT_ENTRIES,
         backend: str = "auto",
         lean: bool = False,
+        replica_check: bool = True,
     ) -> None:
         ops.check_backend(backend)
+        if not isinstance(replica_check, bool):
+            raise TypeError(f"replica_check must be True or False, got {replica_check!r}")
         if isinstance(params, (set, frozenset)):
             raise TypeError("params must be an ordered collection (a list), not a set")
         defaults = dict(
@@ -120,7 +136,13 @@ class SparseAdamW(Optimizer):
         )
         check_group_options(defaults)
         self.backend = backend
+        self.replica_check = replica_check
         self._group_index: dict[int, int] = {}
+        # Each group's param shapes as built: params swapped in later must keep them (accelerate
+        # swaps in sharded DTensors of the same global shape; ZeRO's flat partitions differ).
+        self._group_shapes: list[list[tuple[int, ...]]] = []
+        self._ddp = None  # the DDP module lean mode exchanges gradients with (optim/ddp.py)
+        self.last_grad_norm: torch.Tensor | None = None
         # Each selected param's size when its indices were made: a param resized since then is
         # caught from this metadata, without reading the (device) indices every step.
         self._selected_numel: dict[torch.Tensor, int] = {}
@@ -128,7 +150,11 @@ class SparseAdamW(Optimizer):
         super().__init__(params, defaults)
 
     def _new_lean(self) -> LeanGradients:
-        return LeanGradients(lambda: self.state, self._reselection_due)
+        return LeanGradients(lambda: self.state, self._reselection_due, self._gradients_arrived)
+
+    def _gradients_arrived(self) -> None:
+        """New gradients make the last measured norm stale (lean hooks call this)."""
+        self.last_grad_norm = None
 
     # ------------------------------------------------------------------------------------------
     # Copies (deepcopy, pickle)
@@ -140,6 +166,9 @@ class SparseAdamW(Optimizer):
         state["backend"] = self.backend
         state["_selected_numel"] = self._selected_numel
         state["_lean"] = None if self._lean is None else self._lean.snapshot()
+        state["_ddp"] = None  # a copy is not attached to the DDP module (attach_ddp again)
+        state["replica_check"] = self.replica_check
+        state["_group_shapes"] = self._group_shapes
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -148,7 +177,12 @@ class SparseAdamW(Optimizer):
         lean = state.pop("_lean", None)
         state.setdefault("backend", "auto")
         state.setdefault("_selected_numel", {})
+        state.setdefault("replica_check", True)
+        state.setdefault("_ddp", None)
+        state.setdefault("last_grad_norm", None)
         super().__setstate__(state)
+        if not hasattr(self, "_group_shapes") or len(self._group_shapes) != len(self.param_groups):
+            self._group_shapes = [[tuple(p.shape) for p in g["params"]] for g in self.param_groups]
         self._group_index = {
             id(p): i for i, group in enumerate(self.param_groups) for p in group["params"]
         }
@@ -177,7 +211,14 @@ class SparseAdamW(Optimizer):
             raise TypeError("params must be an ordered collection (a list), not a set")
         params = list(params)
         tensors = [p[1] if isinstance(p, tuple) else p for p in params]
-        check_params(tensors)
+        names = [p[0] for p in params] if all(isinstance(p, tuple) for p in params) else None
+        given = names or param_group.get("param_names")
+        if isinstance(given, (list, tuple)):
+            distributed.check_names([str(n) for n in given])
+        distributed.check_supported(
+            tensors, names or [f"#{j} (shape {tuple(getattr(t, 'shape', ()))})"
+                               for j, t in enumerate(tensors)])
+        check_params([local(t) for t in tensors])
         unknown = set(param_group) - set(self.defaults) - {"params", "param_names"}
         if unknown:
             raise ValueError(f"unknown option(s) in param group: {sorted(unknown)}")
@@ -186,6 +227,7 @@ class SparseAdamW(Optimizer):
             options["betas"] = tuple(options["betas"])
         check_group_options(options, f"param group {len(self.param_groups)}")
         super().add_param_group({**options, "params": params})
+        self._group_shapes.append([tuple(p.shape) for p in tensors])
         for p in tensors:
             self._group_index[id(p)] = len(self.param_groups) - 1
         if self._lean is not None:
@@ -211,11 +253,16 @@ class SparseAdamW(Optimizer):
     def _adopt_params(self) -> None:
         """Follow params put into ``param_groups`` directly (accelerate swaps them after sharding)."""
         for i, group in enumerate(self.param_groups):
-            for p in group["params"]:
+            shapes = self._group_shapes[i] if i < len(self._group_shapes) else []
+            for j, p in enumerate(group["params"]):
+                if j >= len(shapes):
+                    shapes.append(tuple(p.shape))
                 if self._group_index.get(id(p)) != i:
                     self._group_index[id(p)] = i
                     if self._lean is not None:
                         self._lean.watch(p)
+            if i >= len(self._group_shapes):
+                self._group_shapes.append(shapes)
 
     # ------------------------------------------------------------------------------------------
     # Validation: everything step() and select() will read, before either changes anything
@@ -232,7 +279,9 @@ class SparseAdamW(Optimizer):
             if not isinstance(params, list):
                 raise TypeError(f"{where}: 'params' must be a list of tensors")
             names = self._labels(i)
-            check_params(params, names)
+            distributed.check_supported(params, names)
+            self._check_swapped(i, params, names)
+            check_params([local(p) for p in params], names)
             for p, name in zip(params, names):
                 if seen.setdefault(id(p), i) != i:
                     raise ValueError(f"parameter {name} is also in param group {seen[id(p)]}")
@@ -250,6 +299,16 @@ class SparseAdamW(Optimizer):
                                 f"device per group"
                             )
 
+    def _check_swapped(self, i: int, params: list, names: list) -> None:
+        """Params put into group ``i`` in place of others must keep their global shapes."""
+        shapes = self._group_shapes[i] if i < len(self._group_shapes) else []
+        swapped = [j for j, p in enumerate(params[:len(shapes)])
+                   if self._group_index.get(id(p)) != i]
+        if swapped:
+            distributed.check_same_shapes(
+                [params[j] for j in swapped], [names[j] for j in swapped],
+                [shapes[j] for j in swapped])
+
     def _check_state(self, i: int, for_step: bool) -> dict[torch.Tensor, float]:
         """Metadata checks of group ``i``'s state: all a step reads (``for_step``, selected
         groups; returns each param's step count), else what a new selection carries over."""
@@ -259,15 +318,15 @@ class SparseAdamW(Optimizer):
             st, numel = self.state.get(p), self._selected_numel.get(p)
             if for_step:
                 needs_master = selection.needs_master(p, group["master_weights"])
-                steps[p] = check_state_fits(where, p, st, group, numel, needs_master)
+                steps[p] = check_state_fits(where, local(p), st, group, numel, needs_master)
             else:
-                check_carry_over(where, p, st, numel)
+                check_carry_over(where, local(p), st, numel)
         return steps
 
     def _check_step_gradient(self, name: str, p: torch.Tensor) -> None:
         """The gradient this step will use for ``p``: lean mode's compact buffer, else ``.grad``."""
         if p.grad is not None:
-            check_grad(name, p, p.grad)
+            check_grad(name, local(p), local(p.grad))
         if self._lean is not None and self._lean.gathered(p):
             if p.grad is not None:
                 raise ValueError(
@@ -278,7 +337,7 @@ class SparseAdamW(Optimizer):
             compact = self._lean.grad(p)
             indices = self.state.get(p, {}).get("indices")
             k = indices.numel() if isinstance(indices, torch.Tensor) else -1
-            if compact.dtype != torch.float32 or compact.shape != (k,) or compact.device != p.device:
+            if compact.dtype != torch.float32 or compact.shape != (k,) or compact.device != local(p).device:
                 raise ValueError(
                     f"lean mode's gathered gradient of parameter {name} no longer fits its "
                     f"selection of {k} entries; call zero_grad() and run backward again"
@@ -311,19 +370,21 @@ class SparseAdamW(Optimizer):
                         f"current selection; call zero_grad() before select()"
                     )
                 if gradients is None and p.grad is not None:
-                    check_grad(name, p, p.grad)
+                    check_grad(name, local(p), local(p.grad))
         if gradients is not None:
             self._check_gradients_mapping(gradients)
+        places = [self._placement(group) for group in self.param_groups]
 
         plans = [
             selection.plan(group, self.state, self._names(i), self.backend,
-                           from_accumulated=False, gradients=gradients)
+                           from_accumulated=False, gradients=gradients, place=places[i])
             for i, group in enumerate(self.param_groups)
         ]
         # -- nothing has changed before this line --
         self._adopt_params()
-        for group, new_indices in zip(self.param_groups, plans):
-            self._install(group, new_indices)
+        for group, new_indices, place in zip(self.param_groups, plans, places):
+            self._install(group, new_indices, place)
+        self._after_selection(range(len(self.param_groups)), places)
 
     def _check_gradients_mapping(self, gradients: Any) -> None:
         if not isinstance(gradients, Mapping):
@@ -342,18 +403,52 @@ class SparseAdamW(Optimizer):
                         else f"a {type(key).__name__}")
                 raise ValueError(f"gradients has a key that is not a parameter of this optimizer "
                                  f"({what}); its keys must be the params themselves")
-            check_grad(names[id(key)], key, grad, same_device=False)
+            check_grad(names[id(key)], local(key), grad, same_device=False)
 
-    def _install(self, group: dict, new_indices: list[torch.Tensor]) -> None:
+    def _placement(self, group: dict) -> distributed.GroupPlacement:
+        """Where the group's tensors live across ranks, resolved now (params may be swapped)."""
+        replicas = getattr(self._ddp, "process_group", None)
+        return distributed.placement(group["params"], replicas)
+
+    def _install(self, group: dict, new_indices: list[torch.Tensor],
+                 place: distributed.GroupPlacement) -> None:
         for p in group["params"]:
-            if state_is_stale(p, self.state.get(p), self._selected_numel.get(p)):
+            if state_is_stale(local(p), self.state.get(p), self._selected_numel.get(p)):
                 self.state[p].clear()  # resized since its selection: nothing can carry over
         selection.apply(group, self.state, new_indices)
         for p in group["params"]:
-            self._selected_numel[p] = p.numel()
-        if self._lean is not None and group["reselect_every"] is None:
-            # (GMT re-selection scores every tensor's gradient, so nothing is frozen there.)
-            self._lean.freeze_unselected(group["params"])
+            self._selected_numel[p] = local(p).numel()
+        if (self._lean is not None and group["reselect_every"] is None
+                and getattr(self._ddp, "mode", None) != "comm_hook"):
+            # (GMT re-selection scores every tensor's gradient, so nothing is frozen there; DDP
+            # with a communication hook expects every gradient.)
+            self._freeze_unselected(group, place)
+
+    def _freeze_unselected(self, group: dict, place: distributed.GroupPlacement) -> None:
+        """Lean mode: freeze tensors with no selected entry on *any* shard (every rank freezes
+        alike, or FSDP2's collectives would not match)."""
+        counts = [self.state[p]["indices"].numel() if "indices" in self.state.get(p, {}) else -1
+                  for p in group["params"]]
+        if place.layout is not None and counts:
+            total = torch.tensor(counts, dtype=torch.int64)
+            place.layout.collective.all_reduce_sum_(total)
+            counts = total.tolist()
+        self._lean.freeze_unselected(group["params"], [c == 0 for c in counts])
+
+    def _after_selection(self, indices: Iterable[int], places: list) -> None:
+        """Checks every rank runs after installing selections: replicas agree, shards add up;
+        lean mode on plain params under several ranks looks for its DDP module."""
+        chosen = [i for i in indices if self.param_groups[i]["params"]]
+        if self.replica_check and distributed.world_size() > 1:
+            distributed.check_replicas(
+                (f"param group {i}", places[i],
+                 [self.state[p]["indices"] for p in self.param_groups[i]["params"]],
+                 distributed.expected_k(places[i], self.param_groups[i]["density"]))
+                for i in chosen)
+        if self._lean is not None and any(not places[i].sharded for i in chosen):
+            from gallop_kernels.optim import ddp
+
+            ddp.expect_ddp(self)
 
     @property
     def lean(self) -> bool:
@@ -446,27 +541,43 @@ class SparseAdamW(Optimizer):
         # shapes, dtypes, devices, the CPU step counters), never device data, so they cost no host
         # synchronisation on a GPU; data checks live in load_state_dict and selection.
         self._check_groups()
+        # Lean mode under DDP: average the kept gradients over the ranks (what DDP would have
+        # done) before they are read; see optim/ddp.py.
+        replica_mean = self._exchange_gradients()
         steps: dict[torch.Tensor, float] = {}
         for i, group in enumerate(self.param_groups):
             steps.update(self._check_state(i, for_step="steps_since_selection" in group))
             for p, name in zip(group["params"], self._labels(i)):
                 self._check_step_gradient(name, p)
         # Plan every due selection (it refuses NaN/inf scores) before changing anything.
-        plans = {}
-        for i, group in enumerate(self.param_groups):
-            due = self._due(group)
-            if due is not None:
-                plans[i] = selection.plan(
-                    group, self.state, self._names(i), self.backend,
-                    from_accumulated=(due == "reselect"),
-                )
+        due = {i: self._due(g) for i, g in enumerate(self.param_groups)}
+        due = {i: d for i, d in due.items() if d is not None}
+        places = {i: self._placement(self.param_groups[i]) for i in due}
+        first = [i for i, d in due.items() if d == "first"]
+        if first and distributed.all_gradients_zero(
+            [(places[i], [local(p.grad) for p in self.param_groups[i]["params"]]) for i in first]
+        ):
+            # torch's _init_optim_state (get/set_optimizer_state_dict) and DeepSpeed step once
+            # with all-zero gradients to create state: selecting from them would pick arbitrary
+            # entries for good. The first real gradient selects instead.
+            for i in first:
+                del due[i]
+        plans = {
+            i: selection.plan(
+                self.param_groups[i], self.state, self._names(i), self.backend,
+                from_accumulated=(d == "reselect"), place=places[i], reduce=replica_mean,
+            )
+            for i, d in due.items()
+        }
 
         # -- nothing has changed before this line --
         self._adopt_params()
         for i, new_indices in plans.items():
-            self._install(self.param_groups[i], new_indices)
+            self._install(self.param_groups[i], new_indices, places[i])
             for p in self.param_groups[i]["params"]:
                 steps[p] = 0.0
+        if plans:
+            self._after_selection(plans, places)
         for group in self.param_groups:
             if "steps_since_selection" in group:
                 self._update_group(group, steps)
@@ -485,15 +596,15 @@ class SparseAdamW(Optimizer):
         by_step: dict[int, list[torch.Tensor]] = {}
         grads = {}
         for p in group["params"]:
-            grad = self._lean.grad(p) if self._lean is not None else p.grad
+            grad = self._lean.grad(p) if self._lean is not None else local(p.grad)
             if grad is None:
                 continue
             grads[p] = grad.contiguous()  # (the kernels read it flat; autograd's already is)
             st = self.state[p]
             st["step"] += 1
             by_step.setdefault(int(steps[p]) + 1, []).append(p)
-            if "grad_accum" in st and grad is p.grad:  # (lean hooks accumulate by themselves)
-                st["grad_accum"].add_(p.grad.reshape(-1))
+            if "grad_accum" in st and not (self._lean is not None and self._lean.gathered(p)):
+                st["grad_accum"].add_(grad.reshape(-1))  # (lean hooks accumulate by themselves)
         hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                      weight_decay=group["weight_decay"], backend=backend)
         for step, params in by_step.items():
@@ -502,7 +613,7 @@ class SparseAdamW(Optimizer):
             quantized = [i for i, st in enumerate(states) if st["exp_avg"].dtype == torch.uint8]
             if full:
                 ops.sparse_adamw_update(
-                    [params[i] for i in full],
+                    [local(params[i]) for i in full],
                     [grads[params[i]] for i in full],
                     [states[i]["indices"] for i in full],
                     [states[i]["exp_avg"] for i in full],
@@ -512,7 +623,7 @@ class SparseAdamW(Optimizer):
                 )
             if quantized:
                 ops.sparse_adamw_update_8bit(
-                    [params[i] for i in quantized],
+                    [local(params[i]) for i in quantized],
                     [grads[params[i]] for i in quantized],
                     [states[i] for i in quantized],
                     step=step, **hyper,
@@ -522,8 +633,83 @@ class SparseAdamW(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As `torch.optim.Optimizer.zero_grad`; also clears lean mode's compact gradients."""
         super().zero_grad(set_to_none)
+        self.last_grad_norm = None
         if self._lean is not None:
             self._lean.zero()
+
+    # ------------------------------------------------------------------------------------------
+    # Distributed data parallelism and clipping
+    # ------------------------------------------------------------------------------------------
+
+    def attach_ddp(self, module: Any, mode: str = "compact") -> None:
+        """Tell lean mode which ``DistributedDataParallel`` module averages its gradients.
+
+        Lean mode under DDP needs it (plain mode does not): ``"compact"`` (default) turns DDP's
+        own gradient averaging off and all-reduces only the kept entries before each step (1/ρ
+        of DDP's traffic; tensors with no selected entry are frozen, which DDP built first would
+        otherwise refuse); ``"comm_hook"`` keeps DDP's bucketed, overlapped reduction but
+        registers a communication hook that reduces only the kept entries (nothing is frozen:
+        DDP expects every gradient). Without this call, lean mode attaches to the first DDP
+        module that runs a forward pass over its params after selection (in ``"compact"``
+        mode). See `optim/ddp.py` and ``docs/design.md#distributed``.
+        """
+        from gallop_kernels.optim import ddp
+
+        ddp.attach(self, module, mode)
+
+    def _exchange_gradients(self) -> Callable[[list[torch.Tensor]], None] | None:
+        """Before gradients are read (step, clipping): lean mode under DDP averages them over the
+        ranks; returns how to average more (re-selection's accumulated gradient), or None."""
+        if self._lean is None or distributed.world_size() == 1:
+            return None
+        from gallop_kernels.optim import ddp
+
+        return ddp.exchange(self)
+
+    @torch.no_grad()
+    def clip_grad_norm_(
+        self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
+    ) -> torch.Tensor:
+        """Clip the gradients the next step uses by their total norm; returns that norm.
+
+        As ``torch.nn.utils.clip_grad_norm_`` over this optimizer's params, and lean-aware:
+        lean mode keeps only the selected entries of each gradient, so its norm is the norm of
+        *those* entries (the dense gradient is gone; a tensor not yet gathered, e.g. before a
+        re-selection, counts whole). Under DDP the kept entries are averaged over the ranks
+        first, under FSDP2 the squares are summed over the shards, so every rank gets the norm
+        one process would. No host synchronisation (the clip factor stays on the device), unless
+        ``error_if_nonfinite``. ``max_norm=inf`` only measures. The norm is also kept in
+        :attr:`last_grad_norm` until new gradients arrive.
+        """
+        max_norm, norm_type = float(max_norm), float(norm_type)
+        if math.isnan(max_norm) or max_norm < 0:
+            raise ValueError(f"max_norm must be >= 0, got {max_norm}")
+        if math.isnan(norm_type) or norm_type <= 0:
+            raise ValueError(f"norm_type must be > 0 (or inf), got {norm_type}")
+        self._check_groups()
+        if self._lean is None:
+            params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite)
+            if distributed.is_dtensor(norm):
+                norm = norm.full_tensor()
+        else:
+            self._exchange_gradients()
+            groups = [
+                (self._placement(g), [self._lean.grad(p) for p in g["params"]])
+                for g in self.param_groups
+            ]
+            norm = distributed.total_norm(groups, norm_type)
+            if error_if_nonfinite and not bool(torch.isfinite(norm)):
+                raise RuntimeError(f"the total norm of order {norm_type} of the kept gradients "
+                                   f"is non-finite, so it cannot be clipped")
+            if max_norm != math.inf:
+                factor = (max_norm / (norm + 1e-6)).clamp_(max=1.0)
+                for _, grads in groups:
+                    for g in grads:
+                        if g is not None and g.numel():
+                            g.mul_(factor.to(g.device, g.dtype))
+        self.last_grad_norm = norm
+        return norm
 
     def _named_params(self) -> Iterable[tuple[str, torch.Tensor]]:
         for i, group in enumerate(self.param_groups):
@@ -534,8 +720,16 @@ class SparseAdamW(Optimizer):
     # ------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Tensors and plain values only (``torch.load(weights_only=True)`` works)."""
-        return checkpoint.make_portable(super().state_dict())
+        """Tensors and plain values only (``torch.load(weights_only=True)`` works).
+
+        Under FSDP2 this is *this rank's* state (its shards' selections, local indices), and each
+        sharded group says which shard it holds (``"shard": [rank, world_size]``), so that it
+        loads on that rank only. To save and reshard across ranks use
+        `gallop_kernels.optim.distributed_checkpoint` (torch.distributed.checkpoint).
+        """
+        state_dict = checkpoint.make_portable(super().state_dict())
+        distributed.mark_shards(state_dict, self.param_groups)
+        return state_dict
 
     def load_state_dict(self, state_dict: Mapping[str, Any], *, convert_layout: bool = False) -> None:
         """Load a checkpoint after checking all of it; a refused one changes nothing.
@@ -570,6 +764,7 @@ class SparseAdamW(Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        state_dict = distributed.check_shard_marks(state_dict, self.param_groups)
         groups, state = checkpoint.prepare_load(
             state_dict, self.param_groups, self._names, convert_layout
         )
@@ -577,13 +772,13 @@ class SparseAdamW(Optimizer):
         # -- nothing has changed before this line --
         self.state = defaultdict(dict, state)
         self.param_groups = groups
-        self._selected_numel = {p: p.numel() for p, st in state.items() if "indices" in st}
+        self._selected_numel = {p: local(p).numel() for p, st in state.items() if "indices" in st}
         self._adopt_params()
         if self._lean is not None:
             self._lean.zero()
             self._lean.unfreeze()
             for group in groups:
                 if "steps_since_selection" in group and group["reselect_every"] is None:
-                    self._lean.freeze_unselected(group["params"])
+                    self._freeze_unselected(group, self._placement(group))
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)

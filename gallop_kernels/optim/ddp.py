@@ -1,0 +1,251 @@
+"""Lean mode under DistributedDataParallel: gather from the *averaged* gradient, freeze safely.
+
+Lean mode's post-accumulate-grad hook fires on each rank's *local* gradient, before DDP
+averages it; freeing that gradient would leave DDP averaging zeros, and freezing tensors after
+DDP was built makes DDP wait forever for their gradients ("Expected to have finished reduction").
+So once a selection exists, lean mode takes the exchange over from DDP, in one of two modes
+(``SparseAdamW.attach_ddp``; measured in ``benchmarks/ddp_lean.py``, see
+``docs/design.md#distributed``):
+
+``"compact"`` (default): DDP's gradient synchronisation is switched off
+    (``require_backward_grad_sync = False``, what ``no_sync()`` does, for good); the hook gathers
+    the rank-local gradient into the compact buffer as in one process, and before the step (or
+    clipping) one all-reduce averages the concatenated compact buffers: ρ of DDP's traffic.
+    Dense gradients the step still reads (before a re-selection) and re-selection's accumulated
+    gradient are averaged the same way. Frozen tensors are fine: DDP expects nothing.
+``"comm_hook"``: DDP keeps its bucketed reduction, overlapped with the backward pass, but a
+    communication hook reduces only the selected entries of each bucket and hands them to the
+    compact buffers. DDP expects a gradient for every parameter it was built with, so nothing is
+    frozen, and DDP's buckets keep the dense gradient.
+
+Without ``attach_ddp`` lean mode finds its DDP module by itself: after a selection on plain
+params under several ranks, a forward pre-hook (removed once found) waits for the first forward
+that runs inside a ``DistributedDataParallel`` wrapping these params (DDP sets
+``_active_ddp_module`` during its forward) and attaches in ``"compact"`` mode before DDP
+prepares its backward. If gradients were gathered on several ranks and no DDP module was found,
+the step raises rather than let the ranks diverge.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Callable
+
+import torch
+
+from gallop_kernels.optim.distributed import local, world_size
+
+MODES = ("compact", "comm_hook")
+
+
+def _ddp_class() -> type:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel
+
+
+def _params_of(optimizer: Any) -> set[int]:
+    return {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
+def _plain_params(optimizer: Any) -> list[torch.Tensor]:
+    from gallop_kernels.optim.distributed import is_dtensor
+
+    return [p for group in optimizer.param_groups for p in group["params"] if not is_dtensor(p)]
+
+
+class DDPExchange:
+    """The gradient exchange between lean mode and one DDP module (see the module docstring)."""
+
+    def __init__(self, optimizer: Any, module: Any, mode: str) -> None:
+        import torch.distributed as dist
+
+        self.module = module
+        self.mode = mode
+        self.process_group = module.process_group
+        self.world = dist.get_world_size(self.process_group)
+        self._optimizer = weakref.ref(optimizer)
+        self.active = False
+        self.bytes_reduced = 0  # payload all-reduced by this exchange (for measurements)
+        if mode == "comm_hook" and optimizer._lean is not None:
+            module.register_comm_hook(self, _comm_hook)  # (plain mode: DDP's own reduction)
+
+    # -- compact mode -----------------------------------------------------------------------
+
+    def activate(self) -> None:
+        """Take the exchange over from DDP (once a selection exists)."""
+        if self.active:
+            return
+        opt = self._optimizer()
+        if self.mode == "compact":
+            ours = _params_of(opt)
+            strays = [name for name, p in self.module.named_parameters()
+                      if p.requires_grad and id(p) not in ours]
+            if strays:
+                raise RuntimeError(
+                    f"lean mode under DDP averages the gradients of its own params only, but "
+                    f"{strays[:5]}{' ...' if len(strays) > 5 else ''} train without this "
+                    f"optimizer: give them to SparseAdamW, freeze them, or call "
+                    f"opt.attach_ddp(model, mode='comm_hook') (DDP keeps averaging everything)")
+            self.module.require_backward_grad_sync = False
+        self.active = True
+
+    def _all_reduce_mean(self, tensors: list[torch.Tensor]) -> None:
+        import torch.distributed as dist
+
+        for t in tensors:
+            if t.numel():
+                dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.process_group)
+                t.div_(self.world)
+                self.bytes_reduced += t.numel() * t.element_size()
+
+    def mean(self, tensors: list[torch.Tensor]) -> None:
+        """Average these (e.g. re-selection's accumulated gradients) over the ranks, in place."""
+        self._all_reduce_mean(tensors)
+
+    def exchange(self, optimizer: Any) -> None:
+        """Before a step or clipping: average what arrived since the last exchange."""
+        lean = optimizer._lean
+        if self.mode == "comm_hook":
+            # The hook averaged the kept entries; DDP also wrote the dense gradient back.
+            for p in lean.compact_grads():
+                p.grad = None
+            return
+        if not lean.fresh:
+            return
+        kept = lean.compact_grads()
+        # (in the optimizer's param order, the same on every rank: a set's order is not)
+        params = [p for p in _plain_params(optimizer) if p in kept]
+        if params:
+            flat = torch.cat([kept[p] for p in params]) if len(params) > 1 else kept[params[0]]
+            self._all_reduce_mean([flat])
+            if len(params) > 1:
+                for p, part in zip(params, torch.split(flat, [kept[p].numel() for p in params])):
+                    kept[p].copy_(part)
+        dense = [local(p.grad) for p in _plain_params(optimizer)
+                 if p.grad is not None and p not in kept]
+        self._all_reduce_mean(dense)
+        lean.fresh = False
+
+    def detach(self) -> None:
+        if self.mode == "compact" and self.active:
+            self.module.require_backward_grad_sync = True
+        self.active = False
+
+
+def _comm_hook(exchange, bucket):  # (no annotations: DDP checks them against its own types)
+    """DDP communication hook: reduce only the selected entries of the bucket's gradients."""
+    import torch.distributed as dist
+
+    buffer = bucket.buffer()
+    opt = exchange._optimizer()
+    lean = None if opt is None else opt._lean
+    params = bucket.parameters()
+    state = {} if opt is None else opt.state
+    compact = (
+        exchange.active and lean is not None
+        and all("indices" in state.get(p, {}) and "grad_accum" not in state[p] for p in params)
+        and not any(opt._reselection_due(p) for p in params)
+    )
+    if not compact:  # before selection, or a tensor that needs its dense gradient: average all
+        exchange.bytes_reduced += buffer.numel() * buffer.element_size()
+        fut = dist.all_reduce(buffer, group=exchange.process_group, async_op=True).get_future()
+        return fut.then(lambda f: f.value()[0].div_(exchange.world))
+    grads = bucket.gradients()
+    kept = [g.reshape(-1).index_select(0, state[p]["indices"]).float()
+            for p, g in zip(params, grads)]
+    flat = torch.cat(kept) if kept else buffer.new_zeros(0, dtype=torch.float32)
+    exchange.bytes_reduced += flat.numel() * flat.element_size()
+    fut = dist.all_reduce(flat, group=exchange.process_group, async_op=True).get_future()
+
+    def done(f: torch.futures.Future) -> torch.Tensor:
+        total = f.value()[0].div_(exchange.world)
+        for p, part in zip(params, torch.split(total, [k.numel() for k in kept])):
+            lean.add(p, part, replace=True)
+        return buffer  # DDP writes it back into .grad; the step frees it (exchange())
+
+    return fut.then(done)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attaching: explicitly, or found at the first DDP forward after selection
+# ----------------------------------------------------------------------------------------------
+
+
+def attach(optimizer: Any, module: Any, mode: str = "compact") -> None:
+    """`SparseAdamW.attach_ddp`: exchange lean gradients with the DDP ``module``."""
+    if not isinstance(module, _ddp_class()):
+        raise TypeError(f"attach_ddp needs a torch.nn.parallel.DistributedDataParallel module, "
+                        f"got {type(module).__name__}")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    if not (_params_of(optimizer) & {id(p) for p in module.parameters()}):
+        raise ValueError("the DDP module holds none of this optimizer's params")
+    if optimizer._ddp is not None:
+        if optimizer._ddp.module is module and optimizer._ddp.mode == mode:
+            return
+        raise RuntimeError("this optimizer is already attached to a DDP module")
+    optimizer._ddp = DDPExchange(optimizer, module, mode)
+    _PENDING.discard(optimizer)
+    if optimizer._lean is None:
+        return  # plain mode: DDP averages .grad itself; only the replica check uses the group
+    if mode == "comm_hook":
+        optimizer._lean.gathers_in_hook = False
+        optimizer.unfreeze()  # DDP built first expects every gradient
+    if optimizer.is_selected():
+        optimizer._ddp.activate()
+
+
+def expect_ddp(optimizer: Any) -> None:
+    """After a lean selection on plain params: activate the exchange, or look for DDP."""
+    if optimizer._ddp is not None:
+        optimizer._ddp.activate()
+        return
+    if world_size() == 1 or not optimizer.replica_check or not _plain_params(optimizer):
+        return  # (replica_check=False: ranks that train on their own)
+    _PENDING.add(optimizer)
+    _arm()
+
+
+def exchange(optimizer: Any) -> Callable[[list[torch.Tensor]], None] | None:
+    """`SparseAdamW._exchange_gradients`: average lean gradients over DDP ranks if needed."""
+    ex = optimizer._ddp
+    if ex is None or not ex.active:
+        lean = optimizer._lean
+        if (lean.compact_grads() and optimizer.replica_check and _plain_params(optimizer)
+                and world_size() > 1):
+            raise RuntimeError(
+                f"lean mode gathered gradients on {world_size()} ranks, but no "
+                f"DistributedDataParallel module ran a forward pass over its params since the "
+                f"selection, so nothing averages them and the ranks would diverge. Wrap the model "
+                f"in DDP (found by itself) or call opt.attach_ddp(ddp_model); ranks that train "
+                f"independently pass replica_check=False")
+        return None
+    if optimizer._lean is not None:
+        ex.exchange(optimizer)
+    return ex.mean if ex.mode == "compact" else None
+
+
+_PENDING: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_HOOK: list[Any] = []
+_LAST_SEEN: list[Any] = [None, frozenset()]  # the DDP module last looked at, and its param ids
+
+
+def _arm() -> None:
+    if not _HOOK:
+        _HOOK.append(torch.nn.modules.module.register_module_forward_pre_hook(_on_forward))
+
+
+def _on_forward(module: Any, args: Any) -> None:
+    ddp = getattr(_ddp_class(), "_active_ddp_module", None)
+    if ddp is None:
+        return
+    if _LAST_SEEN[0] is not ddp:  # (once per DDP module, not once per submodule's forward)
+        _LAST_SEEN[:] = [ddp, frozenset(id(p) for p in ddp.module.parameters())]
+    inside = _LAST_SEEN[1]
+    for opt in list(_PENDING):
+        if opt._ddp is None and _params_of(opt) & inside:
+            attach(opt, ddp, "compact")
+    if not _PENDING and _HOOK:
+        _HOOK.pop().remove()
+        _LAST_SEEN[:] = [None, frozenset()]
