@@ -24,7 +24,6 @@ Run one world by hand: ``python tests/test_distributed_training.py RANK WORLD PO
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -213,10 +212,8 @@ def _selection_parity(ctx: Ranks, backend: str) -> None:
     dtype): each group selects on its own, exactly as one process would."""
     from torch.distributed.fsdp import fully_shard
 
-    from gallop_kernels import SparseAdamW, ops, reference
+    from gallop_kernels import SparseAdamW, reference
 
-    if backend == "triton" and not ops.triton_accepts_layout():
-        raise Skip("triton_select does not take a shard layout yet (the kernels branch)")
     cases = list(enumerate(selection_cases()))
     for dtype in ("float32", "bfloat16"):
         mine = [(n, c) for n, c in cases if c.get("dtype", "float32") == dtype]

@@ -40,7 +40,7 @@ import torch
 
 from gallop_kernels import reference
 from gallop_kernels.optim.distributed import GroupPlacement, local, mark_shards, placement
-from gallop_kernels.optim.selection import moments_fp32, needs_master, store_moments, uses_8bit
+from gallop_kernels.optim.selection import needs_master, store_moments, uses_8bit
 
 __all__ = ["RaggedLoadPlanner", "RaggedSavePlanner", "RaggedShard", "load", "save", "state_for_save"]
 

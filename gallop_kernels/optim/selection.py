@@ -99,9 +99,6 @@ def plan(
     if since and reduce is not None:
         reduce([g for g in grads if g is not None])
     resolved = ops.resolve_backend(backend, tensors[0].device)
-    if layout is not None and resolved == "triton" and backend == "auto" \
-            and not ops.triton_accepts_layout():
-        resolved = "torch"  # (the same exact set; until the Triton selection takes a layout)
     return ops.select_indices(
         tensors,
         grads,
