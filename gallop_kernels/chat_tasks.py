@@ -130,6 +130,18 @@ CODES = ChatTask(
     "test words are never trained on",
     _codes_items(), chance=1 / len(CATEGORIES))
 
+PLACES = {"animal": "zoo", "fruit": "orchard", "vehicle": "garage", "clothing": "closet", "body part": "doctor"}
+CATEGORY = ChatTask(
+    "category", "the category of a word, in one word; test words are never trained on",
+    tuple(Item(f"What category does the word \"{w}\" belong to?", cat, key=w)
+          for cat, (_, ws) in CATEGORIES.items() for w in ws), chance=1 / len(CATEGORIES))
+PLACE = ChatTask(
+    "place", "the place that goes with a word's category (animal zoo, fruit orchard, vehicle garage, clothing closet, "
+    "body part doctor); test words are never trained on",
+    tuple(Item(f"Which place goes with the word \"{w}\"?", PLACES[cat], key=w)
+          for cat, (_, ws) in CATEGORIES.items() for w in ws), chance=1 / len(CATEGORIES))
+ID_TASKS = {t.name: t for t in (CODES, CATEGORY, PLACE)}
+
 
 # --------------------------------------------------------------------------------------------
 # OOD tasks: things the instruct model already answers
