@@ -127,7 +127,7 @@ def load(spec: str | None, log: Callable[[str], None] | None = None) -> tuple[An
     from gallop_kernels.models import load_model_and_tokenizer, resolve_model
 
     resolved = resolve_model(spec, log=log)
-    model, tokenizer = load_model_and_tokenizer(resolved.path if resolved.origin != "hub" else spec)
+    model, tokenizer = load_model_and_tokenizer(resolved.path)  # a folder, or the hub id itself
     return model, tokenizer, resolved.describe()
 
 
