@@ -100,11 +100,11 @@ class ReproConfig:
                 raise ValueError(f"lr_grid[{m!r}] must be a non-empty list of positive learning rates, got {grid}")
 
     def fingerprint(self) -> str:
-        """What must match for earlier runs to be reused (seeds and methods may grow)."""
+        """What decides a run's result, so must match for earlier runs to be reused. Seeds, methods
+        and the learning-rate grid may change between sessions: runs are keyed by (method, lr, seed)."""
         d = asdict(self)
-        for k in ("seeds", "methods", "threads", "jobs"):
+        for k in ("seeds", "methods", "threads", "jobs", "lr_grid"):
             d.pop(k)
-        d["lr_grid"] = {m: list(v) for m, v in sorted(self.lr_grid.items())}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -296,9 +296,11 @@ def run_one(cfg: ReproConfig, data: Data, method: str, lr: float, seed: int,
 # ---------------------------------------------------------------------------------------------
 
 
-def choose_lr(runs: list[dict[str, Any]], method: str, seed: int) -> float | None:
-    """Best ID validation accuracy among ``method``'s tuning runs; ties go to the lower validation loss."""
-    cand = [r for r in runs if r["method"] == method and r["seed"] == seed]
+def choose_lr(runs: list[dict[str, Any]], method: str, seed: int,
+              grid: tuple[float, ...] | None = None) -> float | None:
+    """Best ID validation accuracy among ``method``'s tuning runs (those of ``grid`` when given);
+    ties go to the lower validation loss."""
+    cand = [r for r in runs if r["method"] == method and r["seed"] == seed and (grid is None or r["lr"] in grid)]
     if not cand:
         return None
     best = max(cand, key=lambda r: (r["id_val"], -r["id_val_loss"], -r["lr"]))
@@ -394,6 +396,7 @@ def _run(cfg: ReproConfig, raw_path: str | None, log: Callable[[str], None]) -> 
                                "jobs": cfg.jobs, "threads": cfg.threads}
     raw["sessions"].append(session)
     raw["config"]["seeds"], raw["config"]["methods"] = list(cfg.seeds), list(cfg.methods)
+    raw["config"]["lr_grid"] = {m: list(v) for m, v in cfg.lr_grid.items()}
     van = raw["vanilla"]
     log(f"reproduce: base model ID val {van['id_val']:.3f} test {van['id_test']:.3f}; OOD "
         + ", ".join(f"{k} {v:.2f}" for k, v in van["ood"].items()))
@@ -430,7 +433,7 @@ def _run(cfg: ReproConfig, raw_path: str | None, log: Callable[[str], None]) -> 
 
     execute(tuning)
     for method in cfg.methods:
-        raw["chosen_lr"][method] = choose_lr(raw["runs"], method, cfg.tune_seed)
+        raw["chosen_lr"][method] = choose_lr(raw["runs"], method, cfg.tune_seed, cfg.lr_grid[method])
     _save(raw, raw_path)
     execute([(m, raw["chosen_lr"][m], seed) for seed in cfg.seeds for m in cfg.methods])
     session["seconds"] = time.perf_counter() - t0
