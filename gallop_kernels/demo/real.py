@@ -38,7 +38,7 @@ class DemoConfig:
     score: str = "gallop"
     steps: int = 40
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float = 3e-4
     calibration_batches: int = 4
     id_task: str = "category"
     ood_tasks: tuple[str, ...] = DEMO_OOD_TASKS
