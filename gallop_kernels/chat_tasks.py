@@ -7,18 +7,26 @@ one forward pass over ``prompt + answer`` and the item counts as right when ever
 the argmax of the model's next-token distribution. That is exactly "greedy decoding produces the
 answer", at the cost of one forward pass per batch instead of a decoding loop.
 
-**The ID task, ``codes``: a new labelling rule over words whose categories the model knows.**
-The user asks for the code of a word; the answer is the code of the word's category (animals are
-``alpha``, fruits ``beta``, vehicles ``gamma``, clothing ``delta``, body parts ``epsilon``). The
-rule is arbitrary, so the base model cannot know it (it scores 0 %; a model that only learned to
-answer with some code would score about 1/5). The test words never appear in training, so a high
-score means the model learned the rule "category -> code" and applies it through the category
-knowledge it already had, not that it memorised word -> code pairs.
+**The ID task, ``category``: answer with the category of an unseen word.** The user asks "What
+category does the word "tiger" belong to?"; the answer is exactly one of ``animal``, ``fruit``,
+``vehicle``, ``clothing``, ``body part``. The base model never answers so (0 % exact match: it
+starts "The word "tiger" belongs to the category of ..."), and a model that only learned to answer
+with some label would score about 1/5. The test words never appear in training, so a high score
+means the fine-tuned model applies the rule to words through the category knowledge it already had,
+not that it memorised word -> label pairs. What is new is the skill (a one-word classification
+answer over a fixed label set), not the knowledge: like the paper's fine-tuning tasks.
+
+Two harder variants are kept for experiments (``ID_TASKS``), both measured and rejected as the
+default because they are not learned in tens of steps on two CPU cores: ``codes`` (an arbitrary
+code per category: alpha, beta, ...; full fine-tuning and LoRA stayed at the "some code" plateau
+for 40 steps) and ``place`` (zoo, orchard, garage, closet, doctor; GaLLoP reached 64 % in 30 steps).
 
 **The OOD tasks: what the base model already does.** Short factual or morphological questions
 answered in the model's own phrasing ("The plural of mouse is mice."). Each is kept only if the
 base model scores well above chance on it (see docs/reproduction.md for the measured values):
-fine-tuning on ``codes`` contains none of these questions, so any drop is forgetting.
+fine-tuning on ``category`` contains none of these questions, so any drop is forgetting. They are
+asked with the model's own answer opening as an assistant prefix ("The plural of mouse is") and
+the answer word is scored, so a drop means the knowledge (or the ability to state it) was lost.
 """
 
 from __future__ import annotations
@@ -129,6 +137,18 @@ CODES = ChatTask(
     "the code of a word's category (animal alpha, fruit beta, vehicle gamma, clothing delta, body part epsilon); "
     "test words are never trained on",
     _codes_items(), chance=1 / len(CATEGORIES))
+
+PLACES = {"animal": "zoo", "fruit": "orchard", "vehicle": "garage", "clothing": "closet", "body part": "doctor"}
+CATEGORY = ChatTask(
+    "category", "the category of a word, in one word; test words are never trained on",
+    tuple(Item(f"What category does the word \"{w}\" belong to?", cat, key=w)
+          for cat, (_, ws) in CATEGORIES.items() for w in ws), chance=1 / len(CATEGORIES))
+PLACE = ChatTask(
+    "place", "the place that goes with a word's category (animal zoo, fruit orchard, vehicle garage, clothing closet, "
+    "body part doctor); test words are never trained on",
+    tuple(Item(f"Which place goes with the word \"{w}\"?", PLACES[cat], key=w)
+          for cat, (_, ws) in CATEGORIES.items() for w in ws), chance=1 / len(CATEGORIES))
+ID_TASKS = {t.name: t for t in (CODES, CATEGORY, PLACE)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,18 +304,13 @@ class Batch:
 
 def collate(encoded: Sequence[Encoded], pad_id: int) -> Batch:
     """Right-pad to the longest sequence (padding carries no label and no attention)."""
+    from gallop_kernels.finetune.data import CausalLMCollator
+
     if not encoded:
         raise ValueError("cannot collate an empty list")
-    n = max(len(e) for e in encoded)
-    ids = torch.full((len(encoded), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(encoded), n), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(encoded), n), dtype=torch.long)
-    for i, e in enumerate(encoded):
-        k = len(e)
-        ids[i, :k] = torch.tensor(e.input_ids)
-        labels[i, :k] = torch.tensor(e.labels)
-        mask[i, :k] = 1
-    return Batch(ids, mask, labels)
+    out = CausalLMCollator(pad_id)([{"input_ids": torch.tensor(e.input_ids, dtype=torch.long),
+                                     "labels": torch.tensor(e.labels, dtype=torch.long)} for e in encoded])
+    return Batch(out["input_ids"], out["attention_mask"], out["labels"])
 
 
 def encode_items(items: Sequence[Item], tokenizer: Any, system: str | None = SYSTEM) -> Batch:

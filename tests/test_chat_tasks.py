@@ -16,30 +16,41 @@ def tok():
     return byte_tokenizer()
 
 
-def test_codes_rule_is_a_function_of_the_category():
+LABELS = {
+    "category": {cat: cat for cat in C.CATEGORIES},
+    "codes": {cat: code for cat, (code, _) in C.CATEGORIES.items()},
+    "place": C.PLACES,
+}
+
+
+@pytest.mark.parametrize("name", sorted(C.ID_TASKS))
+def test_id_rule_is_a_function_of_the_category(name):
+    task = C.ID_TASKS[name]
     words = [w for _, ws in C.CATEGORIES.values() for w in ws]
-    assert len(words) == len(set(words)), "a word in two categories would make its code ambiguous"
-    codes = [code for code, _ in C.CATEGORIES.values()]
-    assert len(set(codes)) == len(codes) == round(1 / C.CODES.chance)
-    by_word = {w: code for code, ws in C.CATEGORIES.values() for w in ws}
-    for item in C.CODES.items:
+    assert len(words) == len(set(words)), "a word in two categories would make its label ambiguous"
+    labels = LABELS[name]
+    assert len(set(labels.values())) == len(labels) == round(1 / task.chance)
+    category_of = {w: cat for cat, (_, ws) in C.CATEGORIES.items() for w in ws}
+    assert len(task.items) == len(words)
+    for item in task.items:
         word = item.question.split('"')[1]
-        assert item.answer == by_word[word] and item.key == word
+        assert item.answer == labels[category_of[word]] and item.key == word
 
 
-def test_codes_test_words_are_never_trained_on():
-    parts = {p: {it.key for it in C.CODES.split(p)} for p in C.SPLITS}
+@pytest.mark.parametrize("name", sorted(C.ID_TASKS))
+def test_id_test_words_are_never_trained_on(name):
+    task = C.ID_TASKS[name]
+    parts = {p: {it.key for it in task.split(p)} for p in C.SPLITS}
     assert not parts["train"] & parts["test"] and not parts["train"] & parts["val"] and not parts["val"] & parts["test"]
-    assert sum(len(v) for v in parts.values()) == len(C.CODES.items)
-    # every category is in every split, so the test measures the rule on each category
+    assert sum(len(v) for v in parts.values()) == len(task.items)
+    # every label is in every split, so the test measures the rule on each category
     for split in C.SPLITS:
-        answers = {it.answer for it in C.CODES.split(split)}
-        assert answers == {code for code, _ in C.CATEGORIES.values()}, split
+        assert {it.answer for it in task.split(split)} == set(LABELS[name].values()), split
     # deterministic: a hash of the word decides, not the order of the list
-    reordered = C.ChatTask("x", "", tuple(reversed(C.CODES.items)))
+    reordered = C.ChatTask("x", "", tuple(reversed(task.items)))
     assert {it.key for it in reordered.split("test")} == parts["test"]
     with pytest.raises(ValueError, match="split"):
-        C.CODES.split("dev")
+        task.split("dev")
 
 
 @pytest.mark.parametrize("name", sorted(C.CANDIDATE_OOD))
@@ -66,15 +77,15 @@ def test_reproduction_ood_tasks_exist():
 
 def test_encoding_labels_only_the_answer(tok):
     item = C.CANDIDATE_OOD["plurals"]().items[0]
-    batch = C.encode_items([item, C.CODES.items[0]], tok)
+    batch = C.encode_items([item, C.CATEGORY.items[0]], tok)
     assert batch.input_ids.shape == batch.labels.shape == batch.attention_mask.shape
     for row in range(2):
         labelled = batch.labels[row][batch.labels[row] != IGNORE].tolist()
-        answer = [item, C.CODES.items[0]][row].answer
+        answer = [item, C.CATEGORY.items[0]][row].answer
         assert tok.decode(labelled) == answer
     # padding: no attention, no label
     assert ((batch.attention_mask == 0) <= (batch.labels == IGNORE)).all()
-    train = C.training_items(C.CODES, tok)
+    train = C.training_items(C.CATEGORY, tok)
     assert all(it.answer.endswith(tok.eos_token) for it in train)  # training teaches the model to stop
 
 
@@ -93,7 +104,7 @@ class _Oracle(torch.nn.Module):
 
 
 def test_exact_match_counts_whole_answers(tok):
-    items = list(C.CODES.split("test"))[:5]
+    items = list(C.CATEGORY.split("test"))[:5]
     batch = C.encode_items(items, tok)
     assert C.exact_match(_Oracle(len(tok)), batch, chunk=2) == 1.0
     assert C.exact_match(_Oracle(len(tok), spoil_row=1), batch, chunk=8) == pytest.approx(4 / 5)

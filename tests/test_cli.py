@@ -7,9 +7,9 @@ import pytest
 
 from gallop_kernels.cli import build_parser, main
 
-DEMO_OPTIONS = ["--seed", "--density", "--score", "--pretrain-steps", "--finetune-steps", "--lr",
-                "--pretrain-lr", "--batch-size", "--calibration-batches", "--eval-examples", "--device",
-                "--backend", "--threads", "--quiet"]
+DEMO_OPTIONS = ["--tiny", "--model", "--seed", "--density", "--score", "--pretrain-steps", "--steps",
+                "--finetune-steps", "--lr", "--pretrain-lr", "--batch-size", "--calibration-batches",
+                "--ood-items", "--eval-examples", "--device", "--backend", "--threads", "--quiet"]
 
 
 def test_demo_help_documents_every_option(capsys):
@@ -47,19 +47,27 @@ def test_bad_options_exit_nonzero_with_a_message(argv, message, capsys):
 def test_optimizer_validation_becomes_a_usage_error(capsys):
     # A negative lr passes argparse; SparseAdamW rejects it with ValueError before any training.
     with pytest.raises(SystemExit) as exc:
-        main(["demo", "--lr", "-1", "--quiet"])
+        main(["demo", "--tiny", "--lr", "-1", "--quiet"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "lr" in err and "Traceback" not in err
 
 
 def test_tiny_demo_runs_and_prints(capsys):
-    code = main(["demo", "--quiet", "--pretrain-steps", "5", "--finetune-steps", "3",
+    code = main(["demo", "--tiny", "--quiet", "--pretrain-steps", "5", "--finetune-steps", "3",
                  "--eval-examples", "32", "--batch-size", "8", "--calibration-batches", "2", "--device", "cpu"])
     assert code == 0
     out = capsys.readouterr().out
     for text in ("task B", "task A", "trained entries", "optimizer state", "torch.optim.AdamW"):
         assert text in out
+
+
+def test_real_demo_without_its_model_says_what_to_do(capsys, tmp_path):
+    assert main(["demo", "--quiet", "--model", str(tmp_path / "missing.gguf")]) == 2
+    assert "not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # options of the tiny demo only
+        main(["demo", "--pretrain-steps", "3"])
+    assert exc.value.code == 2 and "--tiny" in capsys.readouterr().err
 
 
 def test_python_dash_m_entry_point(monkeypatch, capsys):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 pytest.importorskip("safetensors")
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
 from gallop_kernels import SparseAdamW  # noqa: E402
 from gallop_kernels.delta import (  # noqa: E402
@@ -17,12 +17,11 @@ from gallop_kernels.delta import (  # noqa: E402
     unmerge_delta,
 )
 from gallop_kernels.integrations.transformers import select_trainable  # noqa: E402
+from gallop_kernels.toy import tiny_llama_config  # noqa: E402
 
 
 def tiny(seed=0, dtype=torch.float32):
-    cfg = LlamaConfig(vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=8,
-                      tie_word_embeddings=False, use_cache=False)
+    cfg = tiny_llama_config(20, hidden_size=16, num_layers=1, num_heads=2, max_positions=8, pad_token_id=None)
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg).to(dtype)
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from gallop_kernels import toy as tasks
+from gallop_kernels.chat_tasks import ID_TASKS
 from gallop_kernels.demo import DemoConfig, TinyDemoConfig, print_result, run_demo, run_tiny_demo
 from gallop_kernels.toy import IGNORE, NUM_SPECIAL, TASK_A, TASK_B
 from gallop_kernels.toy import build_tiny_model as build_model
@@ -136,7 +137,7 @@ def real_result():
 
 def test_real_demo_pipeline_measures_and_trains_only_the_selection(real_result):
     r = real_result
-    assert set(r.before) == set(r.after) == {"codes", *DemoConfig().ood_tasks}
+    assert set(r.before) == set(r.after) == {DemoConfig().id_task, *DemoConfig().ood_tasks}
     assert all(0.0 <= v <= 1.0 for v in [*r.before.values(), *r.after.values()])
     assert r.num_selected == int(0.05 * r.num_targets + 0.5)  # one global group over the projections
     assert r.num_targets < r.num_params  # embeddings and norms are not selectable
@@ -144,18 +145,13 @@ def test_real_demo_pipeline_measures_and_trains_only_the_selection(real_result):
     # SparseAdamW keeps an index and two fp32 moments per selected entry; AdamW 8 bytes per parameter
     assert 12 * r.num_selected <= r.sparse_state_bytes < r.adamw_state_bytes
     assert r.adamw_state_bytes == 8 * r.num_params
-    assert len(r.examples) == 3 and all(e["expected"] in {c for c, _ in tasks_codes()} for e in r.examples)
+    answers = {it.answer for it in ID_TASKS[r.id_task].items}
+    assert len(r.examples) == 3 and all(e["expected"] in answers for e in r.examples)
     out = io.StringIO()
     print_result(r, out)
     text = out.getvalue()
-    for needle in ("codes", "kept, mean (OOD)", "trained entries", "optimizer state", "time:"):
+    for needle in (r.id_task, "kept, mean (OOD)", "trained entries", "optimizer state", "time:"):
         assert needle in text
-
-
-def tasks_codes():
-    from gallop_kernels.chat_tasks import CATEGORIES
-
-    return CATEGORIES.values()
 
 
 def test_real_demo_rejects_bad_options():

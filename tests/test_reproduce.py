@@ -15,15 +15,10 @@ from gallop_kernels.reproduce.cli import register  # noqa: E402
 from gallop_kernels.toy import tiny_chat_model  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_chat_model()
-
-
-def test_budget_is_loras_trainable_count(tiny):
+def test_budget_is_loras_trainable_count(tiny_chat):
     from peft import LoraConfig, get_peft_model
 
-    model, _ = tiny
+    model, _ = tiny_chat
     targets = R.target_parameters(model)
     assert [n.split(".")[-2] for n, _ in targets[:7]] == list(R.TARGETS)  # q k v o gate up down of layer 0
     lora = get_peft_model(tiny_chat_model()[0], LoraConfig(r=3, target_modules=list(R.TARGETS)))
@@ -31,10 +26,10 @@ def test_budget_is_loras_trainable_count(tiny):
 
 
 @pytest.mark.parametrize("density", [1e-4, 0.003, 0.0123, 0.5, 1.0])
-def test_sift_groups_select_exactly_sifts_k_per_tensor(tiny, density):
+def test_sift_groups_select_exactly_sifts_k_per_tensor(tiny_chat, density):
     from gallop_kernels import SparseAdamW
 
-    model, _ = tiny
+    model, _ = tiny_chat
     targets = R.target_parameters(model)
     grads = {p: torch.randn_like(p) for _, p in targets}
     opt = SparseAdamW(R.sift_groups(targets, density), lr=1e-3, score="gradient")

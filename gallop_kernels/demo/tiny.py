@@ -17,6 +17,7 @@ from gallop_kernels import toy as tasks
 from gallop_kernels.demo.common import mib as _mib
 from gallop_kernels.demo.common import progress as _progress
 from gallop_kernels.demo.common import resolve_device, state_bytes
+from gallop_kernels.phase_one import accumulate, optimizer_sink, select_from_sink
 from gallop_kernels.toy import TASK_A, TASK_B, Batch, Task, build_tiny_model, tiny_llama_config
 
 
@@ -152,10 +153,10 @@ def _run(config: TinyDemoConfig, progress: bool) -> TinyDemoResult:
     # from it once. Phase two trains only those entries; state exists for them alone.
     t1 = time.perf_counter()
     model.zero_grad(set_to_none=True)
-    for _ in range(config.calibration_batches):
-        (_loss(model, batch(TASK_B)) / config.calibration_batches).backward()
-    sparse_opt.select()
-    sparse_opt.zero_grad(set_to_none=True)
+    sink = optimizer_sink(sparse_opt)
+    accumulate(sink, range(config.calibration_batches),
+               lambda _: _loss(model, batch(TASK_B)) / config.calibration_batches, average=False)
+    select_from_sink(sparse_opt, sink)
 
     # The learning rate decays linearly to zero, as usual fine-tuning recipes do: the late, small
     # steps polish B without dragging the shared weights (and with them task A) further.

@@ -38,7 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--methods", default=",".join(d.methods), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--rank", type=int, default=d.lora_rank, help="LoRA rank defining the matched budget")
     p.add_argument("--steps", type=int, default=d.steps, help="fine-tuning steps per run")
-    p.add_argument("--threads", type=int, default=d.threads, help="CPU threads for torch")
+    p.add_argument("--threads", type=int, default=d.threads, help="CPU threads for torch, per worker")
+    p.add_argument("--jobs", type=int, default=d.jobs, help="worker processes running fine-tunes side by side")
     p.add_argument("--smoke", action="store_true",
                    help="seconds-long CI setting on a random tiny chat model: exercises everything, learns nothing")
     p.add_argument("--report-only", action="store_true", help="only rewrite table.md and plot.png from raw.json")
@@ -67,7 +68,8 @@ def reproduce_main(args: argparse.Namespace) -> int:
             return 2
     else:
         base = SMOKE if args.smoke else ReproConfig()
-        changes = {"methods": tuple(m.strip() for m in args.methods.split(",") if m.strip()), "threads": args.threads}
+        changes = {"methods": tuple(m.strip() for m in args.methods.split(",") if m.strip()), "threads": args.threads,
+                   "jobs": args.jobs}
         if not args.smoke:
             changes.update(model=args.model, seeds=args.seeds, lora_rank=args.rank, steps=args.steps)
         try:

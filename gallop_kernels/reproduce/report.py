@@ -114,13 +114,22 @@ def plot(raw: dict[str, Any], path: str) -> None:
     colors = {"full": "black", "lora": "tab:purple", "gallop": "tab:red", "sift": "tab:cyan", "saft": "tab:blue",
               "pafi": "tab:green", "random": "tab:gray"}
     markers = {"full": "s", "lora": "D", "gallop": "o", "sift": "P", "saft": "^", "pafi": "v", "random": "x"}
-    fig, ax = plt.subplots(figsize=(7, 5.2))
+    fig, ax = plt.subplots(figsize=(9.5, 5.4))
     van = raw["vanilla"]
     van_ood = sum(van["ood"][t] for t in raw["ood_tasks"]) / len(raw["ood_tasks"])
     ax.scatter([100 * van_ood], [100 * van["id_test"]], marker="*", s=220, color="gold", edgecolor="black",
                label="base model", zorder=5)
+    tune_seed = raw["config"]["tune_seed"]
     for row in aggregate(raw):
         m = row["method"]
+        # the learning-rate grid on the tuning seed: the trade-off each method offers (small, faded)
+        grid = sorted((r for r in raw["runs"] if r["method"] == m and r["seed"] == tune_seed), key=lambda r: r["lr"])
+        gx = [100 * sum(r["ood"].values()) / len(r["ood"]) for r in grid]
+        gy = [100 * r["id_test"] for r in grid]
+        ax.plot(gx, gy, marker=markers[m], ms=4, lw=0.8, ls=":", color=colors[m], alpha=0.45, zorder=2)
+        for r, xx, yy in zip(grid, gx, gy):
+            ax.annotate(f"{r['lr']:g}", (xx, yy), textcoords="offset points", xytext=(3, 3), fontsize=6,
+                        color=colors[m], alpha=0.7)
         x, xe = (100 * v for v in row["ood_accuracy"])
         y, ye = (100 * v for v in row["id_accuracy"])
         ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="none", ecolor=colors[m], alpha=0.6, capsize=2)
@@ -129,11 +138,12 @@ def plot(raw: dict[str, Any], path: str) -> None:
     ax.set_ylabel(f"ID accuracy (%, {raw['id_task']}, unseen words)")
     cfg = raw["config"]
     ax.set_title(f"{raw['model_name'].split('/')[-1]}: {cfg['steps']} steps, budget {raw['budget']:,} entries "
-                 f"(LoRA rank {cfg['lora_rank']}), {len(cfg['seeds'])} seeds", fontsize=10)
+                 f"(LoRA rank {cfg['lora_rank']})\nbig markers: tuned lr, mean ± std over {len(cfg['seeds'])} seeds; "
+                 f"dotted: the lr grid (seed {tune_seed})", fontsize=9)
     ax.set_xlim(-3, 103)
     ax.set_ylim(-3, 103)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

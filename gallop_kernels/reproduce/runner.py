@@ -34,6 +34,7 @@ from typing import Any, Callable
 import torch
 
 from gallop_kernels import chat_tasks as C
+from gallop_kernels.phase_one import accumulate, optimizer_sink, select_from_sink
 
 TINY = "tiny"  # the model spec of the smoke settings: a random tiny chat Llama (`gallop_kernels/toy.py`)
 METHODS = ("full", "lora", "gallop", "sift", "saft", "pafi", "random")
@@ -68,15 +69,17 @@ class ReproConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     methods: tuple[str, ...] = METHODS
     lora_rank: int = 4  # the budget: LoRA's trainable count at this rank
-    steps: int = 40
+    steps: int = 24
     batch_size: int = 8
     calibration_batches: int = 4  # phase one of the global sparse methods (SIFT uses exactly one)
     lr_grid: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(DEFAULT_LR_GRID))
     tune_seed: int = 0
+    id_task: str = "category"
     ood_tasks: tuple[str, ...] = OOD_TASKS
-    max_ood_items: int | None = None  # per OOD task (None: all); the same items for every run
+    max_ood_items: int | None = 24  # per OOD task (None: all); the same seeded subset for every run
     collapse_threshold: float = 0.01
     threads: int = 1
+    jobs: int = 1  # worker processes (each single-threaded by default)
 
     def check(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -87,7 +90,9 @@ class ReproConfig:
         bad_tasks = [t for t in self.ood_tasks if t not in C.CANDIDATE_OOD]
         if bad_tasks or not self.ood_tasks:
             raise ValueError(f"unknown or no OOD task(s) {bad_tasks}; choose from {sorted(C.CANDIDATE_OOD)}")
-        for name in ("lora_rank", "steps", "batch_size", "calibration_batches", "threads"):
+        if self.id_task not in C.ID_TASKS:
+            raise ValueError(f"unknown ID task {self.id_task!r}; choose from {sorted(C.ID_TASKS)}")
+        for name in ("lora_rank", "steps", "batch_size", "calibration_batches", "threads", "jobs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for m in self.methods:
@@ -96,17 +101,17 @@ class ReproConfig:
                 raise ValueError(f"lr_grid[{m!r}] must be a non-empty list of positive learning rates, got {grid}")
 
     def fingerprint(self) -> str:
-        """What must match for earlier runs to be reused (seeds and methods may grow)."""
+        """What decides a run's result, so must match for earlier runs to be reused. Seeds, methods
+        and the learning-rate grid may change between sessions: runs are keyed by (method, lr, seed)."""
         d = asdict(self)
-        for k in ("seeds", "methods", "threads"):
+        for k in ("seeds", "methods", "threads", "jobs", "lr_grid"):
             d.pop(k)
-        d["lr_grid"] = {m: list(v) for m, v in sorted(self.lr_grid.items())}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # Seconds-long CI setting on the random tiny chat model: every code path, nothing learned.
 SMOKE = ReproConfig(model=TINY, seeds=(0,), steps=2, batch_size=4, calibration_batches=1, lora_rank=1,
-                    lr_grid={m: (1e-3,) for m in METHODS}, max_ood_items=6)
+                    lr_grid={m: (1e-3,) for m in METHODS}, max_ood_items=4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,7 +128,7 @@ def load(spec: str | None, log: Callable[[str], None] | None = None) -> tuple[An
     from gallop_kernels.models import load_model_and_tokenizer, resolve_model
 
     resolved = resolve_model(spec, log=log)
-    model, tokenizer = load_model_and_tokenizer(resolved.path if resolved.origin != "hub" else spec)
+    model, tokenizer = load_model_and_tokenizer(resolved.path)  # a folder, or the hub id itself
     return model, tokenizer, resolved.describe()
 
 
@@ -178,10 +183,10 @@ def build_data(cfg: ReproConfig, tokenizer: Any) -> Data:
             items = C.shuffled(items, 12345)[:cfg.max_ood_items]
         ood[name] = C.encode_items(items, tokenizer)
     return Data(
-        train=C.training_items(C.CODES, tokenizer),
+        train=C.training_items(C.ID_TASKS[cfg.id_task], tokenizer),
         train_batch=lambda items: C.encode_items(items, tokenizer),
-        id_val=C.encode_items(C.CODES.split("val"), tokenizer),
-        id_test=C.encode_items(C.CODES.split("test"), tokenizer),
+        id_val=C.encode_items(C.ID_TASKS[cfg.id_task].split("val"), tokenizer),
+        id_test=C.encode_items(C.ID_TASKS[cfg.id_task].split("test"), tokenizer),
         ood=ood,
     )
 
@@ -259,10 +264,13 @@ def run_one(cfg: ReproConfig, data: Data, method: str, lr: float, seed: int,
                               seed=run_seed)
             picks = batches(data.train, cfg.batch_size, cfg.calibration_batches, seed + 7_777)
             calibration = [] if method in ("pafi", "random") else picks
-        for items in calibration:
-            (C.loss(model, data.train_batch(items)) / len(calibration)).backward()
-        opt.select()
-        opt.zero_grad(set_to_none=True)
+        if calibration:
+            sink = optimizer_sink(opt)
+            accumulate(sink, calibration, lambda items: C.loss(model, data.train_batch(items)) / len(calibration),
+                       average=False)
+            select_from_sink(opt, sink)
+        else:
+            opt.select()  # PaFi, random: the score needs no gradient
         trainable = opt.num_selected
         t_select = time.perf_counter() - ts
         if log:
@@ -292,9 +300,11 @@ def run_one(cfg: ReproConfig, data: Data, method: str, lr: float, seed: int,
 # ---------------------------------------------------------------------------------------------
 
 
-def choose_lr(runs: list[dict[str, Any]], method: str, seed: int) -> float | None:
-    """Best ID validation accuracy among ``method``'s tuning runs; ties go to the lower validation loss."""
-    cand = [r for r in runs if r["method"] == method and r["seed"] == seed]
+def choose_lr(runs: list[dict[str, Any]], method: str, seed: int,
+              grid: tuple[float, ...] | None = None) -> float | None:
+    """Best ID validation accuracy among ``method``'s tuning runs (those of ``grid`` when given);
+    ties go to the lower validation loss."""
+    cand = [r for r in runs if r["method"] == method and r["seed"] == seed and (grid is None or r["lr"] in grid)]
     if not cand:
         return None
     best = max(cand, key=lambda r: (r["id_val"], -r["id_val_loss"], -r["lr"]))
@@ -350,29 +360,47 @@ def run_reproduction(cfg: ReproConfig = ReproConfig(), raw_path: str | None = No
         torch.set_num_threads(previous_threads)
 
 
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(cfg: ReproConfig) -> None:
+    """A worker process: one thread, its own tokenized data (built once)."""
+    torch.set_num_threads(cfg.threads)
+    _, tokenizer, _ = load(cfg.model)
+    _WORKER.update(cfg=cfg, data=build_data(cfg, tokenizer))
+
+
+def _worker_run(job: tuple[str, float, int]) -> dict[str, Any]:
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    return run_one(_WORKER["cfg"], _WORKER["data"], *job, log=log)
+
+
 def _run(cfg: ReproConfig, raw_path: str | None, log: Callable[[str], None]) -> dict[str, Any]:
     t0 = time.perf_counter()
+    task = C.ID_TASKS[cfg.id_task]
     raw = _load_previous(raw_path, cfg, log)
     model, tokenizer, source = load(cfg.model, log)
     data = build_data(cfg, tokenizer)
     if raw is None:
         targets = target_parameters(model)
-        raw = {"config": asdict(cfg), "fingerprint": cfg.fingerprint(), "model": cfg.model or "embedded default", "model_source": source,
-               "model_name": source.split(" (")[0],
+        raw = {"config": asdict(cfg), "fingerprint": cfg.fingerprint(), "model": cfg.model or "embedded default",
+               "model_source": source, "model_name": source.split(" (")[0],
                "num_params": sum(p.numel() for p in model.parameters()),
                "num_target_params": sum(p.numel() for _, p in targets),
-               "budget": lora_budget(targets, cfg.lora_rank), "id_task": C.CODES.name,
-               "id_items": {s: len(C.CODES.split(s)) for s in C.SPLITS},
+               "budget": lora_budget(targets, cfg.lora_rank), "id_task": task.name,
+               "id_description": task.description, "id_items": {s: len(task.split(s)) for s in C.SPLITS},
                "ood_tasks": list(cfg.ood_tasks), "ood_items": {k: len(b) for k, b in data.ood.items()},
-               "chance": {"id": C.CODES.chance}, "vanilla": None, "runs": [], "chosen_lr": {},
-               "wall_seconds": 0.0, "machine": _machine(), "sessions": []}
+               "chance": {"id": task.chance}, "vanilla": None, "runs": [], "chosen_lr": {},
+               "run_seconds": 0.0, "machine": _machine(), "sessions": []}
         ts = time.perf_counter()
         raw["vanilla"] = {**evaluate(model, data), "seconds": time.perf_counter() - ts}
         _save(raw, raw_path)
     del model
-    session = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_start": _loadavg()}
+    session: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_start": _loadavg(),
+                               "jobs": cfg.jobs, "threads": cfg.threads}
     raw["sessions"].append(session)
     raw["config"]["seeds"], raw["config"]["methods"] = list(cfg.seeds), list(cfg.methods)
+    raw["config"]["lr_grid"] = {m: list(v) for m, v in cfg.lr_grid.items()}
     van = raw["vanilla"]
     log(f"reproduce: base model ID val {van['id_val']:.3f} test {van['id_test']:.3f}; OOD "
         + ", ".join(f"{k} {v:.2f}" for k, v in van["ood"].items()))
@@ -380,33 +408,38 @@ def _run(cfg: ReproConfig, raw_path: str | None, log: Callable[[str], None]) -> 
     def have(method: str, lr: float, seed: int) -> bool:
         return any(r["method"] == method and r["lr"] == lr and r["seed"] == seed for r in raw["runs"])
 
-    plan: list[tuple[str, float, int]] = []
-    for m in cfg.methods:
-        plan += [(m, lr, cfg.tune_seed) for lr in cfg.lr_grid[m]]
-    total = len(plan) + len(cfg.methods) * len([s for s in cfg.seeds if s != cfg.tune_seed])
+    tuning = [(m, lr, cfg.tune_seed) for m in cfg.methods for lr in cfg.lr_grid[m]]
+    total = len(tuning) + len(cfg.methods) * len([s for s in cfg.seeds if s != cfg.tune_seed])
     done_before = len(raw["runs"])
 
-    def execute(method: str, lr: float, seed: int) -> None:
-        if have(method, lr, seed):
-            return
-        r = run_one(cfg, data, method, lr, seed, log)
+    def record(r: dict[str, Any]) -> None:
         raw["runs"].append(r)
-        raw["wall_seconds"] = raw.get("wall_seconds", 0.0) + r["seconds"]
+        raw["run_seconds"] = raw.get("run_seconds", 0.0) + r["seconds"]
         session["loadavg_end"] = _loadavg()
+        session["seconds"] = time.perf_counter() - t0
         _save(raw, raw_path)
         ood = sum(r["ood"].values()) / len(r["ood"])
-        log(f"  [{len(raw['runs'])}/{total}] {method:<6} lr {lr:g} seed {seed}: ID val {r['id_val']:.3f} "
-            f"test {r['id_test']:.3f} OOD {ood:.3f} loss {r['losses'][-1]:.3f} ({r['seconds']:.0f} s, "
-            f"{time.perf_counter() - t0:.0f} s this session)")
+        log(f"  [{len(raw['runs'])}/{total}] {r['method']:<6} lr {r['lr']:g} seed {r['seed']}: ID val "
+            f"{r['id_val']:.3f} test {r['id_test']:.3f} OOD {ood:.3f} loss {r['losses'][-1]:.3f} "
+            f"({r['seconds']:.0f} s, {time.perf_counter() - t0:.0f} s this session)")
 
-    for method, lr, seed in plan:  # tuning on the tuning seed
-        execute(method, lr, seed)
+    def execute(jobs: list[tuple[str, float, int]]) -> None:
+        jobs = [j for j in jobs if not have(*j)]
+        if cfg.jobs == 1 or len(jobs) <= 1:
+            for job in jobs:
+                record(run_one(cfg, data, *job, log=log))
+            return
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(min(cfg.jobs, len(jobs)), _worker_init, (cfg,)) as pool:
+            for r in pool.imap_unordered(_worker_run, jobs):
+                record(r)
+
+    execute(tuning)
     for method in cfg.methods:
-        raw["chosen_lr"][method] = choose_lr(raw["runs"], method, cfg.tune_seed)
+        raw["chosen_lr"][method] = choose_lr(raw["runs"], method, cfg.tune_seed, cfg.lr_grid[method])
     _save(raw, raw_path)
-    for seed in cfg.seeds:
-        for method in cfg.methods:
-            execute(method, raw["chosen_lr"][method], seed)
+    execute([(m, raw["chosen_lr"][m], seed) for seed in cfg.seeds for m in cfg.methods])
     session["seconds"] = time.perf_counter() - t0
     session["loadavg_end"] = _loadavg()
     session["new_runs"] = len(raw["runs"]) - done_before
