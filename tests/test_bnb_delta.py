@@ -345,7 +345,7 @@ def test_training_changes_only_the_delta_and_reduces_loss(llama_dir, tmp_path):
         trained_logits = model(input_ids=eval_ids).logits
         assert torch.equal(fresh(input_ids=eval_ids).logits, trained_logits)
 
-    # The gallop_kernels.delta file format (absolute values) round-trips onto a fresh 4-bit base.
+    # The gallop_kernels.delta file format (differences from the base) round-trips onto a fresh 4-bit base.
     delta_format = pytest.importorskip("gallop_kernels.delta")
     delta = extract_sparse_delta(model, base_model="tiny-llama")
     assert delta.metadata["base_quantization"] == "nf4" and delta.metadata["score"] == "gallop"
@@ -373,7 +373,7 @@ def test_delta_merges_onto_dense_base(llama_dir):
         expected = model(input_ids=ids).logits
         torch.testing.assert_close(dense(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
 
-    # gallop_kernels.delta.apply_delta (absolute values) onto a dense dequantized base: the same.
+    # gallop_kernels.delta.apply_delta (differences) onto a dense dequantized base: the same.
     delta_format = pytest.importorskip("gallop_kernels.delta")
     dense = dequantized_dense_copy(load_4bit(llama_dir, torch.float32))
     updated = delta_format.apply_delta(dense, extract_sparse_delta(model))
