@@ -296,7 +296,7 @@ def test_progress_bars_are_switched_off_and_restored():
     datasets = pytest.importorskip("datasets")
     from transformers.utils import logging as hf_logging
 
-    from gallop_kernels.finetune.pipeline import progress_bars
+    from gallop_kernels.quiet import progress_bars
 
     before = (hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled())
     with progress_bars(False):

@@ -28,6 +28,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
@@ -35,6 +36,7 @@ import torch
 
 from gallop_kernels import chat_tasks as C
 from gallop_kernels.phase_one import accumulate, optimizer_sink, select_from_sink
+from gallop_kernels.quiet import no_bitsandbytes_notice, progress_bars
 
 TINY = "tiny"  # the model spec of the smoke settings: a random tiny chat Llama (`gallop_kernels/toy.py`)
 METHODS = ("full", "lora", "gallop", "sift", "saft", "pafi", "random")
@@ -247,8 +249,10 @@ def run_one(cfg: ReproConfig, data: Data, method: str, lr: float, seed: int,
         from peft import LoraConfig, get_peft_model
 
         torch.manual_seed(run_seed)  # LoRA's A init
-        model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, lora_dropout=0.0,
-                                                 target_modules=list(TARGETS)))
+        with warnings.catch_warnings():  # peft asks transformers 5 a deprecated question; not ours to fix
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, lora_dropout=0.0,
+                                                     target_modules=list(TARGETS)))
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         trainable = sum(p.numel() for p in params)
@@ -355,7 +359,8 @@ def run_reproduction(cfg: ReproConfig = ReproConfig(), raw_path: str | None = No
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        return _run(cfg, raw_path, log)
+        with progress_bars(False), no_bitsandbytes_notice():
+            return _run(cfg, raw_path, log)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -366,6 +371,8 @@ _WORKER: dict[str, Any] = {}
 def _worker_init(cfg: ReproConfig) -> None:
     """A worker process: one thread, its own tokenized data (built once)."""
     torch.set_num_threads(cfg.threads)
+    progress_bars(False).__enter__()  # for the worker's whole life: its log is the parent's stderr
+    no_bitsandbytes_notice().__enter__()
     _, tokenizer, _ = load(cfg.model)
     _WORKER.update(cfg=cfg, data=build_data(cfg, tokenizer))
 
