@@ -64,10 +64,11 @@ def workdir(tmp_path, tiny_model, monkeypatch):
     return tmp_path
 
 
-def test_the_section_has_the_three_recipes():
+def test_the_section_has_the_four_recipes():
     headings = [h for h, _, _ in RECIPES]
-    assert len(RECIPES) == 3, headings
+    assert len(RECIPES) == 4, headings
     assert any("Trainer" in h for h in headings) and any("SFTTrainer" in h for h in headings)
+    assert any("adapter" in h for h in headings)
 
 
 @pytest.mark.parametrize("heading, line, code", RECIPES, ids=[f"README.md:{line}" for _, line, _ in RECIPES])
@@ -88,9 +89,16 @@ def test_recipe_runs_as_written(workdir, heading, line, code, capsys):
     assert delta.num_entries > 0
     if "GallopCallback" in code:  # the callback's progress lines
         assert re.search(r"phase one: selected [\d,]+ of [\d,]+ entries", printed), printed
-    if "unmerge_delta" in code:  # merged, then unmerged: exactly the base again
+    if "unmerge_delta" in code and "base" in namespace:  # merged, then unmerged: exactly the base again
         fresh, _ = models.load_model_and_tokenizer()
         for (name, p), q in zip(namespace["base"].named_parameters(), fresh.parameters()):
             assert torch.equal(p, q), name
         tuned = namespace["model"]
         assert any(not torch.equal(p, q) for p, q in zip(tuned.parameters(), fresh.parameters()))
+    if "PeftModel" in code:  # base + 0.7Δ + 0.3Δ through our apply, base + Δ through PEFT's SHiRA
+        ids = torch.tensor([[1, 2, 3, 4, 5]])
+        ours, theirs = namespace["model"], namespace["peft_model"]
+        with torch.no_grad():
+            torch.testing.assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+            fresh, _ = models.load_model_and_tokenizer()
+            assert not torch.allclose(fresh(input_ids=ids).logits, ours(input_ids=ids).logits)
