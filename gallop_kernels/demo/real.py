@@ -22,6 +22,7 @@ from typing import Any, TextIO
 import torch
 
 from gallop_kernels import chat_tasks as C
+from gallop_kernels import quiet
 from gallop_kernels.demo.common import mib, progress, resolve_device, state_bytes
 from gallop_kernels.phase_one import accumulate, optimizer_sink, select_from_sink
 
@@ -141,7 +142,8 @@ def _run(config: DemoConfig, progress_bars: bool, log: Any) -> DemoResult:
     seconds: dict[str, float] = {}
     device = resolve_device(config.device)
     t = time.perf_counter()
-    model, tokenizer, source = load(config.model, log=log)
+    with quiet.progress_bars(False):  # transformers' weight-loading bar; the demo logs its own steps
+        model, tokenizer, source = load(config.model, log=log)
     model = model.to(device)
     seconds["load"] = time.perf_counter() - t
     model.train()
