@@ -24,6 +24,7 @@ DDP in lean mode (compact gradients, frozen tensors) is `optim/ddp.py`.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from dataclasses import dataclass
@@ -45,7 +46,10 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1)
 def _dtensor_class() -> type | None:
+    """DTensor, or None in a torch build without torch.distributed (looked up once: every
+    optimizer call asks, once per tensor)."""
     if not torch.distributed.is_available():
         return None
     from torch.distributed.tensor import DTensor
