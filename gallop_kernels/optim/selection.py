@@ -149,18 +149,21 @@ def apply(group: dict, state: dict, new_indices: Sequence[torch.Tensor]) -> None
         st = state[param]  # keyed by the param; everything else lives on its local shard
         p = local(param)
         k = idx.numel()
-        exp_avg = torch.zeros(k, dtype=torch.float32, device=p.device)
-        exp_avg_sq = torch.zeros_like(exp_avg)
         master = None
         if needs_master(p, group["master_weights"]):
             master = p.detach().reshape(-1)[idx.to(torch.int64)].to(torch.float32)
-        if "indices" in st:
+        if "indices" in st and st["indices"].numel() > 0:
+            # Gather at every new index, then keep only those that were selected before
+            # (torch.where, not boolean-mask indexing: no data-dependent sizes).
             kept, pos = _carry_over(st["indices"], idx)
             old_exp_avg, old_exp_avg_sq = moments_fp32(st)
-            exp_avg[kept] = old_exp_avg[pos[kept]]
-            exp_avg_sq[kept] = old_exp_avg_sq[pos[kept]]
+            exp_avg = torch.where(kept, old_exp_avg[pos], 0.0)
+            exp_avg_sq = torch.where(kept, old_exp_avg_sq[pos], 0.0)
             if master is not None and "master" in st:
-                master[kept] = st["master"][pos[kept]]
+                master = torch.where(kept, st["master"][pos], master)
+        else:
+            exp_avg = torch.zeros(k, dtype=torch.float32, device=p.device)
+            exp_avg_sq = torch.zeros_like(exp_avg)
         st.clear()
         st["indices"] = idx
         store_moments(st, exp_avg, exp_avg_sq, 8 if uses_8bit(group, k) else 32)
