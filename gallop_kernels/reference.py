@@ -199,6 +199,19 @@ def select(
 # ----------------------------------------------------------------------------------------------
 
 
+def _selected_entries(
+    param: torch.Tensor, grad: torch.Tensor, indices: torch.Tensor, master: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What both steps read: the flat param, int64 indices, the selected gradient in float32
+    (``grad`` dense or already gathered) and the float32 weight (``master`` itself, or a copy)."""
+    flat = param.data.view(-1)
+    idx = indices.to(torch.int64)
+    g = grad.reshape(-1)
+    if g.numel() != idx.numel():
+        g = g[idx]
+    return flat, idx, g.to(torch.float32), (master if master is not None else flat[idx].to(torch.float32))
+
+
 def sparse_adamw_step(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -222,13 +235,7 @@ def sparse_adamw_step(
     """
     if indices.numel() == 0:
         return
-    flat = param.data.view(-1)
-    idx = indices.to(torch.int64)
-    g = grad.reshape(-1)
-    if g.numel() != idx.numel():
-        g = g[idx]
-    g = g.to(torch.float32)
-    w = master if master is not None else flat[idx].to(torch.float32)
+    flat, idx, g, w = _selected_entries(param, grad, indices, master)
 
     w.mul_(1.0 - lr * weight_decay)
     exp_avg.mul_(beta1).add_(g, alpha=1.0 - beta1)
@@ -392,13 +399,7 @@ def sparse_adamw_step_8bit(
     bit for bit (codes, absmaxes, master and param)."""
     if indices.numel() == 0:
         return
-    flat = param.data.view(-1)
-    idx = indices.to(torch.int64)
-    g = grad.reshape(-1)
-    if g.numel() != idx.numel():
-        g = g[idx]
-    g = g.to(torch.float32)
-    w = master if master is not None else flat[idx].to(torch.float32)
+    flat, idx, g, w = _selected_entries(param, grad, indices, master)
     m = dequantize_blockwise(exp_avg, exp_avg_absmax, signed=True)
     v = dequantize_blockwise(exp_avg_sq, exp_avg_sq_absmax, signed=False)
     w_new, m, v = adamw_update_exact(w, g, m, v, step, lr, beta1, beta2, eps, weight_decay)
