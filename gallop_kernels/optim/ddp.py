@@ -192,16 +192,11 @@ def new_exchange(optimizer: Any, module: Any, mode: str = "compact") -> DDPExcha
 
 
 def on_attached(optimizer: Any) -> None:
-    """Lean mode's side of a new attachment (the exchange is ``optimizer.ddp_exchange``)."""
+    """After the optimizer keeps a new exchange: stop looking for a DDP module, and take the
+    exchange over now if lean mode already holds a selection."""
     _PENDING.discard(optimizer)
-    lean, exchange = optimizer.lean_gradients, optimizer.ddp_exchange
-    if lean is None:
-        return  # plain mode: DDP averages .grad itself; only the replica check uses the group
-    if exchange.mode == "comm_hook":
-        lean.gathers_in_hook = False
-        optimizer.unfreeze()  # DDP built first expects every gradient
-    if optimizer.is_selected():
-        exchange.activate()
+    if optimizer.lean_gradients is not None and optimizer.is_selected():
+        optimizer.ddp_exchange.activate()
 
 
 def expect_ddp(optimizer: Any) -> None:

@@ -662,9 +662,15 @@ class SparseAdamW(Optimizer):
         from gallop_kernels.optim import ddp
 
         exchange = ddp.new_exchange(self, module, mode)
-        if exchange is not None:
-            self._ddp = exchange
-            ddp.on_attached(self)
+        if exchange is None:
+            return
+        self._ddp = exchange
+        if self._lean is not None and mode == "comm_hook":
+            # DDP's hook hands over the kept entries (the lean hooks gather nothing), and DDP
+            # built first expects a gradient for every param (nothing stays frozen)
+            self._lean.gathers_in_hook = False
+            self.unfreeze()
+        ddp.on_attached(self)
 
     def _exchange_gradients(self) -> Callable[[list[torch.Tensor]], None] | None:
         """Before gradients are read (step, clipping): lean mode under DDP averages them over the
