@@ -148,6 +148,12 @@ def worker(rank: int, world: int, port: int, backend: str, out: str) -> None:
     from gallop_kernels.ops.select import select
     from gallop_kernels.ops.select import streaming as ss
 
+    if backend == "triton-sampled":  # the sampled shape, with a sample of every other small tile
+        from gallop_kernels.ops.select import launcher
+
+        launcher.SHAPE, launcher.SAMPLE_STRIDE, launcher.SAMPLE_MIN_TILES = "sampled", 2, 1
+        launcher.INTERPRETER_BLOCK = 8
+        backend = "triton"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     results = {}
@@ -279,6 +285,14 @@ def test_sharded_selection_equals_one_process(world, backend, tmp_path):
         pytest.importorskip("triton")
     results = _spawn(world, backend, tmp_path)
     _check(results, world)
+
+
+def test_sharded_selection_sampled_shape(tmp_path):
+    """The sampled shape (ops/select/launcher.py: sample histogram, window pass, its check, all
+    summed over ranks) selects the same, with empty ranks and misses of the sampled guess."""
+    pytest.importorskip("triton")
+    results = _spawn(3, "triton-sampled", tmp_path)
+    _check(results, 3)
 
 
 if __name__ == "__main__":

@@ -66,9 +66,11 @@ def selection_launches() -> Iterator:
                         grads.append(None if g_dtype is None else _padded(nn, g_dtype, aligned))
                         pre.append(_padded(nn, __import__("torch").float32, aligned))
         with _int64_from(64):
-            plan = S.SelectionPlan(params, grads, score, 1e-8, 0,
-                                   pre if score == "precomputed" else None, params[0].device)
-            yield from plan.launches(k=7)
+            for shape in S.SHAPES:  # both code shapes, whichever this Triton would run
+                plan = S.SelectionPlan(params, grads, score, 1e-8, 0,
+                                       pre if score == "precomputed" else None, params[0].device,
+                                       shape=shape)
+                yield from plan.launches(k=7)
 
 
 def step_launches() -> Iterator:
@@ -117,7 +119,8 @@ def variants(subset: bool = False) -> dict[tuple, object]:
     picked: dict[tuple, tuple] = {}
     for key, launch in out.items():
         c = launch.constexprs
-        group = (launch.name, c.get("STATE"), c.get("FILTER"), c.get("SIGNED"))
+        group = (launch.name, c.get("STATE"), c.get("FILTER"), c.get("SIGNED"), str(c.get("MODE")),
+                 c.get("WINDOWED"))
         score = 0 if c.get("SCORE") is None else int(getattr(c["SCORE"], "value", c["SCORE"]))
         typical = (str(c.get("THETA_T", c.get("P_T", ""))) in ("bf16", "bfloat16", "")
                    and str(c.get("G_T", "")) in ("bf16", "bfloat16", "")

@@ -20,6 +20,7 @@ kernel writes ``tl.fma`` (`docs/design.md#compiled-kernels`).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -145,11 +146,41 @@ def compile_for(launch: Launch, arch: int):
     kwargs = {**launch.constexprs, **launch.options}
     # the three options JITFunction.run adds before binding
     kwargs["debug"] = kwargs.get("debug", kernel.debug) or knobs.runtime.debug
-    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-    kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    for name in ("instrumentation_mode", "fpsan_homomorphic_casts"):
+        if hasattr(knobs.compilation, name):
+            kwargs[name] = getattr(knobs.compilation, name)
     bound, specialization, options = binder(*launch.args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(
         backend, kwargs, bound, specialization, options
     )
     return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
                           options=options.__dict__)
+
+
+# ----------------------------------------------------------------------------------------------
+# Feature tests of the installed Triton (never its version number)
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def histogram_uses_ballots(arch: int | None = None) -> bool:
+    """Whether this Triton lowers ``tl.histogram`` through warp ballots (one vote per key bit,
+    one population count per bin and element: its cost grows with the bins; triton 3.6 and
+    3.7) rather than through shared-memory atomics (3.8 on). Found by compiling a 64-bin
+    histogram to LLVM IR for the current GPU (or ``sm_<arch>``, default 90, without one) and
+    looking for the ballot. Needs no GPU; not under TRITON_INTERPRET."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(x_ptr, out_ptr):
+        offs = tl.arange(0, 128)
+        tl.store(out_ptr + tl.arange(0, 64), tl.histogram(tl.load(x_ptr + offs), 64))
+
+    x = torch.zeros(128, dtype=torch.int32)
+    launch = Launch(probe, (1,), (x, torch.zeros(64, dtype=torch.int32)), {})
+    if arch is None and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        arch = major * 10 + minor
+    llir = compile_for(launch, arch or 90).asm["llir"]
+    return "ballot" in llir

@@ -60,12 +60,15 @@ def find_slot(rows_ptr, item, n_slots, log_slots, ROW: tl.constexpr, START: tl.c
 
 
 @triton.jit
-def as_pointer(address, DT: tl.constexpr):
+def as_pointer(address, DT: tl.constexpr, ALIGNED: tl.constexpr = False):
     """A pointer of element type DT from an int64 address (bf16 tensors as uint16)."""
     if DT == tl.bfloat16:
-        return address.to(tl.pointer_type(tl.uint16))
+        ptr = address.to(tl.pointer_type(tl.uint16))
     else:
-        return address.to(tl.pointer_type(DT))
+        ptr = address.to(tl.pointer_type(DT))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
 
 
 @triton.jit

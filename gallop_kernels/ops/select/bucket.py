@@ -44,18 +44,32 @@ S_CAP = tl.constexpr(8)
 S_CAP_LOCAL = tl.constexpr(9)
 S_SEED_MIX = tl.constexpr(10)
 S_TILES = tl.constexpr(11)
-STATE_SIZE = tl.constexpr(16)
+S_LO = tl.constexpr(12)
+S_HI = tl.constexpr(13)
+S_WRITE = tl.constexpr(14)
+S_TOTAL = tl.constexpr(15)
+S_SKIP = tl.constexpr(16)
+S_MISS = tl.constexpr(17)
+S_SAMPLE = tl.constexpr(18)
+STATE_SIZE = tl.constexpr(24)
 
 CAPTURE_NONE = tl.constexpr(0)
 CAPTURE_EQ_NEXT = tl.constexpr(1)  # the next full pass captures the bucket
 CAPTURE_GE_NEXT = tl.constexpr(2)  # the next full pass captures the bucket and all above it
 CAPTURED_EQ = tl.constexpr(3)  # the buffer holds the bucket; cnt_gt the counts above it
 CAPTURED_GE = tl.constexpr(4)  # the buffer holds every entry that can be selected
+CAPTURE_WINDOW = tl.constexpr(5)  # the next full pass captures [S_LO, S_HI], a sampled guess
+
+# The window pass's exact counts (per level, summed over ranks before `window_check_kernel`).
+W_IN = tl.constexpr(0)  # entries whose key prefix lies in [S_LO, S_HI]
+W_GT = tl.constexpr(1)  # entries whose key prefix lies above S_HI
+W_BAD = tl.constexpr(2)  # programs that met a NaN/inf score (0: none)
+W_FIELDS = tl.constexpr(4)
 
 
 @triton.jit
 def capture_pending(capture):
-    return (capture == CAPTURE_EQ_NEXT) | (capture == CAPTURE_GE_NEXT)
+    return (capture == CAPTURE_EQ_NEXT) | (capture == CAPTURE_GE_NEXT) | (capture == CAPTURE_WINDOW)
 
 
 @triton.jit
@@ -65,7 +79,7 @@ def captured(capture):
 
 @triton.jit
 def choose_bucket_kernel(hist_ptr, state_ptr, SHIFT: tl.constexpr, DIGIT_BITS: tl.constexpr,
-                         CAN_CAPTURE: tl.constexpr):
+                         CAN_CAPTURE: tl.constexpr, NEXT_DIGIT_MASK: tl.constexpr):
     BINS: tl.constexpr = 1 << DIGIT_BITS
     DIGIT_MASK: tl.constexpr = (BINS - 1) << SHIFT
     b = tl.arange(0, BINS)
@@ -86,20 +100,127 @@ def choose_bucket_kernel(hist_ptr, state_ptr, SHIFT: tl.constexpr, DIGIT_BITS: t
     new_prefix = old_prefix | (bstar.to(tl.int64) << SHIFT)
     new_mask = old_mask | tl.full([], DIGIT_MASK, tl.int64)
     new_done = (new_krem == count).to(tl.int64)
-    keep = done != 0
-    # a capture that was pending has happened in this level's pass
+    skip = tl.load(state_ptr + S_SKIP) != 0  # the window check committed this level already
+    keep = (done != 0) | skip
+    # a capture that was pending has happened in this level's pass (unless the window check
+    # committed this level and set it pending for the next one)
     now = tl.where(capture == CAPTURE_EQ_NEXT, CAPTURED_EQ,
                    tl.where(capture == CAPTURE_GE_NEXT, CAPTURED_GE, capture))
+    now = tl.where(skip, capture, now)
     if CAN_CAPTURE:  # a later full pass exists that can capture
         cap = tl.load(state_ptr + S_CAP)
         at_or_above_bucket = tl.load(state_ptr + S_K) - new_krem + count
-        start = (now == CAPTURE_NONE) & (done == 0) & (new_done == 0)
+        start = (now == CAPTURE_NONE) & (done == 0) & (new_done == 0) & ~skip
         mode = tl.where(at_or_above_bucket <= cap, CAPTURE_GE_NEXT,
                         tl.where(count <= cap, CAPTURE_EQ_NEXT, CAPTURE_NONE))
         now = tl.where(start, mode, now)
+        # the capture pass's range, at its granularity (the chosen bits and NEXT_DIGIT_MASK)
+        tl.store(state_ptr + S_LO, tl.where(start, new_prefix, tl.load(state_ptr + S_LO)))
+        tl.store(state_ptr + S_HI, tl.where(
+            start, tl.where(mode == CAPTURE_GE_NEXT, -1, new_prefix | NEXT_DIGIT_MASK),
+            tl.load(state_ptr + S_HI)))
+        tl.store(state_ptr + S_WRITE, tl.where(start, 1, tl.load(state_ptr + S_WRITE)))
+    tl.store(state_ptr + S_SKIP, 0)
+    tl.store(state_ptr + S_MISS, 0)
     tl.store(state_ptr + S_CAPTURE, now.to(tl.int64))
     tl.store(state_ptr + S_PREFIX, tl.where(keep, old_prefix, new_prefix))
     tl.store(state_ptr + S_MASK, tl.where(keep, old_mask, new_mask))
     tl.store(state_ptr + S_KREM, tl.where(keep, krem, new_krem))
     tl.store(state_ptr + S_DONE, tl.where(keep, done, new_done))
     tl.store(state_ptr + S_COUNT, tl.where(keep, old_count, count))
+
+
+# ----------------------------------------------------------------------------------------------
+# The sampled shape (`docs/design.md#kernels`): the digit of a level is first histogrammed over a
+# sample of the tiles; `choose_window_kernel` turns that estimate into a range of prefixes that
+# the next full pass captures (or only counts); `window_check_kernel` checks the guess with that
+# pass's exact counts. A wrong guess costs the level's exact full-pass histogram (S_MISS).
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def choose_window_kernel(shist_ptr, state_ptr, SHIFT: tl.constexpr, DIGIT_BITS: tl.constexpr,
+                         SAMPLED_SLOT: tl.constexpr):
+    """From the sample's histogram of this level's digit (entries matching the prefix), scaled
+    to the whole group, the range of digits [lo, hi] that the next full pass captures: every
+    digit >= lo (GE: hi = all ones) when all of it fits the buffer with margin, else the
+    narrowest range holding the krem-th largest with margin, else one digit counted only.
+    The margin is 4 sampling standard deviations (none when every tile is sampled: then the
+    estimate is exact and so is every choice). Active while nothing is captured or decided."""
+    BINS: tl.constexpr = 1 << DIGIT_BITS
+    active = (tl.load(state_ptr + S_DONE) == 0) & (tl.load(state_ptr + S_CAPTURE) == CAPTURE_NONE)
+    if active:
+        b = tl.arange(0, BINS)
+        h = tl.load(shist_ptr + b).to(tl.float64)
+        sampled = tl.maximum(tl.load(shist_ptr + SAMPLED_SLOT), 1)
+        total = tl.load(state_ptr + S_TOTAL)
+        scale = total.to(tl.float64) / sampled.to(tl.float64)
+        est = h * scale
+        aoa = (tl.sum(h, 0) - tl.cumsum(h, 0) + h) * scale  # estimated count at or above d
+        above_next = aoa - est  # ... strictly above d
+        k = tl.load(state_ptr + S_K)
+        krem = tl.load(state_ptr + S_KREM)
+        kf = krem.to(tl.float64)
+        cap = tl.load(state_ptr + S_CAP).to(tl.float64)
+        above = (k - krem).to(tl.float64)  # entries above the prefix (exact)
+        # a count c estimated from a 1/scale sample has a standard deviation of ~sqrt(scale c)
+        margin = tl.where(sampled >= total, 0.0, 4.0 * tl.sqrt(scale * (kf + 1.0)) + scale)
+        d_lo = tl.max(tl.where(aoa >= kf + margin, b, 0), 0)
+        d_hi = tl.min(tl.where(above_next < kf - margin, b, BINS - 1), 0)
+        d_star = tl.max(tl.where(aoa >= kf, b, 0), 0)
+        aoa_lo = tl.sum(tl.where(b == d_lo, aoa, 0.0), 0)
+        range_est = aoa_lo - tl.sum(tl.where(b == d_hi, above_next, 0.0), 0)
+        ge = above + aoa_lo + margin <= cap
+        fits = range_est + margin <= cap
+        one = d_lo == d_hi
+        lo_d = tl.where(ge | fits | one, d_lo, d_star)
+        hi_d = tl.where(fits, d_hi, lo_d)
+        prefix = tl.load(state_ptr + S_PREFIX)
+        tl.store(state_ptr + S_LO, prefix | (lo_d.to(tl.int64) << SHIFT))
+        tl.store(state_ptr + S_HI, tl.where(ge, -1, prefix | (hi_d.to(tl.int64) << SHIFT)))
+        tl.store(state_ptr + S_WRITE, (ge | fits).to(tl.int64))
+        tl.store(state_ptr + S_CAPTURE, CAPTURE_WINDOW.value + tl.zeros([], tl.int64))
+
+
+@triton.jit
+def window_check_kernel(wcount_ptr, state_ptr, SHIFT: tl.constexpr, DIGIT_BITS: tl.constexpr,
+                        CAN_CAPTURE: tl.constexpr, NEXT_DIGIT_MASK: tl.constexpr):
+    """After the window pass: from its exact counts (summed over ranks), keep the capture when
+    it holds the k-th largest and fit (CAPTURED_GE / CAPTURED_EQ; the level's exact histogram
+    then comes from the buffer), or commit the level's digit when one digit was counted and
+    holds it (S_SKIP: the bucket choice of this level is made), or declare a miss (S_MISS: the
+    level's exact full-pass histogram runs)."""
+    DIGIT_MASK: tl.constexpr = ((1 << DIGIT_BITS) - 1) << SHIFT
+    if tl.load(state_ptr + S_CAPTURE) == CAPTURE_WINDOW:
+        n_in = tl.load(wcount_ptr + W_IN)
+        n_gt = tl.load(wcount_ptr + W_GT)
+        k = tl.load(state_ptr + S_K)
+        krem = tl.load(state_ptr + S_KREM)
+        cap = tl.load(state_ptr + S_CAP)
+        lo = tl.load(state_ptr + S_LO)
+        hi = tl.load(state_ptr + S_HI)
+        ge = hi == -1
+        holds = tl.where(ge, n_in >= k, (n_gt < k) & (k <= n_gt + n_in))
+        kept = holds & (n_in <= cap) & (tl.load(state_ptr + S_WRITE) != 0)
+        commit = holds & ~kept & (lo == hi)  # one digit, counted: its bucket is decided
+        new_krem = k - n_gt
+        new_done = (n_in == new_krem) & commit
+        capture = tl.where(kept, tl.where(ge, CAPTURED_GE, CAPTURED_EQ), CAPTURE_NONE)
+        if CAN_CAPTURE:  # as choose_bucket_kernel decides after choosing a bucket
+            nxt = tl.where(k - new_krem + n_in <= cap, CAPTURE_GE_NEXT,
+                           tl.where(n_in <= cap, CAPTURE_EQ_NEXT, CAPTURE_NONE))
+            start = commit & ~new_done
+            capture = tl.where(start, nxt, capture)
+            tl.store(state_ptr + S_HI, tl.where(
+                start, tl.where(nxt == CAPTURE_GE_NEXT, -1, lo | NEXT_DIGIT_MASK), hi))
+            tl.store(state_ptr + S_WRITE, tl.where(start, 1, tl.load(state_ptr + S_WRITE)))
+        tl.store(state_ptr + S_CAPTURE, capture.to(tl.int64))
+        tl.store(state_ptr + S_KREM, tl.where(kept & ~ge | commit, new_krem, krem))
+        tl.store(state_ptr + S_NCAND, tl.where(kept, tl.load(state_ptr + S_NCAND), 0))
+        tl.store(state_ptr + S_PREFIX, tl.where(commit, lo, tl.load(state_ptr + S_PREFIX)))
+        tl.store(state_ptr + S_MASK, tl.where(
+            commit, tl.load(state_ptr + S_MASK) | DIGIT_MASK, tl.load(state_ptr + S_MASK)))
+        tl.store(state_ptr + S_COUNT, tl.where(commit, n_in, tl.load(state_ptr + S_COUNT)))
+        tl.store(state_ptr + S_DONE, new_done.to(tl.int64))
+        tl.store(state_ptr + S_SKIP, commit.to(tl.int64))
+        tl.store(state_ptr + S_MISS, (~kept & ~commit).to(tl.int64))

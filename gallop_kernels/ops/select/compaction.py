@@ -59,11 +59,11 @@ def count_kernel(
             slot += 1
             row, start, nxt = slot_fields(table_ptr, slot)
         local = t - start
-        theta_ptr, g_ptr, offs, m, base, gbase, gtile0 = tile_of(
+        theta_ptr, g_ptr, offs, m, lim, base, gbase, gtile0 = tile_of(
             row, local, THETA_T, G_T, ALIGNED, BLOCK)
         gidx = gbase + offs
         key, _ = tile_key(theta_ptr, g_ptr, offs, m, gidx, eps, seed_mix,
-                          SCORE, HAS_G, SIGNED, THETA_T, G_T)
+                          SCORE, HAS_G, SIGNED, THETA_T, G_T, ALIGNED, lim)
         km = key & kmask
         packed = tl.sum((m & (km > thr)).to(tl.int32) + ((m & (km == thr)).to(tl.int32) << 16), 0)
         gtile = gtile0 + local
@@ -140,11 +140,11 @@ def write_kernel(
         gtile0 = tl.load(row + ROW_GTILE)
         gtile = gtile0 + local
         if tl.load(take_ptr + gtile) > 0:
-            theta_ptr, g_ptr, offs, m, base, gbase, _ = tile_of(
+            theta_ptr, g_ptr, offs, m, lim, base, gbase, _ = tile_of(
                 row, local, THETA_T, G_T, ALIGNED, BLOCK)
             gidx = gbase + offs
             key, _ = tile_key(theta_ptr, g_ptr, offs, m, gidx, eps, seed_mix,
-                              SCORE, HAS_G, SIGNED, THETA_T, G_T)
+                              SCORE, HAS_G, SIGNED, THETA_T, G_T, ALIGNED, lim)
             ties = tl.load(ties_ptr + gtile)
             partial = (ties > 0) & (ties < tl.load(eq_ptr + gtile))
             take, rank, _ = _ordered_take(key & kmask, m, thr, ties, partial, 0)

@@ -67,10 +67,16 @@ from gallop_kernels.ops.select.bucket import (
     S_CAP_LOCAL,
     S_K,
     S_KREM,
+    S_SAMPLE,
     S_SEED_MIX,
     S_TILES,
+    S_TOTAL,
     STATE_SIZE,
+    W_BAD,
+    W_FIELDS,
     choose_bucket_kernel,
+    choose_window_kernel,
+    window_check_kernel,
 )
 from gallop_kernels.ops.select.compaction import (
     candidate_count_kernel,
@@ -79,6 +85,8 @@ from gallop_kernels.ops.select.compaction import (
     write_kernel,
 )
 from gallop_kernels.ops.select.histogram import (
+    HIST_MISS,
+    HIST_SAMPLE,
     candidate_histogram_kernel,
     capture_kernel,
     histogram_kernel,
@@ -116,6 +124,15 @@ SCORES = tuple(SCORE_CODES)
 DIGITS_UNSIGNED = ((20, 11), (10, 10), (0, 10))  # 31-bit keys of scores >= 0
 DIGITS_SIGNED = ((21, 11), (10, 11), (0, 10))  # 32-bit keys of signed scores
 BINS = 2048
+
+# The two code shapes of the radix passes (`docs/design.md#kernels`), chosen by `shape()`:
+# "radix" histograms each level's digit over every entry; "sampled" histograms it over every
+# SAMPLE_STRIDE-th tile, captures the range that estimate points at in one full pass and checks
+# it with that pass's exact counts. None: decided by a feature test of the installed Triton.
+SHAPE: str | None = None
+SHAPES = ("radix", "sampled")
+SAMPLE_STRIDE = 16  # the sample: every 16th tile ...
+SAMPLE_MIN_TILES = 4096  # ... of groups of at least this many tiles (smaller ones: every tile)
 
 CANDIDATE_SHARE = 256  # the buffer holds k + N/256 candidates
 CANDIDATE_LIMIT = 1 << 27  # ... at most (8 bytes each: 1 GiB)
@@ -208,6 +225,20 @@ def _check_inputs(params, grads, k, score, names, precomputed, layout):
     return params, grads, names, precomputed, device, total, k
 
 
+def resolve_shape(shape: str | None = None) -> str:
+    """The code shape of the radix passes: ``shape``, else the module's SHAPE, else "radix"
+    where Triton lowers ``tl.histogram`` through shared-memory atomics (or in the interpreter)
+    and "sampled" where it lowers it through warp ballots, at a cost that grows with the bins."""
+    shape = shape or SHAPE
+    if shape is None:
+        from gallop_kernels.ops._triton.launch import histogram_uses_ballots
+
+        shape = "sampled" if not interpreter_enabled() and histogram_uses_ballots() else "radix"
+    if shape not in SHAPES:
+        raise ValueError(f"unknown selection shape {shape!r}; expected one of {SHAPES}")
+    return shape
+
+
 def _aligned(*tensors_and_numel) -> bool:
     *tensors, numel = tensors_and_numel
     return numel % 16 == 0 and all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
@@ -237,8 +268,9 @@ class SelectionPlan:
     """
 
     def __init__(self, params, grads, score, score_eps, seed, precomputed, device,
-                 layout: ShardLayout | None = None):
+                 layout: ShardLayout | None = None, shape: str | None = None):
         self.params, self.grads, self.device, self.layout = params, grads, device, layout
+        self.shape = resolve_shape(shape)
         self.score = score
         self.code = SCORE_CODES[score]
         self.signed = score == "precomputed"
@@ -265,6 +297,8 @@ class SelectionPlan:
         self.n_tiles = [-(-n // self.block) for n in sizes]
         self.first_tile = [sum(self.n_tiles[:i]) for i in range(len(sizes))]
         self.total_tiles = sum(self.n_tiles)
+        self.stride = (SAMPLE_STRIDE if self.shape == "sampled"
+                       and -(-self.total // self.block) >= SAMPLE_MIN_TILES else 1)
         self.nonempty = [i for i, n in enumerate(sizes) if n > 0]
         # Full passes: one launch per (θ dtype, g dtype, index width, aligned); the candidate
         # write: one per index width.
@@ -341,8 +375,15 @@ class SelectionPlan:
         values[S_KREM], values[S_K], values[S_CAP] = k, k, cap
         values[S_CAP_LOCAL], values[S_SEED_MIX], values[S_TILES] = (
             self.cap_local, self.seed_mix, self.total_tiles)
+        values[S_TOTAL], values[S_SAMPLE] = self.total, self.stride
         state = upload(values, self.device)
         hist = torch.zeros(len(self.digits), BINS, dtype=torch.int64, device=self.device)
+        # the sampled shape's per level: the sample's histogram (slot BINS: the entries sampled;
+        # rows padded to 16 bytes) and the window pass's counts (bucket.W_*)
+        self.shist = torch.zeros(len(self.digits), BINS + 2, dtype=torch.int64, device=self.device)
+        self.shist[:, BINS] = self._sampled_entries()
+        self.wcount = torch.zeros(len(self.digits), W_FIELDS.value, dtype=torch.int64,
+                                  device=self.device)
         size = max(self.cap_local, 1)
         self.cand = torch.empty(size, dtype=torch.int64, device=self.device)  # key << 16 | offset in tile
         tiles = max(self.total_tiles, 1)
@@ -352,33 +393,102 @@ class SelectionPlan:
         self.cnt_eq = torch.empty(tiles, dtype=torch.int32, device=self.device)
         return state, hist
 
-    def _level_launches(self, level: int, state, hist_out) -> list[Launch]:
+    def _sampled_entries(self) -> int:
+        """Entries of this rank's tiles whose (local group) tile id is a multiple of the stride."""
+        s, total = self.stride, 0
+        for n, first, tiles in zip((p.numel() for p in self.params), self.first_tile, self.n_tiles):
+            l0 = (-first) % s
+            if l0 >= tiles:
+                continue
+            count = (tiles - 1 - l0) // s + 1
+            total += count * self.block
+            if (tiles - 1 - l0) % s == 0:  # the last tile is sampled: only its real entries
+                total -= tiles * self.block - n
+        return total
+
+    def _hi_mask(self, level: int) -> int:
+        """Key bits chosen before ``level`` (its prefix); level -1: none."""
+        if level < 0:
+            return 0
         shift, nbits = self.digits[level]
-        hi_mask = ((1 << self.key_bits) - 1) & ~((1 << (shift + nbits)) - 1)
-        launches = self._full_launches(
-            histogram_kernel, self.tables, (state, hist_out, self.eps),
-            FILTER=level > 0, SHIFT=shift, DIGIT_BITS=nbits, HI_MASK=hi_mask,
-        )
-        if level == 0:
-            return launches
-        launches += self._full_launches(
-            capture_kernel, self.tables,
-            (state, self.cand, self.seg_start, self.seg_count, self.cnt_gt, self.eps),
-            HI_MASK=hi_mask,
-        )
+        return ((1 << self.key_bits) - 1) & ~((1 << (shift + nbits)) - 1)
+
+    def _digit_mask(self, level: int) -> int:
+        if level >= len(self.digits):
+            return 0
+        shift, nbits = self.digits[level]
+        return ((1 << nbits) - 1) << shift
+
+    def _level_steps(self, level: int, state, hist_out) -> list[Launch | str]:
+        """The launches of one level's histogram, with the names of the sums across ranks
+        ("shist", "wcount") where a sharded selection all-reduces them."""
+        shift, nbits = self.digits[level]
+        hi_mask = self._hi_mask(level)
         cand_tiles = -(-max(self.cap_local, 1) // self.block)
-        launches.append(Launch(
+        cand_hist = Launch(
             candidate_histogram_kernel, (program_count(self.device, cand_tiles),),
             (self.cand, state, hist_out),
             dict(SHIFT=shift, DIGIT_BITS=nbits, HI_MASK=hi_mask, BLOCK=self.block),
-        ))
-        return launches
+        )
+        if self.shape == "radix":
+            steps = self._full_launches(
+                histogram_kernel, self.tables, (state, hist_out, self.eps),
+                FILTER=level > 0, SHIFT=shift, DIGIT_BITS=nbits, HI_MASK=hi_mask,
+            )
+            if level == 0:
+                return steps
+            steps += self._full_launches(
+                capture_kernel, self.tables,
+                (state, self.cand, self.seg_start, self.seg_count, self.cnt_gt, self.wcount[level],
+                 self.eps),
+                HI_MASK=hi_mask,
+            )
+            return steps + [cand_hist]
+        # sampled: estimate, choose a window, capture/count it in one full pass, check it
+        steps = self._full_launches(
+            histogram_kernel, self.tables, (state, self.shist[level], self.eps),
+            FILTER=level > 0, SHIFT=shift, DIGIT_BITS=nbits, HI_MASK=hi_mask, MODE=HIST_SAMPLE,
+        )
+        steps += ["shist", Launch(choose_window_kernel, (1,), (self.shist[level], state),
+                                  dict(SHIFT=shift, DIGIT_BITS=nbits, SAMPLED_SLOT=BINS))]
+        steps += self._full_launches(
+            capture_kernel, self.tables,
+            (state, self.cand, self.seg_start, self.seg_count, self.cnt_gt, self.wcount[level],
+             self.eps),
+            HI_MASK=self._hi_mask(level) | self._digit_mask(level), WINDOWED=True,
+        )
+        steps += ["wcount", Launch(window_check_kernel, (1,), (self.wcount[level], state),
+                                   dict(SHIFT=shift, DIGIT_BITS=nbits,
+                                        CAN_CAPTURE=level + 1 < len(self.digits),
+                                        NEXT_DIGIT_MASK=self._digit_mask(level + 1)))]
+        steps += self._full_launches(
+            histogram_kernel, self.tables, (state, hist_out, self.eps),
+            FILTER=level > 0, SHIFT=shift, DIGIT_BITS=nbits, HI_MASK=hi_mask, MODE=HIST_MISS,
+        )
+        return steps + [cand_hist]
 
-    def histogram_pass(self, level: int, state, hist_out) -> None:
+    def _level_launches(self, level: int, state, hist_out) -> list[Launch]:
+        return [s for s in self._level_steps(level, state, hist_out) if isinstance(s, Launch)]
+
+    def histogram_pass(self, level: int, state, hist_out, reduce=None) -> None:
         """Adds this rank's histogram of the level's digit, over the entries matching the prefix
         in ``state``, into ``hist_out``: from θ and g, or (capturing first when the last bucket
-        choice said so) from the candidate buffer. (NaN/inf scores are counted from ``hist[0]``.)"""
-        run_all(self._level_launches(level, state, hist_out))
+        choice said so) from the candidate buffer; in the sampled shape, after the sample, the
+        window pass and its check (which may decide the level itself). ``reduce`` sums a tensor
+        over ranks in place (sharded selections). (NaN/inf scores are counted by `bad_count`.)"""
+        sums = {"shist": self.shist[level], "wcount": self.wcount[level]}
+        for step in self._level_steps(level, state, hist_out):
+            if isinstance(step, Launch):
+                step()
+            elif reduce is not None:
+                reduce(sums[step])
+
+    def bad_count(self, hist) -> torch.Tensor:
+        """NaN/inf scores of the group (summed over ranks), as a one-element device tensor:
+        the top pass-0 bins (radix), or the level-0 window pass's count (sampled)."""
+        if self.shape == "sampled":
+            return self.wcount[0, W_BAD.value].reshape(1)
+        return sum(hist[0][s].sum() for s in bad_bins(self.signed)).reshape(1)
 
     def choose_bucket(self, level: int, hist, state) -> None:
         """Picks, on the device, the bucket of the summed histogram holding the k-th largest
@@ -388,7 +498,9 @@ class SelectionPlan:
     def _choose_launch(self, level, hist, state) -> Launch:
         shift, nbits = self.digits[level]
         return Launch(choose_bucket_kernel, (1,), (hist, state),
-                      dict(SHIFT=shift, DIGIT_BITS=nbits, CAN_CAPTURE=level + 1 < len(self.digits)))
+                      dict(SHIFT=shift, DIGIT_BITS=nbits, CAN_CAPTURE=level + 1 < len(self.digits),
+                           NEXT_DIGIT_MASK=self._digit_mask(level + 1) if self.shape == "sampled"
+                           else 0))
 
     def _count_launches(self, state) -> list[Launch]:
         launches = self._full_launches(count_kernel, self.tables,
@@ -530,8 +642,9 @@ def select(
 
     # Radix select: the exact k-th largest key, decided on the device.
     state, hist = plan.new_state(k)
+    reduce = coll.all_reduce_sum_ if coll is not None else None
     for level in range(len(plan.digits)):
-        plan.histogram_pass(level, state, hist[level])
+        plan.histogram_pass(level, state, hist[level], reduce=reduce)
         if coll is not None:
             coll.all_reduce_sum_(hist[level])
         plan.choose_bucket(level, hist[level], state)
@@ -539,7 +652,7 @@ def select(
     take, take_excl, ties, per_tensor = plan.compact_counts(state)
 
     # The one host sync: NaN/inf count (summed over ranks already) and the output sizes.
-    n_bad = sum(hist[0][s].sum() for s in bad_bins(plan.signed)).reshape(1)
+    n_bad = plan.bad_count(hist)
     info = torch.cat([n_bad, per_tensor]).cpu().tolist()
     if info[0]:
         bad = torch.tensor(plan.count_bad(names), dtype=torch.int64, device=device)

@@ -61,9 +61,35 @@ def hash_uniform(gidx, seed_mix):
 
 
 @triton.jit
+def abs_f32(ptr, offs, mask, lim, DT: tl.constexpr, PAIRS: tl.constexpr):
+    """|x| in float32 for the entries ``offs`` (0, 1, ... BLOCK-1) of a tensor of dtype DT.
+
+    bf16 (addressed as uint16): the raw bits shifted into the high half, the sign cleared; with
+    PAIRS (the tile is 4-byte aligned and whole words), two entries per 32-bit load: one AND
+    clears both signs, then a shift (even entries) and an AND (odd entries) widen them, 1.5
+    instructions per entry instead of 2.5. (A bitcast to bf16 and an upcast is no cheaper
+    compiled, and the interpreter flushes bf16 subnormals in it.)"""
+    if DT == tl.bfloat16:
+        if PAIRS:
+            HALF: tl.constexpr = offs.shape[0] // 2
+            wptr = tl.multiple_of(ptr.to(tl.pointer_type(tl.uint32)), 16)
+            words = tl.arange(0, HALF)
+            w = tl.load(wptr + words, mask=words < lim // 2, other=0)
+            w = w & 0x7FFF7FFF
+            lo = (w << 16).to(tl.float32, bitcast=True)
+            hi = (w & 0xFFFF0000).to(tl.float32, bitcast=True)
+            return tl.reshape(tl.join(lo, hi), offs.shape)
+        else:
+            raw = tl.load(ptr + offs, mask=mask, other=0).to(tl.uint32)
+            return ((raw << 16) & 0x7FFF0000).to(tl.float32, bitcast=True)
+    else:
+        return tl.abs(tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32))
+
+
+@triton.jit
 def tile_key(theta_ptr, g_ptr, offs, mask, gidx, eps, seed_mix,
              SCORE: tl.constexpr, HAS_G: tl.constexpr, SIGNED: tl.constexpr,
-             THETA_T: tl.constexpr, G_T: tl.constexpr):
+             THETA_T: tl.constexpr, G_T: tl.constexpr, PAIRS: tl.constexpr = False, lim=None):
     """Radix key of the scores of entries ``offs`` of one tensor, and their NaN/inf flags.
 
     ``gidx`` is the flat index in the group's concatenation (only the random score reads it).
@@ -84,31 +110,16 @@ def tile_key(theta_ptr, g_ptr, offs, mask, gidx, eps, seed_mix,
         s = tl.load(theta_ptr + offs, mask=mask, other=0.0)
     elif SCORE == SCORE_GRADIENT:
         if HAS_G:
-            if G_T == tl.bfloat16:
-                graw = tl.load(g_ptr + offs, mask=mask, other=0)
-                g = (graw.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-            else:
-                g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            s = tl.abs(g)
+            s = abs_f32(g_ptr, offs, mask, lim, G_T, PAIRS)
         else:
             s = tl.zeros(offs.shape, tl.float32)
     else:
-        if THETA_T == tl.bfloat16:
-            traw = tl.load(theta_ptr + offs, mask=mask, other=0)
-            theta = traw.to(tl.bfloat16, bitcast=True).to(tl.float32)
-        else:
-            theta = tl.load(theta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        denom = tl.abs(theta) + eps
+        denom = abs_f32(theta_ptr, offs, mask, lim, THETA_T, PAIRS) + eps
         if SCORE == SCORE_MAGNITUDE:
             s = tl.math.div_rn(tl.full(offs.shape, 1.0, tl.float32), denom)
         else:  # gallop
             if HAS_G:
-                if G_T == tl.bfloat16:
-                    graw = tl.load(g_ptr + offs, mask=mask, other=0)
-                    g = graw.to(tl.bfloat16, bitcast=True).to(tl.float32)
-                else:
-                    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                s = tl.math.div_rn(tl.abs(g), denom)
+                s = tl.math.div_rn(abs_f32(g_ptr, offs, mask, lim, G_T, PAIRS), denom)
             else:
                 s = tl.math.div_rn(tl.zeros(offs.shape, tl.float32), denom)
     bits = s.to(tl.uint32, bitcast=True)
@@ -181,16 +192,14 @@ def tile_of(row, local, THETA_T: tl.constexpr, G_T: tl.constexpr, ALIGNED: tl.co
     ALIGNED (the launcher checked that every θ and g of the launch is 16-byte aligned and has a
     multiple of 16 entries) tells the compiler so, which turns the loads into 16-byte vectors."""
     numel = tl.load(row + ROW_NUMEL)
-    theta_ptr = as_pointer(tl.load(row + ROW_THETA), THETA_T)
-    g_ptr = as_pointer(tl.load(row + ROW_GRAD), G_T)
-    if ALIGNED:  # (a hint on the pointer: one on the int64 address is lost in the cast)
+    theta_ptr = as_pointer(tl.load(row + ROW_THETA), THETA_T, ALIGNED)
+    g_ptr = as_pointer(tl.load(row + ROW_GRAD), G_T, ALIGNED)
+    if ALIGNED:
         numel = tl.multiple_of(numel, 16)
-        theta_ptr = tl.multiple_of(theta_ptr, 16)
-        g_ptr = tl.multiple_of(g_ptr, 16)
     base = local * BLOCK
     lim = tl.minimum(numel - base, BLOCK).to(tl.int32)
     offs = tl.arange(0, BLOCK)
     m = offs < lim
     theta_ptr += base
     g_ptr += base
-    return theta_ptr, g_ptr, offs, m, base, tl.load(row + ROW_GOFF) + base, tl.load(row + ROW_GTILE)
+    return theta_ptr, g_ptr, offs, m, lim, base, tl.load(row + ROW_GOFF) + base, tl.load(row + ROW_GTILE)
