@@ -1,9 +1,9 @@
 """Triton fused multi-tensor sparse AdamW step against adamw_naive.sparse_adamw_step.
 
-On the CPU (Triton interpreter) the kernel reproduces torch's CPU arithmetic: m and v bit for bit
-where torch's vectorised kernels fuse their multiply-adds (AVX2/AVX512 builds), w within float32
-rounding (torch's CPU sqrt is not always correctly rounded, the kernel's is). bf16/fp16 params
-must equal ``master.to(dtype)`` exactly.
+On the CPU (Triton interpreter) the kernel computes the torch backend's bits: m, v, the master
+and the param bit for bit where torch's vectorised kernels fuse their multiply-adds (AVX2/AVX512
+builds; the naive step takes a correctly rounded square root, as the kernel does), also with
+subnormal weights and gradients. bf16/fp16 params must equal ``master.to(dtype)`` exactly.
 """
 
 from __future__ import annotations
@@ -105,8 +105,11 @@ _FUSED_CPU = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 def _compare(t, r):
-    if t["m"].device.type == "cpu" and _FUSED_CPU:  # the same fused multiply-adds: exact
+    if t["m"].device.type == "cpu" and _FUSED_CPU:  # the same operations and roundings: exact
         assert torch.equal(t["m"], r["m"]) and torch.equal(t["v"], r["v"])
+        assert torch.equal(t["p"], r["p"])
+        if t["master"] is not None:
+            assert torch.equal(t["master"], r["master"])
     torch.testing.assert_close(t["m"], r["m"], rtol=1e-6, atol=1e-12)
     torch.testing.assert_close(t["v"], r["v"], rtol=1e-6, atol=1e-14)
     if t["master"] is not None:
@@ -169,6 +172,32 @@ def test_bf16_param_without_master():
             assert torch.equal(t["p"], r["p"])
         else:
             torch.testing.assert_close(t["p"], r["p"], rtol=8e-3, atol=0)
+
+
+@pytest.mark.parametrize("pdtype", DTYPES, ids=["fp32", "bf16", "fp16"])
+def test_subnormal_weights_and_gradients(pdtype):
+    """Subnormal weights and gradients of every dtype (the interpreter flushes bf16 subnormals in
+    a bitcast-and-upcast: the kernel widens bf16 by shifting its bits)."""
+    gen = torch.Generator().manual_seed(8)
+    tiny = {torch.float32: 1e-39, torch.bfloat16: 1e-39, torch.float16: 3e-6}[pdtype]
+    tensors = _make([(300,), (77,)], [pdtype], lambda pd: pd != torch.float32, 0.6, gen)
+    for t in tensors:
+        sub = (torch.randn(t["p"].numel(), generator=gen) * tiny).to(pdtype).to(t["p"].device)
+        t["p"].reshape(-1)[::2] = sub[::2]
+        if t["master"] is not None:
+            t["master"].copy_(t["p"].reshape(-1)[t["idx"].long()].float())
+    ref = _clone(tensors)
+    for step in (1, 2):
+        grads = [(torch.randn(t["p"].shape, generator=gen) * tiny).to(pdtype).to(t["p"].device)
+                 for t in tensors]
+        triton_step([t["p"] for t in tensors], grads, [t["idx"] for t in tensors],
+                    [t["m"] for t in tensors], [t["v"] for t in tensors],
+                    [t["master"] for t in tensors], step, 1e-3, 0.9, 0.999, 1e-8, 0.01)
+        for r, g in zip(ref, grads):
+            adamw_naive.sparse_adamw_step(r["p"], g, r["idx"], r["m"], r["v"], r["master"],
+                                          AdamWHyper(step, 1e-3, 0.9, 0.999, 1e-8, 0.01))
+        for t, r in zip(tensors, ref):
+            _compare(t, r)
 
 
 def test_empty_selection_and_empty_list():

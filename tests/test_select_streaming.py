@@ -44,6 +44,26 @@ def test_matches_reference(dtype, score, chunk, keep_keys) -> None:
             assert [g.tolist() for g in got] == [w.tolist() for w in want]
 
 
+def test_subnormal_theta_and_grad_every_score() -> None:
+    """Subnormal θ and g in every dtype (tests/test_select_triton.py builds the groups) give the
+    oracle's index sets."""
+    from tests.test_select_triton import SUBNORMAL_PAIRS, subnormal_group
+
+    for tdtype, gdtype in SUBNORMAL_PAIRS:
+        params, grads = subnormal_group(tdtype, gdtype, seed=11)
+        n = sum(p.numel() for p in params)
+        offsets = [0, params[0].numel(), params[0].numel() + params[1].numel()]
+        for score in ("gallop", "gradient", "magnitude"):
+            for eps in (1e-8, 1e-38):
+                for k in (n // 4, n // 2):
+                    want = select_naive.select_topk(
+                        [select_naive.compute_score(p, g, score, eps, 0, off)
+                         for p, g, off in zip(params, grads, offsets)], k)
+                    got = streaming.select(params, grads, k, score, eps, chunk=50)
+                    assert [g.tolist() for g in got] == [w.tolist() for w in want], (
+                        tdtype, gdtype, score, eps, k)
+
+
 def test_callable_with_negative_scores_and_signed_zeros() -> None:
     gen = torch.Generator().manual_seed(0)
     params = [torch.randint(-3, 4, (13,), generator=gen).float(), torch.zeros(4)]

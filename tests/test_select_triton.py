@@ -159,6 +159,40 @@ def test_tiny_weights_and_subnormal_bf16():
             check(params, grads, 201, score)
 
 
+def subnormal_group(tdtype, gdtype, seed):
+    """θ and g mostly subnormal in their own dtype (some exact zeros, a few normal values), so
+    that the k-th score falls among scores computed from subnormals."""
+    gen = torch.Generator().manual_seed(seed)
+    tiny = {torch.float32: 1e-39, torch.bfloat16: 1e-39, torch.float16: 3e-6}
+
+    def values(n, dtype):
+        x = torch.randn(n, generator=gen) * 0.02
+        sub = torch.rand(n, generator=gen) < 0.7
+        x[sub] = torch.randn(int(sub.sum()), generator=gen) * tiny[dtype]
+        x[::11] = 0.0
+        return x.to(dtype).to(_device())
+
+    sizes = (257, 64, 33)
+    return [values(n, tdtype) for n in sizes], [values(n, gdtype) for n in sizes]
+
+
+SUBNORMAL_PAIRS = [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                   (torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                   (torch.float32, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("tdtype,gdtype", SUBNORMAL_PAIRS, ids=lambda d: str(d)[6:])
+def test_subnormal_theta_and_grad_every_score(tdtype, gdtype):
+    """Subnormal θ and g in bf16, fp16 and fp32 convert exactly (the interpreter flushes bf16
+    subnormals in a bitcast-and-upcast: the kernels widen bf16 by shifting its bits)."""
+    params, grads = subnormal_group(tdtype, gdtype, seed=11)
+    n = sum(p.numel() for p in params)
+    for score in ("gallop", "gradient", "magnitude"):
+        for eps in (1e-8, 1e-38):  # (1e-38: a subnormal ε, so subnormal θ matter in fp32 too)
+            for k in (n // 4, n // 2):
+                check(params, grads, k, score, score_eps=eps)
+
+
 def test_all_equal_scores_hot_bin():
     dev = _device()
     params = [torch.full((n,), 0.25, device=dev) for n in (400, 3, 211)]

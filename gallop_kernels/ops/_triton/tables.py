@@ -55,7 +55,7 @@ def find_slot(rows_ptr, item, n_slots, log_slots, ROW: tl.constexpr, START: tl.c
 # ----------------------------------------------------------------------------------------------
 # Exact float conversions. A bf16 tensor is addressed as uint16 by the kernels: the Triton
 # interpreter rounds fp32 -> bf16 half-up, so the store rounds the raw bits to nearest even
-# itself (exact, and as cheap on a GPU). Loads bitcast the raw bits to bf16 and upcast (exact).
+# itself (exact, and as cheap on a GPU). Loads shift the raw bits into a float32 (exact).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -74,9 +74,10 @@ def as_pointer(address, DT: tl.constexpr, ALIGNED: tl.constexpr = False):
 @triton.jit
 def load_f32(ptr, offs, mask, DT: tl.constexpr):
     """Load entries of a tensor of dtype DT (pointer from ``as_pointer``) upcast to float32."""
-    if DT == tl.bfloat16:
+    if DT == tl.bfloat16:  # the raw bits in the high half (a bf16 bitcast and upcast is no
+        # cheaper compiled, and the interpreter flushes bf16 subnormals in it)
         raw = tl.load(ptr + offs, mask=mask, other=0)
-        return raw.to(tl.bfloat16, bitcast=True).to(tl.float32)
+        return (raw.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     else:
         return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
 

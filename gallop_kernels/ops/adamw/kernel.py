@@ -24,11 +24,13 @@ Floating point, and where bit-identity holds (`docs/design.md#compiled-kernels`)
   square root are the correctly rounded ``div_rn``/``sqrt_rn``; bf16 is rounded to nearest even
   from the raw bits. So the compiled step computes the interpreter's bits (the compile gate
   checks the PTX of every variant; running it on a GPU is still owed).
-* fp32 state vs `naive.sparse_adamw_step` on the CPU: m and v bit-identical where torch's
-  vectorised CPU kernels fuse ``add_(alpha=)`` and ``addcmul_`` into fmadd (AVX2/AVX512 builds;
-  checked for every length up to 4097 on this machine). The weight can differ in the last bit:
-  torch's CPU ``sqrt`` is not always correctly rounded (6489 of 2^20 random values were off by
-  one ulp here). A torch built without FMA rounds m and v twice and differs in the last bit too.
+* fp32 state vs the torch backend (`naive.sparse_adamw_step`, `foreach`) on the CPU: m, v, the
+  master and the param bit-identical where torch's vectorised CPU kernels fuse ``add_(alpha=)``
+  and ``addcmul_`` into fmadd (AVX2/AVX512 builds; tests/test_adamw_triton.py asserts it, with
+  subnormals too). The torch backend takes the correctly rounded square root (`naive.sqrt_rn`:
+  torch's vectorised CPU ``sqrt`` is one ulp off for ~0.6 % of values on AVX-512), and its
+  division by the scalar ``sqrt(1-β2^t)`` is IEEE division by that scalar rounded to float32,
+  as here. A torch built without FMA rounds m and v twice and differs in the last bit.
 * vs torch on CUDA (``backend="torch"``, fp32 state): torch multiplies by the reciprocal of a
   host scalar divisor (``sqrt(1-β2^t)``) and nvcc may contract its multiply-adds, so the last
   bit can differ; ``torch.optim.AdamW`` matches to float32 rounding, not bit for bit.

@@ -214,8 +214,8 @@ def sparse_adamw(
 
     ``grads[i]`` is the dense gradient (param's shape, any float dtype) or the gathered gradient
     of the selected entries (``indices[i].numel()`` values). With ``state_layout="fp32"`` it
-    matches ``naive.sparse_adamw_step`` (bit for bit on the CPU but for torch's CPU sqrt,
-    which is not always correctly rounded); with ``"8bit"`` (uint8 ``exp_avgs``/``exp_avg_sqs``
+    matches ``naive.sparse_adamw_step`` (bit for bit on CPUs whose torch kernels fuse their
+    multiply-adds: see kernel.py); with ``"8bit"`` (uint8 ``exp_avgs``/``exp_avg_sqs``
     and float32 absmaxes per `quantization.QUANT_BLOCK` entries) it produces exactly the codes,
     absmaxes and weights of ``naive.sparse_adamw_step_8bit``.
     """
