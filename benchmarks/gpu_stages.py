@@ -1,14 +1,18 @@
 """The stages of the prepared GPU run (``benchmarks.gpu_check``), each ``(run, stage)``.
 
-``env`` (device, software, copy bandwidth), ``build`` (the native baselines), ``tests`` (pytest,
+``env`` (device, software, copy bandwidth), ``build`` (the native baselines, for this device's
+architecture), ``compile`` (every kernel variant the launchers emit, compiled for this device on
+all its cores into Triton's cache: the test stage then launches warm kernels), ``tests`` (pytest,
 compiled kernels), ``selection`` and ``step`` (ours beside the exact torch compositions, CUB,
 fused AdamW, AdamW8bit, each exact baseline checked to select our index set before it is
-timed), ``memory`` (``gallop memory``'s measure mode on the Llama-3-8B shape). The module
-docstring of ``benchmarks.gpu_check`` has each stage's budget and time estimate.
+timed), ``memory`` (``gallop memory``'s measure mode on the Llama-3-8B shape). Each runs in its
+own process with a hard timeout (`benchmarks.gpu_run`): ``python -m benchmarks.gpu_stages SPEC``.
+The module docstring of ``benchmarks.gpu_check`` has each stage's budget and time estimate.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -18,17 +22,24 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.gpu_run import REPO, Run, Stage
+from benchmarks.gpu_run import REPO, Run, Stage, stage_main
 
 DENSITY = 0.01
 # CUDA-only tests first, then the kernel test files (compiled for this GPU instead of interpreted).
 GPU_TEST_FILES = ("tests/test_select_triton.py", "tests/test_select_score_kernels.py",
-                  "tests/test_adamw_triton.py", "tests/test_adamw_8bit.py",
+                  "tests/test_select_sampled.py", "tests/test_adamw_triton.py",
+                  "tests/test_adamw_8bit.py",
                   "tests/test_sparse_adamw.py", "tests/test_select_streaming.py",
                   "tests/test_state_dict.py", "tests/test_lean.py")
-DRY_TESTS = ("tests/test_select_streaming.py", "-k", "order_keys")
+# the dry run: one small interpreted kernel test of each op
+DRY_TESTS = ("tests/test_select_triton.py::test_every_dtype_pair",
+             "tests/test_adamw_triton.py::test_compact_gradients")
 MEMORY_METHODS = ("sparse-lean", "sparse-4bit-delta", "adamw", "sparse-lean-8bit", "sparse",
                   "adamw8bit", "lora")
+# what a memory row or a baseline needs beyond the core (the lent image has neither bitsandbytes
+# nor gguf nor trl): skipped with the reason where missing
+NEEDS = {"sparse-4bit-delta": "bitsandbytes", "adamw8bit": "bitsandbytes", "lora": "peft"}
+INT32_MAX = 2**31 - 1  # bitsandbytes' 8-bit optimizer kernels count entries in an int
 CASE_SINGLE_CALL_S = 5.0  # a case whose first call takes longer is timed by that call alone
 KTHVALUE_MAX_N = 10**8  # torch.kthvalue runs one thread block per slice
 TORCH_FLAT_LIMIT = 2**31 - 1
@@ -39,7 +50,7 @@ def stage_env(run: Run, stage: Stage) -> None:
     from benchmarks.timing import copy_bandwidth
 
     info = device_info(run.device)
-    run.device_name = info["name"]
+    run.device_name = run.context["device_name"] = info["name"]
     stage.detail["device"] = info
     stage.detail["software"] = {
         "python": sys.version.split()[0], "torch": torch.__version__,
@@ -47,35 +58,32 @@ def stage_env(run: Run, stage: Stage) -> None:
         "cuda_runtime": torch.version.cuda, "git_commit": _git_commit(),
     }
     bw = copy_bandwidth(run.device, nbytes=(16 << 20) if run.dry else None)
-    run.copy_gbps = bw["gbps"]
+    run.copy_gbps = run.context["copy_gbps"] = bw["gbps"]
     stage.detail["copy_bandwidth"] = bw
     run.log(f"device {run.device_name}; copy bandwidth {bw['gbps']:.1f} GB/s")
 
 
 def stage_build(run: Run, stage: Stage) -> None:
+    """cmake + build of kernels/ for this device's architecture (dry: for sm_90, where nvcc is,
+    so that a broken .cu file fails CI; without nvcc it configures, says why, builds nothing)."""
     cmake = shutil.which("cmake")
     if cmake is None:
         stage.status = "skipped"
         stage.detail["reason"] = "cmake is not installed"
         return
     build = run.out / "build"
-    cmd = [cmake, "-S", str(REPO), "-B", str(build)]
+    arch = "90"
     if run.device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(run.device)
-        cmd.append(f"-DCMAKE_CUDA_ARCHITECTURES={major}{minor}")
-    env = None
-    if run.dry:  # configured only, as on a machine without nvcc (detecting CUDA takes seconds)
-        env = {k: v for k, v in os.environ.items() if k not in ("CUDACXX", "CUDA_PATH", "CUDA_HOME")}
-        env["PATH"] = os.pathsep.join(d for d in env.get("PATH", "").split(os.pathsep)
-                                      if d and not os.path.exists(os.path.join(d, "nvcc")))
-    configure = run.subprocess(cmd, "build.log", env=env)
-    stage.detail["configure"] = configure
+        arch = f"{major}{minor}"
+    nvcc = shutil.which("nvcc")
+    cmd = [cmake, "-S", str(REPO), "-B", str(build), f"-DCMAKE_CUDA_ARCHITECTURES={arch}"]
+    if nvcc is not None:
+        cmd.append("-DGALLOP_BASELINES_REQUIRE_CUDA=ON")
+    configure = run.subprocess(cmd, "build.log")
+    stage.detail.update(configure=configure, arch=f"sm_{arch}", nvcc=nvcc)
     if configure["returncode"] != 0:
         stage.status = "timed out" if configure["timed_out"] else "failed"
-        return
-    if run.dry:
-        stage.detail["reason"] = ("dry run: configured only (compiling CUB takes minutes on a small "
-                                  "CPU; tests/test_benchmarks_quick.py compiles it where nvcc is)")
         return
     jobs = str(os.cpu_count() or 2)
     compile_ = run.subprocess([cmake, "--build", str(build), "-j", jobs], "build.log")
@@ -83,16 +91,56 @@ def stage_build(run: Run, stage: Stage) -> None:
     lib = build / "libgallop_baselines.so"
     if compile_["returncode"] != 0:
         stage.status = "timed out" if compile_["timed_out"] else "failed"
-    elif lib.is_file():
-        os.environ["GALLOP_BASELINES_LIB"] = str(lib)
-        stage.detail["library"] = str(lib)
+        return
+    if lib.is_file():
+        run.context["native_lib"] = stage.detail["library"] = str(lib)
     else:
         stage.detail["library"] = None
-        stage.detail["reason"] = ("configured and built, but no library: no CUDA compiler was "
-                                  "found (see build.log)")
+        stage.detail["reason"] = "configured, but no CUDA compiler was found: nothing built"
+    if run.device.type == "cuda":
+        stage.detail["native_status"] = _native(run)[1]
+
+
+def _native(run: Run):
+    """The native baselines the build stage made (None on a CPU), and why not."""
     from benchmarks.baselines import load_native
 
-    run.native, stage.detail["native_status"] = load_native(run.device)
+    if run.context.get("native_lib"):
+        os.environ["GALLOP_BASELINES_LIB"] = run.context["native_lib"]
+    return load_native(run.device)
+
+
+def stage_compile(run: Run, stage: Stage) -> None:
+    """Every kernel variant the launchers emit (both selection shapes), compiled for this
+    device's architecture on all its cores, into Triton's cache: ``compile_for`` derives the
+    specialisation as a launch does (tests/test_compile_gate.py checks that the JIT then finds
+    the same kernel), so the tests and timings that follow start warm. Dry: the subset, sm_90."""
+    arch = "90"
+    if run.device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(run.device)
+        arch = f"{major}{minor}"
+    jobs = str(os.cpu_count() or 2)
+    cmd = [sys.executable, "-m", "gallop_kernels.ops._triton.compile_gate", "--arch", arch,
+           "--jobs", jobs] + (["--subset"] if run.dry else [])
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    res = run.subprocess(cmd, "compile.log", env=env)
+    text = (run.out / "compile.log").read_text(errors="replace")
+    import json
+
+    rows = [json.loads(ln) for ln in text.splitlines() if ln.startswith('{"kernel"')]
+    failed = [f"{r['kernel']} {r['constexprs']}: {r['error'][:300]}" for r in rows if not r["ok"]]
+    stage.detail.update(arch=f"sm_{arch}", jobs=int(jobs), compiled=len(rows) - len(failed),
+                        failed=failed[:20], seconds=res["seconds"], returncode=res["returncode"])
+    header = [json.loads(ln) for ln in text.splitlines() if ln.startswith('{"triton"')]
+    if header:
+        stage.detail["toolchain"] = header[-1]
+    run.log(f"compile: {len(rows) - len(failed)} variants for sm_{arch} in {res['seconds']} s"
+            + (f", {len(failed)} FAILED" if failed else ""))
+    if res["timed_out"]:
+        stage.status = "timed out"
+    elif failed or res["returncode"] != 0:
+        stage.status = "failed"
 
 
 def _pytest_summary(tail: str) -> str:
@@ -106,11 +154,10 @@ def stage_tests(run: Run, stage: Stage) -> None:
     if run.dry:
         env["TRITON_INTERPRET"] = "1"
         runs = {"dry": ["-q", "-p", "no:cacheprovider", *DRY_TESTS]}
-    else:
-        env.pop("TRITON_INTERPRET", None)  # compiled kernels, not the interpreter
+    else:  # compiled kernels (warm from the compile stage), the CUDA-only tests among them
+        env.pop("TRITON_INTERPRET", None)
         files = [f for f in GPU_TEST_FILES if (REPO / f).is_file()]
-        runs = {"cuda-only (-m gpu)": ["-q", "-rs", "-p", "no:cacheprovider", "-m", "gpu", "tests"],
-                "kernel tests": ["-q", "-rs", "-p", "no:cacheprovider", "-x", *files]}
+        runs = {"kernel tests": ["-q", "-rs", "-p", "no:cacheprovider", *files]}
     failed = False
     for label, pytest_args in runs.items():
         if run.remaining() < 5:
@@ -167,12 +214,22 @@ def _free_bytes(run: Run) -> int:
     return Env(run.device, try_bnb=False).free_bytes()
 
 
-def stage_selection(run: Run, stage: Stage) -> None:
+def _backend(run: Run) -> str:
+    """Ours: what "auto" picks on the GPU (Triton); dry: Triton too, in the interpreter."""
     from gallop_kernels.ops import backends
 
-    backend = backends.resolve("auto", [torch.empty(0, device=run.device)])
+    return "triton" if run.dry else backends.resolve("auto", [torch.empty(0, device=run.device)])
+
+
+def stage_selection(run: Run, stage: Stage) -> None:
+    backend = _backend(run)
     rows: list[dict[str, Any]] = []
     stage.detail.update(rows=rows, backend=backend)
+    if backend == "triton":
+        from gallop_kernels.ops.select import launcher
+
+        stage.detail["shape"] = launcher.resolve_shape()
+    run.native, stage.detail["native_status"] = _native(run)
     for n in run.sizes:
         if run.remaining() < 5:
             rows.append({"n": n, "impl": "*", "skipped": "stage budget spent"})
@@ -182,6 +239,7 @@ def stage_selection(run: Run, stage: Stage) -> None:
         else:
             rows += _selection_at(run, stage, n, backend)
         _free(run.device)
+        run.save()
     if any(r.get("same_indices_as_ours") is False for r in rows):
         stage.status = "failed"
         stage.detail["error"] = "an exact baseline selected another index set than ours"
@@ -206,6 +264,7 @@ def _selection_at(run: Run, stage: Stage, n: int, backend: str) -> list[dict[str
         f"ours: ops.select.select ({backend})": (lambda: select(
             [theta], [grad], k, score="gallop", score_eps=EPS, seed=0,
             names=["w"], backend=backend)[0], None),
+        **_other_shape(theta, grad, k, backend),
         "torch: score + topk threshold + ties": (
             lambda: bl.exact_compact(s := scores(), bl.topk_threshold(s, k), k), None),
         "torch: score + kthvalue + ties": (
@@ -230,11 +289,12 @@ def _selection_at(run: Run, stage: Stage, n: int, backend: str) -> list[dict[str
         impls[f"CUB: CUDA score + {nat.topk_method} threshold + ties"] = (cub, None)
     else:
         rows.append({"n": n, "impl": "CUB baseline", "role": "baseline",
-                     "skipped": "native baselines not built (build stage)"})
+                     "skipped": stage.detail.get("native_status", "native baselines not loaded")})
     ours_idx = None
     for impl, (fn, skip) in impls.items():
-        row = {"n": n, "k": k, "impl": impl, "bytes_model": floor,
-               "role": "ours" if impl.startswith("ours") else "baseline"}
+        role = ("ours" if impl.startswith("ours: ops") else
+                "ours, other shape" if impl.startswith("ours") else "baseline")
+        row = {"n": n, "k": k, "impl": impl, "bytes_model": floor, "role": role}
         rows.append(row)
         if skip:
             row["skipped"] = skip
@@ -261,15 +321,35 @@ def _selection_at(run: Run, stage: Stage, n: int, backend: str) -> list[dict[str
     return rows
 
 
+def _other_shape(theta, grad, k, backend) -> dict[str, tuple[Callable[[], Any], str | None]]:
+    """Our selection in the code shape this Triton does not pick (ops/select/launcher.py), for
+    comparison: both are exact; which is faster on a GPU is measured here."""
+    if backend != "triton":
+        return {}
+    from benchmarks.cases import EPS
+    from gallop_kernels.ops.select import launcher
+
+    other = "sampled" if launcher.resolve_shape() == "radix" else "radix"
+
+    def run_other():
+        saved = launcher.SHAPE
+        launcher.SHAPE = other
+        try:
+            return launcher.select([theta], [grad], k, "gallop", score_eps=EPS, names=["w"])[0]
+        finally:
+            launcher.SHAPE = saved
+
+    return {f"ours: the {other} shape (triton)": (run_other, None)}
+
+
 def stage_step(run: Run, stage: Stage) -> None:
     from benchmarks import baselines as bl
-    from gallop_kernels.ops import backends
 
-    backend = backends.resolve("auto", [torch.empty(0, device=run.device)])
-    if run.dry:
-        bnb_cls, bnb_status = None, "dry run: not tried (its import alone takes seconds)"
+    backend = _backend(run)
+    if importlib.util.find_spec("bitsandbytes") is None or not run.dry:
+        bnb_cls, bnb_status = bl.bnb_status(run.device)  # (not installed: says so at once)
     else:
-        bnb_cls, bnb_status = bl.bnb_status(run.device)
+        bnb_cls, bnb_status = None, "dry run: not tried (its import alone takes seconds)"
     rows: list[dict[str, Any]] = []
     stage.detail.update(rows=rows, backend=backend, bitsandbytes=bnb_status)
     for n in run.sizes:
@@ -279,11 +359,13 @@ def stage_step(run: Run, stage: Stage) -> None:
         elif 12 * n > 0.85 * _free_bytes(run):  # p, g, m, v in bf16 (dense AdamW)
             rows.append({"n": n, "impl": "*", "skipped": "does not fit in device memory"})
         else:
-            rows += _step_at(run, stage, n, backend, bnb_cls)
+            rows += _step_at(run, stage, n, backend, bnb_cls, bnb_status)
         _free(run.device)
+        run.save()
 
 
-def _step_at(run: Run, stage: Stage, n: int, backend: str, bnb_cls) -> list[dict[str, Any]]:
+def _step_at(run: Run, stage: Stage, n: int, backend: str, bnb_cls,
+             bnb_status: str) -> list[dict[str, Any]]:
     """The sparse step at ρ = 1 % and the dense optimizers' steps on the same parameter."""
     from benchmarks.cases import (
         ADAM_EPS,
@@ -322,10 +404,14 @@ def _step_at(run: Run, stage: Stage, n: int, backend: str, bnb_cls) -> list[dict
     dense = {"torch.optim.AdamW(fused=True) dense": (
         lambda ps: torch.optim.AdamW(ps, lr=LR, betas=(BETA1, BETA2), eps=ADAM_EPS,
                                      weight_decay=WD, fused=True), dense_adamw_bytes(n, 2, 2, 2))}
-    if bnb_cls is not None:
+    if bnb_cls is not None and n <= INT32_MAX:
         dense["bitsandbytes AdamW8bit dense"] = (
             lambda ps: bnb_cls(ps, lr=LR, betas=(BETA1, BETA2), eps=ADAM_EPS, weight_decay=WD),
             n * (3 * 2 + 4))
+    else:
+        rows.append({"n": n, "k": k, "impl": "bitsandbytes AdamW8bit dense", "role": "baseline",
+                     "skipped": bnb_status if bnb_cls is None else
+                     "its kernels count entries in an int32: N >= 2^31 would overflow"})
     for impl, (make, nbytes) in dense.items():
         row = {"n": n, "k": k, "impl": impl, "role": "baseline", "bytes_model": nbytes}
         rows.append(row)
@@ -362,6 +448,10 @@ def stage_memory(run: Run, stage: Stage) -> None:
     setup = mm.Setup(batch=1, seq=seq, dtype="bf16", device=device, attn="sdpa", density=DENSITY)
     measurements, skipped = [], []
     for method in methods:
+        need = NEEDS.get(method)
+        if need is not None and importlib.util.find_spec(need) is None:
+            skipped.append({"method": method, "reason": f"{need} is not installed"})
+            continue
         predicted = mm.predict(config, method, setup).peak
         if capacity is not None and predicted > 0.85 * capacity:
             skipped.append({"method": method, "reason": f"predicted {predicted / 2**30:.1f} GiB "
@@ -375,6 +465,8 @@ def stage_memory(run: Run, stage: Stage) -> None:
         meas = run_measurement(config_name, method, seq=seq, batch=1, dtype="bf16", attn="sdpa",
                                device=device, density=DENSITY, timeout=int(run.remaining()))
         measurements.append(meas)
+        stage.detail["measured_so_far"] = [m.get("method") for m in measurements]
+        run.save()
     rows = compare(config_name, setup, measurements)
     stage.detail.update(config=config_name, seq=seq, device=device, rows=rows, skipped=skipped)
     for r in rows:
@@ -405,6 +497,23 @@ def _git_commit() -> str | None:
 
 
 STAGES: dict[str, Callable[[Run, Stage], None]] = {
-    "env": stage_env, "build": stage_build, "tests": stage_tests,
+    "env": stage_env, "build": stage_build, "compile": stage_compile, "tests": stage_tests,
     "selection": stage_selection, "step": stage_step, "memory": stage_memory,
 }
+
+
+def _sleep_stage(run: Run, stage: Stage) -> None:  # the runner's own tests: a stage that hangs
+    stage.detail["started"] = True
+    run.save()
+    time.sleep(3600)
+
+
+def _crash_stage(run: Run, stage: Stage) -> None:  # ... and one whose process dies
+    os._exit(3)
+
+
+RUNNER_TEST_STAGES = {"sleep": _sleep_stage, "crash": _crash_stage}
+
+
+if __name__ == "__main__":
+    sys.exit(stage_main(sys.argv[1], {**STAGES, **RUNNER_TEST_STAGES}))

@@ -33,8 +33,8 @@ def _gate(*args: str, timeout: int) -> tuple[subprocess.CompletedProcess, list[d
         [sys.executable, "-m", "gallop_kernels.ops._triton.compile_gate", *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
     )
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    return proc, rows
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return proc, [r for r in lines if "kernel" in r]
 
 
 def _check(proc, rows, archs) -> None:
@@ -100,3 +100,61 @@ def test_every_variant_compiles(request):
     proc, rows = _gate("--jobs", "2", timeout=4 * 3600)
     _check(proc, rows, compile_gate.ARCHS)
     assert len(rows) == len(compile_gate.variants()) * len(compile_gate.ARCHS)
+
+
+def _python(code: str, timeout: int) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_the_gate_compiles_what_a_launch_compiles():
+    """For every kernel of the subset, ``compile_for`` yields the kernel (the same hash, so the
+    same entry of Triton's cache) that ``JITFunction`` compiles for that launch: the GPU check's
+    compile stage warms exactly what its tests launch. (The JIT is driven through a stand-in
+    driver that reports an sm_90 device: no GPU needed.)"""
+    code = """
+import json, torch
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+
+class Sm90:
+    def get_current_device(self): return 0
+    def get_current_stream(self, device=None): return 0
+    def get_current_target(self): return GPUTarget("cuda", 90, 32)
+    def get_active_torch_device(self): return torch.device("cpu")
+    def is_active(self): return True
+
+driver.set_active(Sm90())
+from gallop_kernels.ops._triton.compile_gate import variants
+from gallop_kernels.ops._triton.launch import compile_for
+
+out = []
+for la in variants(subset=True).values():
+    jit = la.kernel.warmup(*la.args, grid=la.grid, **la.constexprs, **la.options)
+    jit = jit.result() if hasattr(jit, "result") else jit
+    out.append([la.name, compile_for(la, 90).hash == jit.hash])
+print(json.dumps(out))
+"""
+    proc = _python(code, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pairs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert pairs and all(same for _, same in pairs), pairs
+
+
+def test_the_toolchain_line_names_the_shape_the_feature_test_picks():
+    """The gate's first line: the triton version, whether its tl.histogram lowers through warp
+    ballots (3.6 and 3.7 do; 3.8 on use shared-memory atomics) and the selection shape it runs."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "gallop_kernels.ops._triton.compile_gate", "--list"],
+        cwd=ROOT, env={**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+                       "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    head = json.loads(proc.stdout.splitlines()[0])
+    import triton
+
+    assert head["triton"] == triton.__version__
+    assert head["shape"] == ("sampled" if head["histogram_uses_ballots"] else "radix")
+    major, minor = (int(x) for x in triton.__version__.split(".")[:2])
+    assert head["histogram_uses_ballots"] == ((major, minor) < (3, 8))

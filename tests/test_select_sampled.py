@@ -98,7 +98,8 @@ def test_random_groups_match_the_oracle(monkeypatch, outcomes):
         want = reference(params, grads, k, score, case, pre)
         for t, (o, w) in enumerate(zip(got, want)):
             assert torch.equal(o.long(), w), (case, t, sizes, kind_t, kind_g, score, k)
-    assert all(outcomes.values()), outcomes
+    if S.interpreter_enabled():  # (tiles of 32 entries: every group spans many)
+        assert all(outcomes.values()), outcomes
 
 
 @pytest.mark.parametrize("where", ["top", "middle"])

@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
+import warnings
 from typing import Iterable
 
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
+# The Triton releases the kernels are built and checked for (pyproject.toml declares the same):
+# 3.6 (torch 2.10/2.11) to the newest (3.9 today); CI compiles them on 3.6.0, 3.7.1, 3.8.0, 3.9.0.
+TRITON_MIN = (3, 6)
 
 
 def interpreter_enabled() -> bool:
@@ -28,13 +33,37 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def triton_problem() -> str | None:
+    """Why the installed triton cannot run the kernels (missing, or older than the declared
+    range), else None. Reads the package's version without importing it."""
+    if not triton_installed():
+        return "the triton package is not installed"
+    from importlib import metadata
+
+    try:
+        version = metadata.version("triton")
+    except metadata.PackageNotFoundError:  # an unpackaged source tree: trust it
+        return None
+    found = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
+    if found < TRITON_MIN:
+        need = ".".join(map(str, TRITON_MIN))
+        return (f"gallop_kernels' Triton kernels need triton >= {need} (the range declared in "
+                f"pyproject.toml and checked in CI), found triton {version}: install a torch whose "
+                f"triton is {need} or newer (torch >= 2.10), or use backend='torch'")
+    return None
+
+
+_warned: set[str] = set()
+
+
 def check_backend(backend: str) -> None:
     """Raise ``ValueError`` if ``backend`` is unknown or, asked for by name, cannot run here."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend == "triton":
-        if not triton_installed():
-            raise ValueError("backend='triton' needs the triton package, which is not installed")
+        problem = triton_problem()
+        if problem is not None:
+            raise ValueError(f"backend='triton': {problem}")
         if not (torch.cuda.is_available() or interpreter_enabled()):
             raise ValueError(
                 "backend='triton' needs a CUDA device, or TRITON_INTERPRET=1 set before triton is "
@@ -72,4 +101,12 @@ def resolve(backend: str, tensors: Iterable[torch.Tensor | None]) -> str:
     if backend != "auto":
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     one_cuda = len(devices) == 1 and next(iter(devices)).type == "cuda"
-    return "triton" if one_cuda and triton_installed() else "torch"
+    if not one_cuda or not triton_installed():
+        return "torch"
+    problem = triton_problem()
+    if problem is not None:  # an installed triton outside the range: say so once, run torch
+        if problem not in _warned:
+            _warned.add(problem)
+            warnings.warn(f"{problem}; backend='auto' runs the torch backend", stacklevel=3)
+        return "torch"
+    return "triton"

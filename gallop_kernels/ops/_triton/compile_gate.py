@@ -11,7 +11,8 @@ Run it in a process without TRITON_INTERPRET (tests/test_compile_gate.py spawns 
 
     python -m gallop_kernels.ops._triton.compile_gate --arch 80 90 100 [--subset] [--jobs 2]
 
-It prints one JSON line per compiled variant and exits non-zero if any variant fails.
+It prints one JSON line naming the toolchain (the triton version, its feature test, the selection
+shape it runs), then one per compiled variant, and exits non-zero if any variant fails.
 """
 
 from __future__ import annotations
@@ -131,6 +132,17 @@ def variants(subset: bool = False) -> dict[tuple, object]:
     return {key: out[key] for _, key in picked.values()}
 
 
+def toolchain() -> dict:
+    """The installed Triton, what its feature test found and the selection shape it runs."""
+    import triton
+
+    from gallop_kernels.ops._triton.launch import histogram_uses_ballots
+    from gallop_kernels.ops.select.launcher import resolve_shape
+
+    return {"triton": triton.__version__, "histogram_uses_ballots": histogram_uses_ballots(),
+            "shape": resolve_shape()}
+
+
 def describe(launch) -> dict:
     return {"kernel": launch.name,
             "constexprs": {k: str(getattr(v, "value", v)) for k, v in launch.constexprs.items()},
@@ -186,6 +198,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "0")  # launches set it explicitly anyway
+    print(json.dumps(toolchain()), flush=True)
     _VARIANTS.update(variants(args.subset))
     if args.list:
         for launch in _VARIANTS.values():
