@@ -50,6 +50,10 @@ DELTA_FILE = "gallop_delta.safetensors"
 LOSS_LOG = "loss_log.jsonl"
 SELECTION_FILE = "selection.json"
 SUMMARY_FILE = "finetune_summary.json"
+RESULT_FILES = (DELTA_FILE, SUMMARY_FILE, SELECTION_FILE, LOSS_LOG, CONFIG_FILE, "model", "gallop_adapter.json",
+                "README.md", "adapter_config.json", "adapter_model.safetensors")
+"""Every top-level name a run writes besides its checkpoints and run record: what a run record of
+an older gallop (without its own file list) owns in a run folder (`rundir.plan.inspect_output`)."""
 # Files a folder must hold for AutoTokenizer to build a tokenizer without converting anything.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model")
@@ -75,7 +79,8 @@ def prepare(config: FinetuneConfig) -> TrainingData:
     """All checks that need no model loaded: the options, the model spec, then every data file."""
     check_options(config)
     check_model(config)
-    return load_training_data(config.data, config.eval_data, config.eval_split, config.seed, config.data_split)
+    return load_training_data(config.data, config.eval_data, config.eval_split, config.seed, config.data_split,
+                              config.max_line_bytes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,8 +300,9 @@ def run_finetune(config: FinetuneConfig, out: TextIO | None = None) -> FinetuneR
 
         with user_input(ValueError, TypeError, OSError, ModelUnavailable):
             data = prepare(config)
-            plan = rundir.plan_run(config, loss_log=LOSS_LOG, result_files=(DELTA_FILE, SUMMARY_FILE))
-        for note in plan.notes:
+            notes = rundir.finish_interrupted_publish(config.output, (*RESULT_FILES, LOSS_LOG)) if is_main_process() else []
+            plan = rundir.plan_run(config, loss_log=LOSS_LOG, result_files=RESULT_FILES)
+        for note in [*notes, *plan.notes]:
             print(f"gallop finetune: note: {note}", file=sys.stderr)
         with rundir.RunFolder(plan) as run:
             result = _train_and_save(config, data, run, say, t0)
