@@ -76,8 +76,9 @@ def make_checkpoint(folder, step: int, run_id: str, record: dict, *, density=0.2
     torch.save({"seed": seed}, os.path.join(path, "rng_state.pth"))
     with open(os.path.join(path, "trainer_state.json"), "w") as f:
         json.dump({"global_step": step}, f)
-    with open(os.path.join(path, "model.safetensors"), "wb") as f:
-        f.write(os.urandom(64))
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.randn(8)}, os.path.join(path, "model.safetensors"))  # the one trained tensor
     if seal:
         rundir.seal_checkpoint(path, {"run_id": run_id, **record})
     return path
@@ -427,6 +428,40 @@ def test_an_optimizer_without_selection_is_refused_even_when_sealed(place):
     refused(place, config(place, resume="last", overwrite=True), "holds no selection")
 
 
+@pytest.mark.parametrize("weights, match", [
+    ({}, r"weights hold 0 tensor\(s\), fewer than the 1 its optimizer trains"),
+    (b"not a safetensors file", "model weights in .* cannot be read"),
+])
+def test_a_checkpoint_whose_weights_do_not_cover_the_trained_tensors_is_refused(place, weights, match):
+    """Issue 17, case 8: the weights file emptied (or garbled) and the manifest re-sealed: the seal
+    holds, but resuming would restart the trained tensors from the base; refused before anything."""
+    from safetensors.torch import save_file
+
+    cfg = config(place)
+    out = make_run(place / "out", cfg, "e" * 32, steps=(1,))
+    ck = os.path.join(out, "checkpoint-1")
+    path = os.path.join(ck, "model.safetensors")
+    if isinstance(weights, dict):
+        save_file(weights, path)
+    else:
+        open(path, "wb").write(weights)
+    rundir.seal_checkpoint(ck, json.load(open(os.path.join(ck, MANIFEST))))  # re-sealed: the files agree again
+    refused(place, config(place, resume="last", overwrite=True), match)
+
+
+def test_resume_weights_are_checked_by_name_and_shape_once_the_model_is_loaded(tmp_path):
+    from safetensors.torch import save_file
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    model[1].requires_grad_(False)
+    save_file({"0.weight": torch.zeros(3, 4), "0.bias": torch.zeros(3)}, str(tmp_path / "model.safetensors"))
+    rundir.check_resume_weights(str(tmp_path), model)  # the frozen layer need not be there
+    save_file({"0.weight": torch.zeros(4, 3), "1.bias": torch.zeros(3)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"lack 2 trainable tensor\(s\) \(0.weight \(shape \(4, 3\), the "
+                                              r"model's \(3, 4\)\), 0.bias\)"):
+        rundir.check_resume_weights(str(tmp_path), model)
+
+
 def test_resume_from_a_checkpoint_elsewhere_continues_its_run(place):
     cfg = config(place, output=str(place / "old"))
     make_run(place / "old", cfg, "a1" * 16, steps=(1, 2))
@@ -749,3 +784,37 @@ def test_leftovers_without_a_run_record_are_left_alone(place):
     notes = finish(place)
     assert (trash / "notes.txt").read_text() == "precious"
     assert any("no gallop run record" in n for n in notes)
+
+
+STORAGE_CHILD = r"""
+import errno, os, resource, sys
+import torch
+from gallop_kernels.finetune.rundir import storage_failure
+folder = sys.argv[1]
+resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
+try:
+    torch.save({"x": torch.zeros(100_000)}, os.path.join(folder, "optimizer.pt"))
+except RuntimeError as error:  # torch.save loses the errno: "unexpected pos ..."
+    failure = storage_failure(error, folder)
+    print(errno.errorcode[failure.errno] if failure else "none", "|", error)
+"""
+
+
+def test_storage_failures_are_recognised_whatever_the_writer(tmp_path):
+    """torch.save under a real file-size limit, safetensors' and Python's errors: all become one
+    OSError with the errno; other errors are not storage failures."""
+    import errno
+    import subprocess
+    import sys
+
+    from safetensors import SafetensorError
+
+    child = subprocess.run([sys.executable, "-c", STORAGE_CHILD, str(tmp_path)], capture_output=True, text=True,
+                           timeout=120, env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(
+                               os.path.abspath(__file__)))})
+    assert child.stdout.startswith("EFBIG |"), child.stdout + child.stderr
+    full = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert rundir.storage_failure(full, str(tmp_path)).errno == errno.ENOSPC
+    assert rundir.storage_failure(OSError(errno.EDQUOT, "quota"), str(tmp_path)).errno == errno.EDQUOT
+    assert rundir.storage_failure(RuntimeError("a bug"), str(tmp_path)) is None
+    assert rundir.storage_failure(OSError(errno.ENOENT, "gone"), str(tmp_path)) is None

@@ -235,7 +235,7 @@ class Limits:
     def admits(self, value: Any) -> bool:
         if isinstance(value, bool) or not isinstance(value, int if self.integer else (int, float)):
             return False
-        if not self.integer and not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             return False
         above = value > self.low if self.low_open else value >= self.low
         below = value < self.high if self.high_open else value <= self.high

@@ -201,7 +201,7 @@ def _parse_line(raw: bytes, lineno: int, max_bytes: int) -> Any:
     if not line.strip():
         return None
     try:
-        return (bounded_json.loads(line, max_depth=MAX_LINE_DEPTH, finite=False),)
+        return (bounded_json.loads(line.rstrip("\r\n"), max_depth=MAX_LINE_DEPTH, finite=False),)
     except ValueError as e:
         return f"line {lineno}: {e}"
 

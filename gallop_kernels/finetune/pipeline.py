@@ -339,11 +339,13 @@ def _train_and_save(config: FinetuneConfig, data: TrainingData, run: rundir.RunF
     loss_log = run.loss_log
 
     collate = CausalLMCollator(tokenizer.pad_token_id)
-    with user_input():  # the target modules exist; the Trainer accepts the options
+    with user_input():  # the target modules exist; the Trainer accepts the options; the checkpoint fits
         rep.prepare(model, train, collate)
+        if run.resume_from is not None:
+            rundir.check_resume_weights(run.resume_from, model)
         args = training_arguments(config, has_eval=evals is not None, output=output)
     with rep.trainer_context(model):
-        trainer = gallop_trainer(Trainer)(
+        trainer = run.trainer_class(gallop_trainer(Trainer))(
             model=model, args=args, train_dataset=train, eval_dataset=evals, data_collator=collate,
             callbacks=[run.callback(), *rep.callbacks(), _selection_printer(rep, say), _loss_logger(loss_log)],
             **rep.trainer_options(model, args),

@@ -13,6 +13,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -196,6 +197,43 @@ def read_json(path: str, what: str) -> Any:
         return bounded_json.loads(text, max_depth=MAX_RECORD_DEPTH)
     except ValueError as e:
         raise RunFolderError(f"{what} {path} is not usable: {e}") from None
+
+
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_OS_ERROR = re.compile(r"os error (\d+)")  # how safetensors (Rust) reports an errno
+_ERRNO_LOST = re.compile(r"inline_container|PytorchStreamWriter|file write failed|unexpected pos")  # torch.save
+
+
+def storage_failure(error: BaseException, folder: str) -> OSError | None:
+    """``error`` as an ``OSError`` with its errno when it means the disk is full, a quota or a
+    file-size limit was hit while writing into ``folder``; None for anything else.
+
+    Writers report it differently: Python as ``OSError``, safetensors as ``SafetensorError(...
+    (os error 28))``, ``torch.save`` as a ``RuntimeError`` that has lost the errno (then the
+    filesystem is asked: less than 1 MiB free, or a file in ``folder`` at the file-size limit)."""
+    code = None
+    if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+        code = error.errno
+    elif (m := _OS_ERROR.search(str(error))) and int(m.group(1)) in STORAGE_ERRNOS:
+        code = int(m.group(1))
+    elif isinstance(error, RuntimeError) and _ERRNO_LOST.search(str(error)):
+        code = _storage_state(folder)
+    return None if code is None else OSError(code, os.strerror(code))
+
+
+def _storage_state(folder: str) -> int | None:
+    import resource
+
+    with contextlib.suppress(OSError):
+        vfs = os.statvfs(folder)
+        if vfs.f_bavail * vfs.f_frsize < (1 << 20):
+            return errno.ENOSPC
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and os.path.isdir(folder):
+        with contextlib.suppress(OSError):
+            if any(entry.stat(follow_symlinks=False).st_size >= limit for entry in os.scandir(folder)):
+                return errno.EFBIG
+    return None
 
 
 def exchange(a: str, b: str) -> bool:

@@ -12,7 +12,7 @@ from typing import Any, Iterable
 from gallop_kernels.errors import signals_deferred
 from gallop_kernels.finetune.rundir.files import (
     RunFolderError, exchange, folder_lock, fsync_dir, link_or_copy, lstat_or_none, open_regular, remove_run_tree,
-    remove_tree, walk_tree, write_atomic, write_json_atomic,
+    remove_tree, storage_failure, walk_tree, write_atomic, write_json_atomic,
 )
 from gallop_kernels.finetune.rundir.plan import (
     LOCK_FILE, STAGING_SUFFIX, RunPlan, inspect_output, listing, staging_path, take_lock,
@@ -251,6 +251,29 @@ class RunFolder:
             fsync_dir(os.path.join(self.path, rel))
 
     # -- the Trainer's side -----------------------------------------------------------------------
+
+    def trainer_class(self, base: type) -> type:
+        """``base`` (a ``Trainer`` class) whose checkpoint saves fail with one ``OSError`` (errno
+        and the checkpoint named) when the disk is full or a size limit is hit, instead of each
+        writer's own error; the partial checkpoint is removed (it was never sealed, so nothing
+        could resume from it), and the sealed ones before it stay for ``--resume last``."""
+
+        class SavesChecked(base):
+            def _save_checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+                try:
+                    return super()._save_checkpoint(*args, **kwargs)
+                except Exception as error:
+                    path = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+                    failure = storage_failure(error, path)
+                    if failure is None:
+                        raise
+                    with contextlib.suppress(OSError):
+                        unseal_checkpoint(path)
+                    raise OSError(failure.errno, f"cannot save checkpoint {path}: {failure.strerror} (a full disk, "
+                                  "a quota or a file-size limit); the partial checkpoint was removed") from None
+
+        SavesChecked.__name__ = SavesChecked.__qualname__ = base.__name__
+        return SavesChecked
 
     def callback(self) -> Any:
         """A ``TrainerCallback`` that seals every checkpoint once the Trainer has written it, clears
