@@ -2,7 +2,7 @@
 
 One safetensors file (`docs/design.md#delta-format`). Per trained tensor ``name``:
 
-- ``{name}::indices``: sorted unique flat indices (`reference.index_dtype`),
+- ``{name}::indices``: sorted unique flat indices (`rules.index_dtype`),
 - ``{name}::values``: version 2: the *differences* trained − base at those entries (float32, or
   float64 where float32 cannot give back every trained value exactly); version 1: the trained
   values themselves, in the parameter's dtype,
@@ -42,7 +42,7 @@ import torch
 
 from gallop_kernels import bounded_json
 from gallop_kernels.delta.fingerprint import SAMPLE_DTYPES, BaseSample, digest
-from gallop_kernels.reference import SCORE_NAMES
+from gallop_kernels.rules import SCORE_NAMES
 from gallop_kernels.rules import check_index_set
 
 FORMAT = "gallop-delta"

@@ -24,8 +24,7 @@ from gallop_kernels.finetune.data import CHAT_TEMPLATE_MODES, DEFAULT_MAX_LINE_B
 from gallop_kernels.finetune.rundir import check_output
 from gallop_kernels.integrations.targets import ALL_LINEAR
 from gallop_kernels.optim.validation import FLOAT32_MAX  # (the optimizer computes in float32: beyond is inf)
-from gallop_kernels.reference import SCORE_NAMES
-from gallop_kernels.rules import check_score
+from gallop_kernels.rules import SCORE_NAMES, check_score
 
 CONFIG_FILE = "finetune_config.json"
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
