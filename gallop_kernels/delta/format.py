@@ -42,8 +42,7 @@ import torch
 
 from gallop_kernels import bounded_json
 from gallop_kernels.delta.fingerprint import SAMPLE_DTYPES, BaseSample, digest
-from gallop_kernels.rules import SCORE_NAMES
-from gallop_kernels.rules import check_index_set
+from gallop_kernels.rules import SCORE_NAMES, check_index_set
 
 FORMAT = "gallop-delta"
 VERSION = "3"
