@@ -201,32 +201,34 @@ class RunFolder:
             names = sorted({*os.listdir(self.path), RUN_FILE} - {LOCK_FILE})
             self._write_record(self.path, status="complete",
                                replaces=now.record["run_id"] if now.kind == "run" else None, files=names)
+            swapped = False  # whether self.path no longer holds this run
             try:
                 with signals_deferred():  # SIGINT/SIGTERM wait until the output is the new run
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(os.path.join(self.path, LOCK_FILE))  # the fd keeps the lock until released
                     if now.kind in ("missing", "empty"):
                         os.rename(self.path, plan.output)  # rename(2) replaces an empty folder
+                        swapped = True
                     else:
                         old = trash_path(self.path)
                         if exchange(self.path, plan.output):
+                            swapped = True
                             os.rename(self.path, old)  # the replaced run, under a name no run reads
                         else:
                             os.rename(plan.output, old)
                             try:
                                 os.rename(self.path, plan.output)
+                                swapped = True
                             except OSError:
                                 os.rename(old, plan.output)  # put the finished run back
                                 old = None
                                 raise
                     fsync_dir(os.path.dirname(plan.output))
                     self.published = True
-            except KeyboardInterrupt as interrupt:
-                if self.published:
-                    interrupt.add_note(f"the run was published in {plan.output} before the interrupt took effect")
-                raise
-            except BaseException:
-                if not self.published and os.path.isdir(self.path):  # not a complete run: continue it, never publish it
+            except BaseException as error:
+                if isinstance(error, KeyboardInterrupt) and self.published:
+                    error.add_note(f"the run was published in {plan.output} before the interrupt took effect")
+                elif not swapped:  # still ours and not published: a run to continue, never to publish later
                     with contextlib.suppress(OSError):
                         self._write_record(self.path, status="running")
                 raise
