@@ -702,3 +702,34 @@ def test_any_edit_of_an_adapter_config_is_refused_or_consistent(valid, adapter_f
         assert all(adapter.config[k] == v for k, v in described(valid).items())
     finally:
         path.write_text(original)
+
+
+@settings(max_examples=150, **SETTINGS)
+@given(data=st.data())
+def test_any_edit_of_a_reserved_key_is_refused(valid, tmp_path, data):
+    """A property over delta metadata: a saved version-3 file with one reserved key set to another
+    value (random text, JSON fragments, deep nesting, huge numbers) or removed is refused by
+    load_delta with ValueError, and applying it leaves the model unchanged."""
+    key = data.draw(st.sampled_from(sorted(k for k in RESERVED_KEYS if k != "format")), label="key")
+    value = data.draw(st.one_of(
+        st.none(), st.text(max_size=30), st.sampled_from(["[" * 5000, "1" * 500, "nan", "1e999", "{}", "2", "1",
+                                                          '{"0.weight": "Linear"}', "absolute", "difference"])),
+        label="value")
+    tensors, meta = _file_parts(valid, tmp_path)
+    if value is None:
+        if key not in meta:
+            return
+        meta.pop(key)
+    else:
+        if meta.get(key) == value:
+            return
+        meta[key] = value
+    path = tmp_path / "edited.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(ValueError):
+        load_delta(path)
+    model = mlp()
+    snap = snapshot(model)
+    with pytest.raises(ValueError):
+        apply_delta(model, path)
+    assert_unchanged(model, snap)
