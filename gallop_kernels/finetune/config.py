@@ -436,8 +436,9 @@ def check_options(config: FinetuneConfig) -> None:
             raise ValueError(f"{OPTION_BY_NAME[name].flag} must be one of {', '.join(choices)}, "
                              f"got {getattr(config, name)!r}")
     report_targets(config.report_to)
-    if (not isinstance(config.target_modules, (str, list)) or not config.target_modules
-            or (isinstance(config.target_modules, list) and not all(isinstance(t, str) for t in config.target_modules))):
+    targets = config.target_modules
+    if (not isinstance(targets, (str, list)) or not targets
+            or (isinstance(targets, list) and not all(isinstance(t, str) for t in targets))):
         raise ValueError(f"--target-modules must be 'all-linear', a regular expression or a list of names, "
                          f"got {config.target_modules!r}")
     for name in ("output", "resume"):

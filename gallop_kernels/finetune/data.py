@@ -522,7 +522,8 @@ def encode_records(records: Sequence[Record], tokenizer: Any, max_length: int = 
     """Tokenize every record (see the module doc for the formats and ``chat_template``).
 
     Every text is first cut to what ``max_length`` tokens can cover (`char_budget`), so a huge
-    line costs the tokenizer little. Examples whose trained tokens are all cut off by ``max_length`` are skipped (listed in
+    line costs the tokenizer little. Examples whose trained tokens are all cut off by
+    ``max_length`` are skipped (listed in
     ``skipped``); ``DataError`` when a record cannot be encoded (naming its line) or none is left.
     """
     if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:

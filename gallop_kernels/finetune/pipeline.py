@@ -302,7 +302,8 @@ def run_finetune(config: FinetuneConfig, out: TextIO | None = None) -> FinetuneR
 
         with user_input(ValueError, TypeError, OSError, ModelUnavailable):
             data = prepare(config)
-            notes = rundir.finish_interrupted_publish(config.output, (*RESULT_FILES, LOSS_LOG)) if is_main_process() else []
+            notes = (rundir.finish_interrupted_publish(config.output, (*RESULT_FILES, LOSS_LOG))
+                     if is_main_process() else [])  # (what a killed run left on this output)
             plan = rundir.plan_run(config, loss_log=LOSS_LOG, result_files=RESULT_FILES)
         for note in [*notes, *plan.notes]:
             print(f"gallop finetune: note: {note}", file=sys.stderr)
