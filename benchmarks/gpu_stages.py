@@ -31,9 +31,10 @@ GPU_TEST_FILES = ("tests/test_select_triton.py", "tests/test_select_score_kernel
                   "tests/test_adamw_8bit.py",
                   "tests/test_sparse_adamw.py", "tests/test_select_streaming.py",
                   "tests/test_state_dict.py", "tests/test_lean.py")
-# the dry run: one small interpreted kernel test of each op
+# the dry run: small interpreted kernel tests of each op that hold on every supported Triton's
+# interpreter (before 3.9 it rounds tl.fma twice, so the step's bit-for-bit tests need 3.9's)
 DRY_TESTS = ("tests/test_select_triton.py::test_every_dtype_pair",
-             "tests/test_adamw_triton.py::test_compact_gradients")
+             "tests/test_adamw_8bit.py::test_8bit_tracks_32bit_closely")
 MEMORY_METHODS = ("sparse-lean", "sparse-4bit-delta", "adamw", "sparse-lean-8bit", "sparse",
                   "adamw8bit", "lora")
 # what a memory row or a baseline needs beyond the core (the lent image has neither bitsandbytes
@@ -125,7 +126,7 @@ def stage_compile(run: Run, stage: Stage) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     res = run.subprocess(cmd, "compile.log", env=env)
-    text = (run.out / "compile.log").read_text(errors="replace")
+    text = (run.out / "compile.log").read_text(errors="replace").rsplit("\n# $ ", 1)[-1]
     import json
 
     rows = [json.loads(ln) for ln in text.splitlines() if ln.startswith('{"kernel"')]
