@@ -33,6 +33,8 @@ class TritonStages:
         self.levels = len(self.plan.digits)
         self.state0 = self.state.clone()
         self.cnt_gt0 = self.plan.cnt_gt.clone()
+        self.state1 = self.state.clone()  # after level 0 (the sampled shape decides there)
+        self.cnt_gt1 = self.plan.cnt_gt.clone()
         self.state_final = self.state.clone()
         self.cnt_gt_final = self.plan.cnt_gt.clone()
         self.out = torch.empty(self.k, dtype=self.plan.index_dtypes[0], device=theta.device)
@@ -40,17 +42,23 @@ class TritonStages:
     # ---- the timed stages ----------------------------------------------------------------------
 
     def score_histogram(self) -> None:
-        """Kernel 1: pass 0 (reads θ and g once, histograms the top digit)."""
+        """Kernel 1: pass 0 (reads θ and g once, histograms the top digit). In the sampled shape
+        (``self.plan.shape``): level 0's sample, window pass, check and candidate histogram."""
         self.state.copy_(self.state0)
         self.plan.cnt_gt.copy_(self.cnt_gt0)
         self.hist[0].zero_()
+        self.plan.clear_level(0)
         self.plan.histogram_pass(0, self.state, self.hist[0])
+        self.state1.copy_(self.state)
+        self.cnt_gt1.copy_(self.plan.cnt_gt)
 
     def radix_select(self) -> None:
         """Kernel 2: bucket choice after pass 0 and the refining passes, to the exact threshold."""
-        self.state.copy_(self.state0)
-        self.plan.cnt_gt.copy_(self.cnt_gt0)
+        self.state.copy_(self.state1)
+        self.plan.cnt_gt.copy_(self.cnt_gt1)
         self.hist[1:].zero_()
+        for level in range(1, self.levels):
+            self.plan.clear_level(level)
         for level in range(self.levels):
             if level > 0:
                 self.plan.histogram_pass(level, self.state, self.hist[level])

@@ -144,7 +144,8 @@ def compile_for(launch: Launch, arch: int):
     from triton import knobs
 
     kwargs = {**launch.constexprs, **launch.options}
-    # the three options JITFunction.run adds before binding
+    # the options JITFunction.run adds before binding: debug, and the compilation knobs this
+    # Triton has (fpsan_homomorphic_casts only from 3.9: feature-tested, never version-read)
     kwargs["debug"] = kwargs.get("debug", kernel.debug) or knobs.runtime.debug
     for name in ("instrumentation_mode", "fpsan_homomorphic_casts"):
         if hasattr(knobs.compilation, name):
@@ -169,16 +170,10 @@ def histogram_uses_ballots(arch: int | None = None) -> bool:
     3.7) rather than through shared-memory atomics (3.8 on). Found by compiling a 64-bin
     histogram to LLVM IR for the current GPU (or ``sm_<arch>``, default 90, without one) and
     looking for the ballot. Needs no GPU; not under TRITON_INTERPRET."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def probe(x_ptr, out_ptr):
-        offs = tl.arange(0, 128)
-        tl.store(out_ptr + tl.arange(0, 64), tl.histogram(tl.load(x_ptr + offs), 64))
+    from gallop_kernels.ops._triton.probe import histogram_probe
 
     x = torch.zeros(128, dtype=torch.int32)
-    launch = Launch(probe, (1,), (x, torch.zeros(64, dtype=torch.int32)), {})
+    launch = Launch(histogram_probe, (1,), (x, torch.zeros(64, dtype=torch.int32)), {})
     if arch is None and torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
         arch = major * 10 + minor

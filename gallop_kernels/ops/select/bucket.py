@@ -16,6 +16,13 @@ reads the prefix chosen by the previous one without a host round trip:
     S_CAP_LOCAL  this buffer's capacity (no write beyond it, whatever the data)
     S_SEED_MIX   lowbias32(seed) for the random score
     S_TILES      number of tiles of the group (per-tile arrays are this long)
+    S_LO, S_HI   the range of key prefixes the next capture pass captures (S_HI = -1: everything
+                 from S_LO up), at that pass's granularity (its HI_MASK)
+    S_WRITE      0: that pass only counts (the sampled shape's one-digit guess too big to store)
+    S_TOTAL      entries of the whole group (the sample's counts are scaled by it)
+    S_SKIP       1: the window check decided this level's bucket; its bucket choice keeps it
+    S_MISS       1: the window check missed; the level's exact histogram is taken over θ and g
+    S_SAMPLE     the sample's stride in tiles (sampled shape)
 
 Candidates (AIR top-k's rule, adapted): once the entries at or above the chosen bucket number at
 most S_CAP (typical at small densities: the 11-bit first digit leaves a bucket of ~0.1% of N),

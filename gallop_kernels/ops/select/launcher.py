@@ -26,6 +26,12 @@ over the tiles of several tensors, so a pass with nothing to do costs ~SM-count 
      digit from θ and g.
    * NaN/inf scores land in the top (or, signed, the bottom) bins of pass 0: their count comes
      with the one host sync; only then are they counted per tensor, to name the parameter.
+   * Two code shapes (``resolve_shape``; `docs/design.md#kernels`): "radix" as above, and
+     "sampled" where Triton lowers ``tl.histogram`` through warp ballots (3.6, 3.7): each level
+     histograms every SAMPLE_STRIDE-th tile, one full pass captures (or counts) the range that
+     sample points at, and its exact counts keep the capture, decide the level, or send it to
+     the exact histogram. Both are exact; sharded, the sample's histogram and the window pass's
+     counts are all_reduce'd too.
 2. Compaction counts per tile (above / equal to the threshold), scanned with torch.cumsum into
    each tile's output position and tie quota: ties go to the lowest global flat indices, per
    tensor and per rank in global order (all-gathered (offset, tie count) pairs when sharded).
@@ -482,6 +488,11 @@ class SelectionPlan:
                 step()
             elif reduce is not None:
                 reduce(sums[step])
+
+    def clear_level(self, level: int) -> None:
+        """Zero the sampled shape's sums of ``level`` (to run its histogram pass again)."""
+        self.shist[level, :BINS].zero_()
+        self.wcount[level].zero_()
 
     def bad_count(self, hist) -> torch.Tensor:
         """NaN/inf scores of the group (summed over ranks), as a one-element device tensor:
