@@ -315,10 +315,16 @@ def calibrate_dataset(
     autocast_dtype: torch.dtype | None = None,
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     collective: Collective | None | str = "auto",
+    units: Callable[[Any], int] | None = None,
 ) -> int:
     """Accumulate the mean loss gradient over a seeded ``fraction`` of ``dataset`` into ``sink``.
 
-    Each batch's loss is weighted by its share of the calibration examples. Under several ranks
+    Each batch's loss is weighted by its share of the calibration *units*: what the loss is a
+    mean over. By default a unit is an example; ``units(batch)`` counts them in a collated batch
+    instead (e.g. label tokens, `integrations.transformers.label_token_units`, when the loss is
+    the mean over a batch's label tokens). Then the gradient is the mean over every unit of the
+    subset, whatever ``batch_size`` and number of ranks cut it into batches: the same examples
+    select the same entries (to float rounding) under any micro-batching. Under several ranks
     (``collective``; ``"auto"``: `default_collective`, ``None``: this process alone) each rank
     takes its share of the examples and the sums are reduced, so every rank ends with the same
     mean; a sink that cannot be reduced is refused before any batch runs. A DDP-wrapped
@@ -359,25 +365,61 @@ def calibrate_dataset(
         scale = float(mesh_size)
         most = -(-len(indices[0::world]) // batch_size)
         chunks += [[]] * (most - len(chunks))
+    counts, total_units = _count_units(chunks, units, total, dataset, collate_fn, collective, world)
+    # A batch without units (every label ignored) has no mean loss (0/0): one that has units runs
+    # in its place with weight 0 (under FSDP2 every rank must run every forward).
+    stand_in = next((c for c, n in zip(chunks, counts) if n), indices[:1])
 
-    def weighted_loss(chunk: list[int]) -> torch.Tensor:
-        share = len(chunk) / total
-        inputs = _to_device(collate_fn([dataset[i] for i in (chunk or indices[:1])]), device)
+    def weighted_loss(item: tuple[list[int], int]) -> torch.Tensor:
+        chunk, n_units = item
+        inputs = _to_device(collate_fn([dataset[i] for i in (chunk if n_units else stand_in)]), device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             loss = loss_fn(model, inputs)
-        return loss.float() * (share * scale)
+        return loss.float() * (n_units / total_units * scale)
 
     was_training = model.training
     model.train()
     try:
         with forked_rng(device), _no_sync(model):
             if chunks:
-                accumulate(sink, chunks, weighted_loss, average=False)
+                accumulate(sink, list(zip(chunks, counts)), weighted_loss, average=False)
         if mesh_size is None:
             reduce_gradients(sink, collective)
     finally:
         model.train(was_training)
     return total
+
+
+def _count_units(
+    chunks: list[list[int]], units: Callable[[Any], int] | None, examples: int, dataset: Any,
+    collate_fn: Callable[[list[Any]], Any], collective: Collective | None, world: int,
+) -> tuple[list[int], int]:
+    """Per batch its units, and the total over every rank's batches.
+
+    Examples by default (the total is the subset's size, known to every rank); else
+    ``units`` of each collated batch, summed over the ranks by one all-reduce, which also
+    carries a bad count from any rank, so that every rank raises alike."""
+    if units is None:
+        return [len(c) for c in chunks], examples
+    counts, bad = [], None
+    for c in chunks:
+        value = units(collate_fn([dataset[i] for i in c])) if c else 0
+        count = int(value.item()) if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            bad, count = value, 0
+        counts.append(count)
+    summed = torch.tensor([sum(counts), int(bad is not None)], dtype=torch.int64)
+    if collective is not None and world > 1:
+        collective.all_reduce_sum_(summed)
+    total, bad_ranks = (int(v) for v in summed)
+    if bad_ranks:
+        raise ValueError(f"units(batch) must return a count >= 0; got {bad!r} here"
+                         if bad is not None else
+                         f"units(batch) returned a bad count on {bad_ranks} other rank(s)")
+    if total == 0:
+        raise ValueError("no calibration batch has anything to average over: every label of the "
+                         "calibration examples is ignored (-100)")
+    return counts, total
 
 
 def _no_sync(model: nn.Module) -> contextlib.AbstractContextManager:
