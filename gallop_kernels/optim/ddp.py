@@ -28,8 +28,9 @@ the step raises rather than let the ranks diverge.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -88,6 +89,10 @@ class DDPExchange:
                     f"optimizer: give them to SparseAdamW, freeze them, or call "
                     f"opt.attach_ddp(model, mode='comm_hook') (DDP keeps averaging everything)")
             self.module.require_backward_grad_sync = False
+            # ...and before every later forward: no_sync() restores the flag it found when its
+            # block ends, which would turn DDP's dense all-reduce back on (the usual gradient
+            # accumulation loop runs every micro-batch but the last under no_sync()).
+            self._keep_off = self.module.register_forward_pre_hook(_sync_off)
         self.active = True
 
     def _all_reduce_mean(self, tensors: list[torch.Tensor]) -> None:
@@ -129,8 +134,14 @@ class DDPExchange:
 
     def detach(self) -> None:
         if self.mode == "compact" and self.active:
+            self._keep_off.remove()
             self.module.require_backward_grad_sync = True
         self.active = False
+
+
+def _sync_off(module: Any, args: Any) -> None:
+    """Forward pre-hook of a DDP module in compact mode: its backward must not all-reduce."""
+    module.require_backward_grad_sync = False
 
 
 def _comm_hook(exchange, bucket):  # (no annotations: DDP checks them against its own types)
@@ -224,6 +235,37 @@ def exchange(optimizer: Any) -> Callable[[list[torch.Tensor]], None] | None:
     if optimizer._lean is not None:
         ex.exchange(optimizer)
     return ex.mean if ex.mode == "compact" else None
+
+
+@contextlib.contextmanager
+def sync_paused(optimizer: Any) -> Iterator[list[Any]]:
+    """Within the block, DDP modules that hold the optimizer's params do not all-reduce in the
+    backward pass (as under ``no_sync()``): phase one sums the gradients once itself. Yields the
+    list of such DDP modules seen running (the attached one first); their flags are restored."""
+    found: dict[int, tuple[Any, bool]] = {}
+    ours = _params_of(optimizer)
+
+    def pause(ddp: Any) -> None:
+        if id(ddp) not in found:
+            found[id(ddp)] = (ddp, ddp.require_backward_grad_sync)
+            ddp.require_backward_grad_sync = False
+
+    def on_forward(module: Any, args: Any) -> None:
+        ddp = getattr(_ddp_class(), "_active_ddp_module", None)
+        if ddp is not None and id(ddp) not in found and ours & {id(p) for p in ddp.module.parameters()}:
+            pause(ddp)  # (inside DDP's forward, before it prepares its backward)
+
+    if optimizer._ddp is not None:
+        pause(optimizer._ddp.module)
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(on_forward)
+    modules = [m for m, _ in found.values()]
+    try:
+        yield modules
+    finally:
+        handle.remove()
+        modules[:] = [m for m, _ in found.values()]
+        for ddp, flag in found.values():
+            ddp.require_backward_grad_sync = flag
 
 
 _PENDING: "weakref.WeakSet[Any]" = weakref.WeakSet()
