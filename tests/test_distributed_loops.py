@@ -167,6 +167,71 @@ def case_calibrate_fsdp2_uneven_batches_refused_everywhere(ctx):
     assert not opt.is_selected()
 
 
+# ----------------------------------------------------------------------------------------------
+# Misuse: one rank does something else
+# ----------------------------------------------------------------------------------------------
+
+
+def _ddp_after_backward(lean: bool = False, steps_together: int = 0):
+    """DDP, SparseAdamW, ``steps_together`` steps on every rank, then one more backward."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from gallop_kernels import SparseAdamW
+
+    model = mlp()
+    ddp = DDP(model)
+    opt = SparseAdamW(model.named_parameters(), density=0.2, lean=lean)
+    x, y = batch(0)
+    for _ in range(steps_together + 1):
+        _mse(ddp, x, y).backward()
+        if _ < steps_together:
+            opt.step()
+            opt.zero_grad()
+    return model, opt
+
+
+def case_step_on_rank_zero_only(ctx):
+    """``if rank == 0: opt.step()``: rank 0 fails within GALLOP_RANKS_TIMEOUT_S, naming the
+    ranks that did not come, and changes nothing; the first step (selection) and a lean step
+    (the kept entries' all-reduce) alike."""
+    for lean, together in ((False, 0), (True, 1)):
+        model, opt = _ddp_after_backward(lean, together)
+        selected = opt.num_selected
+        if ctx.rank == 0:
+            message = _raised(opt.step, RuntimeError)
+            others = ", ".join(f"rank {r}" for r in range(1, ctx.world))
+            assert f"rank 0 waited {RANKS_TIMEOUT_S} s in step()" in message, message
+            assert others in message and "last optimizer call it met in" in message, message
+            assert opt.num_selected == selected and opt.is_selected() == bool(together)
+
+
+def case_ranks_in_different_calls(ctx):
+    """Rank 0 steps while the others select: every rank raises the same error, naming both."""
+    from gallop_kernels.optim.rendezvous import RanksDisagree
+
+    model, opt = _ddp_after_backward()
+    message = _raised(opt.step if ctx.rank == 0 else opt.select, RanksDisagree)
+    every = ctx.all_same(message)
+    assert len(set(every)) == 1, every
+    assert "rank 0: step()" in every[0] and "rank 1: select()" in every[0], every[0]
+    assert not opt.is_selected()
+    # Called alike again, the ranks go on.
+    opt.step()
+    assert opt.is_selected()
+
+
+def case_calibrate_on_rank_zero_only(ctx):
+    from gallop_kernels import SparseAdamW, calibrate
+
+    model = mlp()
+    opt = SparseAdamW(model.named_parameters(), density=0.2)
+    if ctx.rank == 0:
+        message = _raised(lambda: calibrate(opt, _calibration_batches(2), lambda b: _mse(model, *b)),
+                          RuntimeError)
+        assert "calibrate()" in message and "rank 1" in message, message
+        assert not opt.is_selected()
+
+
 def _raised(fn, error) -> str:
     try:
         fn()
@@ -185,6 +250,9 @@ CASES = {
     "calibrate_fsdp2": case_calibrate_fsdp2,
     "calibrate_fsdp2_uneven_batches_refused_everywhere":
         case_calibrate_fsdp2_uneven_batches_refused_everywhere,
+    "step_on_rank_zero_only": case_step_on_rank_zero_only,
+    "ranks_in_different_calls": case_ranks_in_different_calls,
+    "calibrate_on_rank_zero_only": case_calibrate_on_rank_zero_only,
 }
 WORLD_3 = list(CASES)
 ENV = {"GALLOP_RANKS_TIMEOUT_S": str(RANKS_TIMEOUT_S)}

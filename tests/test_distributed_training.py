@@ -502,7 +502,8 @@ def case_refusals(ctx):
 
 
 def case_plain_dcp_of_per_rank_state_is_refused(ctx):
-    """torch's get/set_optimizer_state_dict + dcp keep one rank's ragged state: refused loudly."""
+    """torch's get/set_optimizer_state_dict + dcp keep one rank's ragged state: every rank
+    refuses, with the same error."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_optimizer_state_dict, set_optimizer_state_dict)
@@ -526,11 +527,10 @@ def case_plain_dcp_of_per_rank_state_is_refused(ctx):
     except ValueError as err:
         outcome = str(err)
     every = ctx.all_same(outcome)
-    assert any("distributed_checkpoint" in o or "no state" in o for o in every), every
-    # Whatever loaded must be this rank's own shard: never another rank's entries.
-    if outcome == "loaded" and fresh_opt.is_selected():
-        for p, q in zip(fresh.parameters(), model.parameters()):
-            assert torch.equal(fresh_opt.selected_indices(p), opt.selected_indices(q))
+    # Refused on every rank alike (DCP kept one rank's dicts, so only the others' checks fail
+    # by themselves: the refusal is made collective), and nothing loaded anywhere.
+    assert len(set(every)) == 1 and "distributed_checkpoint" in every[0], every
+    assert not fresh_opt.is_selected()
 
 
 # ----------------------------------------------------------------------------------------------

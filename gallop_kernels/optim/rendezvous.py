@@ -103,7 +103,12 @@ def together(call: str, groups: Iterable[Any] = (None,), outcome: str = "") -> d
         try:
             store.wait(keys, timedelta(seconds=wait))
         except Exception:  # noqa: BLE001 - DistStoreError / RuntimeError, by torch version
-            raise _missing(store, name, key, members, me, call, seq, wait) from None
+            error = _missing(store, name, key, members, me, call, seq, wait)
+            # The meeting did not take place: withdraw from it, so that the ranks that never
+            # came and this one still count their meetings alike.
+            store.delete_key(f"{key}/{me}")
+            _SEQUENCE[name] = seq - 1
+            raise error from None
         values = [v.decode() for v in store.multi_get(keys)]
         calls = {r: v.split("\n", 1)[0] for r, v in zip(members, values)}
         if len(set(calls.values())) > 1:
@@ -120,22 +125,20 @@ def together(call: str, groups: Iterable[Any] = (None,), outcome: str = "") -> d
 
 
 def agree(call: str, groups: Iterable[Any], error: BaseException | None) -> None:
-    """Make a refusal collective: meet (`together`), then raise on every rank if any rank
-    refused, with the message of the lowest such rank (and which ranks refused)."""
+    """Make a refusal collective: meet (`together`), then, if any rank refused, raise one error
+    on every rank: the lowest refusing rank's message, with the list of refusing ranks."""
     text = "" if error is None else f"{type(error).__name__}: {error}"
     posted = together(call, groups, outcome=text)
     refused = {r: t for r, t in sorted(posted.items()) if t}
     if not refused:
         if error is not None:
-            raise error
+            raise error  # (one process: nobody to agree with)
         return
-    if error is not None and len(refused) == len(posted):
-        raise error  # (every rank refused: each raises its own error)
     first_rank, first = next(iter(refused.items()))
     kind, _, message = first.partition(": ")
     cls = {"ValueError": ValueError, "TypeError": TypeError}.get(kind, RuntimeError)
-    raise cls(f"{call} was refused on rank(s) {sorted(refused)} (so every rank refuses it): "
-              f"rank {first_rank}: {message}")
+    raise cls(f"{call} was refused on rank(s) {sorted(refused)} of {sorted(posted)}, so on "
+              f"every rank: rank {first_rank}: {message}")
 
 
 def _missing(store: Any, name: str, key: str, members: Sequence[int], me: int, call: str,
