@@ -562,7 +562,7 @@ def _reduce_host_sums(opt: Any, sink: "HostGradients", used: int, mesh: int | No
         return used * mesh
     if world_size() == 1 or not opt.replica_check:
         return used
-    group = getattr(opt._ddp, "process_group", None)
+    group = getattr(opt.ddp_exchange, "process_group", None)
     if group is None and found:
         group = found[0].process_group
     rendezvous.together("calibrate()", [group])

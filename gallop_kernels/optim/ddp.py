@@ -258,8 +258,8 @@ def sync_paused(optimizer: Any) -> Iterator[list[Any]]:
         if ddp is not None and id(ddp) not in found and ours & {id(p) for p in ddp.module.parameters()}:
             pause(ddp)  # (inside DDP's forward, before it prepares its backward)
 
-    if optimizer._ddp is not None:
-        pause(optimizer._ddp.module)
+    if optimizer.ddp_exchange is not None:
+        pause(optimizer.ddp_exchange.module)
     handle = torch.nn.modules.module.register_module_forward_pre_hook(on_forward)
     modules = [m for m, _ in found.values()]
     try:
