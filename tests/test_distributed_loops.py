@@ -199,9 +199,9 @@ def case_step_on_rank_zero_only(ctx):
         selected = opt.num_selected
         if ctx.rank == 0:
             message = _raised(opt.step, RuntimeError)
-            others = ", ".join(f"rank {r}" for r in range(1, ctx.world))
-            assert f"rank 0 waited {RANKS_TIMEOUT_S} s in step()" in message, message
-            assert others in message and "last optimizer call it met in" in message, message
+            assert f"rank 0 waited {RANKS_TIMEOUT_S} s in step() #" in message, message
+            for r in range(1, ctx.world):
+                assert f"rank {r} (last optimizer call it met in" in message, message
             assert opt.num_selected == selected and opt.is_selected() == bool(together)
 
 

@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 
 from gallop_kernels.ops import backends
 from gallop_kernels.ops.adamw import AdamWHyper, sparse_adamw
-from gallop_kernels.optim import checkpoint, distributed, selection
+from gallop_kernels.optim import checkpoint, distributed, rendezvous, selection
 from gallop_kernels.optim.distributed import local
 from gallop_kernels.optim.lean import LeanGradients
 from gallop_kernels.optim.validation import (
@@ -148,6 +148,9 @@ class SparseAdamW(Optimizer):
         # caught from this metadata, without reading the (device) indices every step.
         self._selected_numel: dict[torch.Tensor, int] = {}
         self._lean = self._new_lean() if lean else None
+        # How many times each collective call was made (step, select, clip): ranks compare them
+        # when they meet (optim/rendezvous.py), so a step one rank skipped comes to light.
+        self._calls: dict[str, int] = {}
         super().__init__(params, defaults)
 
     def _new_lean(self) -> LeanGradients:
@@ -170,6 +173,7 @@ class SparseAdamW(Optimizer):
         state["_ddp"] = None  # a copy is not attached to the DDP module (attach_ddp again)
         state["replica_check"] = self.replica_check
         state["_group_shapes"] = self._group_shapes
+        state["_calls"] = dict(self._calls)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -181,6 +185,7 @@ class SparseAdamW(Optimizer):
         state.setdefault("replica_check", True)
         state.setdefault("_ddp", None)
         state.setdefault("last_grad_norm", None)
+        state.setdefault("_calls", {})
         super().__setstate__(state)
         if not hasattr(self, "_group_shapes") or len(self._group_shapes) != len(self.param_groups):
             self._group_shapes = [[tuple(p.shape) for p in g["params"]] for g in self.param_groups]
@@ -360,21 +365,28 @@ class SparseAdamW(Optimizer):
             gradients: optional ``{param: gradient}`` to score instead of ``.grad`` (may live on
                 another device, e.g. pinned host memory; it is streamed chunk by chunk).
         """
-        self._check_groups()
-        for i, group in enumerate(self.param_groups):
-            names = self._labels(i)
-            self._check_state(i, for_step=False)
-            for p, name in zip(group["params"], names):
-                if self._lean is not None and self._lean.gathered(p):
-                    raise ValueError(
-                        f"lean mode holds the gradient of parameter {name} gathered for the "
-                        f"current selection; call zero_grad() before select()"
-                    )
-                if gradients is None and p.grad is not None:
-                    check_grad(name, local(p), local(p.grad))
-        if gradients is not None:
-            self._check_gradients_mapping(gradients)
-        places = [self.placement(group) for group in self.param_groups]
+        call = self._count("select()")
+        error, groups = None, self._everyone()
+        try:
+            self._check_groups()
+            for i, group in enumerate(self.param_groups):
+                names = self._labels(i)
+                self._check_state(i, for_step=False)
+                for p, name in zip(group["params"], names):
+                    if self._lean is not None and self._lean.gathered(p):
+                        raise ValueError(
+                            f"lean mode holds the gradient of parameter {name} gathered for the "
+                            f"current selection; call zero_grad() before select()"
+                        )
+                    if gradients is None and p.grad is not None:
+                        check_grad(name, local(p), local(p.grad))
+            if gradients is not None:
+                self._check_gradients_mapping(gradients)
+            places = [self.placement(group) for group in self.param_groups]
+            groups = self._collective_groups(places)
+        except (ValueError, TypeError) as err:
+            error = err
+        self._agree(call, groups, error)
 
         plans = [
             selection.plan(group, self.state, self._names(i), self.backend,
@@ -405,6 +417,44 @@ class SparseAdamW(Optimizer):
                 raise ValueError(f"gradients has a key that is not a parameter of this optimizer "
                                  f"({what}); its keys must be the params themselves")
             check_grad(names[id(key)], local(key), grad, same_device=False)
+
+    def _count(self, call: str) -> str:
+        """``call`` numbered as the next of its kind (``"step() #3"``); `_agree` counts it once
+        the ranks have agreed to make it (a refused call did not take place)."""
+        return f"{call} #{self._calls.get(call, 0) + 1}"
+
+    def _collective_groups(self, places: Iterable[distributed.GroupPlacement],
+                           exchange: bool = False) -> list[Any]:
+        """The process groups whose collectives a call over these placements issues (shards
+        and, with the replica check, replicas), plus lean mode's DDP exchange if asked."""
+        if distributed.world_size() == 1:
+            return []
+        groups = []
+        for place in places:
+            if place.layout is not None:
+                groups.append(place.layout.collective.group)
+            if place.replicas is not None and self.replica_check:
+                groups.append(place.replicas)
+        if exchange and self._lean is not None and getattr(self._ddp, "active", False) \
+                and self._ddp.mode == "compact":
+            groups.append(self._ddp.process_group)
+        return groups
+
+    def _everyone(self) -> list[Any]:
+        """Whom to meet when a call is refused before its groups are known: the world, unless
+        the ranks train on their own (``replica_check=False``) or there is one process."""
+        return [None] if self.replica_check and distributed.world_size() > 1 else []
+
+    def _agree(self, call: str, groups: list[Any], error: BaseException | None) -> None:
+        """Before a call's collectives: under several ranks the ranks of ``groups`` meet, and a
+        refusal on any of them is raised on all (`optim/rendezvous.py`: no hang, one error);
+        in one process ``error`` is raised as it is."""
+        if groups:
+            rendezvous.agree(call, groups, error)
+        elif error is not None:
+            raise error
+        kind = call.split(" #")[0]
+        self._calls[kind] = self._calls.get(kind, 0) + 1
 
     def placement(self, group: dict) -> distributed.GroupPlacement:
         """Where the group's tensors live across ranks, resolved now (params may be swapped)."""
@@ -570,15 +620,29 @@ class SparseAdamW(Optimizer):
         The per-step checks read metadata only (options, shapes, dtypes, devices, the CPU step
         counters), never device data, so they cost no host synchronisation on a GPU; data
         checks live in load_state_dict and selection."""
-        self._check_groups()
-        # Lean mode under DDP: average the kept gradients over the ranks (what DDP would have
-        # done) before they are read; see optim/ddp.py.
-        replica_mean = self._exchange_gradients()
+        call = self._count("step()")
+        error, groups, replica_mean = None, self._everyone(), None
         steps: dict[torch.Tensor, float] = {}
-        for i, group in enumerate(self.param_groups):
-            steps.update(self._check_state(i, for_step="steps_since_selection" in group))
-            for p, name in zip(group["params"], self._labels(i)):
-                self._check_step_gradient(name, p)
+        hook_exchange = getattr(self._ddp, "mode", None) == "comm_hook"
+        try:
+            self._check_groups()
+            if hook_exchange:  # (DDP's hook averaged already; nothing collective here)
+                replica_mean = self._exchange_gradients()
+            for i, group in enumerate(self.param_groups):
+                steps.update(self._check_state(i, for_step="steps_since_selection" in group))
+                for p, name in zip(group["params"], self._labels(i)):
+                    self._check_step_gradient(name, p)
+            due = [self.placement(g) for g in self.param_groups if self._due(g) is not None]
+            groups = self._collective_groups(due, exchange=True)
+        except (ValueError, TypeError) as err:
+            error = err
+        # Under several ranks, the ranks whose collectives this step issues meet first, and a
+        # refusal is every rank's (optim/rendezvous.py; docs/design.md#distributed).
+        self._agree(call, groups, error)
+        if not hook_exchange:
+            # Lean mode under DDP: average the kept gradients over the ranks (what DDP would
+            # have done) before they are read; see optim/ddp.py.
+            replica_mean = self._exchange_gradients()
         return steps, replica_mean
 
     def _select_due(self, steps: dict[torch.Tensor, float],
@@ -702,7 +766,15 @@ class SparseAdamW(Optimizer):
             raise ValueError(f"max_norm must be >= 0, got {max_norm}")
         if math.isnan(norm_type) or norm_type <= 0:
             raise ValueError(f"norm_type must be > 0 (or inf), got {norm_type}")
-        self._check_groups()
+        call = self._count("clip_grad_norm_()")
+        error, groups = None, self._everyone()
+        try:
+            self._check_groups()
+            sharded = [place for place in map(self.placement, self.param_groups) if place.sharded]
+            groups = self._collective_groups(sharded, exchange=True)
+        except (ValueError, TypeError) as err:
+            error = err
+        self._agree(call, groups, error)
         if self._lean is None:
             params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite)
@@ -780,10 +852,18 @@ class SparseAdamW(Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        state_dict = distributed.check_shard_marks(state_dict, self.param_groups)
-        groups, state = checkpoint.prepare_load(
-            state_dict, self.param_groups, self._names, convert_layout
-        )
+        error, where = None, self._everyone()
+        try:
+            where = self._collective_groups(map(self.placement, self.param_groups))
+            state_dict = distributed.check_shard_marks(state_dict, self.param_groups)
+            groups, state = checkpoint.prepare_load(
+                state_dict, self.param_groups, self._names, convert_layout
+            )
+        except (ValueError, TypeError) as err:
+            error = err
+        # Under several ranks a load refused on some ranks is refused on all: the others would
+        # go on into the next collective and wait there for good (optim/rendezvous.py).
+        self._agree("load_state_dict()", where, error)
 
         # -- nothing has changed before this line --
         self.state = defaultdict(dict, state)
