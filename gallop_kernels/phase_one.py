@@ -44,6 +44,7 @@ from torch import nn
 
 from gallop_kernels.ops.collective import ProcessGroupCollective
 from gallop_kernels.optim.distributed import is_dtensor, local
+from gallop_kernels.optim.lean import HostGradientBuffer
 from gallop_kernels.optim.unwrap import unwrap_optimizer
 from gallop_kernels.rules import check_count, check_fraction
 
@@ -57,22 +58,6 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 # The host buffer and the sinks
 # ----------------------------------------------------------------------------------------------
-
-
-class HostGradientBuffer:
-    """An fp32 host tensor of one weight's shape that sums the dense gradients it is given.
-
-    Pinned when the weight lives on CUDA. :meth:`add` copies the gradient to the host; the caller
-    frees the device tensor right after, so the device never holds more than one. Host memory:
-    4 bytes per entry.
-    """
-
-    def __init__(self, shape: Sequence[int], device: torch.device) -> None:
-        pin = torch.device(device).type == "cuda"
-        self.sum = torch.zeros(tuple(shape), dtype=torch.float32, pin_memory=pin)
-
-    def add(self, grad: torch.Tensor) -> None:
-        self.sum.add_(grad.detach().to("cpu", torch.float32))
 
 
 class GradientSink:

@@ -98,6 +98,11 @@ def _no_sync_loop(ctx: Ranks, variant: str) -> None:
             last = i == len(mine) - 1
             with contextlib.nullcontext() if last else ddp.no_sync():
                 _mse(ddp, x, y).backward()
+        if step == 0 and opts.get("lean") and attach != "comm_hook":
+            # Before the first selection the gradients went to host buffers: no dense gradient
+            # of the model stays in .grad, and DDP averaged none of them (its sync is off).
+            assert all(p.grad is None for p in model.parameters()), "a dense .grad is left"
+            assert opt.ddp_exchange is not None and opt.ddp_exchange.mode == "compact"
         opt.step()
         opt.zero_grad()
     _same_everywhere(ctx, model)

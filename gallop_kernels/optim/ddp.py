@@ -34,7 +34,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from gallop_kernels.optim.distributed import local, world_size
+from gallop_kernels.ops.collective import ProcessGroupCollective
+from gallop_kernels.optim.distributed import is_dtensor, local, world_size
 
 MODES = ("compact", "comm_hook")
 
@@ -130,7 +131,26 @@ class DDPExchange:
         dense = [local(p.grad) for p in _plain_params(optimizer)
                  if p.grad is not None and p not in kept]
         self._all_reduce_mean(dense)
+        self._mean_host_sums(optimizer, lean)
         lean.fresh = False
+
+    def _mean_host_sums(self, optimizer: Any, lean: Any) -> None:
+        """Average the host sums of gradients that arrived before the first selection, one
+        tensor at a time (a tensor a rank did not reach counts as zeros there)."""
+        plain = [p for g in optimizer.param_groups if not optimizer.is_selected(g)
+                 for p in g["params"] if not is_dtensor(p)]
+        if not plain:  # (every group selected: no host sums anywhere)
+            return
+        here = lean.host_sums()
+        present = torch.tensor([int(p in here) for p in plain], dtype=torch.int64)
+        collective = ProcessGroupCollective(self.process_group)
+        collective.all_reduce_sum_(present)
+        for p, anywhere in zip(plain, present.tolist()):
+            if anywhere:
+                host = lean.ensure_host(p)
+                collective.all_reduce_sum_(host)
+                host.div_(self.world)
+                self.bytes_reduced += host.numel() * host.element_size()
 
     def detach(self) -> None:
         if self.mode == "compact" and self.active:
@@ -204,10 +224,15 @@ def new_exchange(optimizer: Any, module: Any, mode: str = "compact") -> DDPExcha
 
 def on_attached(optimizer: Any) -> None:
     """After the optimizer keeps a new exchange: stop looking for a DDP module, and take the
-    exchange over now if lean mode already holds a selection."""
+    exchange over now in compact mode (from the first backward: gradients that arrive before
+    the selection go to the host and are averaged here, so DDP never holds them) or, with a
+    communication hook, once lean mode holds a selection (DDP averages the dense gradient of
+    the first step)."""
     _PENDING.discard(optimizer)
-    if optimizer.lean_gradients is not None and optimizer.is_selected():
-        optimizer.ddp_exchange.activate()
+    exchange = optimizer.ddp_exchange
+    if optimizer.lean_gradients is not None and (exchange.mode == "compact"
+                                                 or optimizer.is_selected()):
+        exchange.activate()
 
 
 def expect_ddp(optimizer: Any) -> None:

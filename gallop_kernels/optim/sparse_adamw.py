@@ -152,9 +152,23 @@ class SparseAdamW(Optimizer):
         # when they meet (optim/rendezvous.py), so a step one rank skipped comes to light.
         self._calls: dict[str, int] = {}
         super().__init__(params, defaults)
+        if self._lean is not None:
+            from gallop_kernels.optim import ddp
+
+            ddp.expect_ddp(self)  # (under several ranks: before the first backward, see ddp.py)
 
     def _new_lean(self) -> LeanGradients:
-        return LeanGradients(lambda: self.state, self.reselection_due, self._gradients_arrived)
+        return LeanGradients(lambda: self.state, self.reselection_due, self._gradients_arrived,
+                             self._dense_before_selection)
+
+    def _dense_before_selection(self, param: torch.Tensor) -> bool:
+        """Whether lean mode must leave a gradient that arrives before ``param``'s first
+        selection in ``.grad`` instead of moving it to the host: when DDP still averages it
+        (several replicas, and no compact exchange has taken DDP's reduction over yet)."""
+        if distributed.is_dtensor(param) or not self.replica_check or distributed.world_size() == 1:
+            return False
+        exchange = self._ddp
+        return not (exchange is not None and exchange.active and exchange.mode == "compact")
 
     def _gradients_arrived(self) -> None:
         """New gradients make the last measured norm stale (lean hooks call this)."""
@@ -232,6 +246,8 @@ class SparseAdamW(Optimizer):
         if isinstance(options["betas"], list):
             options["betas"] = tuple(options["betas"])
         check_group_options(options, f"param group {len(self.param_groups)}")
+        distributed.check_state_bits(tensors, options["state_bits"],
+                                     f"param group {len(self.param_groups)}")
         super().add_param_group({**options, "params": params})
         self._group_shapes.append([tuple(p.shape) for p in tensors])
         for p in tensors:
@@ -286,6 +302,7 @@ class SparseAdamW(Optimizer):
                 raise TypeError(f"{where}: 'params' must be a list of tensors")
             names = self._labels(i)
             distributed.check_supported(params, names)
+            distributed.check_state_bits(params, group["state_bits"], where)
             self._check_swapped(i, params, names)
             check_params([local(p) for p in params], names)
             for p, name in zip(params, names):
@@ -333,6 +350,11 @@ class SparseAdamW(Optimizer):
         """The gradient this step will use for ``p``: lean mode's compact buffer, else ``.grad``."""
         if p.grad is not None:
             check_grad(name, local(p), local(p.grad))
+        if self._lean is not None and self._lean.on_host(p) and p.grad is not None:
+            raise ValueError(
+                f"lean mode moved the gradient of parameter {name} to the host before its first "
+                f"selection, and .grad was set since, not by backward: the step cannot use both; "
+                f"set gradients through backward(), or call zero_grad() first")
         if self._lean is not None and self._lean.gathered(p):
             if p.grad is not None:
                 raise ValueError(
@@ -390,7 +412,9 @@ class SparseAdamW(Optimizer):
 
         plans = [
             selection.plan(group, self.state, self._names(i), self.backend,
-                           from_accumulated=False, gradients=gradients, place=places[i])
+                           from_accumulated=False, place=places[i],
+                           gradients=gradients if gradients is not None
+                           else self._host_gradients(group))
             for i, group in enumerate(self.param_groups)
         ]
         # -- nothing has changed before this line --
@@ -469,6 +493,8 @@ class SparseAdamW(Optimizer):
         selection.apply(group, self.state, new_indices)
         for p in group["params"]:
             self._selected_numel[p] = local(p).numel()
+            if self._lean is not None:
+                self._lean.adopt_host(p)
         if (self._lean is not None and group["reselect_every"] is None
                 and getattr(self._ddp, "mode", None) != "comm_hook"):
             # (GMT re-selection scores every tensor's gradient, so nothing is frozen there; DDP
@@ -579,7 +605,9 @@ class SparseAdamW(Optimizer):
     def _due(self, group: dict) -> str | None:
         """Which selection a group needs before this step: "first", "reselect" or none."""
         if "steps_since_selection" not in group:
-            return "first" if any(p.grad is not None for p in group["params"]) else None
+            lean = self._lean
+            return "first" if any(p.grad is not None or (lean is not None and lean.on_host(p))
+                                  for p in group["params"]) else None
         every = group["reselect_every"]
         if every is not None and group["steps_since_selection"] >= every:
             return "reselect"
@@ -652,8 +680,9 @@ class SparseAdamW(Optimizer):
         due = {i: d for i, d in due.items() if d is not None}
         places = {i: self.placement(self.param_groups[i]) for i in due}
         first = [i for i, d in due.items() if d == "first"]
+        current = self._current_gradient
         if first and distributed.all_gradients_zero(
-            [(places[i], [local(p.grad) for p in self.param_groups[i]["params"]]) for i in first]
+            [(places[i], [current(p) for p in self.param_groups[i]["params"]]) for i in first]
         ):
             # torch's _init_optim_state (get/set_optimizer_state_dict) and DeepSpeed step once
             # with all-zero gradients to create state: selecting from them would pick arbitrary
@@ -664,6 +693,7 @@ class SparseAdamW(Optimizer):
             i: selection.plan(
                 self.param_groups[i], self.state, self._names(i), self.backend,
                 from_accumulated=(d == "reselect"), place=places[i], reduce=replica_mean,
+                gradients=self._host_gradients(self.param_groups[i]) if d == "first" else None,
             )
             for i, d in due.items()
         }
@@ -676,6 +706,18 @@ class SparseAdamW(Optimizer):
                 steps[p] = 0.0
         if plans:
             self._after_selection(plans, places)
+
+    def _current_gradient(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The gradient the next step reads for ``p`` (lean mode: compact, host sum or dense)."""
+        return self._lean.grad(p) if self._lean is not None else local(p.grad)
+
+    def _host_gradients(self, group: dict) -> dict[torch.Tensor, torch.Tensor] | None:
+        """Lean mode before a group's first selection: its gradients, the host sums where they
+        went there (streamed through the chunked select), else None (select from ``.grad``)."""
+        lean = self._lean
+        if lean is None or not any(lean.on_host(p) for p in group["params"]):
+            return None
+        return {p: lean.grad(p) for p in group["params"] if lean.grad(p) is not None}
 
     def _update_group(self, group: dict, steps: dict[torch.Tensor, float]) -> None:
         if not group["params"]:
