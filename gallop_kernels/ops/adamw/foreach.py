@@ -65,8 +65,9 @@ def _fp32_state(params, grads, states, hyper: AdamWHyper) -> None:
     torch._foreach_add_(denom, hyper.eps)
     torch._foreach_addcdiv_(w, m, denom, value=-lr / bias_correction1)
     for flat, idx, new in zip(flats, indices, w):
-        # (index_copy_ wants int64 indices; converting them costs less than indexing with int32)
-        flat.index_copy_(0, idx.to(torch.int64), new.to(flat.dtype))
+        # (int64 indices: converting them costs less than indexing with int32; index_put_ beat
+        # index_copy_ and put_ on a group of cold tensors, benchmarks/torch_step.py)
+        flat.index_put_((idx.to(torch.int64),), new.to(flat.dtype))
 
 
 def _selected_gradient(grad: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
