@@ -3,26 +3,32 @@
 Lean mode's post-accumulate-grad hook fires on each rank's *local* gradient, before DDP
 averages it; freeing that gradient would leave DDP averaging zeros, and freezing tensors after
 DDP was built makes DDP wait forever for their gradients ("Expected to have finished reduction").
-So once a selection exists, lean mode takes the exchange over from DDP, in one of two modes
-(``SparseAdamW.attach_ddp``; measured in ``benchmarks/ddp_lean.py``, see
+So lean mode takes the exchange over from DDP, in one of two modes (``SparseAdamW.attach_ddp``;
+measured in ``benchmarks/ddp_lean.py`` and ``benchmarks/distributed_memory.py``, see
 ``docs/design.md#distributed``):
 
-``"compact"`` (default): DDP's gradient synchronisation is switched off
-    (``require_backward_grad_sync = False``, what ``no_sync()`` does, for good); the hook gathers
-    the rank-local gradient into the compact buffer as in one process, and before the step (or
-    clipping) one all-reduce averages the concatenated compact buffers: ρ of DDP's traffic.
-    Dense gradients the step still reads (before a re-selection) and re-selection's accumulated
-    gradient are averaged the same way. Frozen tensors are fine: DDP expects nothing.
-``"comm_hook"``: DDP keeps its bucketed reduction, overlapped with the backward pass, but a
-    communication hook reduces only the selected entries of each bucket and hands them to the
-    compact buffers. DDP expects a gradient for every parameter it was built with, so nothing is
-    frozen, and DDP's buckets keep the dense gradient.
+``"compact"`` (default), from the first backward: DDP's gradient synchronisation is switched
+    off (``require_backward_grad_sync = False``, what ``no_sync()`` does; a forward pre-hook on
+    the DDP module sets it again before every forward, since ``no_sync()`` restores the flag it
+    found when its block ends). Before the first selection the hook moves each rank-local
+    gradient to a host buffer, and the first step averages those one tensor at a time before it
+    selects; after it the hook gathers the rank-local gradient into the compact buffer as in one
+    process, and before the step (or clipping) one all-reduce averages the concatenated compact
+    buffers: ρ of DDP's traffic. Dense gradients the step still reads (before a re-selection)
+    and re-selection's accumulated gradient are averaged the same way. Frozen tensors are fine:
+    DDP expects nothing, and DDP's buckets are never written.
+``"comm_hook"``, once a selection exists: DDP keeps its bucketed reduction, overlapped with the
+    backward pass, but a communication hook reduces only the selected entries of each bucket and
+    hands them to the compact buffers. DDP expects a gradient for every parameter it was built
+    with, so nothing is frozen, and DDP's buckets keep the dense gradient (the first step is
+    dense, as plain DDP's).
 
-Without ``attach_ddp`` lean mode finds its DDP module by itself: after a selection on plain
-params under several ranks, a forward pre-hook (removed once found) waits for the first forward
-that runs inside a ``DistributedDataParallel`` wrapping these params (DDP sets
-``_active_ddp_module`` during its forward) and attaches in ``"compact"`` mode before DDP
-prepares its backward. If gradients were gathered on several ranks and no DDP module was found,
+Without ``attach_ddp`` lean mode finds its DDP module by itself: when a lean optimizer is built
+on plain params under several ranks (and again after a selection), a forward pre-hook (removed
+once found) waits for the first forward that runs inside a ``DistributedDataParallel`` wrapping
+these params (DDP sets ``_active_ddp_module`` during its forward) and attaches in ``"compact"``
+mode before DDP prepares its backward. `sync_paused` switches DDP's synchronisation off for
+phase one (``gallop_kernels.calibrate``), which reduces the sums itself. If gradients were gathered on several ranks and no DDP module was found,
 the step raises rather than let the ranks diverge.
 """
 
@@ -75,7 +81,8 @@ class DDPExchange:
     # -- compact mode -----------------------------------------------------------------------
 
     def activate(self) -> None:
-        """Take the exchange over from DDP (once a selection exists)."""
+        """Take the exchange over from DDP (compact: from the first backward; comm_hook: once a
+        selection exists)."""
         if self.active:
             return
         opt = self._optimizer()
@@ -199,7 +206,7 @@ def _comm_hook(exchange, bucket):  # (no annotations: DDP checks them against it
 
 
 # ----------------------------------------------------------------------------------------------
-# Attaching: explicitly, or found at the first DDP forward after selection
+# Attaching: explicitly, or found at the first DDP forward
 # ----------------------------------------------------------------------------------------------
 
 
@@ -236,7 +243,8 @@ def on_attached(optimizer: Any) -> None:
 
 
 def expect_ddp(optimizer: Any) -> None:
-    """After a lean selection on plain params: activate the exchange, or look for DDP."""
+    """A lean optimizer built, or selected, on plain params: activate the exchange, or look for
+    DDP (under several ranks)."""
     if optimizer.ddp_exchange is not None:
         optimizer.ddp_exchange.activate()
         return

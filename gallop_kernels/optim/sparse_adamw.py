@@ -92,8 +92,12 @@ class SparseAdamW(Optimizer):
     Distributed training (`docs/design.md#distributed`): under DDP nothing changes (lean mode
     attaches to the DDP module by itself, see :meth:`attach_ddp`); under FSDP2 / HSDP
     (``fully_shard``) build the optimizer after sharding: the selection is the exact global one
-    (histograms summed over the shard dimension), the state is per shard, and
-    ``selected_indices`` / ``num_selected`` are this rank's (local) ones.
+    (histograms summed over the shard dimension), the state is per shard (fp32 moments: 8-bit
+    ones are refused on sharded params), and ``selected_indices`` / ``num_selected`` are this
+    rank's (local) ones. Every rank must make the same calls: before a call's collectives the
+    ranks meet (`optim/rendezvous.py`), and a rank that does not come, a rank in another call
+    or a refusal on some rank raises on every rank that came (within
+    ``GALLOP_RANKS_TIMEOUT_S``, default 300 s) instead of hanging.
     """
 
     def __init__(
@@ -758,13 +762,13 @@ class SparseAdamW(Optimizer):
         """Tell lean mode which ``DistributedDataParallel`` module averages its gradients.
 
         Lean mode under DDP needs it (plain mode does not): ``"compact"`` (default) turns DDP's
-        own gradient averaging off and all-reduces only the kept entries before each step (1/ρ
-        of DDP's traffic; tensors with no selected entry are frozen, which DDP built first would
-        otherwise refuse); ``"comm_hook"`` keeps DDP's bucketed, overlapped reduction but
-        registers a communication hook that reduces only the kept entries (nothing is frozen:
-        DDP expects every gradient). Without this call, lean mode attaches to the first DDP
-        module that runs a forward pass over its params after selection (in ``"compact"``
-        mode). See `optim/ddp.py` and ``docs/design.md#distributed``.
+        own gradient averaging off from the first backward and all-reduces only the kept entries
+        before each step (ρ of DDP's traffic; the first step's host sums before it selects;
+        tensors with no selected entry are frozen, which DDP built first would otherwise
+        refuse); ``"comm_hook"`` keeps DDP's bucketed, overlapped reduction but registers a
+        communication hook that reduces only the kept entries (nothing is frozen: DDP expects
+        every gradient). Without this call, lean mode attaches to the first DDP module that runs
+        a forward pass over its params (in ``"compact"`` mode). See `optim/ddp.py` and ``docs/design.md#distributed``.
         """
         from gallop_kernels.optim import ddp
 
