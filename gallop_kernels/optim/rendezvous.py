@@ -18,6 +18,7 @@ one store key per rank and group stays behind. The timeout is ``GALLOP_RANKS_TIM
 
 from __future__ import annotations
 
+import math
 import os
 from datetime import timedelta
 from typing import Any, Iterable, Sequence
@@ -42,8 +43,9 @@ def timeout_s() -> float:
         value = float(raw) if raw is not None else DEFAULT_TIMEOUT_S
     except ValueError:
         raise ValueError(f"GALLOP_RANKS_TIMEOUT_S must be a number of seconds, got {raw!r}") from None
-    if not value > 0:
-        raise ValueError(f"GALLOP_RANKS_TIMEOUT_S must be > 0, got {raw!r}")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"GALLOP_RANKS_TIMEOUT_S must be a finite number of seconds > 0, "
+                         f"got {raw!r}")
     return value
 
 
