@@ -34,38 +34,29 @@ import gc
 import json
 import os
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
-from benchmarks.ddp_lean import build
+from benchmarks.ddp_lean import build, run_ranks
+from gallop_kernels.memory.measure import CpuProbe
 
 MODES = ("ddp-plain", "ddp-lean-compact", "ddp-lean-comm_hook", "fsdp2-plain", "fsdp2-lean")
 MB = 2**20
 
 
 def _status(field: str) -> int:
-    """A ``/proc/self/status`` size field (``VmRSS``, ``VmHWM``) in bytes."""
+    """A ``/proc/self/status`` size field (``VmRSS``, ``VmHWM``) in bytes. (The peak is
+    ``VmHWM``, this process's own: ``ru_maxrss`` of a spawned rank also counts the pages of the
+    parent it was forked from before its exec.)"""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _setup(mode: str, model: nn.Module, density: float):
@@ -116,7 +107,8 @@ def _rank(rank: int, world: int, port: int, mode: str, args: argparse.Namespace,
     params = sum(p.numel() for p in model.parameters())
     runner, opt = _setup(mode, model, args.density)
     built = _status("VmRSS") - baseline
-    reset = _reset_peak()
+    probe = CpuProbe()  # (gc, malloc_trim, then VmHWM := the RSS now)
+    probe.reset()
     t0 = time.process_time()
     after_step = _train(runner, opt, args.steps, args.batch, args.width,
                         torch.Generator().manual_seed(rank))
@@ -125,8 +117,7 @@ def _rank(rank: int, world: int, port: int, mode: str, args: argparse.Namespace,
     report = {
         "rank": rank, "params": params, "selected_here": opt.num_selected,
         "built_mb": built / MB, "peak_mb": peak / MB, "after_step_mb": [b / MB for b in after_step],
-        "peak_reset": reset, "cpu_s": time.process_time() - t0,
-        "max_rss_mb_since_start": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_reset": probe.resettable, "cpu_s": time.process_time() - t0,
         "frozen_tensors": len(opt.frozen),
     }
     queue.put(report)
@@ -135,15 +126,7 @@ def _rank(rank: int, world: int, port: int, mode: str, args: argparse.Namespace,
 
 
 def run_mode(mode: str, args: argparse.Namespace) -> list[dict]:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    mp.start_processes(_rank, args=(args.world, port, mode, args, queue), nprocs=args.world,
-                       start_method="spawn")
+    queue = run_ranks(_rank, args.world, mode, args)
     return sorted((queue.get() for _ in range(args.world)), key=lambda r: r["rank"])
 
 

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distributed_support import Ranks, check_case, spawn  # noqa: E402
