@@ -148,10 +148,11 @@ def render(report: dict) -> str:
     ]
     for mode, ranks in report["modes"].items():
         for r in ranks:
-            lines.append(f"| {mode} | {r['rank']} | {r['built_mb']:,.0f} MB | {r['peak_mb']:,.0f} MB | "
-                         f"{r['after_step_mb'][0]:,.0f} MB | {r['after_step_mb'][-1]:,.0f} MB |")
-    lines += ["", "CPU/gloo only: no GPU number is claimed here (see benchmarks/README.md for what a "
-              "GPU would show)."]
+            lines.append(f"| {mode} | {r['rank']} | {r['built_mb']:,.0f} MB | "
+                         f"{r['peak_mb']:,.0f} MB | {r['after_step_mb'][0]:,.0f} MB | "
+                         f"{r['after_step_mb'][-1]:,.0f} MB |")
+    lines += ["", "CPU/gloo only: no GPU number is claimed here (see benchmarks/README.md for "
+              "what a GPU would show)."]
     return "\n".join(lines) + "\n"
 
 

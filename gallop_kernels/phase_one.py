@@ -213,7 +213,8 @@ def _backward_over(batches: Iterable[Any], loss_fn: Callable[[Any], torch.Tensor
 
 
 def _no_batches() -> ValueError:
-    return ValueError("phase one got no batches (no calibration batches to average the gradient over)")
+    return ValueError(
+        "phase one got no batches (no calibration batches to average the gradient over)")
 
 
 @contextlib.contextmanager
@@ -367,7 +368,8 @@ def calibrate_dataset(
 
     def weighted_loss(item: tuple[list[int], int]) -> torch.Tensor:
         chunk, n_units = item
-        inputs = _to_device(collate_fn([dataset[i] for i in (chunk if n_units else stand_in)]), device)
+        examples = [dataset[i] for i in (chunk if n_units else stand_in)]
+        inputs = _to_device(collate_fn(examples), device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             loss = loss_fn(model, inputs)
         return loss.float() * (n_units / total_units * scale)
@@ -399,7 +401,8 @@ def _count_units(
     counts, bad = [], None
     for c in chunks:
         value = units(collate_fn([dataset[i] for i in c])) if c else 0
-        count = int(value.item()) if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+        one = isinstance(value, torch.Tensor) and value.numel() == 1
+        count = int(value.item()) if one else value
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             bad, count = value, 0
         counts.append(count)

@@ -41,7 +41,8 @@ def _mse(model, x, y) -> torch.Tensor:
 def _pieces(step: int, world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A step's 12 rows cut into world x ACCUMULATION micro-batches (uneven for 3 ranks)."""
     x, y = batch(step)
-    return list(zip(torch.tensor_split(x, world * ACCUMULATION), torch.tensor_split(y, world * ACCUMULATION)))
+    pieces = world * ACCUMULATION
+    return list(zip(torch.tensor_split(x, pieces), torch.tensor_split(y, pieces)))
 
 
 def _same_everywhere(ctx: Ranks, model) -> None:
@@ -244,8 +245,8 @@ def case_calibrate_on_rank_zero_only(ctx):
     model = mlp()
     opt = SparseAdamW(model.named_parameters(), density=0.2)
     if ctx.rank == 0:
-        message = _raised(lambda: calibrate(opt, _calibration_batches(2), lambda b: _mse(model, *b)),
-                          RuntimeError)
+        batches = _calibration_batches(2)
+        message = _raised(lambda: calibrate(opt, batches, lambda b: _mse(model, *b)), RuntimeError)
         assert "calibrate()" in message and "rank 1" in message, message
         assert not opt.is_selected()
 
@@ -263,7 +264,8 @@ def _raised(fn, error) -> str:
 # ----------------------------------------------------------------------------------------------
 
 CASES = {
-    **{f"no_sync_loop_{v}": (lambda v: lambda ctx: _no_sync_loop(ctx, v))(v) for v in LOOP_VARIANTS},
+    **{f"no_sync_loop_{v}": (lambda v: lambda ctx: _no_sync_loop(ctx, v))(v)
+       for v in LOOP_VARIANTS},
     "calibrate_ddp": case_calibrate_ddp,
     "calibrate_fsdp2": case_calibrate_fsdp2,
     "calibrate_fsdp2_uneven_batches_refused_everywhere":

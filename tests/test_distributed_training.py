@@ -711,7 +711,8 @@ def case_dcp_8bit_across_world_sizes(ctx):
         want = saved["state"][i]
         if want["exp_avg"].dtype != torch.uint8:
             continue
-        full_m = quantization.dequantize_blockwise(want["exp_avg"], want["exp_avg_absmax"], signed=True)
+        full_m = quantization.dequantize_blockwise(want["exp_avg"], want["exp_avg_absmax"],
+                                                   signed=True)
         mine = global_indices(p, opt.selected_indices(p))
         at = torch.searchsorted(want["indices"].to(torch.int64), mine)
         assert torch.equal(want["indices"].to(torch.int64)[at], mine), name

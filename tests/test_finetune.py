@@ -319,10 +319,10 @@ def test_micro_batching_does_not_change_the_selection(tmp_path, tiny_model):
     selections = {}
     for batch, accumulation in ((4, 1), (2, 2), (1, 4)):
         out = tmp_path / f"b{batch}"
-        run_finetune(FinetuneConfig(model=tiny_model, data=data, output=str(out), density=0.02, lr=1e-3,
-                                    max_steps=1, batch_size=batch, grad_accum=accumulation,
-                                    calibration_fraction=1.0, progress=False, max_length=32),
-                     out=io.StringIO())
+        config = FinetuneConfig(model=tiny_model, data=data, output=str(out), density=0.02,
+                                lr=1e-3, max_steps=1, batch_size=batch, grad_accum=accumulation,
+                                calibration_fraction=1.0, progress=False, max_length=32)
+        run_finetune(config, out=io.StringIO())
         delta = load_delta(out / DELTA_FILE)
         selections[batch] = {name: idx.tolist() for name, idx in delta.indices.items()}
     assert selections[4] == selections[2] == selections[1]

@@ -118,7 +118,8 @@ def _finish(procs: list[subprocess.Popen], shared: Path, mode: str) -> None:
         for p in procs:
             p.kill()
         pytest.fail(f"{mode}: torchrun did not finish within {TIMEOUT_S} s (a hang?)")
-    logs = "\n".join((shared / f"{mode}-node{i}.log").read_text()[-3000:] for i in range(len(procs)))
+    logs = "\n".join((shared / f"{mode}-node{i}.log").read_text()[-3000:]
+                     for i in range(len(procs)))
     assert all(p.returncode == 0 for p in procs), f"{mode} failed:\n{logs}"
 
 

@@ -220,7 +220,8 @@ class Tokens(nn.Module):
 
     def forward(self, input_ids, labels):
         logits = self.head(torch.tanh(self.emb(input_ids)))
-        return {"loss": nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)}
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return {"loss": loss}
 
 
 def _token_data(n: int = 9) -> list[dict]:

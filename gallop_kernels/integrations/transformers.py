@@ -122,7 +122,7 @@ def label_token_units(model: nn.Module) -> Callable[[Any], int]:
               and not getattr(getattr(inner, "config", None), "is_encoder_decoder", False))
 
     def count(batch: Any) -> int:
-        if not isinstance(batch, Mapping) or ("labels" not in batch and "shift_labels" not in batch):
+        if not isinstance(batch, Mapping) or not ({"labels", "shift_labels"} & set(batch)):
             raise ValueError("calibration batches have no 'labels': the model's loss needs them")
         if "shift_labels" in batch:
             labels = batch["shift_labels"]

@@ -22,7 +22,8 @@ GPU was available to this work; see ``docs/design.md#distributed``). Assumptions
   fp32 master of the selected entries; lean mode gathers each reduced shard in the
   post-accumulate-grad hook FSDP2 calls after the reduce-scatter, so no dense sharded gradient
   is kept). SparseAdamW refuses 8-bit moments on sharded params (their quantization blocks would
-  depend on the number of ranks: `optim.distributed.check_state_bits`), so it has no row. Lean mode's frozen tensors (no selected entry on any shard) would skip their
+  depend on the number of ranks: `optim.distributed.check_state_bits`), so it has no row.
+  Lean mode's frozen tensors (no selected entry on any shard) would skip their
   gradients; the model does not count on it.
 * On CUDA, torch AdamW's foreach temporaries (``sqrt(v)`` over the shard); SparseAdamW's Triton
   step has none. The selection itself (phase one) is not modelled.

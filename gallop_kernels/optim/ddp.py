@@ -28,7 +28,8 @@ on plain params under several ranks (and again after a selection), a forward pre
 once found) waits for the first forward that runs inside a ``DistributedDataParallel`` wrapping
 these params (DDP sets ``_active_ddp_module`` during its forward) and attaches in ``"compact"``
 mode before DDP prepares its backward. `sync_paused` switches DDP's synchronisation off for
-phase one (``gallop_kernels.calibrate``), which reduces the sums itself. If gradients were gathered on several ranks and no DDP module was found,
+phase one (``gallop_kernels.calibrate``), which reduces the sums itself. If gradients were
+gathered on several ranks and no DDP module was found,
 the step raises rather than let the ranks diverge.
 """
 
@@ -288,7 +289,9 @@ def sync_paused(optimizer: Any) -> Iterator[list[Any]]:
 
     def on_forward(module: Any, args: Any) -> None:
         ddp = getattr(_ddp_class(), "_active_ddp_module", None)
-        if ddp is not None and id(ddp) not in found and ours & {id(p) for p in ddp.module.parameters()}:
+        if ddp is None or id(ddp) in found:
+            return
+        if ours & {id(p) for p in ddp.module.parameters()}:
             pause(ddp)  # (inside DDP's forward, before it prepares its backward)
 
     if optimizer.ddp_exchange is not None:

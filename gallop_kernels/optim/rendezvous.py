@@ -42,7 +42,8 @@ def timeout_s() -> float:
     try:
         value = float(raw) if raw is not None else DEFAULT_TIMEOUT_S
     except ValueError:
-        raise ValueError(f"GALLOP_RANKS_TIMEOUT_S must be a number of seconds, got {raw!r}") from None
+        raise ValueError(
+            f"GALLOP_RANKS_TIMEOUT_S must be a number of seconds, got {raw!r}") from None
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"GALLOP_RANKS_TIMEOUT_S must be a finite number of seconds > 0, "
                          f"got {raw!r}")

@@ -768,7 +768,8 @@ class SparseAdamW(Optimizer):
         refuse); ``"comm_hook"`` keeps DDP's bucketed, overlapped reduction but registers a
         communication hook that reduces only the kept entries (nothing is frozen: DDP expects
         every gradient). Without this call, lean mode attaches to the first DDP module that runs
-        a forward pass over its params (in ``"compact"`` mode). See `optim/ddp.py` and ``docs/design.md#distributed``.
+        a forward pass over its params (in ``"compact"`` mode). See `optim/ddp.py` and
+        ``docs/design.md#distributed``.
         """
         from gallop_kernels.optim import ddp
 
