@@ -61,8 +61,7 @@ def _fp32_state(params, grads, states, hyper: AdamWHyper) -> None:
     torch._foreach_addcmul_(v, g, g, value=1.0 - beta2)
     bias_correction1 = 1.0 - beta1**hyper.step
     bias_correction2_sqrt = math.sqrt(1.0 - beta2**hyper.step)
-    # naive.sqrt_rn over the whole group at once (one concatenation, views back per tensor)
-    denom = list(naive.sqrt_rn(torch.cat(v)).split([x.numel() for x in v]))
+    denom = [naive.sqrt_rn(x) for x in v]  # (correctly rounded: torch's CPU sqrt is not always)
     torch._foreach_div_(denom, bias_correction2_sqrt)
     torch._foreach_add_(denom, hyper.eps)
     torch._foreach_addcdiv_(w, m, denom, value=-lr / bias_correction1)
