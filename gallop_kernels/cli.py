@@ -10,15 +10,14 @@ source checkout.)
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import math
-import os
 import sys
-import traceback
 from typing import Callable, Sequence
 
-from gallop_kernels import __version__
-from gallop_kernels.errors import USER_ERROR_EXIT, describe, exit_status, is_user_error, terminate_as_interrupt
+from gallop_kernels import __version__, quiet
+from gallop_kernels.errors import describe, exit_status, is_user_error, report_user_error, terminate_as_interrupt
 
 
 def _density(text: str) -> float:
@@ -134,7 +133,6 @@ def _run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return 0
 
     from gallop_kernels.demo.real import DemoConfig, print_result, run_demo
-    from gallop_kernels.models import ModelUnavailable
 
     tiny_only = [f for f, v in (("--pretrain-steps", args.pretrain_steps), ("--pretrain-lr", args.pretrain_lr),
                                 ("--eval-examples", args.eval_examples)) if v is not None]
@@ -147,11 +145,10 @@ def _run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     try:
         result = run_demo(config, progress_bars=not args.quiet, log=log)
-    except ModelUnavailable as err:
-        print(f"gallop demo: {err}", file=sys.stderr)
-        return 2
     except (ValueError, TypeError) as err:
-        parser.error(str(err))
+        if is_user_error(err):  # a missing model: one line, exit 2 (main prints it)
+            raise
+        parser.error(str(err))  # the optimizer's and the demo's option checks: with the usage
     print_result(result)
     return 0
 
@@ -195,17 +192,6 @@ ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.E
 """Errors of the machine a person fixes there (space, permissions, a failing disk): one line, exit 1."""
 
 
-def report_user_error(command: str, error: BaseException) -> int:
-    """Print a user error as ``gallop <command>: error: ...`` (its notes below it); returns 2.
-    ``GALLOP_TRACEBACK=1`` prints the traceback too, for a bug report."""
-    print(f"gallop {command}: error: {describe(error)}", file=sys.stderr)
-    for note in getattr(error, "__notes__", ()):
-        print(f"  {note}", file=sys.stderr)
-    if os.environ.get("GALLOP_TRACEBACK"):
-        traceback.print_exception(error)
-    return USER_ERROR_EXIT
-
-
 def check_finite_numbers(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Refuse ``inf``/``nan`` for every number option of every subcommand (argparse's ``float``
     accepts them); a usage error, exit 2."""
@@ -213,6 +199,61 @@ def check_finite_numbers(args: argparse.Namespace, parser: argparse.ArgumentPars
         values = value if isinstance(value, (list, tuple)) else (value,)
         if any(isinstance(v, float) and not math.isfinite(v) for v in values):
             parser.error(f"argument --{dest.replace('_', '-')}: must be a finite number, got {value}")
+
+
+def closest_option(given: str, options: Sequence[str]) -> str | None:
+    """The known option a mistyped ``given`` most likely meant, or None: the same words spelt with
+    ``_`` (``--learning_rate``), its initials (``--learning-rate`` -> ``--lr``), a close spelling
+    (``--desnity``), or an option whose words end it (``--per-device-train-batch-size`` ->
+    ``--batch-size``)."""
+    name = given.split("=", 1)[0].lower().replace("_", "-")
+    long_options = [o for o in options if o.startswith("--")]
+    if name in long_options:
+        return name
+    words = [w for w in name.lstrip("-").split("-") if w]
+    initials = "--" + "".join(w[0] for w in words)
+    if len(words) > 1 and initials in long_options:
+        return initials
+    close = difflib.get_close_matches(name, long_options, n=1, cutoff=0.75)
+    if close:
+        return close[0]
+    endings = [o for o in long_options if len(o) > 3 and name.endswith(o[1:])]  # "-batch-size" ends the name
+    return max(endings, key=len) if endings else None
+
+
+def _refuse_unknown(parser: argparse.ArgumentParser, args: argparse.Namespace, extras: list[str]) -> None:
+    """Unknown arguments: the subcommand's own usage (not the top level's), and the option meant."""
+    target = getattr(args, "subparser", None) or parser
+    hints = []
+    for word in extras:
+        if word.startswith("-"):
+            meant = closest_option(word, list(target._option_string_actions))
+            if meant is not None:
+                hints.append(f"{word.split('=', 1)[0]}: did you mean {meant}?")
+    target.error(f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(hints)})" if hints else ""))
+
+
+def _refuse_unknown_command(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """``gallop demoo``: argparse's "invalid choice" plus the command meant."""
+    choices = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    given = next((a for a in argv if not a.startswith("-")), None)
+    if given is None or given in choices:
+        return
+    close = difflib.get_close_matches(given, list(choices), n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    parser.error(f"unknown command {given!r}{hint}; the commands are: {', '.join(choices)}")
+
+
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse a ``gallop`` command line; a usage error (exit 2) names the option or command meant."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _refuse_unknown_command(parser, argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        _refuse_unknown(parser, args, extras)
+    check_finite_numbers(args, args.subparser)
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -223,11 +264,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     traceback."""
     command = "command"
     try:
-        with terminate_as_interrupt():
-            parser = build_parser()
-            args = parser.parse_args(argv)
+        with terminate_as_interrupt(), quiet.no_bitsandbytes_notice():
+            args = parse(argv)
             command = args.command
-            check_finite_numbers(args, args.subparser)
             return args.handler(args, args.subparser)
     except Exception as error:
         if is_user_error(error):

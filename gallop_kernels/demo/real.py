@@ -122,6 +122,13 @@ def run_demo(config: DemoConfig = DemoConfig(), progress_bars: bool = False,
         torch.set_num_threads(previous)
 
 
+def measured_items(config: DemoConfig) -> dict[str, list[C.Item]]:
+    """What the demo measures, per task: the ID task's test words, then a fixed seeded subset of
+    ``ood_items`` questions of every OOD task."""
+    return {config.id_task: C.ID_TASKS[config.id_task].split("test"),
+            **{name: C.shuffled(C.CANDIDATE_OOD[name]().items, 12345)[:config.ood_items] for name in config.ood_tasks}}
+
+
 def _greedy(model: Any, tokenizer: Any, item: C.Item, max_new_tokens: int = 10) -> str:
     """The model's own greedy answer to one question (what a user would see)."""
     from gallop_kernels.chat import render
@@ -135,6 +142,7 @@ def _greedy(model: Any, tokenizer: Any, item: C.Item, max_new_tokens: int = 10) 
 
 
 def _run(config: DemoConfig, progress_bars: bool, log: Any) -> DemoResult:
+    log(f"loading {config.model or 'the embedded SmolLM2-135M-Instruct'} ...")
     from gallop_kernels import SparseAdamW
     from gallop_kernels.memory.model import Setup, optimizer_state_bytes
     from gallop_kernels.reproduce.runner import batches, load, target_parameters
@@ -155,29 +163,31 @@ def _run(config: DemoConfig, progress_bars: bool, log: Any) -> DemoResult:
 
     task = C.ID_TASKS[config.id_task]
     train = C.training_items(task, tokenizer)
-    id_test = task.split("test")
-    ood = {name: C.shuffled(C.CANDIDATE_OOD[name]().items, 12345)[:config.ood_items] for name in config.ood_tasks}
-    sets = {task.name: C.encode_items(id_test, tokenizer).to(device),
-            **{name: C.encode_items(items, tokenizer).to(device) for name, items in ood.items()}}
+    items = measured_items(config)
+    id_test = items[task.name]
+    ood = {name: items[name] for name in config.ood_tasks}
+    sets = {name: C.encode_items(its, tokenizer).to(device) for name, its in items.items()}
     shown = C.shuffled(id_test, config.seed)[:EXAMPLE_WORDS]
 
-    def measure() -> dict[str, float]:
-        return {name: C.exact_match(model, batch) for name, batch in sets.items()}
+    def measure(which: str) -> tuple[dict[str, float], list[str]]:
+        """Every task's exact match (one bar tick per task), then the shown words' greedy answers."""
+        scores = {name: C.exact_match(model, sets[name])
+                  for name in progress(list(sets), f"measure the {which} model", progress_bars, unit="task")}
+        return scores, [_greedy(model, tokenizer, it) for it in shown]
 
-    log("measuring the base model ...")
     t = time.perf_counter()
-    before = measure()
-    answers_before = [_greedy(model, tokenizer, it) for it in shown]
+    before, answers_before = measure("base")
     seconds["evaluate_before"] = time.perf_counter() - t
 
     def batch_of(items: list[C.Item]) -> C.Batch:
         return C.encode_items(items, tokenizer).to(device)
 
-    log(f"GaLLoP phase one: gradient of {config.calibration_batches} batches, then selection ...")
     t = time.perf_counter()
+    calibration = batches(train, config.batch_size, config.calibration_batches, config.seed + 7_777)
     sink = optimizer_sink(opt)
-    accumulate(sink, batches(train, config.batch_size, config.calibration_batches, config.seed + 7_777),
+    accumulate(sink, progress(calibration, "GaLLoP phase one: mean gradient", progress_bars, unit="batch"),
                lambda items: C.loss(model, batch_of(items)) / config.calibration_batches, average=False)
+    log(f"selecting the top {config.density:g} of {sum(p.numel() for _, p in targets):,} projection entries ...")
     select_from_sink(opt, sink)
     seconds["select"] = time.perf_counter() - t
 
@@ -197,10 +207,8 @@ def _run(config: DemoConfig, progress_bars: bool, log: Any) -> DemoResult:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     seconds["train"] = time.perf_counter() - t
 
-    log("measuring the fine-tuned model ...")
     t = time.perf_counter()
-    after = measure()
-    answers_after = [_greedy(model, tokenizer, it) for it in shown]
+    after, answers_after = measure("fine-tuned")
     seconds["evaluate_after"] = time.perf_counter() - t
     seconds["total"] = sum(seconds.values())
 
