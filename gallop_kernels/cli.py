@@ -18,17 +18,17 @@ from typing import Callable, Sequence
 
 from gallop_kernels import __version__, quiet
 from gallop_kernels.errors import describe, exit_status, is_user_error, report_user_error, terminate_as_interrupt
+from gallop_kernels.extras import require
+from gallop_kernels.rules import check_fraction
 
 
 def _density(text: str) -> float:
-    """argparse type for a fraction in (0, 1], so a bad density fails at parse time."""
+    """argparse type for a fraction in (0, 1] (`rules.check_fraction`), so a bad density fails
+    at parse time."""
     try:
-        value = float(text)
+        return check_fraction(float(text), "value")
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
 
 
 def _positive_int(text: str) -> int:
@@ -256,6 +256,14 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+NEEDS = {
+    "demo": ("transformers",),
+    "finetune": ("transformers", "accelerate"),
+    "reproduce": ("transformers",),
+}
+"""What each subcommand imports beyond the core (`gallop_kernels.extras`): checked before it runs."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``gallop`` and ``python -m gallop_kernels``; returns the exit status.
 
@@ -267,6 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with terminate_as_interrupt(), quiet.no_bitsandbytes_notice():
             args = parse(argv)
             command = args.command
+            require(f"gallop {command}", *NEEDS.get(command, ()))
             return args.handler(args, args.subparser)
     except Exception as error:
         if is_user_error(error):

@@ -13,17 +13,15 @@ recorded at selection, not by reading the indices.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import math
 import numbers
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
-from gallop_kernels.reference import QUANT_BLOCK
-from gallop_kernels.rules import check_count, check_fraction, check_score
+from gallop_kernels.ops.adamw.quantization import QUANT_BLOCK
+from gallop_kernels.rules import FLOAT_DTYPES, check_count, check_fraction, check_score
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MASTER_WEIGHT_CHOICES = ("auto", True, False)
 OPTION_KEYS = (
     "lr", "betas", "eps", "weight_decay", "density", "score", "score_eps", "seed",
@@ -110,8 +108,6 @@ def _check_options(options: dict[str, Any]) -> None:
     bits = options["state_bits"]
     if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or bits not in (8, 32):
         raise ValueError(f"invalid state_bits: {bits!r} (expected 32 or 8)")
-    if bits == 8 and importlib.util.find_spec("bitsandbytes") is None:
-        raise ValueError("state_bits=8 uses bitsandbytes' quantization maps: pip install bitsandbytes")
 
     master = options["master_weights"]
     if not isinstance(master, (bool, str)) or master not in MASTER_WEIGHT_CHOICES:
@@ -130,7 +126,7 @@ def check_params(params: Iterable[Any], names: Sequence[object] | None = None) -
     seen: set[int] = set()
     for i, p in enumerate(params):
         if (
-            isinstance(p, torch.Tensor) and p.dtype in SUPPORTED_DTYPES and not p.is_sparse
+            isinstance(p, torch.Tensor) and p.dtype in FLOAT_DTYPES and not p.is_sparse
             and p.is_contiguous() and id(p) not in seen
         ):
             seen.add(id(p))
@@ -138,7 +134,7 @@ def check_params(params: Iterable[Any], names: Sequence[object] | None = None) -
         what = f"parameter {names[i]}" if names is not None else "a parameter"
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"SparseAdamW can only optimize tensors, got {type(p).__name__}")
-        if p.dtype not in SUPPORTED_DTYPES:
+        if p.dtype not in FLOAT_DTYPES:
             raise TypeError(
                 f"SparseAdamW supports float32, bfloat16 and float16 parameters; {what} is {p.dtype}"
             )
@@ -157,7 +153,7 @@ def check_grad(name: str, param: torch.Tensor, grad: Any, *, same_device: bool =
         raise TypeError(f"gradient of parameter {name} must be a tensor, got {type(grad).__name__}")
     if grad.is_sparse or grad.layout != torch.strided:
         raise ValueError(f"SparseAdamW does not support sparse gradients (parameter {name})")
-    if grad.dtype not in SUPPORTED_DTYPES:
+    if grad.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"gradient of parameter {name} has dtype {grad.dtype}; expected float32, bfloat16 "
             f"or float16"
