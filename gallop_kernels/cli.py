@@ -19,36 +19,7 @@ from typing import Callable, Sequence
 from gallop_kernels import __version__, quiet
 from gallop_kernels.errors import describe, exit_status, is_user_error, report_user_error, terminate_as_interrupt
 from gallop_kernels.extras import require
-from gallop_kernels.rules import check_fraction
-
-
-def _density(text: str) -> float:
-    """argparse type for a fraction in (0, 1] (`rules.check_fraction`), so a bad density fails
-    at parse time."""
-    try:
-        return check_fraction(float(text), "value")
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+from gallop_kernels.argtypes import fraction, positive_float, positive_int
 
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -81,30 +52,30 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None,
                    help="model: a .gguf file, a Hugging Face folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for the data order (and the tiny model's init)")
-    p.add_argument("--density", type=_density, default=None,
+    p.add_argument("--density", type=fraction, default=None,
                    help=f"fraction of entries SparseAdamW trains, in (0, 1] (default {d.density:g}; --tiny: {t.density:g})")
     p.add_argument("--score", choices=("gallop", "gradient", "magnitude", "random"), default=d.score,
                    help="selection rule: gallop |g|/(|w|+eps), gradient |g|, magnitude 1/(|w|+eps), random")
-    p.add_argument("--steps", "--finetune-steps", type=_non_negative_int, default=None,
+    p.add_argument("--steps", "--finetune-steps", type=positive_int, default=None,
                    help=f"fine-tuning steps (default {d.steps}; --tiny: {t.finetune_steps})")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--lr", type=positive_float, default=None,
                    help=f"peak fine-tuning learning rate, decays linearly to 0 (default {d.lr:g}; --tiny: {t.lr:g})")
-    p.add_argument("--batch-size", type=_positive_int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=None,
                    help=f"examples per step (default {d.batch_size}; --tiny: {t.batch_size})")
-    p.add_argument("--calibration-batches", type=_positive_int, default=d.calibration_batches,
+    p.add_argument("--calibration-batches", type=positive_int, default=d.calibration_batches,
                    help="batches of the new task whose mean gradient decides the selection")
-    p.add_argument("--ood-items", type=_positive_int, default=d.ood_items,
+    p.add_argument("--ood-items", type=positive_int, default=d.ood_items,
                    help="items per already-known task measured before and after")
-    p.add_argument("--pretrain-steps", type=_non_negative_int, default=None,
+    p.add_argument("--pretrain-steps", type=positive_int, default=None,
                    help=f"--tiny only: AdamW pretraining steps on task A (default {t.pretrain_steps})")
-    p.add_argument("--pretrain-lr", type=float, default=None,
+    p.add_argument("--pretrain-lr", type=positive_float, default=None,
                    help=f"--tiny only: peak pretraining learning rate (default {t.pretrain_lr:g})")
-    p.add_argument("--eval-examples", type=_positive_int, default=None,
+    p.add_argument("--eval-examples", type=positive_int, default=None,
                    help=f"--tiny only: held-out examples per task (default {t.eval_examples})")
     p.add_argument("--device", default=d.device, help="'auto' (CUDA if present, else CPU), 'cpu', 'cuda', 'cuda:1', ..")
     p.add_argument("--backend", choices=("auto", "triton", "torch"), default=d.backend,
                    help="SparseAdamW backend: auto is Triton on CUDA, torch elsewhere")
-    p.add_argument("--threads", type=_positive_int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help=f"CPU threads for torch (default: torch's own; --tiny: {t.threads})")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     p.set_defaults(handler=_run_demo, subparser=p)

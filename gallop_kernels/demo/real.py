@@ -92,9 +92,11 @@ class DemoResult:
 
 
 def _check(config: DemoConfig) -> None:
-    for name, low in (("steps", 0), ("batch_size", 1), ("calibration_batches", 1), ("ood_items", 1)):
+    for name, low in (("steps", 1), ("batch_size", 1), ("calibration_batches", 1), ("ood_items", 1)):
         if getattr(config, name) < low:
             raise ValueError(f"{name} must be >= {low}, got {getattr(config, name)}")
+    if not config.lr > 0:  # 0 trains nothing; the optimizer refuses a negative one
+        raise ValueError(f"lr must be > 0, got {config.lr}")
     if config.threads is not None and config.threads < 1:
         raise ValueError(f"threads must be >= 1, got {config.threads}")
     if config.id_task not in C.ID_TASKS:

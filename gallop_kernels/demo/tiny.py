@@ -90,6 +90,8 @@ def run_tiny_demo(config: TinyDemoConfig = TinyDemoConfig(), progress: bool = Fa
     """
     if config.threads < 1:
         raise ValueError(f"threads must be >= 1, got {config.threads}")
+    if not (config.lr > 0 and config.pretrain_lr > 0):  # 0 would train nothing
+        raise ValueError(f"lr and pretrain_lr must be > 0, got {config.lr} and {config.pretrain_lr}")
     previous = torch.get_num_threads()
     torch.set_num_threads(config.threads)  # tiny matmuls: extra threads mostly wait on each other
     try:
@@ -101,7 +103,7 @@ def run_tiny_demo(config: TinyDemoConfig = TinyDemoConfig(), progress: bool = Fa
 def _run(config: TinyDemoConfig, progress: bool) -> TinyDemoResult:
     from gallop_kernels import SparseAdamW
 
-    minimum = {"pretrain_steps": 0, "finetune_steps": 0, "calibration_batches": 1, "batch_size": 1,
+    minimum = {"pretrain_steps": 1, "finetune_steps": 1, "calibration_batches": 1, "batch_size": 1,
                "eval_examples": 1, "num_symbols": 2, "length": 1}
     for name, low in minimum.items():
         if getattr(config, name) < low:
@@ -139,10 +141,7 @@ def _run(config: TinyDemoConfig, progress: bool) -> TinyDemoResult:
         dense_opt.zero_grad(set_to_none=True)
         if hasattr(bar, "set_postfix") and step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
-    if dense_opt.state:
-        dense_bytes = state_bytes(dense_opt)
-    else:  # no pretraining steps: what AdamW would allocate (exp_avg, exp_avg_sq, step per param)
-        dense_bytes = sum(2 * p.numel() * p.element_size() + 4 for p in params)
+    dense_bytes = state_bytes(dense_opt)  # exp_avg, exp_avg_sq and step of every parameter
     del dense_opt
     pretrain_seconds = time.perf_counter() - t0
 
