@@ -13,6 +13,7 @@ import argparse
 import difflib
 import errno
 import math
+import shlex
 import sys
 from typing import Callable, Sequence
 
@@ -224,6 +225,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if extras:
         _refuse_unknown(parser, args, extras)
     check_finite_numbers(args, args.subparser)
+    args.command_line = shlex.join(["gallop", *argv])  # as typed (recorded with what it wrote)
     return args
 
 

@@ -79,7 +79,7 @@ def finetune_main(args: argparse.Namespace) -> int:
     try:
         with user_input():
             config = config_from_args(args)
-        result = run_finetune(config)
+        result = run_finetune(config, command=getattr(args, "command_line", None))
     except Exception as e:  # bad input (a missing model included): one message; anything else is a bug
         if is_user_error(e):
             return report_user_error("finetune", e)
