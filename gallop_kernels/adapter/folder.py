@@ -167,14 +167,14 @@ def model_card(config: Mapping[str, Any], delta: SparseDelta) -> str:
     front.append("tags:")
     front += [f"- {t}" for t in ("gallop", "sparse-fine-tuning", "sparse-delta") + (("shira",) if exported else ())]
     front.append("---")
-    size = delta.nbytes() / 2**20
+    size = delta.nbytes() / 1e6
     rows = [
         ("base model", f"`{base}`" if base else "(not recorded)"),
         ("base fingerprint", f"`{config['base_fingerprint']}`" if config["base_fingerprint"] else "(none: version-1 delta)"),
         ("base quantization", config["base_quantization"]),
         ("method / score", f"{config['method']} / {config['score']}"),
         ("density", str(config["density"])),
-        ("trained entries", f"{config['num_entries']:,} in {config['num_tensors']} tensors ({size:.2f} MiB)"),
+        ("trained entries", f"{config['num_entries']:,} in {config['num_tensors']} tensors ({size:.2f} MB)"),
         ("target modules", f"`{json.dumps(config['target_modules'])}`"),
         ("data", f"`{json.dumps(config['data'])}`" if config.get("data") is not None else "(not recorded)"),
         ("command", f"`{config['command']}`" if config.get("command") else "(not recorded)"),

@@ -1,4 +1,4 @@
-"""Helpers both demos share: device choice, optimizer-state bytes, progress bars, byte sizes."""
+"""Helpers both demos share: device choice, optimizer-state bytes, progress bars, sizes in MB."""
 
 from __future__ import annotations
 
@@ -39,5 +39,6 @@ def progress(steps: int | Sequence[T], desc: str, show: bool, unit: str = "step"
     return iter(tqdm(items, desc=desc, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True))
 
 
-def mib(n: int) -> str:
-    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+def megabytes(n: int) -> str:
+    """A size for people, in decimal units like every size gallop prints (1 MB = 10^6 bytes)."""
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"

@@ -23,7 +23,7 @@ import torch
 
 from gallop_kernels import chat_tasks as C
 from gallop_kernels import quiet
-from gallop_kernels.demo.common import mib, progress, resolve_device, state_bytes
+from gallop_kernels.demo.common import megabytes, progress, resolve_device, state_bytes
 from gallop_kernels.phase_one import accumulate, optimizer_sink, select_from_sink
 
 DEMO_OOD_TASKS = ("opposites", "plurals", "capitals", "languages", "next_number", "addition")
@@ -255,7 +255,7 @@ def print_result(r: DemoResult, file: TextIO | None = None) -> None:
         f"{'  known, mean (OOD)':<34}{r.ood_before:>8.1%}{r.ood_after:>8.1%}",
         "",
         f"trained entries: {r.num_selected:,} of {r.num_params:,} parameters ({r.selected_fraction:.2%})",
-        f"optimizer state: SparseAdamW {mib(r.sparse_state_bytes)} vs torch.optim.AdamW {mib(r.adamw_state_bytes)} "
+        f"optimizer state: SparseAdamW {megabytes(r.sparse_state_bytes)} vs torch.optim.AdamW {megabytes(r.adamw_state_bytes)} "
         f"({r.sparse_state_bytes / r.adamw_state_bytes:.1%}, {r.adamw_state_bytes / max(1, r.sparse_state_bytes):.0f}x smaller)",
         f"time: {s['total']:.0f} s (load {s['load']:.0f} s, measure {s['evaluate_before'] + s['evaluate_after']:.0f} s, "
         f"select {s['select']:.0f} s, train {s['train']:.0f} s) on {r.device}",

@@ -14,7 +14,7 @@ from typing import TextIO
 import torch
 
 from gallop_kernels import toy as tasks
-from gallop_kernels.demo.common import mib as _mib
+from gallop_kernels.demo.common import megabytes
 from gallop_kernels.demo.common import progress as _progress
 from gallop_kernels.demo.common import resolve_device, state_bytes
 from gallop_kernels.phase_one import accumulate, optimizer_sink, select_from_sink
@@ -208,9 +208,9 @@ def print_tiny_result(result: TinyDemoResult, file: TextIO | None = None) -> Non
         f"{'task A (retention)':<28}{r.acc_a_before:>8.1%}{r.acc_a_after:>8.1%}",
         "",
         f"trained entries: {r.num_selected:,} of {r.num_params:,} ({r.selected_fraction:.2%})",
-        f"optimizer state: SparseAdamW {_mib(r.sparse_state_bytes)} vs torch.optim.AdamW "
-        f"{_mib(r.dense_state_bytes)} ({r.state_ratio:.1%}, {1 / r.state_ratio:.0f}x smaller)"
+        f"optimizer state: SparseAdamW {megabytes(r.sparse_state_bytes)} vs torch.optim.AdamW "
+        f"{megabytes(r.dense_state_bytes)} ({r.state_ratio:.1%}, {1 / r.state_ratio:.0f}x smaller)"
         if r.sparse_state_bytes else
-        f"optimizer state: SparseAdamW 0 B vs torch.optim.AdamW {_mib(r.dense_state_bytes)}",
+        f"optimizer state: SparseAdamW 0 B vs torch.optim.AdamW {megabytes(r.dense_state_bytes)}",
     ]
     print("\n".join(lines), file=out)
