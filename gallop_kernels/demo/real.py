@@ -14,10 +14,11 @@ docs/reproduction.md), so the demo is one cell of that table, printed for a pers
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, TextIO
+from typing import Any, Iterator, TextIO
 
 import torch
 
@@ -70,7 +71,9 @@ class DemoResult:
     sparse_state_bytes: int
     adamw_state_bytes: int  # torch.optim.AdamW on every parameter: fp32 exp_avg + exp_avg_sq
     examples: list[dict[str, str]] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase
+    cpu_seconds: dict[str, float] = field(default_factory=dict)  # CPU time per phase (all threads)
+    threads: int = 0  # torch's CPU threads during the run
     losses: list[float] = field(default_factory=list)
 
     @property
@@ -150,12 +153,20 @@ def _run(config: DemoConfig, progress_bars: bool, log: Any) -> DemoResult:
     from gallop_kernels.reproduce.runner import batches, load, target_parameters
 
     seconds: dict[str, float] = {}
+    cpu_seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def timed(phase: str) -> Iterator[None]:
+        """Wall and CPU seconds of a phase (CPU time is what a shared machine does not inflate)."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        yield
+        seconds[phase] = time.perf_counter() - wall
+        cpu_seconds[phase] = time.process_time() - cpu
+
     device = resolve_device(config.device)
-    t = time.perf_counter()
-    with quiet.progress_bars(False):  # transformers' weight-loading bar; the demo logs its own steps
+    with timed("load"), quiet.progress_bars(False):  # (transformers' weight-loading bar: the demo logs its own)
         model, tokenizer, source = load(config.model, log=log)
-    model = model.to(device)
-    seconds["load"] = time.perf_counter() - t
+        model = model.to(device)
     model.train()
     num_params = sum(p.numel() for p in model.parameters())
     targets = target_parameters(model)  # the projections; embeddings and norms stay frozen
@@ -177,42 +188,39 @@ def _run(config: DemoConfig, progress_bars: bool, log: Any) -> DemoResult:
                   for name in progress(list(sets), f"measure the {which} model", progress_bars, unit="task")}
         return scores, [_greedy(model, tokenizer, it) for it in shown]
 
-    t = time.perf_counter()
-    before, answers_before = measure("base")
-    seconds["evaluate_before"] = time.perf_counter() - t
+    with timed("evaluate_before"):
+        before, answers_before = measure("base")
 
     def batch_of(items: list[C.Item]) -> C.Batch:
         return C.encode_items(items, tokenizer).to(device)
 
-    t = time.perf_counter()
-    calibration = batches(train, config.batch_size, config.calibration_batches, config.seed + 7_777)
-    sink = optimizer_sink(opt)
-    accumulate(sink, progress(calibration, "GaLLoP phase one: mean gradient", progress_bars, unit="batch"),
-               lambda items: C.loss(model, batch_of(items)) / config.calibration_batches, average=False)
-    log(f"selecting the top {config.density:g} of {sum(p.numel() for _, p in targets):,} projection entries ...")
-    select_from_sink(opt, sink)
-    seconds["select"] = time.perf_counter() - t
+    with timed("select"):
+        calibration = batches(train, config.batch_size, config.calibration_batches, config.seed + 7_777)
+        sink = optimizer_sink(opt)
+        accumulate(sink, progress(calibration, "GaLLoP phase one: mean gradient", progress_bars, unit="batch"),
+                   lambda items: C.loss(model, batch_of(items)) / config.calibration_batches, average=False)
+        log(f"selecting the top {config.density:g} of {sum(p.numel() for _, p in targets):,} projection entries ...")
+        select_from_sink(opt, sink)
 
-    t = time.perf_counter()
-    losses = []
-    plan = batches(train, config.batch_size, config.steps, config.seed)
-    bar = progress(len(plan), f"fine-tune {task.name} (SparseAdamW)", progress_bars)
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = config.lr * (1 - step / config.steps)  # linear decay to 0
-        loss = C.loss(model, batch_of(plan[step]))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    seconds["train"] = time.perf_counter() - t
+    with timed("train"):
+        losses = []
+        plan = batches(train, config.batch_size, config.steps, config.seed)
+        bar = progress(len(plan), f"fine-tune {task.name} (SparseAdamW)", progress_bars)
+        for step in bar:
+            for g in opt.param_groups:
+                g["lr"] = config.lr * (1 - step / config.steps)  # linear decay to 0
+            loss = C.loss(model, batch_of(plan[step]))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
 
-    t = time.perf_counter()
-    after, answers_after = measure("fine-tuned")
-    seconds["evaluate_after"] = time.perf_counter() - t
+    with timed("evaluate_after"):
+        after, answers_after = measure("fine-tuned")
     seconds["total"] = sum(seconds.values())
+    cpu_seconds["total"] = sum(cpu_seconds.values())
 
     adamw = optimizer_state_bytes(model.config, "adamw", Setup(dtype="fp32", device=device.type))
     return DemoResult(
@@ -223,7 +231,7 @@ def _run(config: DemoConfig, progress_bars: bool, log: Any) -> DemoResult:
         adamw_state_bytes=adamw,
         examples=[{"question": it.question, "expected": it.answer, "before": b, "after": a}
                   for it, b, a in zip(shown, answers_before, answers_after)],
-        seconds=seconds, losses=losses)
+        seconds=seconds, cpu_seconds=cpu_seconds, threads=torch.get_num_threads(), losses=losses)
 
 
 def print_result(r: DemoResult, file: TextIO | None = None) -> None:
@@ -258,6 +266,8 @@ def print_result(r: DemoResult, file: TextIO | None = None) -> None:
         f"optimizer state: SparseAdamW {megabytes(r.sparse_state_bytes)} vs torch.optim.AdamW {megabytes(r.adamw_state_bytes)} "
         f"({r.sparse_state_bytes / r.adamw_state_bytes:.1%}, {r.adamw_state_bytes / max(1, r.sparse_state_bytes):.0f}x smaller)",
         f"time: {s['total']:.0f} s (load {s['load']:.0f} s, measure {s['evaluate_before'] + s['evaluate_after']:.0f} s, "
-        f"select {s['select']:.0f} s, train {s['train']:.0f} s) on {r.device}",
+        f"select {s['select']:.0f} s, train {s['train']:.0f} s) on {r.device}"
+        + (f" with {r.threads} thread{'s' if r.threads > 1 else ''}, {r.cpu_seconds['total']:.0f} CPU-seconds"
+           if r.device == "cpu" else ""),
     ]
     print("\n".join(lines), file=out)
