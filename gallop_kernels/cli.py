@@ -70,7 +70,9 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=("auto", "triton", "torch"), default=d.backend,
                    help="SparseAdamW backend: auto is Triton on CUDA, torch elsewhere")
     p.add_argument("--threads", type=positive_int, default=None,
-                   help=f"CPU threads for torch (default: torch's own; --tiny: {t.threads})")
+                   help=f"CPU threads for torch (default {d.threads}, also for --tiny: on a 2-core machine one "
+                        "thread was faster than two, and a busy machine slows it least; try more on an idle "
+                        "many-core one)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     p.set_defaults(handler=_run_demo, subparser=p)
 

@@ -48,7 +48,10 @@ class DemoConfig:
     ood_items: int = 24  # per OOD task (a fixed subset): enough to see retention, quick to measure
     device: str = "auto"
     backend: str = "auto"
-    threads: int | None = None  # CPU threads for torch; None keeps torch's default
+    # CPU threads for torch (None: torch's default). One, because on the 2-core machine one thread did
+    # the work in fewer seconds than two (which spent 354 CPU-seconds for 134 of work) and a busy
+    # machine slows it least: see benchmarks/results/demo-profile-*.md.
+    threads: int | None = 1
 
 
 @dataclass
