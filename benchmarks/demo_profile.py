@@ -5,8 +5,9 @@
 The profiler's clock is ``time.process_time`` (CPU-seconds of the whole process, all threads), so
 the numbers mean the same on a shared machine as on an idle one; the wall time of each phase (the
 demo's own ``seconds``) and the machine's load average are recorded beside them, never instead.
-Writes ``demo-profile-<tag>.json`` (phases, top functions by cumulative and own CPU time, load)
-and ``demo-profile-<tag>.txt`` (the demo's console output and the pstats listing).
+Writes ``demo-profile-<tag>.json`` (the demo's phases in wall and CPU seconds, the top functions
+by cumulative and own CPU time, the load) and ``demo-profile-<tag>.txt`` (the demo's console
+output and the pstats listing). ``demo-profile-*.md`` in ``benchmarks/results`` compares runs.
 """
 
 from __future__ import annotations
@@ -35,13 +36,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results", help="folder for the results")
     parser.add_argument("--tag", default="run", help="name part of the result files")
-    parser.add_argument("--top", type=int, default=40, help="functions listed by cumulative and by own time")
+    parser.add_argument("--top", type=int, default=80, help="functions listed by cumulative and by own time")
     parser.add_argument("demo_args", nargs="*", help="options passed to `gallop demo` (after --)")
     args = parser.parse_args(argv)
 
     import torch
 
     from gallop_kernels.cli import main as gallop_main
+    from gallop_kernels.demo import real
+
+    results = []
+    run_demo = real.run_demo
+    real.run_demo = lambda *a, **k: results.append(run_demo(*a, **k)) or results[-1]  # keep the result
 
     load_before = os.getloadavg()
     console = io.StringIO()
@@ -72,11 +78,13 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": round(wall, 1),
         "cpu_s": round(cpu, 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": results[0].threads if results else None,
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in load_after],
         "device": device_info(torch.device("cpu")),
         "clock": "cProfile timer = time.process_time (CPU-seconds of all threads); wall from perf_counter",
+        "phases_wall_s": {k: round(v, 1) for k, v in results[0].seconds.items()} if results else None,
+        "phases_cpu_s": {k: round(v, 1) for k, v in getattr(results[0], "cpu_seconds", {}).items()} if results else None,
         "top_cumulative": rows("cumulative"),
         "top_own": rows("tottime"),
     }
