@@ -344,9 +344,20 @@ def word_start_table(tokenizer: Any) -> torch.Tensor:
     return table
 
 
-def encode_items(items: Sequence[Item], tokenizer: Any, system: str | None = SYSTEM) -> Batch:
+def encode_items(items: Sequence[Item], tokenizer: Any, system: str | None = SYSTEM,
+                 cache: dict[tuple[Item, str | None], Encoded] | None = None) -> Batch:
+    """A batch of ``items`` (chat template, labels on the answers, the word table of `correct`).
+    ``cache`` keeps each item's tokens across calls: training draws the same items again and again,
+    and rendering the template is a few milliseconds per item."""
+    def encode(item: Item) -> Encoded:
+        if cache is None:
+            return item.encode(tokenizer, system)
+        if (item, system) not in cache:
+            cache[item, system] = item.encode(tokenizer, system)
+        return cache[item, system]
+
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batch = collate([it.encode(tokenizer, system) for it in items], pad)
+    batch = collate([encode(it) for it in items], pad)
     batch.open_end = torch.tensor([it.answer[-1:].isalnum() for it in items], dtype=torch.bool)
     batch.word_start = word_start_table(tokenizer)
     return batch

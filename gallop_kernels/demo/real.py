@@ -194,8 +194,10 @@ def _run(config: DemoConfig, progress_bars: bool, log: Any) -> DemoResult:
     with timed("evaluate_before"):
         before, answers_before = measure("base")
 
+    encoded: dict = {}  # each training item tokenized once, not once per step
+
     def batch_of(items: list[C.Item]) -> C.Batch:
-        return C.encode_items(items, tokenizer).to(device)
+        return C.encode_items(items, tokenizer, cache=encoded).to(device)
 
     with timed("select"):
         calibration = batches(train, config.batch_size, config.calibration_batches, config.seed + 7_777)
