@@ -45,17 +45,6 @@ def positive_float(text: str) -> float:
     return value
 
 
-def positive_ints(text: str) -> tuple[int, ...]:
-    """Comma-separated integers >= 1 (GPU counts)."""
-    try:
-        values = tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
-    return values
-
-
 def ints(text: str) -> tuple[int, ...]:
     """Comma-separated integers (seeds), at least one."""
     try:
@@ -64,6 +53,14 @@ def ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values:
         raise argparse.ArgumentTypeError(f"expected at least one integer, got {text!r}")
+    return values
+
+
+def positive_ints(text: str) -> tuple[int, ...]:
+    """Comma-separated integers >= 1 (GPU counts)."""
+    values = ints(text)
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
     return values
 
 
