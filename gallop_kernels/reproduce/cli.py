@@ -8,12 +8,7 @@ import os
 import sys
 from dataclasses import replace
 
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+from gallop_kernels.argtypes import DefaultsFormatter, ints
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -24,17 +19,18 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "reproduce",
         help="the paper's comparison on SmolLM2-135M-Instruct: ID/OOD accuracy, forget ratio, collapse rate",
-        description="Fine-tune SmolLM2-135M-Instruct on a new rule (codes of word categories, held-out words) "
+        description="Fine-tune SmolLM2-135M-Instruct on a skill it lacks (the category of a word, in one word, "
+                    "measured on words never trained on) "
                     "with full fine-tuning, LoRA, GaLLoP, SIFT, SAFT-like, PaFi and random selection at a budget "
                     "matched to LoRA, each at its own learning rate tuned on a validation split, over several "
                     "seeds; measure the new task (ID) and tasks the model already answers (OOD), and write "
                     "raw.json (after every run: an interrupted run resumes), table.md and plot.png. "
                     "See docs/reproduction.md.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
     p.add_argument("--output", default=os.path.join("results", "reproduction"), help="folder of the results")
     p.add_argument("--model", default=None, help="a .gguf file, HF folder or hub id (default: the embedded model)")
-    p.add_argument("--seeds", type=_ints, default=d.seeds, help="comma-separated seeds")
+    p.add_argument("--seeds", type=ints, default=",".join(map(str, d.seeds)), help="comma-separated seeds")
     p.add_argument("--methods", default=",".join(d.methods), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--rank", type=int, default=d.lora_rank, help="LoRA rank defining the matched budget")
     p.add_argument("--steps", type=int, default=d.steps, help="fine-tuning steps per run")
@@ -43,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true",
                    help="seconds-long CI setting on a random tiny chat model: exercises everything, learns nothing")
     p.add_argument("--report-only", action="store_true", help="only rewrite table.md and plot.png from raw.json")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-plot", action="store_true", help="do not draw plot.png (needs matplotlib)")
     # gallop_kernels/cli.py calls handler(args, subparser); func(args) is the same without the parser
     p.set_defaults(func=reproduce_main, handler=lambda args, parser: reproduce_main(args), subparser=p)
     return p
