@@ -85,6 +85,14 @@ def captured(capture):
 
 
 @triton.jit
+def next_capture(at_or_above, count, cap):
+    """What the next full pass captures once a bucket is chosen: the bucket and everything above
+    it when all of that fits the buffer, else the bucket when it fits, else nothing."""
+    return tl.where(at_or_above <= cap, CAPTURE_GE_NEXT,
+                    tl.where(count <= cap, CAPTURE_EQ_NEXT, CAPTURE_NONE))
+
+
+@triton.jit
 def choose_bucket_kernel(hist_ptr, state_ptr, SHIFT: tl.constexpr, DIGIT_BITS: tl.constexpr,
                          CAN_CAPTURE: tl.constexpr, NEXT_DIGIT_MASK: tl.constexpr):
     BINS: tl.constexpr = 1 << DIGIT_BITS
@@ -118,8 +126,7 @@ def choose_bucket_kernel(hist_ptr, state_ptr, SHIFT: tl.constexpr, DIGIT_BITS: t
         cap = tl.load(state_ptr + S_CAP)
         at_or_above_bucket = tl.load(state_ptr + S_K) - new_krem + count
         start = (now == CAPTURE_NONE) & (done == 0) & (new_done == 0) & ~skip
-        mode = tl.where(at_or_above_bucket <= cap, CAPTURE_GE_NEXT,
-                        tl.where(count <= cap, CAPTURE_EQ_NEXT, CAPTURE_NONE))
+        mode = next_capture(at_or_above_bucket, count, cap)
         now = tl.where(start, mode, now)
         # the capture pass's range, at its granularity (the chosen bits and NEXT_DIGIT_MASK)
         tl.store(state_ptr + S_LO, tl.where(start, new_prefix, tl.load(state_ptr + S_LO)))
@@ -214,8 +221,7 @@ def window_check_kernel(wcount_ptr, state_ptr, SHIFT: tl.constexpr, DIGIT_BITS: 
         new_done = (n_in == new_krem) & commit
         capture = tl.where(kept, tl.where(ge, CAPTURED_GE, CAPTURED_EQ), CAPTURE_NONE)
         if CAN_CAPTURE:  # as choose_bucket_kernel decides after choosing a bucket
-            nxt = tl.where(k - new_krem + n_in <= cap, CAPTURE_GE_NEXT,
-                           tl.where(n_in <= cap, CAPTURE_EQ_NEXT, CAPTURE_NONE))
+            nxt = next_capture(k - new_krem + n_in, n_in, cap)
             start = commit & ~new_done
             capture = tl.where(start, nxt, capture)
             tl.store(state_ptr + S_HI, tl.where(
