@@ -224,20 +224,21 @@ def _pair_setup(env: Env, n: int, dtype: torch.dtype):
 
 
 def _scores_setup(env: Env, n: int, dtype: torch.dtype):
-    from gallop_kernels import reference
+    from gallop_kernels.ops.select import naive as select_naive
 
     def setup(i):
         theta, grad = make_pair(n, dtype, env.device, seed=1000 + i)
-        return reference.compute_score(theta, grad, "gallop", EPS)
+        return select_naive.compute_score(theta, grad, "gallop", EPS)
 
     return setup
 
 
 def selection_cases(env: Env, n: int, dtype: torch.dtype, density: float) -> list[Case]:
-    from gallop_kernels import reference
-    from gallop_kernels.ops import streaming_select as ss
+    from gallop_kernels import rules
+    from gallop_kernels.ops.select import naive as select_naive
+    from gallop_kernels.ops.select import streaming as ss
 
-    k = reference.k_for_density(n, density)
+    k = rules.k_for_density(n, density)
     b = BYTES[dtype]
     pair_bytes = 2 * n * b
     floor = selection_floor_bytes(n, k, b, b)
@@ -252,9 +253,9 @@ def selection_cases(env: Env, n: int, dtype: torch.dtype, density: float) -> lis
 
     # ---- ours -------------------------------------------------------------------------------
     if env.cuda:
-        from gallop_kernels.ops.select import triton_select
+        from gallop_kernels.ops.select.launcher import select as triton_select
 
-        add("selection", "triton_select", "ours", floor, _pair_setup(env, n, dtype),
+        add("selection", "Triton select (ops/select/launcher.py)", "ours", floor, _pair_setup(env, n, dtype),
             lambda x: triton_select([x[0]], [x[1]], k, "gallop", score_eps=EPS), pair_bytes,
             mem=4 * k, note="3 histogram passes + count + write (5 reads of θ, g); one host sync")
         from benchmarks.stages import TritonStages
@@ -272,13 +273,13 @@ def selection_cases(env: Env, n: int, dtype: torch.dtype, density: float) -> lis
         add("compaction", "Triton count + scan + write", "ours", 2 * one_pass + 4 * k,
             stage_setup, lambda st: st.compaction(), pair_bytes, mem=4 * k)
     else:
-        add("selection", "torch backend (reference.select: score + stable sort)", "ours", floor,
+        add("selection", "torch backend (select_naive.select: score + stable sort)", "ours", floor,
             _pair_setup(env, n, dtype),
-            lambda x: reference.select([x[0]], [x[1]], density, "gallop", EPS), pair_bytes,
+            lambda x: select_naive.select([x[0]], [x[1]], density, "gallop", EPS), pair_bytes,
             mem=24 * n)
-        add("selection", "torch streaming radix select (ops.streaming_select)", "ours", floor,
+        add("selection", "torch backend: streaming radix select (ops/select/streaming.py)", "ours", floor,
             _pair_setup(env, n, dtype),
-            lambda x: ss.streaming_select([x[0]], [x[1]], k, "gallop", EPS), pair_bytes,
+            lambda x: ss.select([x[0]], [x[1]], k, "gallop", EPS), pair_bytes,
             mem=16 * min(n, ss.DEFAULT_CHUNK))
         for kern in ("score_histogram", "radix_select", "compaction"):
             cases.append(Case(kern, "Triton kernel", "ours", bytes_model=0, skip=(
@@ -287,7 +288,7 @@ def selection_cases(env: Env, n: int, dtype: torch.dtype, density: float) -> lis
 
     # ---- baselines: whole selection (what a user writes) ------------------------------------
     def score_of(x):
-        return reference.compute_score(x[0], x[1], "gallop", EPS)
+        return select_naive.compute_score(x[0], x[1], "gallop", EPS)
 
     add("selection", "torch: score + topk + sort indices", "baseline", floor, _pair_setup(env, n, dtype),
         lambda x: bl.topk_select_indices(score_of(x), k), pair_bytes, mem=4 * n + 12 * k,
@@ -362,9 +363,11 @@ def selection_cases(env: Env, n: int, dtype: torch.dtype, density: float) -> lis
 
 
 def sparse_step_cases(env: Env, n: int, dtype: torch.dtype, density: float) -> list[Case]:
-    from gallop_kernels import reference
+    from gallop_kernels import rules
+    from gallop_kernels.ops.adamw import AdamWHyper, sparse_adamw
+    from gallop_kernels.ops.adamw import naive as adamw_naive
 
-    k = reference.k_for_density(n, density)
+    k = rules.k_for_density(n, density)
     b = BYTES[dtype]
     master = dtype != torch.float32
     sbytes = sparse_step_bytes(n, k, b, b, master)
@@ -377,23 +380,20 @@ def sparse_step_cases(env: Env, n: int, dtype: torch.dtype, density: float) -> l
         idx, m, v, w = sparse_state(_n, k, env.device, 2000 + i, theta if master else None)
         return theta, grad, idx, m, v, w
 
+    hyper = AdamWHyper(1, LR, BETA1, BETA2, ADAM_EPS, WD)
+
     def run_ours(x):
         theta, grad, idx, m, v, w = x
-        if env.cuda:
-            from gallop_kernels.ops.sparse_adamw import triton_sparse_adamw_step
+        state = {"indices": idx, "exp_avg": m, "exp_avg_sq": v, "master": w}
+        sparse_adamw([theta], [grad], [state], hyper)  # Triton on CUDA, the torch backend on CPU
 
-            triton_sparse_adamw_step([theta], [grad], [idx], [m], [v], [w], 1, LR, BETA1, BETA2,
-                                     ADAM_EPS, WD)
-        else:
-            reference.sparse_adamw_step(theta, grad, idx, m, v, w, 1, LR, BETA1, BETA2, ADAM_EPS, WD)
-
-    cases.append(Case("sparse_step", "triton_sparse_adamw_step" if env.cuda else
-                      "torch backend (reference.sparse_adamw_step)", "ours", bytes_model=sbytes,
+    cases.append(Case("sparse_step", "ops.adamw.sparse_adamw (Triton)" if env.cuda else
+                      "ops.adamw.sparse_adamw (torch backend)", "ours", bytes_model=sbytes,
                       setup=setup, fn=run_ours, bytes_per_copy=2 * n * b + state_bytes, **common))
     if env.cuda:
-        cases.append(Case("sparse_step", "torch indexing (reference.sparse_adamw_step on CUDA)",
+        cases.append(Case("sparse_step", "torch indexing (adamw_naive.sparse_adamw_step on CUDA)",
                           "baseline", bytes_model=sbytes, setup=setup,
-                          fn=lambda x: reference.sparse_adamw_step(*x, 1, LR, BETA1, BETA2, ADAM_EPS, WD),
+                          fn=lambda x: adamw_naive.sparse_adamw_step(*x, hyper),
                           bytes_per_copy=2 * n * b + state_bytes, **common))
         if env.native is not None:
             nat = env.native
@@ -457,13 +457,13 @@ def _single_param(n: int, dtype: torch.dtype, device: torch.device, seed: int) -
 
 
 def optimizer_cases(env: Env, n: int, dtype: torch.dtype, density: float, steady_only: bool = False) -> list[Case]:
-    from gallop_kernels import SparseAdamW, reference
+    from gallop_kernels import SparseAdamW, rules
 
     b = BYTES[dtype]
     master = dtype != torch.float32
     sizes = split_sizes(n)
-    ks = [reference.k_for_density(s, density) for s in sizes]  # approx. per-tensor share
-    k = reference.k_for_density(n, density)
+    ks = [rules.k_for_density(s, density) for s in sizes]  # approx. per-tensor share
+    k = rules.k_for_density(n, density)
     steady = sum(sparse_step_bytes(s, kk, b, b, master) for s, kk in zip(sizes, ks))
     select_bytes = selection_floor_bytes(n, k, b, b) + steady
     common = dict(n=n, dtype=dtype, density=density, k=k)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import gc
-import os
 import time
 from typing import Any, Sequence
 
@@ -63,26 +62,26 @@ def interpreter_checks() -> dict[str, Any]:
 
 
 def _interpreter_checks() -> dict[str, Any]:
-    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+    from gallop_kernels.ops.backends import interpreter_enabled
+
+    if not interpreter_enabled():
         return {"status": "skipped: TRITON_INTERPRET=1 was not set before the kernels were imported"}
     out: dict[str, Any] = {"status": "ran", "where": "Triton interpreter (CPU), not timed"}
-    from gallop_kernels import reference
-
-    try:
-        from gallop_kernels.ops.select import triton_select
-        from gallop_kernels.ops.sparse_adamw import triton_sparse_adamw_step
-    except ImportError as exc:
-        return {"status": f"skipped: Triton launchers not importable ({exc})"}
     from benchmarks.cases import make_pair, sparse_state
     from benchmarks.stages import TritonStages
+    from gallop_kernels import rules
+    from gallop_kernels.ops.adamw import AdamWHyper, sparse_adamw
+    from gallop_kernels.ops.adamw import naive as adamw_naive
+    from gallop_kernels.ops.select import naive as select_naive
+    from gallop_kernels.ops.select import select
 
     t0 = time.perf_counter()
     a = make_pair(1000, torch.bfloat16, torch.device("cpu"), 1)
     b = make_pair(2001, torch.float32, torch.device("cpu"), 2)
     params, grads = [a[0], b[0]], [a[1], b[1]]
-    k = reference.k_for_density(3001, 0.01)
-    ours = triton_select(params, grads, k, "gallop")
-    ref = reference.select(params, grads, 0.01, "gallop")
+    k = rules.k_for_density(3001, 0.01)
+    ours = select(params, grads, k, score="gallop", backend="triton")
+    ref = select_naive.select(params, grads, 0.01, "gallop")
     out["triton_select_equals_reference"] = all(
         torch.equal(o.to(torch.int64), r.to(torch.int64)) for o, r in zip(ours, ref))
 
@@ -96,8 +95,10 @@ def _interpreter_checks() -> dict[str, Any]:
     theta, grad = make_pair(3000, torch.bfloat16, torch.device("cpu"), 3)
     idx, m, v, w = sparse_state(3000, 30, torch.device("cpu"), 3, theta)
     t2, m2, v2, w2 = theta.clone(), m.clone(), v.clone(), w.clone()
-    triton_sparse_adamw_step([theta], [grad], [idx], [m], [v], [w], 3, 1e-3, 0.9, 0.999, 1e-8, 0.01)
-    reference.sparse_adamw_step(t2, grad, idx, m2, v2, w2, 3, 1e-3, 0.9, 0.999, 1e-8, 0.01)
+    hyper = AdamWHyper(3, 1e-3, 0.9, 0.999, 1e-8, 0.01)
+    state = {"indices": idx, "exp_avg": m, "exp_avg_sq": v, "master": w}
+    sparse_adamw([theta], [grad], [state], hyper, backend="triton")
+    adamw_naive.sparse_adamw_step(t2, grad, idx, m2, v2, w2, hyper)
     diff = max(float((x - y).abs().max()) for x, y in ((m, m2), (v, v2), (w, w2)))
     out["sparse_adamw_max_abs_diff"] = diff
     out["sparse_adamw_params_equal"] = bool(torch.equal(theta, t2))

@@ -15,10 +15,10 @@ build        75 s  ``cmake`` + build of the native baselines (``kernels/``: CUB 
 tests       120 s  pytest (a wall-clock limit on each run): the CUDA-only tests (``-m gpu``),
                    then the kernel test files, compiled for this GPU
 selection    75 s  exact top-k at N = 1e6, 1e7, 1e8, 1e9, 4e9 (bf16 θ and g, ρ = 1 %): ours
-                   (``ops.select_indices``, Triton on CUDA) beside the exact torch compositions
+                   (``ops.select.select``, Triton on CUDA) beside the exact torch compositions
                    (score + topk threshold + ties, score + kthvalue + ties, score + stable sort)
                    and the CUB baseline (CUDA score + CUB threshold + ties)
-step         40 s  sparse AdamW at the same N, ρ = 1 % (``ops.sparse_adamw_update``) beside dense
+step         40 s  sparse AdamW at the same N, ρ = 1 % (``ops.adamw.sparse_adamw``) beside dense
                    ``torch.optim.AdamW(fused=True)`` and bitsandbytes ``AdamW8bit``
 memory      110 s  ``gallop memory``'s measure mode on the Llama-3-8B shape (seq 2048, batch 1),
                    most telling rows first (SparseAdamW lean, 4-bit base + delta, dense AdamW,

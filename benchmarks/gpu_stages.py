@@ -22,11 +22,11 @@ from benchmarks.gpu_run import REPO, Run, Stage
 
 DENSITY = 0.01
 # CUDA-only tests first, then the kernel test files (compiled for this GPU instead of interpreted).
-GPU_TEST_FILES = ("tests/test_triton_select.py", "tests/test_triton_score.py",
-                  "tests/test_triton_sparse_adamw.py", "tests/test_state_8bit.py",
-                  "tests/test_sparse_adamw.py", "tests/test_streaming_select.py",
+GPU_TEST_FILES = ("tests/test_select_triton.py", "tests/test_select_score_kernels.py",
+                  "tests/test_adamw_triton.py", "tests/test_adamw_8bit.py",
+                  "tests/test_sparse_adamw.py", "tests/test_select_streaming.py",
                   "tests/test_state_dict.py", "tests/test_lean.py")
-DRY_TESTS = ("tests/test_streaming_select.py", "-k", "order_keys")
+DRY_TESTS = ("tests/test_select_streaming.py", "-k", "order_keys")
 MEMORY_METHODS = ("sparse-lean", "sparse-4bit-delta", "adamw", "sparse-lean-8bit", "sparse",
                   "adamw8bit", "lora")
 CASE_SINGLE_CALL_S = 5.0  # a case whose first call takes longer is timed by that call alone
@@ -168,9 +168,9 @@ def _free_bytes(run: Run) -> int:
 
 
 def stage_selection(run: Run, stage: Stage) -> None:
-    from gallop_kernels import ops
+    from gallop_kernels.ops import backends
 
-    backend = ops.resolve_backend("auto", run.device)
+    backend = backends.resolve("auto", [torch.empty(0, device=run.device)])
     rows: list[dict[str, Any]] = []
     stage.detail.update(rows=rows, backend=backend)
     for n in run.sizes:
@@ -191,18 +191,20 @@ def _selection_at(run: Run, stage: Stage, n: int, backend: str) -> list[dict[str
     """Ours and every exact baseline at one N, each checked against ours, then timed."""
     from benchmarks import baselines as bl
     from benchmarks.cases import EPS, make_pair, selection_floor_bytes
-    from gallop_kernels import ops, reference
+    from gallop_kernels import rules
+    from gallop_kernels.ops.select import naive as select_naive
+    from gallop_kernels.ops.select import select
 
-    k = reference.k_for_density(n, DENSITY)
+    k = rules.k_for_density(n, DENSITY)
     floor = selection_floor_bytes(n, k, 2, 2)
     theta, grad = make_pair(n, torch.bfloat16, run.device, seed=11)
 
     def scores():
-        return reference.compute_score(theta, grad, "gallop", EPS)
+        return select_naive.compute_score(theta, grad, "gallop", EPS)
 
     impls: dict[str, tuple[Callable[[], Any], str | None]] = {
-        f"ours: ops.select_indices ({backend})": (lambda: ops.select_indices(
-            [theta], [grad], density=DENSITY, score="gallop", score_eps=EPS, seed=0,
+        f"ours: ops.select.select ({backend})": (lambda: select(
+            [theta], [grad], k, score="gallop", score_eps=EPS, seed=0,
             names=["w"], backend=backend)[0], None),
         "torch: score + topk threshold + ties": (
             lambda: bl.exact_compact(s := scores(), bl.topk_threshold(s, k), k), None),
@@ -261,9 +263,9 @@ def _selection_at(run: Run, stage: Stage, n: int, backend: str) -> list[dict[str
 
 def stage_step(run: Run, stage: Stage) -> None:
     from benchmarks import baselines as bl
-    from gallop_kernels import ops
+    from gallop_kernels.ops import backends
 
-    backend = ops.resolve_backend("auto", run.device)
+    backend = backends.resolve("auto", [torch.empty(0, device=run.device)])
     if run.dry:
         bnb_cls, bnb_status = None, "dry run: not tried (its import alone takes seconds)"
     else:
@@ -283,23 +285,33 @@ def stage_step(run: Run, stage: Stage) -> None:
 
 def _step_at(run: Run, stage: Stage, n: int, backend: str, bnb_cls) -> list[dict[str, Any]]:
     """The sparse step at ρ = 1 % and the dense optimizers' steps on the same parameter."""
-    from benchmarks.cases import (ADAM_EPS, BETA1, BETA2, LR, WD, dense_adamw_bytes, make_pair,
-                                  sparse_state, sparse_step_bytes)
-    from gallop_kernels import ops, reference
+    from benchmarks.cases import (
+        ADAM_EPS,
+        BETA1,
+        BETA2,
+        LR,
+        WD,
+        dense_adamw_bytes,
+        make_pair,
+        sparse_state,
+        sparse_step_bytes,
+    )
+    from gallop_kernels import rules
+    from gallop_kernels.ops.adamw import AdamWHyper, sparse_adamw
 
-    k = reference.k_for_density(n, DENSITY)
+    k = rules.k_for_density(n, DENSITY)
     theta, grad = make_pair(n, torch.bfloat16, run.device, seed=12)
-    state = sparse_state(n, k, run.device, 12, theta)  # indices, m, v, master
-    ours = f"ours: ops.sparse_adamw_update ({backend})"
+    state = dict(zip(("indices", "exp_avg", "exp_avg_sq", "master"),
+                     sparse_state(n, k, run.device, 12, theta)))
+    ours = f"ours: ops.adamw.sparse_adamw ({backend})"
     rows = [{"n": n, "k": k, "impl": ours, "role": "ours",
              "bytes_model": sparse_step_bytes(n, k, 2, 2, True)}]
     count = [0]
 
     def sparse_step(_):
         count[0] += 1
-        ops.sparse_adamw_update([theta], [grad], *([x] for x in state), step=count[0], lr=LR,
-                                beta1=BETA1, beta2=BETA2, eps=ADAM_EPS, weight_decay=WD,
-                                backend=backend)
+        sparse_adamw([theta], [grad], [state], AdamWHyper(count[0], LR, BETA1, BETA2, ADAM_EPS, WD),
+                     backend=backend)
 
     try:
         rows[0].update(_timed(run, sparse_step, [None]))

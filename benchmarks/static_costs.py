@@ -2,7 +2,7 @@
 
     python -m benchmarks.static_costs [--arch 80 90 100] [--all] [--out benchmarks/results]
 
-For each kernel variant the launchers emit (`gallop_kernels.ops.compile_gate`; by default a
+For each kernel variant the launchers emit (`gallop_kernels.ops._triton.compile_gate`; by default a
 representative set, ``--all`` for every variant) and each architecture it writes: registers,
 spills and local memory, shared memory, static SASS instructions per element of the main loop
 (all paths, and the fastest path), the FFMA/fma counts that check the FP-fusion policy, and
@@ -331,8 +331,8 @@ def step_bytes(state: str, master: bool, compact: bool, p="bf16", g="bf16", sect
 
 
 def analyse(launch, arch: int) -> dict:
-    from gallop_kernels.ops.compile_gate import fp_policy_counts
-    from gallop_kernels.ops.launch import compile_for
+    from gallop_kernels.ops._triton.compile_gate import fp_policy_counts
+    from gallop_kernels.ops._triton.launch import compile_for
 
     kernel = compile_for(launch, arch)
     sass = disassemble(kernel.asm["cubin"])
@@ -366,8 +366,8 @@ def fusion_check(variants: dict, arch: int = 90) -> list[dict]:
     FFMA count, explicit PTX fma, and PTX float mul/add that ptxas may contract."""
     import dataclasses
 
-    from gallop_kernels.ops.compile_gate import fp_policy_counts
-    from gallop_kernels.ops.launch import compile_for
+    from gallop_kernels.ops._triton.compile_gate import fp_policy_counts
+    from gallop_kernels.ops._triton.launch import compile_for
 
     out = []
     for launch in variants.values():
@@ -410,7 +410,7 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("static_costs: unset TRITON_INTERPRET", file=sys.stderr)
         return 2
-    from gallop_kernels.ops.compile_gate import variants
+    from gallop_kernels.ops._triton.compile_gate import variants
 
     everything = variants()
     _VARIANTS.update(everything if args.all else representative(everything))

@@ -4,10 +4,10 @@
     python -m benchmarks.torch_select --sizes 1.35e8 --out benchmarks/results
 
 The composition is what a user writes for the exact rule with torch alone: the scores of every
-tensor of the group (``reference.compute_score``), concatenated; ``torch.kthvalue`` for the k-th
+tensor of the group (``select_naive.compute_score``), concatenated; ``torch.kthvalue`` for the k-th
 largest; the entries above it plus the lowest-index ties; split back per tensor. Ours is
 ``SparseAdamW(backend="torch").select()`` on the same parameters and gradients (it also installs
-the optimizer state of the selection), and ``ops.streaming_select`` alone. Both select the same
+the optimizer state of the selection), and ``ops.select.streaming.select`` alone. Both select the same
 index set (checked before timing). The ratio (ours / composition, median of interleaved rounds)
 is what issue 9 bounds at 1.5.
 
@@ -36,14 +36,15 @@ DEFAULT_SIZES = (10**6, 4 * 10**6, 16 * 10**6)
 
 def composition(params: Sequence[torch.Tensor], density: float) -> list[torch.Tensor]:
     """Score, kthvalue, above + lowest-index ties, split per tensor (exact, whole group in memory)."""
-    from gallop_kernels import reference
+    from gallop_kernels import rules
+    from gallop_kernels.ops.select import naive as select_naive
 
     scores, offset = [], 0
     for p in params:
-        scores.append(reference.compute_score(p, p.grad, "gallop", 1e-8, 0, offset))
+        scores.append(select_naive.compute_score(p, p.grad, "gallop", 1e-8, 0, offset))
         offset += p.numel()
     flat = torch.cat(scores)
-    k = reference.k_for_density(flat.numel(), density)
+    k = rules.k_for_density(flat.numel(), density)
     chosen = exact_compact(flat, kthvalue_threshold(flat, k), k)
     out, start = [], 0
     for p in params:
@@ -54,12 +55,12 @@ def composition(params: Sequence[torch.Tensor], density: float) -> list[torch.Te
 
 
 def run_size(n: int, dtype: torch.dtype, device: torch.device, reps: int) -> dict[str, Any]:
-    from gallop_kernels import SparseAdamW, reference
-    from gallop_kernels.ops.streaming_select import streaming_select
+    from gallop_kernels import SparseAdamW, rules
+    from gallop_kernels.ops.select import streaming
 
     params = make_model(n, dtype, device, seed=5)
     opt = SparseAdamW(params, lr=1e-5, density=DENSITY, backend="torch")
-    k = reference.k_for_density(n, DENSITY)
+    k = rules.k_for_density(n, DENSITY)
     grads = [p.grad for p in params]
 
     want = composition(params, DENSITY)
@@ -71,7 +72,7 @@ def run_size(n: int, dtype: torch.dtype, device: torch.device, reps: int) -> dic
     fns = {
         "composition": lambda: composition(params, DENSITY),
         "select": opt.select,
-        "streaming_select": lambda: streaming_select(params, grads, k, "gallop", 1e-8),
+        "streaming_select": lambda: streaming.select(params, grads, k, "gallop", 1e-8),
     }
     m = measure_interleaved(fns, device, reps=reps, target_s=2.0)
     base = m["composition"].median_s

@@ -19,17 +19,16 @@ from typing import Callable, Sequence
 
 from gallop_kernels import __version__
 from gallop_kernels.errors import USER_ERROR_EXIT, describe, exit_status, is_user_error, terminate_as_interrupt
+from gallop_kernels.rules import check_fraction
 
 
 def _density(text: str) -> float:
-    """argparse type for a fraction in (0, 1], so a bad density fails at parse time."""
+    """argparse type for a fraction in (0, 1] (`rules.check_fraction`), so a bad density fails
+    at parse time."""
     try:
-        value = float(text)
+        return check_fraction(float(text), "value")
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
 
 
 def _positive_int(text: str) -> int:

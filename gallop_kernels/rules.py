@@ -1,4 +1,4 @@
-"""One source for each rule that several layers check: option ranges, score names, index sets.
+"""One source for each rule that several layers check: option ranges, score names, k, index sets.
 
 The optimizer, phase one, the delta file format, the 4-bit delta path and the CLI all refuse the
 same bad input with the same words, because they all call these functions (see
@@ -9,18 +9,39 @@ the option as the caller spells it (``name="--density"`` in the CLI).
 
 from __future__ import annotations
 
+import math
 import numbers
-from typing import Any
+from typing import Any, Callable, Union
 
 import torch
 
-from gallop_kernels.reference import SCORE_NAMES
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Score = Union[str, ScoreFn]
+
+SCORE_NAMES = ("gallop", "gradient", "magnitude", "random")
+"""The named scores (`docs/design.md#selection-semantics`); a callable is the user's own."""
+
+INT32_LIMIT = 2**31
 
 DEFAULT_MIN_8BIT_ENTRIES = 4096
 """``SparseAdamW(state_bits=8, min_8bit_entries=...)``'s default: a tensor with fewer selected
 entries keeps fp32 moments, as bitsandbytes' ``min_8bit_size`` does for whole tensors."""
 
 INDEX_DTYPES = (torch.int32, torch.int64)
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""The param and gradient dtypes every backend supports."""
+
+
+def k_for_density(numel: int, density: float) -> int:
+    """Number of entries to select: ``min(N, max(1, floor(density * N + 0.5)))`` (0 for N = 0)."""
+    if numel <= 0:
+        return 0
+    return min(numel, max(1, math.floor(density * numel + 0.5)))
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """Per-tensor index dtype: int32, or int64 for a tensor of 2^31 entries or more."""
+    return torch.int64 if numel >= INT32_LIMIT else torch.int32
 
 
 def _real(name: str, value: Any) -> float:
@@ -38,7 +59,7 @@ def check_fraction(value: Any, name: str = "density") -> float:
 
 
 def check_score(score: Any, name: str = "score", allow_callable: bool = True) -> None:
-    """A score name of `reference.SCORE_NAMES`, or (where allowed) a ``(param, grad)`` callable."""
+    """A score name of `SCORE_NAMES`, or (where allowed) a ``(param, grad)`` callable."""
     if allow_callable and callable(score):
         return
     if not isinstance(score, str) or score not in SCORE_NAMES:
@@ -77,5 +98,6 @@ def check_index_set(indices: Any, numel: int, where: str) -> torch.Tensor:
     return idx
 
 
-__all__ = ["DEFAULT_MIN_8BIT_ENTRIES", "INDEX_DTYPES", "check_count", "check_fraction",
-           "check_index_set", "check_score"]
+__all__ = ["DEFAULT_MIN_8BIT_ENTRIES", "INDEX_DTYPES", "INT32_LIMIT", "SCORE_NAMES", "Score",
+           "ScoreFn", "FLOAT_DTYPES", "check_count", "check_fraction", "check_index_set", "check_score",
+           "index_dtype", "k_for_density"]

@@ -16,13 +16,13 @@ import re
 from typing import Any, Callable
 
 import numpy as np
-import torch
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gallop_kernels import SparseAdamW
-from gallop_kernels.reference import SCORE_NAMES
+from gallop_kernels.rules import SCORE_NAMES
 
 NAN, INF = float("nan"), float("inf")
 REFUSED = (ValueError, TypeError)

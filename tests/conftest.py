@@ -28,20 +28,13 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _triton_launchers_present() -> bool:
-    try:
-        import gallop_kernels.ops.select  # noqa: F401
-        import gallop_kernels.ops.sparse_adamw  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @pytest.fixture(params=["torch", "triton"])
 def backend(request) -> str:
-    """Every optimizer behaviour test runs on both backends (Triton in its interpreter on CPU)."""
-    if request.param == "triton" and not _triton_launchers_present():
-        pytest.skip("Triton launchers are not available")
+    """Every optimizer behaviour test runs on both backends (Triton in its interpreter on CPU).
+    Only a machine without the triton package skips the Triton half; a launcher that fails to
+    import fails the tests."""
+    if request.param == "triton":
+        pytest.importorskip("triton")
     return request.param
 
 

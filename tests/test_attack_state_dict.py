@@ -20,13 +20,27 @@ import io
 import pytest
 import torch
 from attack_support import (
-    BAD_OPTIONS, BAD_STEPS, CONFIGS, FAST, INF, NAN, REFUSED, assert_same, backward, base,
-    record, property_tests, refusal_kind, set_grads, snapshot,
+    BAD_OPTIONS,
+    BAD_STEPS,
+    CONFIGS,
+    FAST,
+    INF,
+    NAN,
+    REFUSED,
+    assert_same,
+    backward,
+    base,
+    property_tests,
+    record,
+    refusal_kind,
+    set_grads,
+    snapshot,
 )
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from gallop_kernels import SparseAdamW, reference
+from gallop_kernels import SparseAdamW
+from gallop_kernels.ops.adamw import quantization
 from gallop_kernels.optim.checkpoint import LEGACY_OPTION_DEFAULTS, STATE_KEYS
 from gallop_kernels.optim.selection import moments_fp32
 
@@ -437,7 +451,7 @@ def test_a_state_bits_change_needs_convert_layout(bits_saved, bits_now) -> None:
     for a, b, signed in zip(moments_fp32(saved.state[big_saved]), moments_fp32(st_now),
                             (True, False)):
         if bits_now == 8:  # quantized as the optimizer itself quantizes
-            a = reference.dequantize_blockwise(*reference.quantize_blockwise(a, signed), signed)
+            a = quantization.dequantize_blockwise(*quantization.quantize_blockwise(a, signed), signed)
         assert torch.equal(a, b)
     set_grads(now, 5)
     now.step()

@@ -7,7 +7,7 @@ What runs on the CPU here: bitsandbytes' CPU kernel for ``dequantize_4bit`` (the
 kernel the wrapper needs) and plain ``F.linear``. bitsandbytes' own CPU inference kernel
 (``gemm_4bit_forward`` from the `kernels` hub, or the AVX512-BF16 repacked path) is not used: the
 wrapper always dequantizes and calls ``F.linear`` (the path bitsandbytes itself takes for training),
-so the oracle everywhere is an ``nn.Linear`` holding the dequantized weight and ``reference.select``.
+so the oracle everywhere is an ``nn.Linear`` holding the dequantized weight and ``select_naive.select``.
 Nothing in this file needs a GPU; on a GPU the same code runs bitsandbytes' CUDA dequantization.
 """
 
@@ -24,10 +24,8 @@ bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from gallop_kernels import SparseAdamW, reference  # noqa: E402
-from gallop_kernels import phase_one  # noqa: E402
+from gallop_kernels import SparseAdamW, phase_one, rules  # noqa: E402
 from gallop_kernels.integrations import bitsandbytes as gbnb  # noqa: E402
-from gallop_kernels.integrations.bitsandbytes import autograd as delta_autograd  # noqa: E402
 from gallop_kernels.integrations.bitsandbytes import (  # noqa: E402
     SparseDeltaLinear,
     apply_sparse_delta,
@@ -38,6 +36,8 @@ from gallop_kernels.integrations.bitsandbytes import (  # noqa: E402
     sparse_delta_modules,
     sparse_delta_state,
 )
+from gallop_kernels.integrations.bitsandbytes import autograd as delta_autograd  # noqa: E402
+from gallop_kernels.ops.select import naive as select_naive  # noqa: E402
 
 VOCAB = 64
 SEQ = 12
@@ -229,7 +229,7 @@ def test_selection_equals_reference_on_dequantized_weights(llama_dir, dense_orac
     batches = calibration_batches(3)
     score_arg = (lambda p, g: g.abs() * (p.abs() + 1.0)) if score == "callable" else score
     names, weights, mean_grads = dense_oracle
-    expected = reference.select(weights, mean_grads, 0.03, score_arg, seed=7, names=names)
+    expected = select_naive.select(weights, mean_grads, 0.03, score_arg, seed=7, names=names)
 
     wrapped = select_sparse_delta(
         model, batches, lm_loss(model), density=0.03, score=score_arg, seed=7, chunk=1000
@@ -237,7 +237,7 @@ def test_selection_equals_reference_on_dequantized_weights(llama_dir, dense_orac
     assert list(wrapped) == names  # every decoder linear, in module order; no lm_head
     assert not isinstance(model.lm_head, SparseDeltaLinear)
     total = sum(m.weight_numel for m in wrapped.values())
-    assert sum(m.delta_indices.numel() for m in wrapped.values()) == reference.k_for_density(total, 0.03)
+    assert sum(m.delta_indices.numel() for m in wrapped.values()) == rules.k_for_density(total, 0.03)
     for name, exp in zip(names, expected):
         got = wrapped[name].delta_indices
         assert got.dtype == torch.int32

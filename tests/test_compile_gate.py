@@ -4,7 +4,7 @@ CPU-only machine, with the argument specialisation a real launch gets.
 The interpreter accepts what the compiler refuses (a module-level Python int read inside
 ``@triton.jit`` once made the 8-bit step uncompilable while every interpreted test passed), so
 the variants are compiled ahead of time in a subprocess without TRITON_INTERPRET
-(`gallop_kernels.ops.compile_gate`). The default run compiles one variant per kernel (and per
+(`gallop_kernels.ops._triton.compile_gate`). The default run compiles one variant per kernel (and per
 key kind and state layout) for every architecture; ``-m compile_all`` compiles every variant.
 The FP-fusion policy is checked on the same compiles: no contractable float multiply/add in any
 PTX, and fused multiply-adds exactly where a kernel writes ``tl.fma``.
@@ -21,7 +21,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from gallop_kernels.ops import compile_gate  # noqa: E402
+from gallop_kernels.ops._triton import compile_gate  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,7 +30,7 @@ def _gate(*args: str, timeout: int) -> tuple[subprocess.CompletedProcess, list[d
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
-        [sys.executable, "-m", "gallop_kernels.ops.compile_gate", *args],
+        [sys.executable, "-m", "gallop_kernels.ops._triton.compile_gate", *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
     )
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -70,8 +70,8 @@ def test_every_kernel_compiles_for_sm80_sm90_sm100():
 def test_variants_come_from_the_launchers():
     """The enumeration holds what the launchers group by: every score, dtype pair, alignment,
     index width and state layout, and no integer kernel argument (ints live in tables)."""
-    from gallop_kernels.ops import select as S
-    from gallop_kernels.ops import sparse_adamw as A
+    from gallop_kernels.ops.adamw import launcher as A
+    from gallop_kernels.ops.select import launcher as S
 
     launches = list(compile_gate.variants().values())
     hist = [la.constexprs for la in launches if la.name == "histogram_kernel"]

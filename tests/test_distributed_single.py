@@ -41,7 +41,7 @@ def test_lean_clipping_uses_the_kept_entries(norm_type):
     torch.testing.assert_close(got, want)
     factor = min(1.0, 0.01 / (float(want) + 1e-6))
     for p, k in zip(model.parameters(), kept):
-        torch.testing.assert_close(opt._lean.grad(p), k * factor)
+        torch.testing.assert_close(opt.lean_gradients.grad(p), k * factor)
     assert opt.last_grad_norm is got
     opt.step()
     assert opt.last_grad_norm is got  # until new gradients arrive
@@ -66,14 +66,14 @@ def test_clipping_without_lean_is_torchs():
 
 def test_clipping_refuses_bad_arguments_and_measures_with_inf():
     model, opt, _, _ = _lean_step(1.0)
-    before = [opt._lean.grad(p).clone() for p in model.parameters()]
+    before = [opt.lean_gradients.grad(p).clone() for p in model.parameters()]
     with pytest.raises(ValueError, match="max_norm"):
         opt.clip_grad_norm_(-1.0)
     with pytest.raises(ValueError, match="norm_type"):
         opt.clip_grad_norm_(1.0, norm_type=0)
     assert float(opt.clip_grad_norm_(math.inf)) > 0
     for p, b in zip(model.parameters(), before):
-        assert torch.equal(opt._lean.grad(p), b)  # inf only measures
+        assert torch.equal(opt.lean_gradients.grad(p), b)  # inf only measures
 
 
 def test_attach_ddp_checks_its_arguments():

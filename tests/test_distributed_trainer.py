@@ -100,7 +100,7 @@ def worker(model_dir: str, data: str, out: str) -> None:
     dist.all_gather(every, flat)
     report = {
         "same_weights": all(torch.equal(every[0], w) for w in every),
-        "lean_ddp": None if opt._ddp is None else opt._ddp.mode,
+        "lean_ddp": None if opt.ddp_exchange is None else opt.ddp_exchange.mode,
     }
     Path(out, f"rank{dist.get_rank()}.json").write_text(json.dumps(report))
     dist.barrier()

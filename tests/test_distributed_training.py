@@ -212,7 +212,8 @@ def _selection_parity(ctx: Ranks, backend: str) -> None:
     dtype): each group selects on its own, exactly as one process would."""
     from torch.distributed.fsdp import fully_shard
 
-    from gallop_kernels import SparseAdamW, reference
+    from gallop_kernels import SparseAdamW
+    from gallop_kernels.ops.select import naive as select_naive
 
     cases = list(enumerate(selection_cases()))
     for dtype in ("float32", "bfloat16"):
@@ -232,7 +233,7 @@ def _selection_parity(ctx: Ranks, backend: str) -> None:
         for (n, case), group in zip(mine, opt.param_groups):
             full_p = [full(p) for p in group["params"]]
             full_g = [full(p.grad) for p in group["params"]]
-            want = reference.select(full_p, full_g, case["density"], group["score"], 1e-8, 0,
+            want = select_naive.select(full_p, full_g, case["density"], group["score"], 1e-8, 0,
                                     group["param_names"])
             for i, p in enumerate(group["params"]):
                 got = global_selection(ctx, opt, p)
@@ -319,7 +320,7 @@ def _ddp_parity(ctx, variant: str, comm_hook: bool = False) -> None:
     weights = [full(p).tolist() for p in model.parameters()]
     assert all(w == weights for w in ctx.all_same(weights)), "DDP replicas diverged"
     if opt.lean and not comm_hook:
-        assert opt._ddp is not None and opt._ddp.mode == "compact", "lean mode found no DDP"
+        assert opt.ddp_exchange is not None and opt.ddp_exchange.mode == "compact", "lean mode found no DDP"
         assert ddp.require_backward_grad_sync is False
         if variant == "lean":
             assert any(not p.requires_grad for p in model.parameters()), "nothing was frozen"
@@ -397,7 +398,11 @@ def _phase_one(ctx, wrap: str) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from gallop_kernels import SparseAdamW
-    from gallop_kernels.phase_one import calibrate_dataset, optimizer_sink, select_from_sink
+    from gallop_kernels.phase_one import (
+        calibrate_dataset,
+        optimizer_sink,
+        select_from_sink,
+    )
 
     for lean in (False, True):
         models = []
@@ -505,7 +510,9 @@ def case_plain_dcp_of_per_rank_state_is_refused(ctx):
     """torch's get/set_optimizer_state_dict + dcp keep one rank's ragged state: refused loudly."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
-        get_optimizer_state_dict, set_optimizer_state_dict)
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
 
     from gallop_kernels import SparseAdamW
 

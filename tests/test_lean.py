@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gallop_kernels import SparseAdamW, calibrate, reference
+from gallop_kernels import SparseAdamW, calibrate
+from gallop_kernels.ops.select import naive as select_naive
 
 
 def make_model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -73,7 +74,7 @@ def test_dense_gradients_are_freed_one_at_a_time() -> None:
     assert alive_at_hook and max(alive_at_hook) == 1
     assert all(p.grad is None for p in params)
     state_k = sum(opt.state[p]["indices"].numel() for p in params if p.requires_grad)
-    assert opt._lean.buffer_bytes() == 4 * state_k
+    assert opt.lean_gradients.buffer_bytes() == 4 * state_k
 
 
 def test_tensors_without_selection_are_frozen_and_can_be_unfrozen() -> None:
@@ -107,7 +108,7 @@ def test_calibrate_selects_from_the_mean_gradient_on_the_host(backend) -> None:
     for i in range(3):
         loss_of(expected_model, batch(i)).backward()
     mean = [p.grad / 3 for p in expected_model.parameters()]
-    expected = reference.select([p.detach() for p in params], mean, 0.2)
+    expected = select_naive.select([p.detach() for p in params], mean, 0.2)
 
     alive_at_hook = []
     for p in params:

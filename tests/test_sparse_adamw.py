@@ -8,7 +8,10 @@ import pickle
 import pytest
 import torch
 
-from gallop_kernels import SparseAdamW, reference
+from gallop_kernels import SparseAdamW, rules
+from gallop_kernels.ops.adamw import naive as adamw_naive
+from gallop_kernels.ops.adamw.hyper import AdamWHyper
+from gallop_kernels.ops.select import naive as select_naive
 
 NAN = float("nan")
 
@@ -31,7 +34,7 @@ def random_grads(params: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
 
 
 class ReferenceRun:
-    """SparseAdamW spelled out with reference.py alone: select once, then masked AdamW steps."""
+    """SparseAdamW spelled out with the oracles (naive.py) alone: select once, then masked AdamW steps."""
 
     def __init__(self, params, density, score="gallop", lr=1e-2, betas=(0.9, 0.99), eps=1e-8,
                  weight_decay=0.01):
@@ -42,7 +45,7 @@ class ReferenceRun:
 
     def step(self, grads):
         if self.indices is None:
-            self.indices = reference.select(self.params, grads, self.density, self.score)
+            self.indices = select_naive.select(self.params, grads, self.density, self.score)
             self.m = [torch.zeros(i.numel()) for i in self.indices]
             self.v = [torch.zeros(i.numel()) for i in self.indices]
             self.master = [
@@ -52,7 +55,7 @@ class ReferenceRun:
             self.t = 0
         self.t += 1
         for p, g, i, m, v, w in zip(self.params, grads, self.indices, self.m, self.v, self.master):
-            reference.sparse_adamw_step(p, g, i, m, v, w, self.t, *self.hp)
+            adamw_naive.sparse_adamw_step(p, g, i, m, v, w, AdamWHyper(self.t, *self.hp))
 
 
 def run_optimizer(opt, params, grad_seeds):
@@ -96,7 +99,7 @@ def test_unselected_entries_never_change(backend, dtype, device) -> None:
         assert torch.equal(p.detach().reshape(-1)[keep], b.reshape(-1)[keep])
         changed = p.detach().reshape(-1)[~keep] != b.reshape(-1)[~keep]
         assert bool(changed.all())
-    assert opt.num_selected == reference.k_for_density(sum(p.numel() for p in params), 0.1)
+    assert opt.num_selected == rules.k_for_density(sum(p.numel() for p in params), 0.1)
 
 
 def test_density_one_equals_torch_adamw(backend, device) -> None:
@@ -156,7 +159,7 @@ def test_select_from_accumulated_calibration_gradients(backend) -> None:
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
         model(torch.randn(8, 6, generator=gen)).pow(2).mean().backward()
-    expected = reference.select(
+    expected = select_naive.select(
         [p.detach() for p in model.parameters()], [p.grad for p in model.parameters()], 0.25
     )
     opt.select()
@@ -180,7 +183,7 @@ def test_param_groups_with_own_density_and_score(backend) -> None:
         lr=1e-2, backend=backend,
     )
     a.grad, b.grad = torch.randn(40), torch.randn(30)
-    expected_b = reference.select([b.detach()], [None], 0.5, "magnitude")[0]  # before b moves
+    expected_b = select_naive.select([b.detach()], [None], 0.5, "magnitude")[0]  # before b moves
     opt.step()
     assert opt.selected_indices(a).numel() == 4
     assert torch.equal(opt.selected_indices(b), expected_b)
@@ -189,7 +192,7 @@ def test_param_groups_with_own_density_and_score(backend) -> None:
     c.grad = torch.randn(20)
     opt.step()
     assert torch.equal(
-        opt.selected_indices(c), reference.select([c.detach()], [None], 0.25, "random")[0]
+        opt.selected_indices(c), select_naive.select([c.detach()], [None], 0.25, "random")[0]
     )
     assert opt.state[a]["step"].item() == 2 and opt.state[c]["step"].item() == 1
 
@@ -381,7 +384,7 @@ def test_copies_continue_exactly_like_the_original(backend, copy_fn, options) ->
         for key in opt.state[a]:
             assert torch.equal(opt.state[a][key], clone.state[b][key]), key
     if opt.lean:  # the copy's own hooks gathered its gradients, and freed them
-        assert clone._lean.buffer_bytes() == opt._lean.buffer_bytes() > 0
+        assert clone.lean_gradients.buffer_bytes() == opt.lean_gradients.buffer_bytes() > 0
 
 
 def test_copy_of_lean_optimizer_keeps_pending_gradients_and_frozen_tensors() -> None:
@@ -394,7 +397,7 @@ def test_copy_of_lean_optimizer_keeps_pending_gradients_and_frozen_tensors() -> 
     clone = copy.deepcopy(opt)
     copies = _all_params(clone)
     assert [i for i, p in enumerate(copies) if not p.requires_grad] == frozen
-    assert clone._lean.gathered(copies[0]) and copies[0].grad is None
+    assert clone.lean_gradients.gathered(copies[0]) and copies[0].grad is None
     clone.unfreeze()
     assert all(p.requires_grad for p in copies) and not all(p.requires_grad for p in params)
     opt.step()

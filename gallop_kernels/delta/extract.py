@@ -12,7 +12,7 @@ from gallop_kernels.delta.fingerprint import TensorView, record
 from gallop_kernels.delta.format import SparseDelta, new_delta, score_label
 from gallop_kernels.delta.ops import exact_difference
 from gallop_kernels.optim.unwrap import unwrap_optimizer
-from gallop_kernels.reference import index_dtype
+from gallop_kernels.rules import index_dtype
 
 
 def owner_classes(model: nn.Module, names: list[str]) -> dict[str, str]:

@@ -2,7 +2,7 @@
 
 One safetensors file (`docs/design.md#delta-format`). Per trained tensor ``name``:
 
-- ``{name}::indices``: sorted unique flat indices (`reference.index_dtype`),
+- ``{name}::indices``: sorted unique flat indices (`rules.index_dtype`),
 - ``{name}::values``: version 2: the *differences* trained − base at those entries (float32, or
   float64 where float32 cannot give back every trained value exactly); version 1: the trained
   values themselves, in the parameter's dtype,

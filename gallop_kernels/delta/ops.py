@@ -24,8 +24,13 @@ import torch
 from torch import nn
 
 from gallop_kernels.delta.base import BaseSource, open_base
-from gallop_kernels.reference import index_dtype
-from gallop_kernels.delta.fingerprint import BaseSample, TensorView, differs, mismatches, record
+from gallop_kernels.delta.fingerprint import (
+    BaseSample,
+    TensorView,
+    differs,
+    mismatches,
+    record,
+)
 from gallop_kernels.delta.format import (
     ABSOLUTE,
     DIFFERENCE,
@@ -37,6 +42,7 @@ from gallop_kernels.delta.format import (
     load_delta,
     new_delta,
 )
+from gallop_kernels.rules import index_dtype
 
 DeltaLike = SparseDelta | str | os.PathLike
 

@@ -22,8 +22,7 @@ from typing import Any, Callable
 from gallop_kernels.finetune.data import CHAT_TEMPLATE_MODES, parse_sources
 from gallop_kernels.finetune.rundir import check_output
 from gallop_kernels.integrations.targets import ALL_LINEAR
-from gallop_kernels.reference import SCORE_NAMES
-from gallop_kernels.rules import check_fraction, check_score
+from gallop_kernels.rules import SCORE_NAMES, check_fraction, check_score
 
 CONFIG_FILE = "finetune_config.json"
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",

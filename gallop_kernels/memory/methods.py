@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterable
 
-from gallop_kernels.reference import QUANT_BLOCK
+from gallop_kernels.ops.adamw.quantization import QUANT_BLOCK
 from gallop_kernels.rules import DEFAULT_MIN_8BIT_ENTRIES
 
 BNB_MIN_8BIT_SIZE = 4096

@@ -101,6 +101,7 @@ from typing import Any
 
 from gallop_kernels.memory import methods as registry
 from gallop_kernels.memory.methods import Method
+from gallop_kernels.rules import check_fraction
 
 GB = 1e9
 GIB = 2**30
@@ -150,8 +151,7 @@ class Setup:
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.attn not in ("sdpa", "eager"):
             raise ValueError(f"attn must be 'sdpa' or 'eager', got {self.attn!r}")
-        if not 0.0 < self.density <= 1.0:
-            raise ValueError(f"density must be in (0, 1], got {self.density}")
+        check_fraction(self.density, "density")
         if self.batch < 1 or self.seq < 1:
             raise ValueError("batch and seq must be >= 1")
 

@@ -16,15 +16,20 @@ from typing import Any, Callable
 
 import torch
 
+from gallop_kernels.ops.adamw.quantization import QUANT_BLOCK
 from gallop_kernels.optim.distributed import local
-from gallop_kernels.optim.selection import moments_fp32, needs_master, store_moments, uses_8bit
+from gallop_kernels.optim.selection import (
+    moments_fp32,
+    needs_master,
+    store_moments,
+    uses_8bit,
+)
 from gallop_kernels.optim.validation import (
     check_group_options,
     check_selection_counter,
     state_tensor,
     step_count,
 )
-from gallop_kernels.reference import QUANT_BLOCK
 from gallop_kernels.rules import DEFAULT_MIN_8BIT_ENTRIES, check_index_set
 
 CALLABLE_SCORE = "<callable>"

@@ -67,7 +67,7 @@ class DDPExchange:
         self._optimizer = weakref.ref(optimizer)
         self.active = False
         self.bytes_reduced = 0  # payload all-reduced by this exchange (for measurements)
-        if mode == "comm_hook" and optimizer._lean is not None:
+        if mode == "comm_hook" and optimizer.lean_gradients is not None:
             module.register_comm_hook(self, _comm_hook)  # (plain mode: DDP's own reduction)
 
     # -- compact mode -----------------------------------------------------------------------
@@ -105,7 +105,7 @@ class DDPExchange:
 
     def exchange(self, optimizer: Any) -> None:
         """Before a step or clipping: average what arrived since the last exchange."""
-        lean = optimizer._lean
+        lean = optimizer.lean_gradients
         if self.mode == "comm_hook":
             # The hook averaged the kept entries; DDP also wrote the dense gradient back.
             for p in lean.compact_grads():
@@ -139,13 +139,13 @@ def _comm_hook(exchange, bucket):  # (no annotations: DDP checks them against it
 
     buffer = bucket.buffer()
     opt = exchange._optimizer()
-    lean = None if opt is None else opt._lean
+    lean = None if opt is None else opt.lean_gradients
     params = bucket.parameters()
     state = {} if opt is None else opt.state
     compact = (
         exchange.active and lean is not None
         and all("indices" in state.get(p, {}) and "grad_accum" not in state[p] for p in params)
-        and not any(opt._reselection_due(p) for p in params)
+        and not any(opt.reselection_due(p) for p in params)
     )
     if not compact:  # before selection, or a tensor that needs its dense gradient: average all
         exchange.bytes_reduced += buffer.numel() * buffer.element_size()
@@ -172,8 +172,10 @@ def _comm_hook(exchange, bucket):  # (no annotations: DDP checks them against it
 # ----------------------------------------------------------------------------------------------
 
 
-def attach(optimizer: Any, module: Any, mode: str = "compact") -> None:
-    """`SparseAdamW.attach_ddp`: exchange lean gradients with the DDP ``module``."""
+def new_exchange(optimizer: Any, module: Any, mode: str = "compact") -> DDPExchange | None:
+    """`SparseAdamW.attach_ddp`'s checks: a new exchange with the DDP ``module``, or None when the
+    optimizer is attached to it in this mode already (the optimizer keeps it, then calls
+    `on_attached`)."""
     if not isinstance(module, _ddp_class()):
         raise TypeError(f"attach_ddp needs a torch.nn.parallel.DistributedDataParallel module, "
                         f"got {type(module).__name__}")
@@ -181,25 +183,26 @@ def attach(optimizer: Any, module: Any, mode: str = "compact") -> None:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
     if not (_params_of(optimizer) & {id(p) for p in module.parameters()}):
         raise ValueError("the DDP module holds none of this optimizer's params")
-    if optimizer._ddp is not None:
-        if optimizer._ddp.module is module and optimizer._ddp.mode == mode:
-            return
+    current = optimizer.ddp_exchange
+    if current is not None:
+        if current.module is module and current.mode == mode:
+            return None
         raise RuntimeError("this optimizer is already attached to a DDP module")
-    optimizer._ddp = DDPExchange(optimizer, module, mode)
+    return DDPExchange(optimizer, module, mode)
+
+
+def on_attached(optimizer: Any) -> None:
+    """After the optimizer keeps a new exchange: stop looking for a DDP module, and take the
+    exchange over now if lean mode already holds a selection."""
     _PENDING.discard(optimizer)
-    if optimizer._lean is None:
-        return  # plain mode: DDP averages .grad itself; only the replica check uses the group
-    if mode == "comm_hook":
-        optimizer._lean.gathers_in_hook = False
-        optimizer.unfreeze()  # DDP built first expects every gradient
-    if optimizer.is_selected():
-        optimizer._ddp.activate()
+    if optimizer.lean_gradients is not None and optimizer.is_selected():
+        optimizer.ddp_exchange.activate()
 
 
 def expect_ddp(optimizer: Any) -> None:
     """After a lean selection on plain params: activate the exchange, or look for DDP."""
-    if optimizer._ddp is not None:
-        optimizer._ddp.activate()
+    if optimizer.ddp_exchange is not None:
+        optimizer.ddp_exchange.activate()
         return
     if world_size() == 1 or not optimizer.replica_check or not _plain_params(optimizer):
         return  # (replica_check=False: ranks that train on their own)
@@ -209,9 +212,9 @@ def expect_ddp(optimizer: Any) -> None:
 
 def exchange(optimizer: Any) -> Callable[[list[torch.Tensor]], None] | None:
     """`SparseAdamW._exchange_gradients`: average lean gradients over DDP ranks if needed."""
-    ex = optimizer._ddp
+    ex = optimizer.ddp_exchange
     if ex is None or not ex.active:
-        lean = optimizer._lean
+        lean = optimizer.lean_gradients
         if (lean.compact_grads() and optimizer.replica_check and _plain_params(optimizer)
                 and world_size() > 1):
             raise RuntimeError(
@@ -221,7 +224,7 @@ def exchange(optimizer: Any) -> Callable[[list[torch.Tensor]], None] | None:
                 f"in DDP (found by itself) or call opt.attach_ddp(ddp_model); ranks that train "
                 f"independently pass replica_check=False")
         return None
-    if optimizer._lean is not None:
+    if optimizer.lean_gradients is not None:
         ex.exchange(optimizer)
     return ex.mean if ex.mode == "compact" else None
 
@@ -244,8 +247,8 @@ def _on_forward(module: Any, args: Any) -> None:
         _LAST_SEEN[:] = [ddp, frozenset(id(p) for p in ddp.module.parameters())]
     inside = _LAST_SEEN[1]
     for opt in list(_PENDING):
-        if opt._ddp is None and _params_of(opt) & inside:
-            attach(opt, ddp, "compact")
+        if opt.ddp_exchange is None and _params_of(opt) & inside:
+            opt.attach_ddp(ddp, "compact")
     if not _PENDING and _HOOK:
         _HOOK.pop().remove()
         _LAST_SEEN[:] = [None, frozenset()]

@@ -32,7 +32,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from gallop_kernels import reference
+from gallop_kernels import rules
 from gallop_kernels.ops.collective import ProcessGroupCollective, ShardLayout
 
 __all__ = [
@@ -403,7 +403,7 @@ def all_gradients_zero(
 
 def expected_k(place: GroupPlacement, density: float) -> int:
     total = place.layout.total if place.layout is not None else sum(r[2] for r in place.ranges)
-    return reference.k_for_density(total, density) if total else 0
+    return rules.k_for_density(total, density) if total else 0
 
 
 def total_norm(

@@ -38,8 +38,14 @@ from typing import Any, Mapping
 
 import torch
 
-from gallop_kernels import reference
-from gallop_kernels.optim.distributed import GroupPlacement, local, mark_shards, placement
+from gallop_kernels import rules
+from gallop_kernels.ops.adamw import quantization
+from gallop_kernels.optim.distributed import (
+    GroupPlacement,
+    local,
+    mark_shards,
+    placement,
+)
 from gallop_kernels.optim.selection import needs_master, store_moments, uses_8bit
 
 __all__ = ["RaggedLoadPlanner", "RaggedSavePlanner", "RaggedShard", "load", "save", "state_for_save"]
@@ -69,8 +75,15 @@ class RaggedShard:
 
     def __create_write_items__(self, fqn: str, obj: Any) -> list:
         from torch.distributed.checkpoint.metadata import (
-            ChunkStorageMetadata, MetadataIndex, TensorProperties)
-        from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+            ChunkStorageMetadata,
+            MetadataIndex,
+            TensorProperties,
+        )
+        from torch.distributed.checkpoint.planner import (
+            TensorWriteData,
+            WriteItem,
+            WriteItemType,
+        )
 
         if self.data.numel() == 0:
             return []  # (DCP's metadata needs the chunks to tile the tensor: empty ones do not)
@@ -176,7 +189,7 @@ def _flat_range(place: GroupPlacement, t: int) -> tuple[int, int, int]:
 
 
 def _blocks(k: int) -> int:
-    return -(-k // reference.QUANT_BLOCK)
+    return -(-k // quantization.QUANT_BLOCK)
 
 
 class _Runs:
@@ -230,7 +243,7 @@ def state_for_save(optimizer: Any, model: torch.nn.Module | None = None,
     for group, fqns in zip(opt.param_groups, names):
         if "steps_since_selection" not in group:
             continue
-        place = opt._placement(group)
+        place = opt.placement(group)
         mine = torch.tensor(
             [[opt.state[p]["indices"].numel(), int(opt.state[p]["exp_avg"].dtype == torch.uint8)]
              for p in group["params"]], dtype=torch.int64).reshape(-1, 2)
@@ -340,7 +353,7 @@ def load(optimizer: Any, checkpoint_id: str | os.PathLike | None = None, *,
     for gi, (group, saved, fqns) in enumerate(zip(opt.param_groups, saved_groups, names)):
         if "steps_since_selection" not in saved:
             continue
-        place = placement(group["params"], getattr(opt._ddp, "process_group", None))
+        place = placement(group["params"], getattr(opt.ddp_exchange, "process_group", None))
         for t, fqn in enumerate(fqns):
             key = f"{prefix}.state.{fqn}"
             if f"{key}.table" not in head:
@@ -397,7 +410,7 @@ def _entry(body: dict, key: str, lo: int, hi: int, runs: _Runs, shards: range, g
     if g_idx is None:
         g_idx = torch.zeros(0, dtype=torch.int64)
     mine = (g_idx >= lo) & (g_idx < hi)
-    idx = (g_idx[mine] - lo).to(reference.index_dtype(shard.numel()))
+    idx = (g_idx[mine] - lo).to(rules.index_dtype(shard.numel()))
     k = idx.numel()
     entry: dict[str, torch.Tensor] = {"step": step.clone(), "indices": idx.to(device)}
     bits = 8 if uses_8bit(group, k) else 32
@@ -416,7 +429,7 @@ def _entry(body: dict, key: str, lo: int, hi: int, runs: _Runs, shards: range, g
                 if q:
                     c0 = runs.offsets["codes"][s] - runs.offsets["codes"][shards.start]
                     b0 = runs.offsets["blocks"][s] - runs.offsets["blocks"][shards.start]
-                    parts.append(reference.dequantize_blockwise(
+                    parts.append(quantization.dequantize_blockwise(
                         got(f"{name}_codes")[c0:c0 + k_s],
                         got(f"{name}_absmax")[b0:b0 + _blocks(k_s)], signed=signed))
                 else:

@@ -10,9 +10,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from gallop_kernels import ops, reference
-from gallop_kernels.ops.collective import ShardLayout
-from gallop_kernels.ops.streaming_select import streaming_select
+from gallop_kernels import rules
+from gallop_kernels.ops.adamw import quantization
+from gallop_kernels.ops.select import select
 from gallop_kernels.optim.distributed import GroupPlacement, local
 from gallop_kernels.rules import DEFAULT_MIN_8BIT_ENTRIES
 
@@ -28,16 +28,16 @@ def moments_fp32(st: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """A param's (exp_avg, exp_avg_sq) as fp32, dequantizing 8-bit state."""
     if st["exp_avg"].dtype == torch.uint8:
         return (
-            reference.dequantize_blockwise(st["exp_avg"], st["exp_avg_absmax"], signed=True),
-            reference.dequantize_blockwise(st["exp_avg_sq"], st["exp_avg_sq_absmax"], signed=False),
+            quantization.dequantize_blockwise(st["exp_avg"], st["exp_avg_absmax"], signed=True),
+            quantization.dequantize_blockwise(st["exp_avg_sq"], st["exp_avg_sq_absmax"], signed=False),
         )
     return st["exp_avg"], st["exp_avg_sq"]
 
 
 def store_moments(st: dict, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, bits: int) -> None:
     if bits == 8:
-        st["exp_avg"], st["exp_avg_absmax"] = reference.quantize_blockwise(exp_avg, signed=True)
-        st["exp_avg_sq"], st["exp_avg_sq_absmax"] = reference.quantize_blockwise(
+        st["exp_avg"], st["exp_avg_absmax"] = quantization.quantize_blockwise(exp_avg, signed=True)
+        st["exp_avg_sq"], st["exp_avg_sq_absmax"] = quantization.quantize_blockwise(
             exp_avg_sq, signed=False
         )
     else:
@@ -81,7 +81,8 @@ def plan(
     """New sorted index set per param of ``group``; changes nothing.
 
     ``gradients`` (param -> gradient, possibly on another device) replaces ``.grad``; such
-    gradients go through the chunked radix select, which copies one chunk at a time.
+    gradients go through the torch backend's chunked radix select, which copies one chunk at a
+    time.
     ``place`` (`optim/distributed.py`): a sharded group selects over all ranks' shards
     (the indices returned are local). ``reduce`` averages a re-selection's accumulated
     gradients over DDP ranks that did not average them (lean mode, `optim/ddp.py`).
@@ -93,41 +94,21 @@ def plan(
     tensors = [local(p) for p in params]
     if gradients is not None:
         grads = [gradients.get(p) for p in params]
-        return streaming_select_group(group, tensors, grads, names, layout)
-    since = group.get("steps_since_selection") if from_accumulated else None
-    grads = selection_gradients(params, state, since)
-    if since and reduce is not None:
-        reduce([g for g in grads if g is not None])
-    resolved = ops.resolve_backend(backend, tensors[0].device)
-    return ops.select_indices(
-        tensors,
-        grads,
-        density=group["density"],
-        score=group["score"],
-        score_eps=group["score_eps"],
-        seed=group["seed"],
-        names=names,
-        backend=resolved,
-        layout=layout,
-    )
-
-
-def streaming_select_group(
-    group: dict, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None],
-    names: Sequence[str], layout: ShardLayout | None = None,
-) -> list[torch.Tensor]:
-    """The chunked radix select over (local) ``params`` with gradients from anywhere."""
-    for p, g, name in zip(params, grads, names):
-        if g is not None and g.shape != p.shape:
-            raise ValueError(f"gradient given for {name} has shape "
-                             f"{tuple(g.shape)}, expected {tuple(p.shape)}"
-                             + (" (its local shard's)" if layout is not None else ""))
-    total = layout.total if layout is not None else sum(p.numel() for p in params)
-    k = reference.k_for_density(total, group["density"])
-    chosen = streaming_select(
-        params, grads, k, group["score"], group["score_eps"], group["seed"], names, layout=layout
-    )
-    return [c.to(reference.index_dtype(p.numel())) for c, p in zip(chosen, params)]
+        for p, g, name in zip(tensors, grads, names):
+            if g is not None and g.shape != p.shape:
+                raise ValueError(f"gradient given for {name} has shape "
+                                 f"{tuple(g.shape)}, expected {tuple(p.shape)}"
+                                 + (" (its local shard's)" if layout is not None else ""))
+        backend = "torch"  # it streams gradients from wherever they live, a chunk at a time
+    else:
+        since = group.get("steps_since_selection") if from_accumulated else None
+        grads = selection_gradients(params, state, since)
+        if since and reduce is not None:
+            reduce([g for g in grads if g is not None])
+    total = layout.total if layout is not None else sum(p.numel() for p in tensors)
+    return select(tensors, grads, rules.k_for_density(total, group["density"]),
+                  score=group["score"], score_eps=group["score_eps"], seed=group["seed"],
+                  names=names, layout=layout, backend=backend)
 
 
 def _carry_over(

@@ -11,7 +11,8 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch.optim import Optimizer
 
-from gallop_kernels import ops
+from gallop_kernels.ops import backends
+from gallop_kernels.ops.adamw import AdamWHyper, sparse_adamw
 from gallop_kernels.optim import checkpoint, distributed, selection
 from gallop_kernels.optim.distributed import local
 from gallop_kernels.optim.lean import LeanGradients
@@ -24,8 +25,7 @@ from gallop_kernels.optim.validation import (
     check_state_fits,
     state_is_stale,
 )
-from gallop_kernels.reference import Score
-from gallop_kernels.rules import DEFAULT_MIN_8BIT_ENTRIES
+from gallop_kernels.rules import DEFAULT_MIN_8BIT_ENTRIES, Score
 
 
 class _Label:
@@ -115,7 +115,7 @@ class SparseAdamW(Optimizer):
         lean: bool = False,
         replica_check: bool = True,
     ) -> None:
-        ops.check_backend(backend)
+        backends.check_backend(backend)
         if not isinstance(replica_check, bool):
             raise TypeError(f"replica_check must be True or False, got {replica_check!r}")
         if isinstance(params, (set, frozenset)):
@@ -150,7 +150,7 @@ class SparseAdamW(Optimizer):
         super().__init__(params, defaults)
 
     def _new_lean(self) -> LeanGradients:
-        return LeanGradients(lambda: self.state, self._reselection_due, self._gradients_arrived)
+        return LeanGradients(lambda: self.state, self.reselection_due, self._gradients_arrived)
 
     def _gradients_arrived(self) -> None:
         """New gradients make the last measured norm stale (lean hooks call this)."""
@@ -289,7 +289,7 @@ class SparseAdamW(Optimizer):
                     raise ValueError(f"parameter {name} is on the meta device (it has no data); "
                                      f"materialize it before step() or select()")
             if params:
-                backend = ops.resolve_backend(self.backend, params[0].device)
+                backend = backends.resolve(self.backend, params[:1])
                 if backend == "triton":
                     for p, name in zip(params, names):
                         if p.device != params[0].device:
@@ -373,7 +373,7 @@ class SparseAdamW(Optimizer):
                     check_grad(name, local(p), local(p.grad))
         if gradients is not None:
             self._check_gradients_mapping(gradients)
-        places = [self._placement(group) for group in self.param_groups]
+        places = [self.placement(group) for group in self.param_groups]
 
         plans = [
             selection.plan(group, self.state, self._names(i), self.backend,
@@ -405,7 +405,7 @@ class SparseAdamW(Optimizer):
                                  f"({what}); its keys must be the params themselves")
             check_grad(names[id(key)], local(key), grad, same_device=False)
 
-    def _placement(self, group: dict) -> distributed.GroupPlacement:
+    def placement(self, group: dict) -> distributed.GroupPlacement:
         """Where the group's tensors live across ranks, resolved now (params may be swapped)."""
         replicas = getattr(self._ddp, "process_group", None)
         return distributed.placement(group["params"], replicas)
@@ -505,7 +505,20 @@ class SparseAdamW(Optimizer):
             if "indices" in self.state.get(p, {})
         )
 
-    def _reselection_due(self, param: torch.Tensor) -> bool:
+    # -- for the distributed modules (optim/ddp.py, optim/distributed_checkpoint.py): the only
+    # way they read or change this optimizer, so that its state has one owner --
+
+    @property
+    def lean_gradients(self) -> LeanGradients | None:
+        """Lean mode's compact gradient buffers (`optim/lean.py`), or None without lean mode."""
+        return self._lean
+
+    @property
+    def ddp_exchange(self) -> Any:
+        """The `optim.ddp.DDPExchange` lean mode averages gradients with, or None."""
+        return self._ddp
+
+    def reselection_due(self, param: torch.Tensor) -> bool:
         """Whether the next step re-selects the group of ``param``."""
         index = self._group_index.get(id(param))
         if index is None or index >= len(self.param_groups):
@@ -529,17 +542,33 @@ class SparseAdamW(Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Select where due (first step, every ``reselect_every``), then update selected entries.
 
-        Everything is checked first (metadata only: see `optim/validation.py`) and every due
-        selection planned; only then does anything change.
+        Three stages: `_prepare` checks everything the step reads (metadata only, see
+        `optim/validation.py`) and averages lean gradients over DDP ranks; `_select_due` plans
+        every due selection (it refuses NaN/inf scores) and only then installs them; the update
+        runs per group. Nothing changes before the planning has succeeded.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        steps, replica_mean = self._prepare()
+        self._select_due(steps, replica_mean)
+        for group in self.param_groups:
+            if "steps_since_selection" in group:
+                self._update_group(group, steps)
+        if self._lean is not None:
+            # A step consumes the compact gradients, as if zero_grad() followed: the Trainer and
+            # many loops call model.zero_grad(), which cannot reach these buffers.
+            self._lean.zero()
+        return loss
 
-        # Validate everything this step reads. These per-step checks read metadata only (options,
-        # shapes, dtypes, devices, the CPU step counters), never device data, so they cost no host
-        # synchronisation on a GPU; data checks live in load_state_dict and selection.
+    def _prepare(self) -> tuple[dict[torch.Tensor, float], Callable[[list[torch.Tensor]], None] | None]:
+        """Validate everything this step reads; returns each selected param's step count and how
+        to average more gradients over DDP ranks (lean mode), or None.
+
+        The per-step checks read metadata only (options, shapes, dtypes, devices, the CPU step
+        counters), never device data, so they cost no host synchronisation on a GPU; data
+        checks live in load_state_dict and selection."""
         self._check_groups()
         # Lean mode under DDP: average the kept gradients over the ranks (what DDP would have
         # done) before they are read; see optim/ddp.py.
@@ -549,10 +578,14 @@ class SparseAdamW(Optimizer):
             steps.update(self._check_state(i, for_step="steps_since_selection" in group))
             for p, name in zip(group["params"], self._labels(i)):
                 self._check_step_gradient(name, p)
-        # Plan every due selection (it refuses NaN/inf scores) before changing anything.
+        return steps, replica_mean
+
+    def _select_due(self, steps: dict[torch.Tensor, float],
+                    replica_mean: Callable[[list[torch.Tensor]], None] | None) -> None:
+        """Plan every due selection, then install them (restarting their params' step counts)."""
         due = {i: self._due(g) for i, g in enumerate(self.param_groups)}
         due = {i: d for i, d in due.items() if d is not None}
-        places = {i: self._placement(self.param_groups[i]) for i in due}
+        places = {i: self.placement(self.param_groups[i]) for i in due}
         first = [i for i, d in due.items() if d == "first"]
         if first and distributed.all_gradients_zero(
             [(places[i], [local(p.grad) for p in self.param_groups[i]["params"]]) for i in first]
@@ -578,20 +611,11 @@ class SparseAdamW(Optimizer):
                 steps[p] = 0.0
         if plans:
             self._after_selection(plans, places)
-        for group in self.param_groups:
-            if "steps_since_selection" in group:
-                self._update_group(group, steps)
-        if self._lean is not None:
-            # A step consumes the compact gradients, as if zero_grad() followed: the Trainer and
-            # many loops call model.zero_grad(), which cannot reach these buffers.
-            self._lean.zero()
-        return loss
 
     def _update_group(self, group: dict, steps: dict[torch.Tensor, float]) -> None:
         if not group["params"]:
             return
         beta1, beta2 = group["betas"]
-        backend = ops.resolve_backend(self.backend, group["params"][0].device)
         # Tensors that share a step count go to the fused kernel together (normally all of them).
         by_step: dict[int, list[torch.Tensor]] = {}
         grads = {}
@@ -605,29 +629,11 @@ class SparseAdamW(Optimizer):
             by_step.setdefault(int(steps[p]) + 1, []).append(p)
             if "grad_accum" in st and not (self._lean is not None and self._lean.gathered(p)):
                 st["grad_accum"].add_(grad.reshape(-1))  # (lean hooks accumulate by themselves)
-        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                     weight_decay=group["weight_decay"], backend=backend)
         for step, params in by_step.items():
-            states = [self.state[p] for p in params]
-            full = [i for i, st in enumerate(states) if st["exp_avg"].dtype == torch.float32]
-            quantized = [i for i, st in enumerate(states) if st["exp_avg"].dtype == torch.uint8]
-            if full:
-                ops.sparse_adamw_update(
-                    [local(params[i]) for i in full],
-                    [grads[params[i]] for i in full],
-                    [states[i]["indices"] for i in full],
-                    [states[i]["exp_avg"] for i in full],
-                    [states[i]["exp_avg_sq"] for i in full],
-                    [states[i].get("master") for i in full],
-                    step=step, **hyper,
-                )
-            if quantized:
-                ops.sparse_adamw_update_8bit(
-                    [local(params[i]) for i in quantized],
-                    [grads[params[i]] for i in quantized],
-                    [states[i] for i in quantized],
-                    step=step, **hyper,
-                )
+            hyper = AdamWHyper(step=step, lr=group["lr"], beta1=beta1, beta2=beta2,
+                               eps=group["eps"], weight_decay=group["weight_decay"])
+            sparse_adamw([local(p) for p in params], [grads[p] for p in params],
+                         [self.state[p] for p in params], hyper, backend=self.backend)
         group["steps_since_selection"] += 1
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -655,7 +661,16 @@ class SparseAdamW(Optimizer):
         """
         from gallop_kernels.optim import ddp
 
-        ddp.attach(self, module, mode)
+        exchange = ddp.new_exchange(self, module, mode)
+        if exchange is None:
+            return
+        self._ddp = exchange
+        if self._lean is not None and mode == "comm_hook":
+            # DDP's hook hands over the kept entries (the lean hooks gather nothing), and DDP
+            # built first expects a gradient for every param (nothing stays frozen)
+            self._lean.gathers_in_hook = False
+            self.unfreeze()
+        ddp.on_attached(self)
 
     def _exchange_gradients(self) -> Callable[[list[torch.Tensor]], None] | None:
         """Before gradients are read (step, clipping): lean mode under DDP averages them over the
@@ -695,7 +710,7 @@ class SparseAdamW(Optimizer):
         else:
             self._exchange_gradients()
             groups = [
-                (self._placement(g), [self._lean.grad(p) for p in g["params"]])
+                (self.placement(g), [self._lean.grad(p) for p in g["params"]])
                 for g in self.param_groups
             ]
             norm = distributed.total_norm(groups, norm_type)
@@ -779,6 +794,6 @@ class SparseAdamW(Optimizer):
             self._lean.unfreeze()
             for group in groups:
                 if "steps_since_selection" in group and group["reselect_every"] is None:
-                    self._freeze_unselected(group, self._placement(group))
+                    self._freeze_unselected(group, self.placement(group))
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)

@@ -20,10 +20,9 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
-from gallop_kernels.reference import QUANT_BLOCK
-from gallop_kernels.rules import check_count, check_fraction, check_score
+from gallop_kernels.ops.adamw.quantization import QUANT_BLOCK
+from gallop_kernels.rules import FLOAT_DTYPES, check_count, check_fraction, check_score
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MASTER_WEIGHT_CHOICES = ("auto", True, False)
 OPTION_KEYS = (
     "lr", "betas", "eps", "weight_decay", "density", "score", "score_eps", "seed",
@@ -130,7 +129,7 @@ def check_params(params: Iterable[Any], names: Sequence[object] | None = None) -
     seen: set[int] = set()
     for i, p in enumerate(params):
         if (
-            isinstance(p, torch.Tensor) and p.dtype in SUPPORTED_DTYPES and not p.is_sparse
+            isinstance(p, torch.Tensor) and p.dtype in FLOAT_DTYPES and not p.is_sparse
             and p.is_contiguous() and id(p) not in seen
         ):
             seen.add(id(p))
@@ -138,7 +137,7 @@ def check_params(params: Iterable[Any], names: Sequence[object] | None = None) -
         what = f"parameter {names[i]}" if names is not None else "a parameter"
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"SparseAdamW can only optimize tensors, got {type(p).__name__}")
-        if p.dtype not in SUPPORTED_DTYPES:
+        if p.dtype not in FLOAT_DTYPES:
             raise TypeError(
                 f"SparseAdamW supports float32, bfloat16 and float16 parameters; {what} is {p.dtype}"
             )
@@ -157,7 +156,7 @@ def check_grad(name: str, param: torch.Tensor, grad: Any, *, same_device: bool =
         raise TypeError(f"gradient of parameter {name} must be a tensor, got {type(grad).__name__}")
     if grad.is_sparse or grad.layout != torch.strided:
         raise ValueError(f"SparseAdamW does not support sparse gradients (parameter {name})")
-    if grad.dtype not in SUPPORTED_DTYPES:
+    if grad.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"gradient of parameter {name} has dtype {grad.dtype}; expected float32, bfloat16 "
             f"or float16"

@@ -154,7 +154,7 @@ def sift_k(numel: int, density: float) -> int:
 
 def sift_groups(targets: list[tuple[str, torch.Tensor]], density: float) -> list[dict[str, Any]]:
     """One param group per tensor whose density makes SparseAdamW's k equal SIFT's k exactly."""
-    from gallop_kernels.reference import k_for_density
+    from gallop_kernels.rules import k_for_density
 
     groups = []
     for name, p in targets:

@@ -54,7 +54,7 @@ def sparse_delta_state(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.
 
     The layer name is the wrapped module's qualified name, which is also the name of the linear
     layer in the unwrapped base model (its weight is ``f"{name}.weight"``). Indices are the sorted
-    flat positions in that weight (`reference.index_dtype`), values fp32; both detached copies on
+    flat positions in that weight (`rules.index_dtype`), values fp32; both detached copies on
     the CPU, ready for safetensors.
     """
     return {

@@ -8,9 +8,12 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from gallop_kernels import reference
+from gallop_kernels import rules
 from gallop_kernels.integrations.bitsandbytes.autograd import SparseDeltaLinearFn
-from gallop_kernels.integrations.bitsandbytes.base import dequantized_weight, is_linear4bit
+from gallop_kernels.integrations.bitsandbytes.base import (
+    dequantized_weight,
+    is_linear4bit,
+)
 from gallop_kernels.phase_one import HostGradientBuffer
 from gallop_kernels.rules import check_index_set
 
@@ -27,7 +30,7 @@ class SparseDeltaLinear(nn.Module):
 
     Attributes:
         base: the wrapped layer (left untouched; its weight never requires grad).
-        delta_indices: sorted flat indices (`reference.index_dtype`), a buffer.
+        delta_indices: sorted flat indices (`rules.index_dtype`), a buffer.
         delta_values: fp32 ``nn.Parameter``, one value per index.
         selection_info: ``{"score", "density"}`` of the phase one that chose the indices.
     """
@@ -44,7 +47,7 @@ class SparseDeltaLinear(nn.Module):
         device = base.weight.device
         self.register_buffer(
             "delta_indices",
-            torch.empty(0, dtype=reference.index_dtype(self.weight_numel), device=device),
+            torch.empty(0, dtype=rules.index_dtype(self.weight_numel), device=device),
         )
         self.delta_values = nn.Parameter(torch.zeros(0, dtype=torch.float32, device=device))
         self.tap_buffer: HostGradientBuffer | None = None
@@ -102,7 +105,7 @@ class SparseDeltaLinear(nn.Module):
         """
         idx = check_index_set(torch.as_tensor(indices), self.weight_numel, "delta indices")
         device = self.delta_values.device
-        self.delta_indices = idx.to(device=device, dtype=reference.index_dtype(self.weight_numel))
+        self.delta_indices = idx.to(device=device, dtype=rules.index_dtype(self.weight_numel))
         self.delta_values = nn.Parameter(
             torch.zeros(idx.numel(), dtype=torch.float32, device=device),
             requires_grad=idx.numel() > 0,

@@ -18,13 +18,21 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from gallop_kernels import reference
+from gallop_kernels import rules
 from gallop_kernels.integrations.bitsandbytes.layer import SparseDeltaLinear
-from gallop_kernels.integrations.targets import ALL_LINEAR, TargetModules, resolve_targets
-from gallop_kernels.ops.streaming_select import DEFAULT_CHUNK, streaming_select
-from gallop_kernels.phase_one import GradientSink, HostGradientBuffer, accumulate, calibrate_dataset
-from gallop_kernels.reference import Score
-from gallop_kernels.rules import check_count, check_fraction, check_score
+from gallop_kernels.integrations.targets import (
+    ALL_LINEAR,
+    TargetModules,
+    resolve_targets,
+)
+from gallop_kernels.ops.select import streaming
+from gallop_kernels.phase_one import (
+    GradientSink,
+    HostGradientBuffer,
+    accumulate,
+    calibrate_dataset,
+)
+from gallop_kernels.rules import Score, check_count, check_fraction, check_score
 
 
 class DeltaTaps(GradientSink):
@@ -49,7 +57,7 @@ class DeltaTaps(GradientSink):
 
 
 class _LazyWeights(Sequence):
-    """The wrapped layers' dense weights, dequantized one at a time as `streaming_select` walks
+    """The wrapped layers' dense weights, dequantized one at a time as `streaming.select` walks
     them (it only iterates its ``params``), so at most two dequantized layers exist at once."""
 
     def __init__(self, modules: Sequence[SparseDeltaLinear]) -> None:
@@ -116,8 +124,8 @@ def _phase_one(
         outcome = run(sink)
         names = list(wrapped)
         modules = [wrapped[n] for n in names]
-        k = reference.k_for_density(sum(m.weight_numel for m in modules), float(density))
-        chosen = streaming_select(
+        k = rules.k_for_density(sum(m.weight_numel for m in modules), float(density))
+        chosen = streaming.select(
             _LazyWeights(modules), [sink.buffers[n].sum for n in names], k, score, score_eps, seed,
             names=[f"{n}.weight" for n in names], chunk=chunk,
         )
@@ -156,7 +164,7 @@ def select_sparse_delta(
     *,
     score_eps: float = 1e-8,
     seed: int = 0,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int = streaming.DEFAULT_CHUNK,
 ) -> dict[str, SparseDeltaLinear]:
     """GaLLoP phase one on a (4-bit) base: wrap, calibrate through gradient taps, select, install.
 
@@ -209,7 +217,7 @@ def select_sparse_delta_from_dataset(
     seed: int = 0,
     autocast_dtype: torch.dtype | None = None,
     score_eps: float = 1e-8,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int = streaming.DEFAULT_CHUNK,
 ) -> tuple[dict[str, SparseDeltaLinear], int]:
     """:func:`select_sparse_delta` on the seeded calibration subset of a dataset, weighted per
     example exactly as the Trainer callback does (`phase_one.calibrate_dataset`); ``seed`` seeds

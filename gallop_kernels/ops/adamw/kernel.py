@@ -5,7 +5,7 @@ One launch covers every tensor of a group that shares (param dtype, grad dtype, 
 dtype, dense/compact grad, state layout): a table row per tensor (named fields below) holds its
 pointers, its number of selected entries and its first program. Each program updates BLOCK
 selected entries: it reads the indices and the m, v (and master) contiguously, gathers θ and g at
-the indices, and applies `adamw_math.adamw_update` (torch's AdamW order of operations, float32).
+the indices, and applies `adamw_update` (torch's AdamW order of operations, float32).
 
 State layouts (constexpr STATE):
 
@@ -14,7 +14,7 @@ State layouts (constexpr STATE):
   with a float32 absmax per block of QUANT_BLOCK entries. A program owns exactly one quantization
   block (BLOCK == QUANT_BLOCK), so it dequantizes, updates, takes the new absmax over the block in
   registers and requantizes with `quantize_nearest`, with no second pass and no atomics. The
-  rounding rule is `reference.quantize_blockwise`'s, bit for bit.
+  rounding rule is `quantization.quantize_blockwise`'s, bit for bit.
 
 Floating point, and where bit-identity holds (`docs/design.md#compiled-kernels`):
 
@@ -24,7 +24,7 @@ Floating point, and where bit-identity holds (`docs/design.md#compiled-kernels`)
   square root are the correctly rounded ``div_rn``/``sqrt_rn``; bf16 is rounded to nearest even
   from the raw bits. So the compiled step computes the interpreter's bits (the compile gate
   checks the PTX of every variant; running it on a GPU is still owed).
-* fp32 state vs `reference.sparse_adamw_step` on the CPU: m and v bit-identical where torch's
+* fp32 state vs `naive.sparse_adamw_step` on the CPU: m and v bit-identical where torch's
   vectorised CPU kernels fuse ``add_(alpha=)`` and ``addcmul_`` into fmadd (AVX2/AVX512 builds;
   checked for every length up to 4097 on this machine). The weight can differ in the last bit:
   torch's CPU ``sqrt`` is not always correctly rounded (6489 of 2^20 random values were off by
@@ -32,7 +32,7 @@ Floating point, and where bit-identity holds (`docs/design.md#compiled-kernels`)
 * vs torch on CUDA (``backend="torch"``, fp32 state): torch multiplies by the reciprocal of a
   host scalar divisor (``sqrt(1-β2^t)``) and nvcc may contract its multiply-adds, so the last
   bit can differ; ``torch.optim.AdamW`` matches to float32 rounding, not bit for bit.
-* 8-bit state: `reference.sparse_adamw_step_8bit` defines every rounding itself (an exact fma,
+* 8-bit state: `naive.sparse_adamw_step_8bit` defines every rounding itself (an exact fma,
   a correctly rounded sqrt, IEEE division by tensors), so the torch backend and this kernel give
   the same codes, absmaxes, master and param bit for bit (tested over many steps in the
   interpreter; on a GPU it is owed a check).
@@ -41,9 +41,13 @@ Floating point, and where bit-identity holds (`docs/design.md#compiled-kernels`)
 import triton
 import triton.language as tl
 
-from gallop_kernels.ops.triton.adamw_math import adamw_update, load_selected, store_weight
-from gallop_kernels.ops.triton.multi_tensor import (
-    HEAD_LOG_SLOTS, HEAD_SLOTS, as_pointer, find_slot,
+from gallop_kernels.ops._triton.tables import (
+    HEAD_LOG_SLOTS,
+    HEAD_SLOTS,
+    as_pointer,
+    find_slot,
+    load_f32,
+    store_from_f32,
 )
 
 STATE_FP32 = tl.constexpr(0)
@@ -63,9 +67,65 @@ ROW_START = tl.constexpr(9)  # the tensor's first program in the launch
 ROW_FIELDS = tl.constexpr(10)  # (an even number: every row starts 16-byte aligned)
 
 
+# -- what the fp32-state and 8-bit-state layouts share: loads, the AdamW arithmetic, stores --
+
+
+@triton.jit
+def load_selected(idx_ptr, g_ptr, p_ptr, master_address, offs, mask,
+                  G_T: tl.constexpr, P_T: tl.constexpr, HAS_MASTER: tl.constexpr,
+                  COMPACT_GRAD: tl.constexpr):
+    """Indices, fp32 gradient and fp32 weight of a block of selected entries.
+
+    The gradient is read at ``offs`` when it is compact (gathered) and at the indices when dense;
+    the weight comes from the fp32 master copy when there is one, else from the param.
+    """
+    idx = tl.load(idx_ptr + offs, mask=mask, other=0).to(tl.int64)
+    if COMPACT_GRAD:
+        g = load_f32(g_ptr, offs, mask, G_T)
+    else:
+        g = load_f32(g_ptr, idx, mask, G_T)
+    if HAS_MASTER:
+        w = tl.load(master_address.to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0.0)
+    else:
+        w = load_f32(p_ptr, idx, mask, P_T)
+    return idx, g, w
+
+
+@triton.jit
+def store_weight(p_ptr, master_address, idx, offs, w, mask, P_T: tl.constexpr,
+                 HAS_MASTER: tl.constexpr):
+    """The new weight to the master copy (if any) and, rounded, to the param."""
+    if HAS_MASTER:
+        tl.store(master_address.to(tl.pointer_type(tl.float32)) + offs, w, mask=mask)
+    store_from_f32(p_ptr, idx, w, mask, P_T)
+
+
+@triton.jit
+def adamw_update(w, g, m, v, decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                 bias_correction2_sqrt, step_size, eps):
+    """One AdamW step in float32 in torch's order of operations; returns (w, m, v).
+
+    Floating point (every launch has ``enable_fp_fusion=False``, so nothing is contracted
+    implicitly): a fused multiply-add exactly where torch's CPU kernels use one
+    (``exp_avg.mul_(β1).add_(g, alpha=1-β1)`` and ``exp_avg_sq.mul_(β2).addcmul_(g, g,
+    value=1-β2)`` vectorise to fmadd), IEEE division (``div_rn``) and square root (``sqrt_rn``),
+    every other operation rounded on its own. The compiled SASS has no other FFMA than those two
+    and the ones inside the IEEE division/square-root sequences (checked by the compile gate).
+    """
+    w = w * decay
+    # torch: exp_avg.mul_(β1).add_(g, alpha=1-β1) -> fmadd(g, 1-β1, m·β1)
+    m = tl.fma(g, one_minus_beta1, m * beta1)
+    # torch: exp_avg_sq.mul_(β2).addcmul_(g, g, value=1-β2) -> fmadd((1-β2)·g, g, v·β2)
+    v = tl.fma(one_minus_beta2 * g, g, v * beta2)
+    denom = tl.math.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
+    # torch: w.addcdiv_(m, denom, value=-lr/bc1) -> w + (value·m)/denom
+    w = w + tl.math.div_rn(step_size * m, denom)
+    return w, m, v
+
+
 @triton.jit
 def quantize_nearest(x, absmax, code_ptr, mask):
-    """`reference.quantize_blockwise`'s rule: the code whose map value is nearest to
+    """`quantization.quantize_blockwise`'s rule: the code whose map value is nearest to
     ``x / absmax`` (IEEE division, clamped to [-1, 1]; 0 when absmax is 0), ties to the lower
     code. An 8-step binary search finds the last map value <= the scaled value (the maps are
     sorted), then the nearer of it and the next one wins."""

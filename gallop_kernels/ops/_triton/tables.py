@@ -5,11 +5,18 @@ A launch covers several tensors through one int64 table: a header row, then one 
 fills a row (a constexpr works as a list index) and by the kernel that reads it, so no literal
 offsets appear anywhere. The header holds what would otherwise be integer kernel arguments (the
 number of slots and of binary-search steps), so no integer value ever selects a compiled variant
-(see gallop_kernels/ops/launch.py).
+(see gallop_kernels/ops/_triton/launch.py).
 """
 
+import torch
 import triton
 import triton.language as tl
+
+TL_DTYPE = {
+    torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
+    torch.int32: tl.int32, torch.int64: tl.int64,
+}
+"""The Triton dtype a torch tensor is passed as (bf16 is addressed as uint16 inside: see below)."""
 
 # Header row of every launch table (the rest of the header row is launch-specific or zero).
 HEAD_SLOTS = tl.constexpr(0)  # number of slot rows

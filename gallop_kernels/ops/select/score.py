@@ -2,7 +2,7 @@
 
 Every selection pass (histogram, count, write) recomputes the score from θ and g with exactly
 these functions, so all passes see bit-identical keys and the score vector is never stored.
-The arithmetic mirrors `gallop_kernels.reference.compute_score` bit for bit:
+The arithmetic mirrors `naive.compute_score` bit for bit:
 
 * ``gallop``    |g| / (|θ| + ε)     IEEE division (``div_rn``), ε rounded to float32
 * ``gradient``  |g|
@@ -14,8 +14,12 @@ The arithmetic mirrors `gallop_kernels.reference.compute_score` bit for bit:
 import triton
 import triton.language as tl
 
-from gallop_kernels.ops.triton.multi_tensor import (
-    HEAD_LOG_SLOTS, HEAD_SLOTS, HEAD_WORK, as_pointer, find_slot,
+from gallop_kernels.ops._triton.tables import (
+    HEAD_LOG_SLOTS,
+    HEAD_SLOTS,
+    HEAD_WORK,
+    as_pointer,
+    find_slot,
 )
 
 SCORE_GALLOP = tl.constexpr(0)
@@ -45,7 +49,7 @@ def lowbias32(x):
 
 @triton.jit
 def hash_uniform(gidx, seed_mix):
-    """reference.hash_uniform: uniform float32 in [0, 1) from an int64 flat index (>= 0).
+    """naive.hash_uniform: uniform float32 in [0, 1) from an int64 flat index (>= 0).
 
     ``seed_mix`` is ``lowbias32(seed & 0xFFFFFFFF)``, computed once on the host (an int64 scalar).
     """
@@ -64,7 +68,7 @@ def tile_key(theta_ptr, g_ptr, offs, mask, gidx, eps, seed_mix,
 
     ``gidx`` is the flat index in the group's concatenation (only the random score reads it).
     ``theta_ptr`` points at the precomputed float32 scores when SCORE == SCORE_PRECOMPUTED.
-    bf16 tensors are addressed as uint16 (see multi_tensor.py) and bitcast to bf16 before the
+    bf16 tensors are addressed as uint16 (see _triton/tables.py) and bitcast to bf16 before the
     upcast, which compiles to one instruction per element (a shift of the raw bits is three).
     Masked-off lanes get a harmless finite score; callers mask every use.
 
@@ -119,7 +123,7 @@ def tile_key(theta_ptr, g_ptr, offs, mask, gidx, eps, seed_mix,
 
 
 # ----------------------------------------------------------------------------------------------
-# The selection launch table (see ops/select.py): a header row (multi_tensor.HEAD_*; HEAD_WORK is
+# The selection launch table (see launcher.py): a header row (tables.HEAD_*; HEAD_WORK is
 # the number of tiles of the launch), then one int64 row per tensor, named fields below. Tiles
 # are BLOCK entries of one tensor; "global" tile ids number the tiles of the whole group in
 # order (per-tile counts and candidate segments are indexed by them).

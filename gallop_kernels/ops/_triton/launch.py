@@ -85,7 +85,7 @@ class Launch:
             if isinstance(a, torch.Tensor) and a.data_ptr() % POINTER_ALIGN:
                 raise AssertionError(
                     f"{self.name}: a pointer argument is not {POINTER_ALIGN}-byte aligned; the "
-                    f"compile gate assumes every pointer is (see gallop_kernels/ops/launch.py)"
+                    f"compile gate assumes every pointer is (see gallop_kernels/ops/_triton/launch.py)"
                 )
             if isinstance(a, (bool, int)) and not isinstance(a, torch.Tensor):
                 raise AssertionError(

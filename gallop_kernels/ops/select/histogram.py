@@ -10,7 +10,7 @@ float32 score in registers (never stored) and its radix key.
   over all its tiles and adds the non-zero bins to the global one at the end (relaxed atomics:
   the counts are read only after the launch), so a hot bin costs one atomic per program.
   NaN/inf scores need no separate count: their keys fill the top bins of pass 0 (see
-  ops/select.py, `bad_bins`).
+  launcher.py, `bad_bins`).
 * ``capture_kernel``: the pass after the bucket choice that decided to capture (S_CAPTURE):
   appends the tile's entries at/above or in the bucket (key << 16 | offset in the tile) to the
   candidate buffer as one segment per tile (one relaxed atomic reserves it, only on tiles that
@@ -23,12 +23,24 @@ A pass whose mode is not active exits after reading the state (one load per prog
 import triton
 import triton.language as tl
 
-from gallop_kernels.ops.triton.radix_select import (
-    CAPTURE_GE_NEXT, CAPTURE_NONE, S_CAP_LOCAL, S_CAPTURE, S_DONE, S_NCAND, S_PREFIX, S_SEED_MIX,
-    capture_pending, captured,
+from gallop_kernels.ops.select.bucket import (
+    CAPTURE_GE_NEXT,
+    CAPTURE_NONE,
+    S_CAP_LOCAL,
+    S_CAPTURE,
+    S_DONE,
+    S_NCAND,
+    S_PREFIX,
+    S_SEED_MIX,
+    capture_pending,
+    captured,
 )
-from gallop_kernels.ops.triton.score import (
-    first_slot, program_tiles, slot_fields, tile_key, tile_of,
+from gallop_kernels.ops.select.score import (
+    first_slot,
+    program_tiles,
+    slot_fields,
+    tile_key,
+    tile_of,
 )
 
 

@@ -1,4 +1,4 @@
-"""Triton fused multi-tensor sparse AdamW step against reference.sparse_adamw_step.
+"""Triton fused multi-tensor sparse AdamW step against adamw_naive.sparse_adamw_step.
 
 On the CPU (Triton interpreter) the kernel reproduces torch's CPU arithmetic: m and v bit for bit
 where torch's vectorised kernels fuse their multiply-adds (AVX2/AVX512 builds), w within float32
@@ -13,9 +13,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from gallop_kernels import reference as R  # noqa: E402
-from gallop_kernels.ops import sparse_adamw as A  # noqa: E402
-from gallop_kernels.ops.sparse_adamw import triton_sparse_adamw_step  # noqa: E402
+from gallop_kernels.ops.adamw import launcher as A  # noqa: E402
+from gallop_kernels.ops.adamw import naive as adamw_naive  # noqa: E402
+from gallop_kernels.ops.adamw.hyper import AdamWHyper  # noqa: E402
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 HP = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
@@ -23,7 +23,13 @@ HP = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
 
 @pytest.fixture(autouse=True)
 def small_block(monkeypatch):
-    monkeypatch.setattr(A, "BLOCK", 64)  # several programs per tensor, partial last blocks
+    monkeypatch.setattr(A, "INTERPRETER_BLOCK", 64)  # several programs per tensor, partial last blocks
+
+
+def triton_step(params, grads, indices, exp_avgs, exp_avg_sqs, masters, *hyper, **layout):
+    """The launcher with the hyper-parameters spelled out: (step, lr, β1, β2, eps, weight decay)."""
+    A.sparse_adamw(params, grads, indices, exp_avgs, exp_avg_sqs, masters, AdamWHyper(*hyper),
+                   **layout)
 
 
 def _device():
@@ -78,15 +84,15 @@ def _run(tensors, ref, steps, gdtypes, gen, compact=False, **hp):
                 g = g.reshape(-1)[t["idx"].long()].contiguous()
             grads.append(g)
         before = [t["p"].clone() for t in tensors]
-        triton_sparse_adamw_step(
+        triton_step(
             [t["p"] for t in tensors], grads, [t["idx"] for t in tensors],
             [t["m"] for t in tensors], [t["v"] for t in tensors], [t["master"] for t in tensors],
             step, hp["lr"], hp["beta1"], hp["beta2"], hp["eps"], hp["weight_decay"],
         )
         for t, r, g, b in zip(tensors, ref, grads, before):
-            R.sparse_adamw_step(
-                r["p"], g, r["idx"], r["m"], r["v"], r["master"], step,
-                hp["lr"], hp["beta1"], hp["beta2"], hp["eps"], hp["weight_decay"],
+            adamw_naive.sparse_adamw_step(
+                r["p"], g, r["idx"], r["m"], r["v"], r["master"],
+                AdamWHyper(step, hp["lr"], hp["beta1"], hp["beta2"], hp["eps"], hp["weight_decay"]),
             )
             # unselected entries untouched, bit for bit
             keep = torch.ones(t["p"].numel(), dtype=torch.bool, device=t["p"].device)
@@ -171,7 +177,7 @@ def test_empty_selection_and_empty_list():
     tensors += _make([(20,)], [torch.float32], lambda pd: False, 0.5, gen)
     ref = _clone(tensors)
     _run(tensors, ref, 1, [torch.float32], gen)
-    triton_sparse_adamw_step([], [], [], [], [], [], 1, 1e-3, 0.9, 0.999, 1e-8, 0.0)
+    triton_step([], [], [], [], [], [], 1, 1e-3, 0.9, 0.999, 1e-8, 0.0)
 
 
 def test_matches_torch_adamw_at_density_one():
@@ -188,7 +194,7 @@ def test_matches_torch_adamw_at_density_one():
         g = torch.randn(257, generator=gen).to(dev)
         q.grad = g.clone()
         opt.step()
-        triton_sparse_adamw_step([p], [g], [idx], [m], [v], [None], step, 1e-2, 0.9, 0.999, 1e-8, 0.1)
+        triton_step([p], [g], [idx], [m], [v], [None], step, 1e-2, 0.9, 0.999, 1e-8, 0.1)
     torch.testing.assert_close(p, q.detach(), rtol=1e-6, atol=1e-7)
 
 
@@ -201,23 +207,23 @@ def test_validation_errors():
     v = torch.zeros(2, device=dev)
     args = (1, 1e-3, 0.9, 0.999, 1e-8, 0.0)
     with pytest.raises(TypeError):
-        triton_sparse_adamw_step([p], [g], [idx], [m.double()], [v], [None], *args)
+        triton_step([p], [g], [idx], [m.double()], [v], [None], *args)
     with pytest.raises(TypeError):
-        triton_sparse_adamw_step([p], [g], [idx.float()], [m], [v], [None], *args)
+        triton_step([p], [g], [idx.float()], [m], [v], [None], *args)
     with pytest.raises(ValueError, match="contiguous"):
-        triton_sparse_adamw_step([torch.randn(5, 2, device=dev).t()], [g.view(2, 5)], [idx], [m],
+        triton_step([torch.randn(5, 2, device=dev).t()], [g.view(2, 5)], [idx], [m],
                                  [v], [None], *args)
     with pytest.raises(ValueError, match="contiguous"):
         big = torch.zeros(4, device=dev)
-        triton_sparse_adamw_step([p], [g], [idx], [big[::2]], [v], [None], *args)
+        triton_step([p], [g], [idx], [big[::2]], [v], [None], *args)
     with pytest.raises(ValueError, match="entries"):
-        triton_sparse_adamw_step([p], [g], [idx], [torch.zeros(3, device=dev)], [v], [None], *args)
+        triton_step([p], [g], [idx], [torch.zeros(3, device=dev)], [v], [None], *args)
     with pytest.raises(ValueError, match="grad"):
-        triton_sparse_adamw_step([p], [torch.randn(7, device=dev)], [idx], [m], [v], [None], *args)
+        triton_step([p], [torch.randn(7, device=dev)], [idx], [m], [v], [None], *args)
     with pytest.raises(ValueError, match="length"):
-        triton_sparse_adamw_step([p], [g], [idx], [m], [v], [], *args)
+        triton_step([p], [g], [idx], [m], [v], [], *args)
     with pytest.raises(ValueError, match="step"):
-        triton_sparse_adamw_step([p], [g], [idx], [m], [v], [None], 0, 1e-3, 0.9, 0.999, 1e-8, 0.0)
+        triton_step([p], [g], [idx], [m], [v], [None], 0, 1e-3, 0.9, 0.999, 1e-8, 0.0)
     # nothing was modified by the rejected calls
     assert torch.equal(m, torch.zeros(2, device=dev))
 
@@ -228,7 +234,7 @@ def test_no_host_sync_on_gpu():
     gen = torch.Generator().manual_seed(7)
     tensors = _make(SHAPES, DTYPES, lambda pd: pd != torch.float32, 0.4, gen)
     grads = [torch.randn(t["p"].shape, device="cuda") for t in tensors]
-    call = lambda: triton_sparse_adamw_step(  # noqa: E731
+    call = lambda: triton_step(  # noqa: E731
         [t["p"] for t in tensors], grads, [t["idx"] for t in tensors],
         [t["m"] for t in tensors], [t["v"] for t in tensors], [t["master"] for t in tensors],
         1, 1e-3, 0.9, 0.999, 1e-8, 0.0,

@@ -1,4 +1,4 @@
-"""Triton selection (score + radix select + compaction) against reference.py.
+"""Triton selection (score + radix select + compaction) against the oracle, ops/select/naive.py.
 
 Runs on the CPU in the Triton interpreter (conftest sets TRITON_INTERPRET=1), so shapes stay
 small; the launcher's BLOCK (entries per tile) is shrunk so that even these shapes span many
@@ -13,10 +13,13 @@ import torch
 
 pytest.importorskip("triton")
 
-from gallop_kernels import reference as R  # noqa: E402
-from gallop_kernels.ops import select as S  # noqa: E402
-from gallop_kernels.ops.select import triton_select  # noqa: E402
-from gallop_kernels.ops.triton import radix_select as R_  # noqa: E402
+from gallop_kernels import rules  # noqa: E402
+from gallop_kernels.ops.select import (
+    bucket,  # noqa: E402
+    naive,  # noqa: E402
+)
+from gallop_kernels.ops.select import launcher as S  # noqa: E402
+from gallop_kernels.ops.select.launcher import select as triton_select  # noqa: E402
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -24,12 +27,13 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 @pytest.fixture(autouse=True)
 def small_chunks_and_poison(monkeypatch):
     """Small chunks (many programs per tensor) and poisoned output/count buffers."""
-    monkeypatch.setattr(S, "BLOCK", 64)
-
-    def poisoned(size, dtype, device):
-        return torch.full((size,), -7, dtype=dtype, device=device)
-
-    monkeypatch.setattr(S, "_empty", poisoned)
+    monkeypatch.setattr(S, "INTERPRETER_BLOCK", 64)
+    # torch fills every torch.empty with NaN / the largest integer in deterministic mode: a
+    # kernel that leaves part of an output or count buffer unwritten shows up as garbage.
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(deterministic)
 
 
 def _device():
@@ -42,9 +46,9 @@ def reference_select(params, grads, k, score, score_eps=1e-8, seed=0, precompute
     else:
         scores, off = [], 0
         for p, g in zip(params, grads):
-            scores.append(R.compute_score(p, g, score, score_eps, seed, off))
+            scores.append(naive.compute_score(p, g, score, score_eps, seed, off))
             off += p.numel()
-    return R.select_topk(scores, k)
+    return naive.select_topk(scores, k)
 
 
 def check(params, grads, k, score, **kw):
@@ -54,7 +58,7 @@ def check(params, grads, k, score, **kw):
     )
     assert len(out) == len(params)
     for i, (o, r, p) in enumerate(zip(out, ref, params)):
-        assert o.dtype == R.index_dtype(p.numel()), (i, o.dtype)
+        assert o.dtype == rules.index_dtype(p.numel()), (i, o.dtype)
         assert o.device == p.device
         assert torch.equal(o.cpu().long(), r.cpu()), f"tensor {i}: {o} != {r}"
     assert sum(o.numel() for o in out) == k
@@ -111,13 +115,13 @@ def test_candidate_capture_modes(monkeypatch, capacity, score):
         check(params, grads, k, score, **kw)
     rnd = [torch.randn(p.numel(), generator=gen).to(p.device) for p in params]
     plan = S.SelectionPlan(params, [None] * len(params), "precomputed", 1e-8, 0, rnd, params[0].device)
-    state, hist, bad = plan.new_state(200)
+    state, hist = plan.new_state(200)
     for level in range(3):
-        plan.histogram_pass(level, state, hist[level], bad)
+        plan.histogram_pass(level, state, hist[level])
         plan.choose_bucket(level, hist[level], state)
-    captured = int(state[R_.S_CAPTURE.value])
-    want = {"no-capture": R_.CAPTURE_NONE, "bucket-only": R_.CAPTURED_EQ,
-            "always-capture": R_.CAPTURED_GE}[capacity]
+    captured = int(state[bucket.S_CAPTURE.value])
+    want = {"no-capture": bucket.CAPTURE_NONE, "bucket-only": bucket.CAPTURED_EQ,
+            "always-capture": bucket.CAPTURED_GE}[capacity]
     assert captured == want.value
     check(params, [None] * len(params), 200, "precomputed", precomputed=rnd)
 
@@ -204,7 +208,7 @@ def test_all_empty_group():
 
 
 def test_single_tensor_larger(monkeypatch):
-    monkeypatch.setattr(S, "BLOCK", 256)  # fewer, larger programs: the interpreter is slow
+    monkeypatch.setattr(S, "INTERPRETER_BLOCK", 256)  # fewer, larger programs: the interpreter is slow
     params, grads = _group([5000], [torch.bfloat16], [torch.bfloat16], seed=6)
     for k in (1, 2500, 5000):
         check(params, grads, k, "gallop")
@@ -246,7 +250,7 @@ def test_precomputed_all_negative():
 
 def test_int64_output_path(monkeypatch):
     """Tensors at or above the int64 threshold get int64 indices (threshold lowered to test it)."""
-    monkeypatch.setattr(S, "INT32_LIMIT", 300)
+    monkeypatch.setattr(rules, "INT32_LIMIT", 300)
     params, grads = _group([400, 100, 350], DTYPES, [torch.float32])
     out = triton_select(params, grads, 250, "gallop")
     ref = reference_select(params, grads, 250, "gallop")
@@ -260,9 +264,9 @@ def test_matches_reference_select_end_to_end():
     names = [f"layer{i}.weight" for i in range(len(params))]
     n = sum(SIZES)
     for density in (0.001, 0.3, 1.0):
-        k = R.k_for_density(n, density)
+        k = rules.k_for_density(n, density)
         out = triton_select(params, grads, k, "gallop", names=names)
-        ref = R.select(params, grads, density, "gallop", names=names)
+        ref = naive.select(params, grads, density, "gallop", names=names)
         for o, r in zip(out, ref):
             assert torch.equal(o.cpu().long(), r.cpu())
 
@@ -286,9 +290,9 @@ def test_nan_inf_raises_with_name(score, where, value):
         triton_select(params, grads, 20, score, names=names, precomputed=pre)
     with pytest.raises(ValueError):  # the reference agrees that this is bad input
         if score == "precomputed":
-            R.check_finite(pre[1], "b.weight")
+            naive.check_finite(pre[1], "b.weight")
         else:
-            R.select(params, grads, 0.1, score, names=names)
+            naive.select(params, grads, 0.1, score, names=names)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered")
@@ -340,15 +344,13 @@ def test_input_validation():
 @pytest.mark.parametrize("score", ["gallop", "random", "gradient"])
 def test_gpu_large_group_default_blocks(monkeypatch, score):
     """Millions of entries with the launcher's GPU block sizes (skipped without CUDA)."""
-    monkeypatch.setattr(S, "BLOCK", 2048)
-    monkeypatch.setattr(S, "CBLOCK", 128)
     params, grads = _group([3_000_000, 1_000_001, 17], [torch.bfloat16, torch.float16],
                            [torch.bfloat16, torch.float32], seed=10)
     params[1][:500_000] = 0.5  # a large block of exact ties
     grads[1][:500_000] = 0.25
     n = sum(p.numel() for p in params)
     for density in (0.01, 0.3):
-        check(params, grads, R.k_for_density(n, density), score, seed=1)
+        check(params, grads, rules.k_for_density(n, density), score, seed=1)
 
 
 class _RecordingCollective:

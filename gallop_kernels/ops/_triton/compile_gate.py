@@ -9,7 +9,7 @@ dtype, a score or a constexpr changes what is compiled here without anyone editi
 
 Run it in a process without TRITON_INTERPRET (tests/test_compile_gate.py spawns one):
 
-    python -m gallop_kernels.ops.compile_gate --arch 80 90 100 [--subset] [--jobs 2]
+    python -m gallop_kernels.ops._triton.compile_gate --arch 80 90 100 [--subset] [--jobs 2]
 
 It prints one JSON line per compiled variant and exits non-zero if any variant fails.
 """
@@ -37,20 +37,22 @@ def _padded(n: int, dtype, aligned: bool):
 
 
 @contextlib.contextmanager
-def _int64_from(module, limit: int):
+def _int64_from(limit: int):
     """Tensors of >= ``limit`` entries get int64 indices (real ones need 2**31 entries)."""
-    old = module.INT32_LIMIT
-    module.INT32_LIMIT = limit
+    from gallop_kernels import rules
+
+    old = rules.INT32_LIMIT
+    rules.INT32_LIMIT = limit
     try:
         yield
     finally:
-        module.INT32_LIMIT = old
+        rules.INT32_LIMIT = old
 
 
 def selection_launches() -> Iterator:
     """Launches of one selection per score, over every (θ dtype, g dtype or none, aligned or
     not, index width) the selection launcher groups by."""
-    from gallop_kernels.ops import select as S
+    from gallop_kernels.ops.select import launcher as S
 
     small, large = 48, 80  # large >= the lowered int64 limit
     for score in S.SCORES:
@@ -63,7 +65,7 @@ def selection_launches() -> Iterator:
                         params.append(_padded(nn, t_dtype, aligned))
                         grads.append(None if g_dtype is None else _padded(nn, g_dtype, aligned))
                         pre.append(_padded(nn, __import__("torch").float32, aligned))
-        with _int64_from(S, 64):
+        with _int64_from(64):
             plan = S.SelectionPlan(params, grads, score, 1e-8, 0,
                                    pre if score == "precomputed" else None, params[0].device)
             yield from plan.launches(k=7)
@@ -74,8 +76,9 @@ def step_launches() -> Iterator:
     index dtype, dense or gathered gradient) the step launcher groups by."""
     import torch
 
-    from gallop_kernels import reference
-    from gallop_kernels.ops import sparse_adamw as A
+    from gallop_kernels.ops.adamw import launcher as A
+    from gallop_kernels.ops.adamw.hyper import AdamWHyper
+    from gallop_kernels.ops.adamw.quantization import QUANT_BLOCK
 
     for layout in A.STATE_LAYOUTS:
         eight = layout == "8bit"
@@ -93,21 +96,14 @@ def step_launches() -> Iterator:
                             cols["m"].append(torch.zeros(k, dtype=sd))
                             cols["v"].append(torch.zeros(k, dtype=sd))
                             cols["w"].append(torch.zeros(k) if master else None)
-                            blocks = -(-k // reference.QUANT_BLOCK)
+                            blocks = -(-k // QUANT_BLOCK)
                             cols["mm"].append(torch.zeros(blocks))
                             cols["vm"].append(torch.zeros(blocks))
         extra = dict(exp_avg_absmaxes=cols["mm"], exp_avg_sq_absmaxes=cols["vm"]) if eight else {}
-        # The maps' values never select a variant (a float32 pointer either way): stand-ins
-        # spare importing bitsandbytes, which alone takes longer than the compiles.
-        real = reference.quantization_map
-        reference.quantization_map = lambda signed, device="cpu": torch.zeros(256)
-        try:
-            yield from A.sparse_adamw_launches(
-                cols["p"], cols["g"], cols["idx"], cols["m"], cols["v"], cols["w"],
-                1, 1e-3, 0.9, 0.999, 1e-8, 0.01, state_layout=layout, **extra,
-            )
-        finally:
-            reference.quantization_map = real
+        yield from A.sparse_adamw_launches(
+            cols["p"], cols["g"], cols["idx"], cols["m"], cols["v"], cols["w"],
+            AdamWHyper(1, 1e-3, 0.9, 0.999, 1e-8, 0.01), state_layout=layout, **extra,
+        )
 
 
 def variants(subset: bool = False) -> dict[tuple, object]:
@@ -141,7 +137,7 @@ def describe(launch) -> dict:
 def _compile_one(item):
     key, arch = item
     launch = _VARIANTS[key]
-    from gallop_kernels.ops.launch import compile_for
+    from gallop_kernels.ops._triton.launch import compile_for
 
     t = time.time()
     fp = {}
@@ -180,7 +176,9 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--list", action="store_true", help="list the variants, compile nothing")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    from gallop_kernels.ops.backends import interpreter_enabled
+
+    if interpreter_enabled():
         print("compile_gate: unset TRITON_INTERPRET (the kernels must be JITFunctions)",
               file=sys.stderr)
         return 2

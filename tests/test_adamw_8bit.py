@@ -1,15 +1,40 @@
-"""8-bit blockwise m, v (bitsandbytes' dynamic maps): state size, accuracy, checkpoints."""
+"""8-bit blockwise m, v (bitsandbytes' dynamic maps, built without bitsandbytes): the maps, the
+rounding rule, state size, accuracy, checkpoints. Comparisons with bitsandbytes itself run where
+it is installed."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 
 import pytest
 import torch
 
-pytest.importorskip("bitsandbytes")
+from gallop_kernels import SparseAdamW
+from gallop_kernels.ops.adamw import naive as adamw_naive
+from gallop_kernels.ops.adamw import quantization
+from gallop_kernels.ops.adamw.hyper import AdamWHyper
 
-from gallop_kernels import SparseAdamW, reference  # noqa: E402
+# sha256 of the maps' float32 bytes (bitsandbytes 0.50 create_dynamic_map), so that a change of
+# the maps shows up where bitsandbytes is not installed too
+MAP_DIGESTS = {True: "e732639a65f497b4", False: "305f002cc11278fb"}
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_maps_are_bitsandbytes_dynamic_maps(signed) -> None:
+    """The project's own maps: 256 sorted values in [-1, 1] with 0 and 1, pinned by digest, and
+    equal to bitsandbytes' `create_dynamic_map` where it is installed."""
+    ours = quantization.dynamic_map(signed)
+    assert ours.dtype == torch.float32 and ours.numel() == 256
+    assert bool((ours[1:] >= ours[:-1]).all()) and float(ours[-1]) == 1.0 and 0.0 in ours.tolist()
+    assert float(ours.min()) == (-ours[-2] if signed else 0.0)
+    digest = hashlib.sha256(ours.numpy().tobytes()).hexdigest()[:16]
+    assert digest == MAP_DIGESTS[signed]
+    try:
+        import bitsandbytes.functional as bnbf
+    except ImportError:
+        return
+    assert torch.equal(ours, bnbf.create_dynamic_map(signed=signed).to(torch.float32))
 
 
 @pytest.fixture(autouse=True)
@@ -22,8 +47,8 @@ def small_8bit_threshold(monkeypatch):
 def _nearest_codes_brute_force(x: torch.Tensor, signed: bool):
     """The documented rule, by exhaustive search: per block absmax, s = x / absmax clamped to
     [-1, 1], the code minimising the float32 |map - s| (the lowest such code)."""
-    code = reference.quantization_map(signed)
-    blocks = x.split(reference.QUANT_BLOCK)
+    code = quantization.quantization_map(signed)
+    blocks = x.split(quantization.QUANT_BLOCK)
     codes, maxes = [], []
     for b in blocks:
         amax = (b.abs() if signed else b).max().clamp(min=0.0)
@@ -36,7 +61,7 @@ def _nearest_codes_brute_force(x: torch.Tensor, signed: bool):
 
 @pytest.mark.parametrize("kind", ["gauss", "uniform", "squared", "ties_and_zeros"])
 def test_quantization_rule_is_nearest_code_and_bitsandbytes_compatible(kind) -> None:
-    import bitsandbytes.functional as bnbf
+    bnbf = pytest.importorskip("bitsandbytes.functional")
 
     gen = torch.Generator().manual_seed(11)
     n = 5 * 256 + 77
@@ -51,24 +76,25 @@ def test_quantization_rule_is_nearest_code_and_bitsandbytes_compatible(kind) -> 
     signed = kind in ("gauss", "ties_and_zeros")
     if not signed:
         x = x.abs()
-    codes, absmax = reference.quantize_blockwise(x, signed)
+    codes, absmax = quantization.quantize_blockwise(x, signed)
     want_codes, want_max = _nearest_codes_brute_force(x, signed)
     assert torch.equal(codes, want_codes) and torch.equal(absmax, want_max)
     # bitsandbytes: same absmaxes, reads our codes back identically, and where its own CPU
     # quantizer picks another code that code is never nearer to the value than ours
-    theirs, state = bnbf.quantize_blockwise(x, code=reference.quantization_map(signed), blocksize=256)
+    theirs, state = bnbf.quantize_blockwise(x, code=quantization.quantization_map(signed), blocksize=256)
     assert torch.equal(absmax, state.absmax)
-    ours_back = reference.dequantize_blockwise(codes, absmax, signed)
+    ours_back = quantization.dequantize_blockwise(codes, absmax, signed)
     state.absmax = absmax
     assert torch.equal(ours_back, bnbf.dequantize_blockwise(codes, state))
-    theirs_back = reference.dequantize_blockwise(theirs, absmax, signed)
+    theirs_back = quantization.dequantize_blockwise(theirs, absmax, signed)
     assert bool(((ours_back - x).abs() <= (theirs_back - x).abs()).all())
 
 
 def _fma_exact(a: float, b: float, c: float) -> float:
     """Correctly rounded float32 a*b + c, from exact rational arithmetic (ties to even)."""
-    import numpy as np
     from fractions import Fraction
+
+    import numpy as np
 
     exact = Fraction(a) * Fraction(b) + Fraction(c)
     guess = np.float32(float(exact))
@@ -89,7 +115,7 @@ def test_fma_f32_is_correctly_rounded() -> None:
     a = torch.cat([a, half])
     b = torch.cat([b, torch.tensor([1 + 2**-12, 1 + 2**-12, 1 + 2**-12, 1 + 2**-12, 1 + 2**-12])])
     c = torch.cat([c, torch.tensor([2**-60, 2**-60, -(2**-60), 0.0, -(2**-58)])])
-    got = reference.fma_f32(a, b, c)
+    got = adamw_naive.fma_f32(a, b, c)
     want = torch.tensor([_fma_exact(*map(float, t)) for t in zip(a, b, c)], dtype=torch.float32)
     assert torch.equal(got, want)
     naive = (a.double() * b.double() + c.double()).float()
@@ -136,7 +162,7 @@ def test_8bit_tracks_32bit_closely(backend) -> None:
 
 
 def test_density_one_close_to_bitsandbytes_adamw8bit() -> None:
-    import bitsandbytes as bnb
+    bnb = pytest.importorskip("bitsandbytes")
 
     torch.manual_seed(1)
     a = torch.randn(4096, requires_grad=True)
@@ -180,11 +206,11 @@ def test_bad_state_bits() -> None:
 
 
 def test_triton_8bit_kernel_is_the_reference_bit_for_bit(dtype) -> None:
-    """Codes, absmaxes, master and param equal `reference.sparse_adamw_step_8bit`'s exactly,
+    """Codes, absmaxes, master and param equal `adamw_naive.sparse_adamw_step_8bit`'s exactly,
     step after step (the state feeds back, so any rounding difference would compound), with
     dense and gathered (compact) gradients on alternate steps."""
     pytest.importorskip("triton")
-    from gallop_kernels.ops.sparse_adamw import triton_sparse_adamw_step
+    from gallop_kernels.ops.adamw import launcher
 
     gen = torch.Generator().manual_seed(3)
     sizes, counts = [700, 1, 300], [600, 1, 257]
@@ -192,13 +218,13 @@ def test_triton_8bit_kernel_is_the_reference_bit_for_bit(dtype) -> None:
     for n, k in zip(sizes, counts):
         p = torch.randn(n, generator=gen).to(dtype)
         idx = torch.randperm(n, generator=gen)[:k].sort().values.to(torch.int32)
-        m, m_max = reference.quantize_blockwise(torch.randn(k, generator=gen) * 0.1, True)
-        v, v_max = reference.quantize_blockwise(torch.rand(k, generator=gen) * 0.01, False)
+        m, m_max = quantization.quantize_blockwise(torch.randn(k, generator=gen) * 0.1, True)
+        v, v_max = quantization.quantize_blockwise(torch.rand(k, generator=gen) * 0.01, False)
         master = p[idx.long()].float() if dtype != torch.float32 else None
         rows.append([p, None, idx, m, m_max, v, v_max, master])
     ours = [[t.clone() if t is not None else None for t in row] for row in rows]
     for step in range(1, 11):
-        hyper = (step, 1e-2, 0.9, 0.999, 1e-8, 0.01)
+        hyper = AdamWHyper(step, 1e-2, 0.9, 0.999, 1e-8, 0.01)
         compact = step % 2 == 0
         for row, mine in zip(rows, ours):
             n = row[0].numel()
@@ -206,10 +232,10 @@ def test_triton_8bit_kernel_is_the_reference_bit_for_bit(dtype) -> None:
             g[: n // 7] = 0.0  # zero gradients: v decays, m may hit the map's zero exactly
             g = g[row[2].long()].contiguous() if compact else g
             row[1] = mine[1] = g
-            reference.sparse_adamw_step_8bit(*row, *hyper)
+            adamw_naive.sparse_adamw_step_8bit(*row, hyper)
         p, g, idx, m, m_max, v, v_max, master = (list(c) for c in zip(*ours))
-        triton_sparse_adamw_step(p, g, idx, m, v, master, *hyper, state_layout="8bit",
-                                 exp_avg_absmaxes=m_max, exp_avg_sq_absmaxes=v_max)
+        launcher.sparse_adamw(p, g, idx, m, v, master, hyper, state_layout="8bit",
+                              exp_avg_absmaxes=m_max, exp_avg_sq_absmaxes=v_max)
         for want, got in zip(rows, ours):
             for j in (0, 3, 4, 5, 6, 7):
                 if want[j] is not None:

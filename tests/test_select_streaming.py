@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gallop_kernels import reference
-from gallop_kernels.ops.streaming_select import order_keys, streaming_select
+from gallop_kernels import rules
+from gallop_kernels.ops.select import naive as select_naive
+from gallop_kernels.ops.select import streaming
+from gallop_kernels.ops.select.streaming import order_keys
 
 
 def test_order_keys_order_like_floats() -> None:
@@ -35,10 +37,10 @@ def test_matches_reference(dtype, score, chunk, keep_keys) -> None:
         params, grads = make_group(seed, dtype)
         total = sum(p.numel() for p in params)
         for k in (1, 5, total // 3, total - 1, total):
-            want = reference.select_topk(
-                [reference.compute_score(p, g, score, 1e-8, 0, off) for p, g, off in
+            want = select_naive.select_topk(
+                [select_naive.compute_score(p, g, score, 1e-8, 0, off) for p, g, off in
                  zip(params, grads, [0, 15, 16, 56])], k)
-            got = streaming_select(params, grads, k, score, chunk=chunk, keep_keys=keep_keys)
+            got = streaming.select(params, grads, k, score, chunk=chunk, keep_keys=keep_keys)
             assert [g.tolist() for g in got] == [w.tolist() for w in want]
 
 
@@ -54,8 +56,8 @@ def test_callable_with_negative_scores_and_signed_zeros() -> None:
         return s
 
     for k in range(1, 18):
-        want = reference.select_topk([reference.compute_score(p, None, score) for p in params], k)
-        got = streaming_select(params, grads, k, score, chunk=3)
+        want = select_naive.select_topk([select_naive.compute_score(p, None, score) for p in params], k)
+        got = streaming.select(params, grads, k, score, chunk=3)
         assert [g.tolist() for g in got] == [w.tolist() for w in want]
 
 
@@ -63,7 +65,7 @@ def test_non_finite_names_the_parameter() -> None:
     g = torch.ones(6)
     g[4] = float("nan")
     with pytest.raises(ValueError, match="mlp.up"):
-        streaming_select([torch.ones(6)], [g], 2, names=["mlp.up"])
+        streaming.select([torch.ones(6)], [g], 2, names=["mlp.up"])
 
 
 @pytest.mark.parametrize("score", ["gallop", "random", "callable"])
@@ -71,7 +73,7 @@ def test_non_finite_names_the_parameter() -> None:
 def test_many_ties_path_matches_reference(monkeypatch, score, chunk) -> None:
     """With no room for candidates, the bucket's low digit is histogrammed in a pass of its own
     and a third pass keeps the ties still needed: the same index set."""
-    import gallop_kernels.ops.streaming_select as ss
+    from gallop_kernels.ops.select import streaming as ss
 
     monkeypatch.setattr(ss, "MAX_CANDIDATES", 0)
     gen = torch.Generator().manual_seed(3)
@@ -80,11 +82,11 @@ def test_many_ties_path_matches_reference(monkeypatch, score, chunk) -> None:
     fn = (lambda p, g: g * p) if score == "callable" else score
     total = sum(p.numel() for p in params)
     offsets = [0, 36, 41]
-    want_scores = [reference.compute_score(p, g, fn, 1e-8, 0, o)
+    want_scores = [select_naive.compute_score(p, g, fn, 1e-8, 0, o)
                    for p, g, o in zip(params, grads, offsets)]
     for k in (1, 2, 17, total // 2, total - 1, total):
-        want = reference.select_topk(want_scores, k)
-        got = ss.streaming_select(params, grads, k, fn, chunk=chunk, keep_keys=0)
+        want = select_naive.select_topk(want_scores, k)
+        got = ss.select(params, grads, k, fn, chunk=chunk, keep_keys=0)
         assert [g.tolist() for g in got] == [w.tolist() for w in want], k
 
 
@@ -92,7 +94,7 @@ def test_all_scores_tied_and_empty_tensors() -> None:
     params = [torch.ones(0), torch.ones(6, 2), torch.ones(0, 3), torch.ones(5)]
     grads = [None, torch.ones(6, 2), None, torch.ones(5)]
     for k in (1, 7, 17):
-        got = streaming_select(params, grads, k, "gallop", chunk=4)
+        got = streaming.select(params, grads, k, "gallop", chunk=4)
         flat = torch.arange(17)[:k]
         assert [g.tolist() for g in got] == [[], flat[flat < 12].tolist(), [],
                                               (flat[flat >= 12] - 12).tolist()]
@@ -122,8 +124,8 @@ def test_one_rank_layout_equals_no_layout(score) -> None:
     total = sum(p.numel() for p in params)
     layout = ShardLayout(_OneRank(), total, (0, 15, 16, 56))
     for k in (1, 9, total):
-        want = streaming_select(params, grads, k, score)
-        got = streaming_select(params, grads, k, score, layout=layout)
+        want = streaming.select(params, grads, k, score)
+        got = streaming.select(params, grads, k, score, layout=layout)
         assert [g.tolist() for g in got] == [w.tolist() for w in want]
 
 
@@ -137,8 +139,8 @@ def test_layout_offsets_order_hashes_and_ties(score) -> None:
     a, b = torch.randint(1, 3, (30,), generator=gen).float(), torch.randint(1, 3, (45,), generator=gen).float()
     ga, gb = torch.ones(30), torch.ones(45)
     for k in (1, 20, 75):
-        want_a, want_b = streaming_select([a, b], [ga, gb], k, score, seed=3)
-        got_b, got_a = streaming_select([b, a], [gb, ga], k, score, seed=3,
+        want_a, want_b = streaming.select([a, b], [ga, gb], k, score, seed=3)
+        got_b, got_a = streaming.select([b, a], [gb, ga], k, score, seed=3,
                                         layout=ShardLayout(_OneRank(), 75, (30, 0)))
         assert got_a.tolist() == want_a.tolist() and got_b.tolist() == want_b.tolist()
 
@@ -151,7 +153,7 @@ def test_sharded_collectives_are_issued_in_a_fixed_order() -> None:
     for params, grads in ([[torch.ones(8)], [torch.ones(8)]], [[torch.randn(8)], [torch.randn(8)]],
                           [[torch.zeros(8)], [None]]):
         one = _OneRank()
-        streaming_select(params, grads, 3, "gallop", layout=ShardLayout(one, 8, (0,)))
+        streaming.select(params, grads, 3, "gallop", layout=ShardLayout(one, 8, (0,)))
         seen.append(one.calls)
     # check, pass A, one per remaining digit (23 bits below an 8-bit top digit: 3), tie quota
     assert seen[0] == ["all_gather"] + ["all_reduce"] * 4 + ["all_gather"]
@@ -162,16 +164,16 @@ def test_layout_validation() -> None:
     from gallop_kernels.ops.collective import ShardLayout
 
     with pytest.raises(ValueError, match="offsets"):
-        streaming_select([torch.ones(4)], [None], 1, layout=ShardLayout(_OneRank(), 4, (0, 4)))
+        streaming.select([torch.ones(4)], [None], 1, layout=ShardLayout(_OneRank(), 4, (0, 4)))
     with pytest.raises(ValueError, match="outside"):
-        streaming_select([torch.ones(4)], [None], 1, layout=ShardLayout(_OneRank(), 4, (2,)))
+        streaming.select([torch.ones(4)], [None], 1, layout=ShardLayout(_OneRank(), 4, (2,)))
     with pytest.raises(ValueError, match="non-negative"):
         ShardLayout(_OneRank(), 4, (-1,))
     with pytest.raises(TypeError, match="total"):
         ShardLayout(_OneRank(), 4.0, (0,))
     assert ShardLayout(_OneRank(), torch.tensor(4).item(), [0]).offsets == (0,)
     with pytest.raises(TypeError, match="layout"):
-        streaming_select([torch.ones(4)], [None], 1, layout=(0,))
+        streaming.select([torch.ones(4)], [None], 1, layout=(0,))
 
 
 @pytest.mark.parametrize("keep_keys,walks", [(0, 3), (1 << 20, 2)])
@@ -193,8 +195,8 @@ def test_lazy_params_are_walked_once_per_pass(keep_keys, walks) -> None:
             Lazy.walks += 1
             return iter([t.clone() for t in tensors])
 
-    got = streaming_select(Lazy(), grads, 12, "gallop", chunk=16, keep_keys=keep_keys)
-    want = reference.select_topk([reference.compute_score(p, g) for p, g in zip(tensors, grads)], 12)
+    got = streaming.select(Lazy(), grads, 12, "gallop", chunk=16, keep_keys=keep_keys)
+    want = select_naive.select_topk([select_naive.compute_score(p, g) for p, g in zip(tensors, grads)], 12)
     assert [g.tolist() for g in got] == [w.tolist() for w in want]
     assert Lazy.walks == walks
 
@@ -203,7 +205,7 @@ def test_nan_count_is_summed_per_parameter() -> None:
     g = torch.ones(10)
     g[[1, 7]] = float("nan")
     with pytest.raises(ValueError, match=r"mlp.down has 2 NaN"):
-        streaming_select([torch.ones(3), torch.ones(10)], [None, g], 2, names=["a", "mlp.down"],
+        streaming.select([torch.ones(3), torch.ones(10)], [None, g], 2, names=["a", "mlp.down"],
                          chunk=4)
 
 
@@ -212,8 +214,8 @@ def test_extreme_scores_at_both_ends_of_the_key_range(chunk) -> None:
     """Scores near ±float max and subnormals land in the first and last buckets of the digits."""
     values = torch.tensor([3.4e38, -3.4e38, 1e-45, -1e-45, 0.0, 3.3e38, -3.3e38, 3.4e38, 1.0, -1.0])
     for k in range(1, values.numel() + 1):
-        want = reference.select_topk([reference.compute_score(values, None, lambda p, g: p)], k)
-        got = streaming_select([values], [None], k, lambda p, g: p, chunk=chunk)
+        want = select_naive.select_topk([select_naive.compute_score(values, None, lambda p, g: p)], k)
+        got = streaming.select([values], [None], k, lambda p, g: p, chunk=chunk)
         assert got[0].tolist() == want[0].tolist(), k
 
 
@@ -221,16 +223,16 @@ def test_extreme_scores_at_both_ends_of_the_key_range(chunk) -> None:
 def test_large_group_uses_the_wide_top_digit(monkeypatch, max_candidates, chunk) -> None:
     """At 2^20 entries the top digit is 16 bits; with no room for candidates the rest is found
     by reads of its own. bf16 inputs: many exact ties, as in real models."""
-    import gallop_kernels.ops.streaming_select as ss
+    from gallop_kernels.ops.select import streaming as ss
 
     monkeypatch.setattr(ss, "MAX_CANDIDATES", max_candidates)
     gen = torch.Generator().manual_seed(7)
     sizes = [(1 << 20) - 5, 9]
     params = [(torch.randn(n, generator=gen) * 0.02).bfloat16() for n in sizes]
     grads = [(torch.randn(n, generator=gen) * 1e-3).bfloat16() for n in sizes]
-    want = reference.select(params, grads, 0.2)
-    k = reference.k_for_density(sum(sizes), 0.2)
-    got = ss.streaming_select(params, grads, k, "gallop", chunk=chunk, keep_keys=0)
+    want = select_naive.select(params, grads, 0.2)
+    k = rules.k_for_density(sum(sizes), 0.2)
+    got = ss.select(params, grads, k, "gallop", chunk=chunk, keep_keys=0)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
@@ -247,4 +249,4 @@ def test_every_kind_of_non_finite_score_raises(keep_keys) -> None:
     ]
     for score, params, grads in cases:
         with pytest.raises(ValueError, match=r"w0 has 1 NaN|w0 has 3 NaN"):
-            streaming_select(params, grads, 1, score, names=["w0"], keep_keys=keep_keys)
+            streaming.select(params, grads, 1, score, names=["w0"], keep_keys=keep_keys)

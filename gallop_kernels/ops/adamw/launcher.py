@@ -1,41 +1,55 @@
-"""Launcher for the fused multi-tensor sparse AdamW step (kernel 4 of
+"""The Triton backend of the sparse AdamW step: the launcher of `kernel.py` (kernel 4 of
 `docs/design.md#kernels`).
 
-One launcher for both state layouts (``state_layout="fp32"`` or ``"8bit"``: bitsandbytes'
-blockwise dynamic quantization, `reference.QUANT_BLOCK` entries per absmax). The launches are
-built as `Launch` descriptions by `sparse_adamw_launches` (what the compile gate enumerates) and
-run by `triton_sparse_adamw_step`.
+One launcher for both state layouts (``state_layout="fp32"`` or ``"8bit"``: blockwise dynamic
+quantization, `quantization.QUANT_BLOCK` entries per absmax). The launches are built as `Launch`
+descriptions by `sparse_adamw_launches` (what the compile gate enumerates) and run by
+`sparse_adamw`.
 """
 
 from __future__ import annotations
 
-import math
-import os
 from typing import Sequence
 
 import torch
-import triton.language as tl
 
-from gallop_kernels.ops.launch import Launch, check_device, log_slots, run_all, upload
-from gallop_kernels.ops.triton.multi_tensor import HEAD_LOG_SLOTS, HEAD_SLOTS, HEAD_WORK, build_table
-from gallop_kernels.ops.triton.sparse_adamw import (
-    ROW_COUNT, ROW_EXP_AVG, ROW_EXP_AVG_ABSMAX, ROW_EXP_AVG_SQ, ROW_EXP_AVG_SQ_ABSMAX, ROW_FIELDS,
-    ROW_GRAD, ROW_INDEX, ROW_MASTER, ROW_PARAM, ROW_START, STATE_BLOCKWISE8, STATE_FP32,
+from gallop_kernels.ops._triton.launch import Launch, log_slots, run_all, upload
+from gallop_kernels.ops._triton.tables import (
+    HEAD_LOG_SLOTS,
+    HEAD_SLOTS,
+    HEAD_WORK,
+    TL_DTYPE,
+    build_table,
+)
+from gallop_kernels.ops.adamw.hyper import AdamWHyper
+from gallop_kernels.ops.adamw.kernel import (
+    ROW_COUNT,
+    ROW_EXP_AVG,
+    ROW_EXP_AVG_ABSMAX,
+    ROW_EXP_AVG_SQ,
+    ROW_EXP_AVG_SQ_ABSMAX,
+    ROW_FIELDS,
+    ROW_GRAD,
+    ROW_INDEX,
+    ROW_MASTER,
+    ROW_PARAM,
+    ROW_START,
+    STATE_BLOCKWISE8,
+    STATE_FP32,
     sparse_adamw_kernel,
 )
+from gallop_kernels.ops.adamw.quantization import QUANT_BLOCK, quantization_map
+from gallop_kernels.ops.backends import check_device, interpreter_enabled
+from gallop_kernels.rules import FLOAT_DTYPES, INDEX_DTYPES
 
-__all__ = ["STATE_LAYOUTS", "sparse_adamw_launches", "triton_sparse_adamw_step"]
+__all__ = ["STATE_LAYOUTS", "sparse_adamw_launches", "sparse_adamw"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-BLOCK = 256 if _INTERPRET else 1024  # entries per program with fp32 state (tests shrink it)
+BLOCK = 1024
+"""Selected entries per program with fp32 state (8-bit: one quantization block)."""
+INTERPRETER_BLOCK = 256
+"""... in the Triton interpreter, where a program costs far more than its entries (tests shrink it)."""
 
 STATE_LAYOUTS = {"fp32": STATE_FP32, "8bit": STATE_BLOCKWISE8}
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-INDEX_DTYPES = (torch.int32, torch.int64)
-TL_DTYPE = {
-    torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
-    torch.int32: tl.int32, torch.int64: tl.int64,
-}
 
 
 def _check_state(t, what, i, count, device, dtype=torch.float32):
@@ -49,11 +63,6 @@ def _check_state(t, what, i, count, device, dtype=torch.float32):
         raise ValueError(f"{what} of tensor #{i} has {t.numel()} entries, expected {count}")
     if not t.is_contiguous():
         raise ValueError(f"{what} of tensor #{i} is not contiguous (it is updated in place)")
-
-
-def check_step(step: int) -> None:
-    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
-        raise ValueError(f"step must be an int >= 1, got {step!r}")
 
 
 def check_param_grad_indices(i: int, p, g, idx, device: torch.device) -> bool:
@@ -92,16 +101,6 @@ def check_param_grad_indices(i: int, p, g, idx, device: torch.device) -> bool:
     return compact
 
 
-def adamw_scalars(step: int, lr: float, beta1: float, beta2: float, eps: float,
-                  weight_decay: float) -> tuple[float, ...]:
-    """The kernels' scalar arguments, as torch rounds them: Python doubles, then float32."""
-    bias_correction1 = 1.0 - beta1**step
-    return (
-        1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2,
-        math.sqrt(1.0 - beta2**step), -lr / bias_correction1, eps,
-    )
-
-
 def sparse_adamw_launches(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -109,12 +108,7 @@ def sparse_adamw_launches(
     exp_avgs: Sequence[torch.Tensor],
     exp_avg_sqs: Sequence[torch.Tensor],
     masters: Sequence[torch.Tensor | None],
-    step: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
+    hyper: AdamWHyper,
     *,
     state_layout: str = "fp32",
     exp_avg_absmaxes: Sequence[torch.Tensor] | None = None,
@@ -137,11 +131,12 @@ def sparse_adamw_launches(
                          "differ in length")
     if not lists[0]:
         return []
-    check_step(step)
+    if not isinstance(hyper, AdamWHyper):
+        raise TypeError(f"hyper must be an AdamWHyper, got {type(hyper).__name__}")
     device = lists[0][0].device
-    from gallop_kernels import reference
 
-    block = reference.QUANT_BLOCK if eight else int(BLOCK)  # 8-bit: a program per quant block
+    # 8-bit: a program per quantization block
+    block = QUANT_BLOCK if eight else (INTERPRETER_BLOCK if interpreter_enabled() else BLOCK)
     state_dtype = torch.uint8 if eight else torch.float32
     launches: dict[tuple, list[tuple[list[int], int]]] = {}
     for i, (p, g, idx, m, v, w, m_max, v_max) in enumerate(zip(*lists)):
@@ -185,11 +180,11 @@ def sparse_adamw_launches(
         values += build_table(header, rows, ROW_FIELDS.value)
     table = upload(values, device)
     if eight:
-        signed = reference.quantization_map(True, device)
-        unsigned = reference.quantization_map(False, device)
+        signed = quantization_map(True, device)
+        unsigned = quantization_map(False, device)
     else:
         signed = unsigned = table  # unused placeholders (the fp32 layout reads no map)
-    scalars = adamw_scalars(step, lr, beta1, beta2, eps, weight_decay)
+    scalars = hyper.scalars()
     out = []
     for (p_dtype, g_dtype, has_master, idx_dtype, compact), first, n_rows, n_progs in specs:
         out.append(Launch(
@@ -202,19 +197,14 @@ def sparse_adamw_launches(
     return out
 
 
-def triton_sparse_adamw_step(
+def sparse_adamw(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
     indices: Sequence[torch.Tensor],
     exp_avgs: Sequence[torch.Tensor],
     exp_avg_sqs: Sequence[torch.Tensor],
     masters: Sequence[torch.Tensor | None],
-    step: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
+    hyper: AdamWHyper,
     *,
     state_layout: str = "fp32",
     exp_avg_absmaxes: Sequence[torch.Tensor] | None = None,
@@ -224,17 +214,16 @@ def triton_sparse_adamw_step(
 
     ``grads[i]`` is the dense gradient (param's shape, any float dtype) or the gathered gradient
     of the selected entries (``indices[i].numel()`` values). With ``state_layout="fp32"`` it
-    matches ``reference.sparse_adamw_step`` (bit for bit on the CPU but for torch's CPU sqrt,
+    matches ``naive.sparse_adamw_step`` (bit for bit on the CPU but for torch's CPU sqrt,
     which is not always correctly rounded); with ``"8bit"`` (uint8 ``exp_avgs``/``exp_avg_sqs``
-    and float32 absmaxes per `reference.QUANT_BLOCK` entries) it produces exactly the codes,
-    absmaxes and weights of ``reference.sparse_adamw_step_8bit``.
+    and float32 absmaxes per `quantization.QUANT_BLOCK` entries) it produces exactly the codes,
+    absmaxes and weights of ``naive.sparse_adamw_step_8bit``.
     """
     params = list(params)
     if params:
         check_device(params[0].device)
     launches = sparse_adamw_launches(
-        params, grads, indices, exp_avgs, exp_avg_sqs, masters, step, lr, beta1, beta2, eps,
-        weight_decay, state_layout=state_layout, exp_avg_absmaxes=exp_avg_absmaxes,
+        params, grads, indices, exp_avgs, exp_avg_sqs, masters, hyper, state_layout=state_layout, exp_avg_absmaxes=exp_avg_absmaxes,
         exp_avg_sq_absmaxes=exp_avg_sq_absmaxes,
     )
     run_all(launches)

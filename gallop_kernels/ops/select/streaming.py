@@ -1,10 +1,10 @@
 """Exact top-k selection in pure torch that holds one chunk of scores at a time.
 
-`reference.select` sorts the whole group's scores: simple, but it needs ~16 bytes per entry of
+`naive.select` sorts the whole group's scores: simple, but it needs ~16 bytes per entry of
 the group at once. This radix select recomputes scores chunk by chunk from θ and g, so its extra
 memory is O(chunk + k) and the gradients may live elsewhere (pinned host memory during
 calibration): each chunk is copied to the parameter's device when it is scored. It selects exactly
-the same index set as the reference: the k largest float32 scores, ties to the lower flat index
+the same index set as `naive.select`: the k largest float32 scores, ties to the lower flat index
 of the group's concatenation (see ``docs/design.md#selection-semantics``).
 
 Keys: a float32 score's bits as an int32, with the magnitude bits of negative scores flipped, order
@@ -35,9 +35,9 @@ from typing import Iterator, NamedTuple, Sequence
 
 import torch
 
-from gallop_kernels import reference
 from gallop_kernels.ops.collective import ShardLayout
-from gallop_kernels.reference import Score
+from gallop_kernels.ops.select.naive import compute_score
+from gallop_kernels.rules import Score
 
 DEFAULT_CHUNK = 1 << 24
 """Entries per chunk on a GPU or when streaming gradients from the host: few launches and copies."""
@@ -59,7 +59,7 @@ def order_keys(scores: torch.Tensor) -> torch.Tensor:
 
     Non-negative scores keep their bits; negative ones flip their magnitude bits, so that a more
     negative score gets a smaller key. (-0.0 and +0.0 get different keys: fold them first, as
-    `reference.compute_score` does.)
+    `naive.compute_score` does.)
     """
     bits = scores.contiguous().view(torch.int32)
     return bits ^ ((bits >> 31) & INT32_MAX)
@@ -150,7 +150,7 @@ class _Group:
                         None if flat_g is None
                         else flat_g[start:stop].to(p.device, non_blocking=True)
                     )
-                s = reference.compute_score(
+                s = compute_score(
                     piece_p, piece_g, self.score, self.score_eps, self.seed,
                     self.offsets[t] + start,
                 )
@@ -287,7 +287,7 @@ def _check_layout(layout, sizes: list[int], k: int, chunk: int, ranks: _Ranks) -
     return list(layout.offsets)
 
 
-def streaming_select(
+def select(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor | None],
     k: int,

@@ -1,7 +1,7 @@
 """Launcher for exact top-k selection with the Triton kernels (kernels 1-3 of
 `docs/design.md#kernels`).
 
-``triton_select`` returns the same index sets as ``reference.select_topk`` over the group's scores:
+``select`` returns the same index sets as ``naive.select_topk`` over the group's scores:
 the k largest float32 scores, ties to the lower flat index in the group's concatenation. With a
 ``ShardLayout`` (see ops/collective.py) the tensors are this rank's shards and the result is the
 exact selection of the whole group, as local indices.
@@ -41,46 +41,76 @@ Extra device memory: the state, one histogram per level (2048 int64 bins), four 
 from __future__ import annotations
 
 import operator
-import os
 from typing import Sequence
 
 import torch
 import triton.language as tl
 
-from gallop_kernels import reference
+from gallop_kernels.ops._triton.launch import (
+    Launch,
+    log_slots,
+    program_count,
+    run_all,
+    upload,
+)
+from gallop_kernels.ops._triton.tables import (
+    HEAD_LOG_SLOTS,
+    HEAD_SLOTS,
+    HEAD_WORK,
+    TL_DTYPE,
+    build_table,
+)
+from gallop_kernels.ops.backends import check_device, interpreter_enabled
 from gallop_kernels.ops.collective import ShardLayout
-from gallop_kernels.ops.launch import Launch, check_device, log_slots, program_count, run_all, upload
-from gallop_kernels.ops.triton.compaction import (
-    candidate_count_kernel, candidate_write_kernel, count_kernel, write_kernel,
+from gallop_kernels.ops.select.bucket import (
+    S_CAP,
+    S_CAP_LOCAL,
+    S_K,
+    S_KREM,
+    S_SEED_MIX,
+    S_TILES,
+    STATE_SIZE,
+    choose_bucket_kernel,
 )
-from gallop_kernels.ops.triton.multi_tensor import HEAD_LOG_SLOTS, HEAD_SLOTS, HEAD_WORK, build_table
-from gallop_kernels.ops.triton.radix_select import (
-    S_CAP, S_CAP_LOCAL, S_K, S_KREM, S_SEED_MIX, S_TILES, STATE_SIZE, choose_bucket_kernel,
+from gallop_kernels.ops.select.compaction import (
+    candidate_count_kernel,
+    candidate_write_kernel,
+    count_kernel,
+    write_kernel,
 )
-from gallop_kernels.ops.triton.score import (
-    ROW_FIELDS, ROW_GOFF, ROW_GRAD, ROW_GTILE, ROW_NUMEL, ROW_OUT, ROW_START, ROW_THETA, ROW_TID,
+from gallop_kernels.ops.select.histogram import (
+    candidate_histogram_kernel,
+    capture_kernel,
+    histogram_kernel,
+)
+from gallop_kernels.ops.select.naive import compute_score
+from gallop_kernels.ops.select.score import (
+    ROW_FIELDS,
+    ROW_GOFF,
+    ROW_GRAD,
+    ROW_GTILE,
+    ROW_NUMEL,
+    ROW_OUT,
+    ROW_START,
+    ROW_THETA,
+    ROW_TID,
     SCORE_CODES,
 )
-from gallop_kernels.ops.triton.score_histogram import (
-    candidate_histogram_kernel, capture_kernel, histogram_kernel,
-)
+from gallop_kernels.rules import FLOAT_DTYPES, index_dtype
 
-__all__ = ["SelectionPlan", "triton_select", "candidate_capacity"]
+__all__ = ["SelectionPlan", "select", "candidate_capacity"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-# Entries per tile. A module attribute so tests can shrink it; 2048 = 16 per thread with 4 warps
+# Entries per tile (module attributes, so tests can shrink them); 2048 = 16 per thread with 4 warps
 # (two 16-byte vector loads of bf16 per tensor), amortising the histogram's per-tile cost.
-BLOCK = 128 if _INTERPRET else 2048
+BLOCK = 2048
+INTERPRETER_BLOCK = 128  # the interpreter pays per program and per tile: small tiles (tests shrink it)
 # Candidates per step when a tile's candidate segment is read (one per thread with 4 warps): a
 # segment holds ~1% of a tile at typical densities, so reading it BLOCK-wide would cost as many
 # instructions as a full pass.
-CBLOCK = 16 if _INTERPRET else 128
+CBLOCK = 128
+INTERPRETER_CBLOCK = 16
 
-INT32_LIMIT = 2**31
 _MASK32 = 0xFFFFFFFF
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 SCORES = tuple(SCORE_CODES)
 
 # (shift, digit bits) of the radix passes, most significant digit first.
@@ -99,11 +129,6 @@ def _lowbias32(x: int) -> int:
     x ^= x >> 15
     x = (x * 0x846CA68B) & _MASK32
     return x ^ (x >> 16)
-
-
-def _empty(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A buffer that a kernel overwrites entirely (the tests replace this to poison it)."""
-    return torch.empty(size, dtype=dtype, device=device)
 
 
 def candidate_capacity(total: int, k: int) -> int:
@@ -131,7 +156,7 @@ def _check_inputs(params, grads, k, score, names, precomputed, layout):
     if len(names) != len(params):
         raise ValueError(f"got {len(params)} params but {len(names)} names")
     if not params:
-        raise ValueError("triton_select needs at least one tensor")
+        raise ValueError("select needs at least one tensor")
     device = params[0].device
     check_device(device)
     for p, g, name in zip(params, grads, names):
@@ -201,12 +226,12 @@ def _aligned(*tensors_and_numel) -> bool:
 class SelectionPlan:
     """The launch tables of one group's selection, and its stages as separate steps.
 
-    The stages, in the order `triton_select` runs them (benchmarks/stages.py times them alone):
+    The stages, in the order `select` runs them (benchmarks/stages.py times them alone):
 
-    1. ``new_state(k)`` -> ``(state, hist, bad)``: the device state (k, the capture threshold,
-       the seed), one histogram per radix level ``hist[level]`` and a per-tensor NaN/inf count
-       buffer (filled only when pass 0 finds NaN/inf, see `count_bad`); allocates the per-tile
-       counts (``cnt_gt``) and the candidate buffer.
+    1. ``new_state(k)`` -> ``(state, hist)``: the device state (k, the capture threshold,
+       the seed) and one histogram per radix level ``hist[level]``; allocates the per-tile
+       counts (``cnt_gt``) and the candidate buffer. (NaN/inf scores land in pass 0's top
+       bins; only then does `count_bad` count them per tensor, to name the parameter.)
     2. For each level: ``histogram_pass(level, state, hist[level])`` adds this rank's histogram
        of the level's digit into ``hist[level]`` (level 0: every entry; later levels: the
        entries matching the prefix, from θ, g or from the captured candidates; a level may also
@@ -217,7 +242,7 @@ class SelectionPlan:
        quota is all-gathered across ranks when sharded).
     4. ``write(state, take, take_excl, ties, outs)``: every tensor's sorted local indices.
 
-    Every stage only enqueues device work; the one host sync is in `triton_select`.
+    Every stage only enqueues device work; the one host sync is in `select`.
     ``launches(k)`` lists every `Launch` the stages issue (the compile gate compiles them).
     """
 
@@ -229,7 +254,8 @@ class SelectionPlan:
         self.signed = score == "precomputed"
         self.digits = tuple(DIGITS_SIGNED if self.signed else DIGITS_UNSIGNED)
         self.key_bits = 32 if self.signed else 31
-        self.block = int(BLOCK)
+        self.block = INTERPRETER_BLOCK if interpreter_enabled() else BLOCK
+        self.cblock = INTERPRETER_CBLOCK if interpreter_enabled() else CBLOCK
         self.eps = float(score_eps)
         self.seed = int(seed)
         self.seed_mix = _lowbias32(int(seed))
@@ -243,7 +269,7 @@ class SelectionPlan:
         else:
             self.offsets = list(layout.offsets)
             self.total = layout.total
-        self.index_dtypes = [torch.int64 if n >= INT32_LIMIT else torch.int32 for n in sizes]
+        self.index_dtypes = [index_dtype(n) for n in sizes]
 
         # Tiles: per tensor ceil(n / BLOCK), numbered in group order (global tile ids).
         self.n_tiles = [-(-n // self.block) for n in sizes]
@@ -305,8 +331,8 @@ class SelectionPlan:
         for (t_dtype, g_dtype, idx64, aligned), _ in self.groups.items():
             table, tiles = tables[("full", (t_dtype, g_dtype, idx64, aligned))]
             const = dict(
-                THETA_T=_TL_DTYPE[t_dtype] if t_dtype is not None else tl.float32,
-                G_T=_TL_DTYPE[g_dtype] if g_dtype is not None else tl.float32,
+                THETA_T=TL_DTYPE[t_dtype] if t_dtype is not None else tl.float32,
+                G_T=TL_DTYPE[g_dtype] if g_dtype is not None else tl.float32,
                 SCORE=self.code, HAS_G=g_dtype is not None, SIGNED=self.signed,
                 ALIGNED=aligned, BLOCK=self.block, **extra,
             )
@@ -318,7 +344,7 @@ class SelectionPlan:
     # ---- stages -----------------------------------------------------------------------------
 
     def new_state(self, k: int):
-        """Device buffers: selection state, one histogram per level, per-tensor NaN/inf counts."""
+        """Device buffers: the selection state and one histogram per level."""
         cap = candidate_capacity(self.total, k)
         self.cap_local = min(cap, self.local_total)
         values = [0] * STATE_SIZE.value
@@ -327,15 +353,14 @@ class SelectionPlan:
             self.cap_local, self.seed_mix, self.total_tiles)
         state = upload(values, self.device)
         hist = torch.zeros(len(self.digits), BINS, dtype=torch.int64, device=self.device)
-        bad = torch.zeros(len(self.params), dtype=torch.int64, device=self.device)
         size = max(self.cap_local, 1)
-        self.cand = _empty(size, torch.int64, self.device)  # key << 16 | offset in tile
+        self.cand = torch.empty(size, dtype=torch.int64, device=self.device)  # key << 16 | offset in tile
         tiles = max(self.total_tiles, 1)
-        self.seg_start = _empty(tiles, torch.int32, self.device)
-        self.seg_count = _empty(tiles, torch.int32, self.device)
-        self.cnt_gt = _empty(tiles, torch.int32, self.device)  # written by capture or counts
-        self.cnt_eq = _empty(tiles, torch.int32, self.device)
-        return state, hist, bad
+        self.seg_start = torch.empty(tiles, dtype=torch.int32, device=self.device)
+        self.seg_count = torch.empty(tiles, dtype=torch.int32, device=self.device)
+        self.cnt_gt = torch.empty(tiles, dtype=torch.int32, device=self.device)  # written by capture or counts
+        self.cnt_eq = torch.empty(tiles, dtype=torch.int32, device=self.device)
+        return state, hist
 
     def _level_launches(self, level: int, state, hist_out) -> list[Launch]:
         shift, nbits = self.digits[level]
@@ -359,11 +384,10 @@ class SelectionPlan:
         ))
         return launches
 
-    def histogram_pass(self, level: int, state, hist_out, bad=None) -> None:
+    def histogram_pass(self, level: int, state, hist_out) -> None:
         """Adds this rank's histogram of the level's digit, over the entries matching the prefix
         in ``state``, into ``hist_out``: from θ and g, or (capturing first when the last bucket
-        choice said so) from the candidate buffer. ``bad`` is unused (kept for callers of the
-        earlier API; NaN/inf scores are counted from ``hist[0]``)."""
+        choice said so) from the candidate buffer. (NaN/inf scores are counted from ``hist[0]``.)"""
         run_all(self._level_launches(level, state, hist_out))
 
     def choose_bucket(self, level: int, hist, state) -> None:
@@ -382,7 +406,7 @@ class SelectionPlan:
         launches.append(Launch(
             candidate_count_kernel, (program_count(self.device, max(self.total_tiles, 1)),),
             (state, self.cand, self.seg_start, self.seg_count, self.cnt_gt, self.cnt_eq),
-            dict(CBLOCK=CBLOCK),
+            dict(CBLOCK=self.cblock),
         ))
         return launches
 
@@ -442,7 +466,7 @@ class SelectionPlan:
                 candidate_write_kernel, (program_count(self.device, tiles),),
                 (table, state, self.cand, self.seg_start, self.seg_count,
                  take, take_excl, ties, self.cnt_eq),
-                dict(IDX_T=tl.int64 if idx64 else tl.int32, BLOCK=self.block, CBLOCK=CBLOCK),
+                dict(IDX_T=tl.int64 if idx64 else tl.int32, BLOCK=self.block, CBLOCK=self.cblock),
             ))
         return launches
 
@@ -452,7 +476,7 @@ class SelectionPlan:
 
     def launches(self, k: int) -> list[Launch]:
         """Every launch one selection issues (no kernel runs): the compile gate's variants."""
-        state, hist, _ = self.new_state(k)
+        state, hist = self.new_state(k)
         out = []
         for level in range(len(self.digits)):
             out += self._level_launches(level, state, hist[level])
@@ -472,13 +496,13 @@ class SelectionPlan:
             if self.signed:
                 s = self.precomputed[i].reshape(-1)
             else:
-                s = reference.compute_score(p, self.grads[i], self.score, self.eps, self.seed,
+                s = compute_score(p, self.grads[i], self.score, self.eps, self.seed,
                                             self.offsets[i])
             counts.append(int((~torch.isfinite(s)).sum()))
         return counts
 
 
-def triton_select(
+def select(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor | None],
     k: int,
@@ -515,7 +539,7 @@ def triton_select(
         return [torch.empty(0, dtype=dt, device=device) for dt in plan.index_dtypes]
 
     # Radix select: the exact k-th largest key, decided on the device.
-    state, hist, _ = plan.new_state(k)
+    state, hist = plan.new_state(k)
     for level in range(len(plan.digits)):
         plan.histogram_pass(level, state, hist[level])
         if coll is not None:
@@ -543,6 +567,6 @@ def triton_select(
         counts[i] = info[1 + j]
     if coll is None and sum(counts) != k:
         raise RuntimeError(f"internal error: selected {sum(counts)} entries, expected k={k}")
-    outs = [_empty(c, dt, device) for c, dt in zip(counts, plan.index_dtypes)]
+    outs = [torch.empty(c, dtype=dt, device=device) for c, dt in zip(counts, plan.index_dtypes)]
     plan.write(state, take, take_excl, ties, outs)
     return outs

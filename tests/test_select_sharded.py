@@ -4,10 +4,10 @@ Each configuration (world size, backend) spawns its ranks once, as separate proc
 gloo over 127.0.0.1; every rank runs all cases below on its row shards (``torch.chunk`` along dim
 0, as FSDP2's ``Shard(0)`` places them, or explicit splits with empty ranks) and writes its local
 indices. This process then maps them to global indices and compares their union with
-``reference.select`` on the full tensors. A NaN on one rank must make every rank raise the same
+``select_naive.select`` on the full tensors. A NaN on one rank must make every rank raise the same
 ``ValueError`` (and the following cases still run: nobody hung or left a collective behind).
 
-Run a worker by hand: ``python tests/test_sharded_select.py RANK WORLD PORT BACKEND OUT``.
+Run a worker by hand: ``python tests/test_select_sharded.py RANK WORLD PORT BACKEND OUT``.
 """
 
 from __future__ import annotations
@@ -143,9 +143,10 @@ def worker(rank: int, world: int, port: int, backend: str, out: str) -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from gallop_kernels import ops, reference
-    from gallop_kernels.ops import streaming_select as ss
+    from gallop_kernels import rules
     from gallop_kernels.ops.collective import ProcessGroupCollective, ShardLayout
+    from gallop_kernels.ops.select import select
+    from gallop_kernels.ops.select import streaming as ss
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
@@ -180,16 +181,16 @@ def worker(rank: int, world: int, port: int, backend: str, out: str) -> None:
                     saved = ss.MAX_CANDIDATES
                     ss.MAX_CANDIDATES = case["max_candidates"]
                     try:
-                        k = reference.k_for_density(offset, case["density"])
-                        got = ss.streaming_select(local_p, local_g, k, score_of(case), 1e-8, 0,
-                                                  names, chunk=case["chunk"], layout=layout,
-                                                  keep_keys=0)
+                        k = rules.k_for_density(offset, case["density"])
+                        got = ss.select(local_p, local_g, k, score_of(case), 1e-8, 0,
+                                        names, chunk=case["chunk"], layout=layout, keep_keys=0)
                     finally:
                         ss.MAX_CANDIDATES = saved
                 else:
-                    got = ops.select_indices(
-                        local_p, local_g, density=case["density"], score=score_of(case),
-                        score_eps=1e-8, seed=0, names=names, backend=backend, layout=layout)
+                    got = select(
+                        local_p, local_g, rules.k_for_density(layout.total, case["density"]),
+                        score=score_of(case), score_eps=1e-8, seed=0, names=names,
+                        backend=backend, layout=layout)
                 results[case["name"]] = {
                     "indices": [g.to(torch.int64).tolist() for g in got],
                     "dtypes": [str(g.dtype) for g in got],
@@ -237,7 +238,7 @@ def _spawn(world: int, backend: str, out: Path) -> list[dict]:
 
 
 def _check(results: list[dict], world: int) -> None:
-    from gallop_kernels import reference
+    from gallop_kernels.ops.select import naive as select_naive
 
     for res in results:
         assert res["_collectives"] == {"sum": [world] * 3,
@@ -254,9 +255,9 @@ def _check(results: list[dict], world: int) -> None:
             assert len(set(errors)) == 1, f"{case['name']}: ranks raised differently: {errors}"
             assert names[case["nan"][0]] in errors[0]
             with pytest.raises(ValueError, match=names[case["nan"][0]]):
-                reference.select(params, grads, case["density"], score_of(case), 1e-8, 0, names)
+                select_naive.select(params, grads, case["density"], score_of(case), 1e-8, 0, names)
             continue
-        want = reference.select(params, grads, case["density"], score_of(case), 1e-8, 0, names)
+        want = select_naive.select(params, grads, case["density"], score_of(case), 1e-8, 0, names)
         layout = shards(case, world)
         for t, (p, w) in enumerate(zip(params, want)):
             per_row = p[0].numel()

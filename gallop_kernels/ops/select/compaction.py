@@ -20,12 +20,23 @@ one that runs.
 import triton
 import triton.language as tl
 
-from gallop_kernels.ops.triton.radix_select import (
-    CAPTURED_GE, S_CAPTURE, S_MASK, S_PREFIX, S_SEED_MIX, S_TILES,
+from gallop_kernels.ops.select.bucket import (
+    CAPTURED_GE,
+    S_CAPTURE,
+    S_MASK,
+    S_PREFIX,
+    S_SEED_MIX,
+    S_TILES,
     captured,
 )
-from gallop_kernels.ops.triton.score import (
-    ROW_GTILE, ROW_OUT, first_slot, program_tiles, slot_fields, tile_key, tile_of,
+from gallop_kernels.ops.select.score import (
+    ROW_GTILE,
+    ROW_OUT,
+    first_slot,
+    program_tiles,
+    slot_fields,
+    tile_key,
+    tile_of,
 )
 
 

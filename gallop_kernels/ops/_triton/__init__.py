@@ -1,0 +1,1 @@
+"""What the Triton launchers of every op share: launch descriptions, launch tables, the compile gate."""
