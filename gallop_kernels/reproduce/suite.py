@@ -335,9 +335,10 @@ def _pad_id(model: Any) -> int:
     return 0 if pad is None else int(pad)
 
 
-def _common_prefix(rows: Sequence[tuple[int, ...]]) -> int:
-    """Length of the longest prefix every row shares, leaving at least one token of each row."""
-    n = min(len(r) for r in rows) - 1
+def _common_prefix(rows: Sequence[tuple[int, ...]], keep: int) -> int:
+    """Length of the longest prefix every row shares, leaving at least ``keep`` tokens of each row
+    (the positions whose logits are asked for)."""
+    n = min(len(r) for r in rows) - keep
     first = rows[0]
     for r in rows[1:]:
         while n > 0 and r[:n] != first[:n]:
@@ -360,7 +361,7 @@ def _last_logits(model: Any, rows: Sequence[tuple[int, ...]], keep: int, share_p
     (position ids continue the prefix). Same logits as running every row whole, for less work.
     """
     device = next(model.parameters()).device
-    shared = _common_prefix(rows) if share_prefix and len(rows) > 1 else 0
+    shared = _common_prefix(rows, keep) if share_prefix and len(rows) > 1 else 0
     cache = None
     if shared:
         head = torch.tensor([rows[0][:shared]], dtype=torch.long, device=device)

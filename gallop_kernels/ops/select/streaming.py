@@ -104,8 +104,9 @@ class _Group:
     """
 
     def __init__(self, params, grads, score, score_eps, seed, names, chunk, offsets,
-                 total: int, total_local: int, keep_keys: int) -> None:
+                 total: int, total_local: int, keep_keys: int, floors=None) -> None:
         self.params, self.grads = params, grads
+        self.floors = list(floors) if floors is not None else [None] * len(offsets)
         self.score, self.score_eps, self.seed = score, score_eps, seed
         self.names, self.chunk, self.offsets = names, chunk, offsets
         # Named scores are >= 0, so their bits are their keys (31 bits); a callable's may be
@@ -152,7 +153,7 @@ class _Group:
                     )
                 s = compute_score(
                     piece_p, piece_g, self.score, self.score_eps, self.seed,
-                    self.offsets[t] + start,
+                    self.offsets[t] + start, self.floors[t],
                 )
                 yield t, start, order_keys(s) if self.signed else s.view(torch.int32)
 
@@ -298,6 +299,7 @@ def select(
     chunk: int | None = None,
     layout: ShardLayout | None = None,
     keep_keys: int = KEEP_KEYS,
+    floors: Sequence[float] | None = None,
 ) -> list[torch.Tensor]:
     """Per tensor, the sorted int64 local flat indices of the exact top-k (ties to the lower
     global flat index).
@@ -310,6 +312,7 @@ def select(
     ``max(chunk, min(k, MAX_CANDIDATES))`` candidates of the threshold's bucket. A group of at
     most ``keep_keys`` local entries keeps its int32 keys between the reads of θ and g (4 bytes
     an entry, 64 MiB at the default), so its scores are computed once; 0 never keeps them.
+    ``floors``: one magnitude floor per tensor (`naive.compute_score`), or None.
     """
     names = list(names) if names is not None else [f"#{i}" for i in range(len(params))]
     # One walk over `params` for sizes and devices (a lazy sequence builds each tensor per walk).
@@ -330,7 +333,7 @@ def select(
         raise ValueError(f"k={k} must be between 1 and the number of entries {total}")
     offsets = _check_layout(layout, sizes, k, chunk, ranks)
     group = _Group(params, grads, score, score_eps, seed, names, chunk, offsets, total,
-                   total_local, keep_keys)
+                   total_local, keep_keys, floors)
     n_tensors = len(sizes)
     cap = max(chunk, min(k, MAX_CANDIDATES))  # entries of the threshold's bucket we may keep
 
