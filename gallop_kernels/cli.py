@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 from gallop_kernels import __version__
 from gallop_kernels.errors import USER_ERROR_EXIT, describe, exit_status, is_user_error, terminate_as_interrupt
+from gallop_kernels.extras import require
 from gallop_kernels.rules import check_fraction
 
 
@@ -214,6 +215,14 @@ def check_finite_numbers(args: argparse.Namespace, parser: argparse.ArgumentPars
             parser.error(f"argument --{dest.replace('_', '-')}: must be a finite number, got {value}")
 
 
+NEEDS = {
+    "demo": ("transformers",),
+    "finetune": ("transformers", "accelerate"),
+    "reproduce": ("transformers",),
+}
+"""What each subcommand imports beyond the core (`gallop_kernels.extras`): checked before it runs."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``gallop`` and ``python -m gallop_kernels``; returns the exit status.
 
@@ -227,6 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = parser.parse_args(argv)
             command = args.command
             check_finite_numbers(args, args.subparser)
+            require(f"gallop {command}", *NEEDS.get(command, ()))
             return args.handler(args, args.subparser)
     except Exception as error:
         if is_user_error(error):

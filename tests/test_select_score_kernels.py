@@ -9,7 +9,6 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from gallop_kernels.ops.select import naive  # noqa: E402
-from gallop_kernels.ops.select.launcher import _lowbias32  # noqa: E402
 from gallop_kernels.ops.select.score import hash_uniform, tile_key  # noqa: E402
 
 
@@ -42,7 +41,7 @@ def test_hash_uniform_bit_exact_including_huge_indices(seed):
                       2**40 + 7, 2**62 + 1, 2**63 - 1]),
     ]).to(torch.int64).to(_device())
     out = torch.empty(idx.numel(), dtype=torch.float32, device=idx.device)
-    _hash_kernel[(1,)](idx, out, idx.numel(), _lowbias32(seed), BLOCK=128)
+    _hash_kernel[(1,)](idx, out, idx.numel(), naive.seed_mix(seed), BLOCK=128)
     ref = naive.hash_uniform(idx, seed)
     assert torch.equal(out, ref)
     assert (out >= 0).all() and (out < 1).all()

@@ -176,11 +176,12 @@ def test_layout_validation() -> None:
         streaming.select([torch.ones(4)], [None], 1, layout=(0,))
 
 
-@pytest.mark.parametrize("keep_keys,walks", [(0, 3), (1 << 20, 2)])
-def test_lazy_params_are_walked_once_per_pass(keep_keys, walks) -> None:
+@pytest.mark.parametrize("small_group,keep_keys,walks", [(0, 0, 3), (0, 1 << 20, 2), (1 << 16, 0, 2)])
+def test_lazy_params_are_walked_once_per_pass(monkeypatch, small_group, keep_keys, walks) -> None:
     """Callers may pass a sequence that builds each tensor when iterated (4-bit bases): sizes
     and devices take one walk, then one walk per read of θ and g (two for a typical group; one
-    when the group's keys are kept between reads)."""
+    when the group's keys are kept between reads, or when a small group skips the radix passes)."""
+    monkeypatch.setattr(streaming, "SMALL_GROUP", small_group)
     gen = torch.Generator().manual_seed(0)
     tensors = [torch.randn(50, generator=gen), torch.randn(70, generator=gen)]
     grads = [torch.randn(50, generator=gen), torch.randn(70, generator=gen)]

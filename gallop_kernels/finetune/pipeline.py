@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, TextIO
 
 from gallop_kernels.errors import user_input
+from gallop_kernels.extras import require
 from gallop_kernels.quiet import no_bitsandbytes_notice, progress_bars
 from gallop_kernels.finetune import rundir
 from gallop_kernels.finetune.config import (
@@ -287,6 +288,7 @@ def run_finetune(config: FinetuneConfig, out: TextIO | None = None) -> FinetuneR
     `docs/design.md#run-folders`). Progress lines go to ``out`` (stdout) unless ``config.progress``
     is False.
     """
+    require("gallop finetune", "transformers", "accelerate")
     out = out or sys.stdout
     say = progress_printer(out, config.progress)
     t0 = time.perf_counter()

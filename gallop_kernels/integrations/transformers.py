@@ -48,6 +48,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from gallop_kernels.extras import require
 from gallop_kernels.integrations.targets import ALL_LINEAR, select_trainable
 from gallop_kernels.optim import SparseAdamW
 from gallop_kernels.optim.unwrap import unwrap_optimizer
@@ -55,10 +56,8 @@ from gallop_kernels.phase_one import calibrate_dataset, calibration_subset, opti
 from gallop_kernels.rules import check_count, check_fraction
 from gallop_kernels.summary import format_selection_summary, layer_type, selection_summary
 
-try:  # the Trainer pieces need transformers; select_trainable does not
-    from transformers import TrainerCallback
-except ImportError:  # pragma: no cover - transformers is a dependency
-    TrainerCallback = object  # type: ignore[assignment,misc]
+require("the Trainer integration (gallop_kernels.integrations.transformers)", "transformers", "accelerate")
+from transformers import TrainerCallback  # noqa: E402
 
 __all__ = [
     "ALL_LINEAR",

@@ -22,6 +22,7 @@ import subprocess
 import sys
 from typing import Any
 
+from gallop_kernels.extras import require
 from gallop_kernels.memory import model as mm
 from gallop_kernels.memory.methods import REGISTRY
 from gallop_kernels.memory.presets import PRESETS, ConfigError, config_name, load_config
@@ -207,6 +208,8 @@ def comparison_table(rows: list[dict[str, Any]], header: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.measure:
+        require("gallop memory --measure", "transformers")
     try:
         config = load_config(args.config)
         methods = _methods(args.methods)

@@ -80,7 +80,8 @@ class SparseAdamW(Optimizer):
             selection (GMT); entries that stay keep their state. ``None`` selects once.
         master_weights: "auto" (fp32 master copy for bf16/fp16 params), True or False.
         state_bits: 32, or 8 for blockwise 8-bit m and v with bitsandbytes' dynamic maps
-            (1 byte each + an fp32 absmax per 256 entries).
+            (1 byte each + an fp32 absmax per 256 entries; the maps are built here, so
+            bitsandbytes need not be installed).
         min_8bit_entries: under ``state_bits=8``, a tensor with fewer selected entries keeps
             fp32 moments (bitsandbytes' ``min_8bit_size`` rule; default 4096).
         backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".

@@ -13,7 +13,6 @@ recorded at selection, not by reading the indices.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import math
 import numbers
 from typing import Any, Iterable, Iterator, Sequence
@@ -112,8 +111,6 @@ def _check_options(options: dict[str, Any]) -> None:
     bits = options["state_bits"]
     if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or bits not in (8, 32):
         raise ValueError(f"invalid state_bits: {bits!r} (expected 32 or 8)")
-    if bits == 8 and importlib.util.find_spec("bitsandbytes") is None:
-        raise ValueError("state_bits=8 uses bitsandbytes' quantization maps: pip install bitsandbytes")
 
     master = options["master_weights"]
     if not isinstance(master, (bool, str)) or master not in MASTER_WEIGHT_CHOICES:

@@ -35,6 +35,7 @@ from typing import Any, Callable
 import torch
 
 from gallop_kernels import chat_tasks as C
+from gallop_kernels.extras import require
 from gallop_kernels.phase_one import accumulate, optimizer_sink, select_from_sink
 from gallop_kernels.quiet import no_bitsandbytes_notice, progress_bars
 
@@ -354,6 +355,7 @@ def _load_previous(path: str | None, cfg: ReproConfig, log: Callable[[str], None
 def run_reproduction(cfg: ReproConfig = ReproConfig(), raw_path: str | None = None,
                      log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run (or resume) everything; returns the raw results, also written to ``raw_path`` after every run."""
+    require("gallop reproduce", "transformers", *(("peft",) if "lora" in cfg.methods else ()))
     cfg.check()
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     previous_threads = torch.get_num_threads()

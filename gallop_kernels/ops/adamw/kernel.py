@@ -109,8 +109,8 @@ def adamw_update(w, g, m, v, decay, beta1, one_minus_beta1, beta2, one_minus_bet
     implicitly): a fused multiply-add exactly where torch's CPU kernels use one
     (``exp_avg.mul_(β1).add_(g, alpha=1-β1)`` and ``exp_avg_sq.mul_(β2).addcmul_(g, g,
     value=1-β2)`` vectorise to fmadd), IEEE division (``div_rn``) and square root (``sqrt_rn``),
-    every other operation rounded on its own. The compiled SASS has no other FFMA than those two
-    and the ones inside the IEEE division/square-root sequences (checked by the compile gate).
+    every other operation rounded on its own. The compile gate checks the PTX of every variant:
+    exactly these two ``fma.rn.f32`` per element and no contractable ``mul``/``add`` pair.
     """
     w = w * decay
     # torch: exp_avg.mul_(β1).add_(g, alpha=1-β1) -> fmadd(g, 1-β1, m·β1)

@@ -83,7 +83,7 @@ from gallop_kernels.ops.select.histogram import (
     capture_kernel,
     histogram_kernel,
 )
-from gallop_kernels.ops.select.naive import compute_score
+from gallop_kernels.ops.select.naive import compute_score, seed_mix
 from gallop_kernels.ops.select.score import (
     ROW_FIELDS,
     ROW_GOFF,
@@ -110,7 +110,6 @@ INTERPRETER_BLOCK = 128  # the interpreter pays per program and per tile: small 
 CBLOCK = 128
 INTERPRETER_CBLOCK = 16
 
-_MASK32 = 0xFFFFFFFF
 SCORES = tuple(SCORE_CODES)
 
 # (shift, digit bits) of the radix passes, most significant digit first.
@@ -120,15 +119,6 @@ BINS = 2048
 
 CANDIDATE_SHARE = 256  # the buffer holds k + N/256 candidates
 CANDIDATE_LIMIT = 1 << 27  # ... at most (8 bytes each: 1 GiB)
-
-
-def _lowbias32(x: int) -> int:
-    x &= _MASK32
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & _MASK32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & _MASK32
-    return x ^ (x >> 16)
 
 
 def candidate_capacity(total: int, k: int) -> int:
@@ -258,7 +248,7 @@ class SelectionPlan:
         self.cblock = INTERPRETER_CBLOCK if interpreter_enabled() else CBLOCK
         self.eps = float(score_eps)
         self.seed = int(seed)
-        self.seed_mix = _lowbias32(int(seed))
+        self.seed_mix = seed_mix(int(seed))
         self.precomputed = precomputed
         self.theta = precomputed if self.signed else params
         sizes = [p.numel() for p in params]

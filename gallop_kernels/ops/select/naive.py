@@ -43,14 +43,18 @@ def lowbias32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def seed_mix(seed: int) -> int:
+    """``lowbias32(seed mod 2^32)``: the seed as the hash mixes it (the kernels get it as an int)."""
+    return int(lowbias32(torch.tensor(seed & _MASK32, dtype=torch.int64)))
+
+
 def hash_uniform(flat_index: torch.Tensor, seed: int) -> torch.Tensor:
     """Uniform float32 in [0, 1) (multiples of 2^-24) determined by ``(seed, flat_index)``.
 
     ``flat_index`` is the entry's position in its group's concatenation (int64, may exceed 2^32).
     """
     idx = flat_index.to(torch.int64)
-    seed_mix = lowbias32(torch.tensor(seed & _MASK32, dtype=torch.int64, device=idx.device))
-    high = lowbias32(((idx >> 32) + seed_mix) & _MASK32)
+    high = lowbias32(((idx >> 32) + seed_mix(seed)) & _MASK32)
     bits = lowbias32((idx & _MASK32) ^ high)
     return (bits >> 8).to(torch.float32) * (2.0**-24)
 

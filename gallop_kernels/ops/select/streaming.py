@@ -46,6 +46,10 @@ CPU_CHUNK = 1 << 18
 ``benchmarks/torch_select.py``)."""
 KEEP_KEYS = 1 << 24
 """A group of at most this many local entries keeps its keys between reads (64 MiB): scored once."""
+SMALL_GROUP = 1 << 16
+"""A one-process group of at most this many entries skips the radix passes: one read keeps every
+key and ``torch.kthvalue`` finds the threshold (below ~1e5 entries the passes' fixed costs, not
+the bytes, decide; ``benchmarks/torch_select.py``)."""
 MAX_CANDIDATES = 1 << 24
 """At most this many (and at least ``chunk``, at most k) entries of the threshold's bucket are
 kept without another read (12 bytes each)."""
@@ -336,27 +340,18 @@ def select(
                    total_local, keep_keys, floors)
     n_tensors = len(sizes)
     cap = max(chunk, min(k, MAX_CANDIDATES))  # entries of the threshold's bucket we may keep
+    if layout is None and total_local <= SMALL_GROUP:
+        return _select_small(group, devices, k)
 
     # Pass A: top-digit histogram and NaN/inf counts, summed over the ranks in one exchange.
-    low_ok, high_ok = FINITE_KEYS[group.signed]
     bad = [0] * n_tensors
     top_hist = _Histogram(1 << group.top_bits)
     for segments, keys in group.chunks():
-        lowest, highest = torch.aminmax(keys)
-        if int(lowest) < low_ok or int(highest) > high_ok:  # count only if something is off
-            wrong = ((keys < low_ok) | (keys > high_ok)).nonzero().squeeze(1) + segments[0].at
-            for t, c in enumerate(_per_segment(segments, wrong, n_tensors)):
-                bad[t] += c
+        if _count_bad(group, segments, keys, bad):
             continue  # every rank raises below: this chunk's histogram does not matter
         top_hist.add(group.top_digit(keys))
     summed = ranks.sum_(torch.cat([torch.tensor(bad, dtype=torch.int64), top_hist.result()]))
-    bad = summed[:n_tensors].tolist()
-    for t in range(n_tensors):
-        if bad[t]:
-            raise ValueError(
-                f"selection score of parameter {names[t]} has {bad[t]} NaN/infinite "
-                f"value(s); check its weights and gradient"
-            )
+    _raise_if_bad(summed[:n_tensors].tolist(), names)
     hist = summed[n_tensors:]
     bucket, above = _choose(hist, k)
     remaining = k - above  # still to take from the bucket
@@ -405,6 +400,70 @@ def select(
     quota = _tie_quota(ranks, layout, offsets, tie_counts, int((key > threshold).sum()),
                        ties_needed, k)
     return _take(group, devices, at, key, threshold, quota)
+
+
+def _count_bad(group: _Group, segments, keys: torch.Tensor, bad: list[int]) -> bool:
+    """Add the chunk's NaN/inf keys to ``bad`` per tensor; whether it holds any."""
+    low_ok, high_ok = FINITE_KEYS[group.signed]
+    lowest, highest = torch.aminmax(keys)
+    if int(lowest) >= low_ok and int(highest) <= high_ok:  # count only if something is off
+        return False
+    wrong = ((keys < low_ok) | (keys > high_ok)).nonzero().squeeze(1) + segments[0].at
+    for t, c in enumerate(_per_segment(segments, wrong, len(bad))):
+        bad[t] += c
+    return True
+
+
+def _raise_if_bad(bad: Sequence[int], names: Sequence[str]) -> None:
+    for t, count in enumerate(bad):
+        if count:
+            raise ValueError(
+                f"selection score of parameter {names[t]} has {count} NaN/infinite "
+                f"value(s); check its weights and gradient"
+            )
+
+
+def _select_small(group: _Group, devices, k: int) -> list[torch.Tensor]:
+    """One process, a small group: every key at once, the threshold is the k-th largest, its
+    ties go to the lowest flat indices. A named score is computed once over the concatenated
+    tensors (elementwise, with the random score's flat indices counted from 0 in group order,
+    so each entry gets exactly its own score) rather than tensor by tensor."""
+    tensors = list(group._tensors())
+    if callable(group.score) or len(set(devices)) > 1:
+        packed = list(group.chunks())
+        segments = group.segments
+        keys = torch.cat([c[1].to(devices[0]) for c in packed]) if packed else None
+    else:
+        segments, at = [], 0
+        for t, p, _ in tensors:
+            if p.numel():
+                segments.append(_Segment(t, 0, p.numel(), at))
+                at += p.numel()
+        keys = None
+        if segments:
+            theta = torch.cat([p.detach().reshape(-1) for _, p, _ in tensors])
+            grad = torch.cat([(g.detach().reshape(-1).to(p.device) if g is not None
+                               else torch.zeros(p.numel(), dtype=p.dtype, device=p.device))
+                              for _, p, g in tensors])
+            keys = compute_score(theta, grad, group.score, group.score_eps, group.seed).view(torch.int32)
+        group.segments = segments
+    bad = [0] * len(devices)
+    if keys is None:
+        return [torch.empty(0, dtype=torch.int64, device=d) for d in devices]
+    if _count_bad(group, segments, keys, bad):
+        _raise_if_bad(bad, group.names)
+    threshold = torch.kthvalue(keys.cpu(), keys.numel() - k + 1).values.to(keys.device)
+    take = keys > threshold
+    ties = (keys == threshold).nonzero().squeeze(1)
+    take[ties[: k - int(take.sum())]] = True
+    chosen = take.nonzero().squeeze(1)
+    bounds = torch.tensor([seg.at for seg in segments] + [segments[-1].at + segments[-1].n],
+                          dtype=chosen.dtype, device=chosen.device)
+    cuts = torch.searchsorted(chosen, bounds).tolist()
+    out = [torch.empty(0, dtype=torch.int64, device=d) for d in devices]
+    for i, seg in enumerate(segments):
+        out[seg.t] = (chosen[cuts[i]:cuts[i + 1]] - (seg.at - seg.start)).to(devices[seg.t])
+    return out
 
 
 def _keep(group: _Group, device: torch.device, lo: int, ties_needed: int | None = None,
