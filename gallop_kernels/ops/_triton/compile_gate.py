@@ -53,6 +53,7 @@ def selection_launches() -> Iterator:
     """Launches of one selection per score, over every (θ dtype, g dtype or none, aligned or
     not, index width) the selection launcher groups by."""
     from gallop_kernels.ops.select import launcher as S
+    from gallop_kernels.rules import FLOORED_SCORES
 
     small, large = 48, 80  # large >= the lowered int64 limit
     for score in S.SCORES:
@@ -65,10 +66,13 @@ def selection_launches() -> Iterator:
                         params.append(_padded(nn, t_dtype, aligned))
                         grads.append(None if g_dtype is None else _padded(nn, g_dtype, aligned))
                         pre.append(_padded(nn, __import__("torch").float32, aligned))
-        with _int64_from(64):
-            plan = S.SelectionPlan(params, grads, score, 1e-8, 0,
-                                   pre if score == "precomputed" else None, params[0].device)
-            yield from plan.launches(k=7)
+        floored = (None, [0.5] * len(params)) if score in FLOORED_SCORES else (None,)
+        for floors in floored:  # the magnitude floor is one more constexpr of the θ scores
+            with _int64_from(64):
+                plan = S.SelectionPlan(params, grads, score, 1e-8, 0,
+                                       pre if score == "precomputed" else None, params[0].device,
+                                       floors=floors)
+                yield from plan.launches(k=7)
 
 
 def step_launches() -> Iterator:

@@ -111,6 +111,7 @@ class _Group:
                  total: int, total_local: int, keep_keys: int, floors=None) -> None:
         self.params, self.grads = params, grads
         self.floors = list(floors) if floors is not None else [None] * len(offsets)
+        self.floored = any(f is not None for f in self.floors)
         self.score, self.score_eps, self.seed = score, score_eps, seed
         self.names, self.chunk, self.offsets = names, chunk, offsets
         # Named scores are >= 0, so their bits are their keys (31 bits); a callable's may be
@@ -427,9 +428,10 @@ def _select_small(group: _Group, devices, k: int) -> list[torch.Tensor]:
     """One process, a small group: every key at once, the threshold is the k-th largest, its
     ties go to the lowest flat indices. A named score is computed once over the concatenated
     tensors (elementwise, with the random score's flat indices counted from 0 in group order,
-    so each entry gets exactly its own score) rather than tensor by tensor."""
+    so each entry gets exactly its own score) rather than tensor by tensor (not with per-tensor
+    magnitude floors)."""
     tensors = list(group._tensors())
-    if callable(group.score) or len(set(devices)) > 1:
+    if callable(group.score) or len(set(devices)) > 1 or group.floored:
         packed = list(group.chunks())
         segments = group.segments
         keys = torch.cat([c[1].to(devices[0]) for c in packed]) if packed else None
@@ -460,10 +462,10 @@ def _select_small(group: _Group, devices, k: int) -> list[torch.Tensor]:
     bounds = torch.tensor([seg.at for seg in segments] + [segments[-1].at + segments[-1].n],
                           dtype=chosen.dtype, device=chosen.device)
     cuts = torch.searchsorted(chosen, bounds).tolist()
-    out = [torch.empty(0, dtype=torch.int64, device=d) for d in devices]
+    parts: list[list[torch.Tensor]] = [[] for _ in devices]  # a tensor sliced into chunks has several segments
     for i, seg in enumerate(segments):
-        out[seg.t] = (chosen[cuts[i]:cuts[i + 1]] - (seg.at - seg.start)).to(devices[seg.t])
-    return out
+        parts[seg.t].append((chosen[cuts[i]:cuts[i + 1]] - (seg.at - seg.start)).to(devices[seg.t]))
+    return [torch.cat(p) if p else torch.empty(0, dtype=torch.int64, device=d) for p, d in zip(parts, devices)]
 
 
 def _keep(group: _Group, device: torch.device, lo: int, ties_needed: int | None = None,
