@@ -263,3 +263,19 @@ def test_cost_projection_counts_what_is_left():
     text = "\n".join(PR.cost_section(raw))
     assert "1 left would take about 0.0 CPU-hours" in text and "mean CPU min" in text
     assert not math.isnan(P.metrics(raw, raw["runs"][0])["forget_ratio"])
+
+
+def test_default_plan_runs_every_rate_at_every_budget_for_gallop_and_lora_only():
+    cfg = P.PaperConfig()
+    grid = dict(P.stages(cfg))
+    other = grid[f"{cfg.id_tasks[0]}: ranks 4, 64"]
+    for method in cfg.methods:
+        rates = {k.lr for k in other if k.method == method}
+        if method == "full":
+            assert not rates  # full fine-tuning has no budget
+        elif method in cfg.every_rate_methods:
+            assert rates == set(cfg.lr_grid[method])
+        else:
+            assert rates == set(cfg.lr_grid[method][1:4])
+    assert {k.rank for k in other} == {4, 64}
+    assert len(grid[f"{cfg.id_tasks[1]}: every method, rank 16"]) == 5 * len(cfg.methods)

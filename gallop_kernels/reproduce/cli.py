@@ -64,6 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="seconds-long CI setting on a random tiny chat model: exercises everything, learns nothing")
     p.add_argument("--pilot", action="store_true",
                    help="paper: only measure the base model on every candidate task (pilot.json)")
+    p.add_argument("--selections", action="store_true",
+                   help="paper: only record what GaLLoP selects, plain and floored, at every budget (selections.json)")
     p.add_argument("--report-only", action="store_true", help="only rewrite the table, plot and report from raw.json")
     p.add_argument("--no-plot", action="store_true")
     # gallop_kernels/cli.py calls handler(args, subparser); func(args) is the same without the parser
@@ -127,13 +129,13 @@ def _paper(args: argparse.Namespace, output: str, raw_path: str) -> int:
                 raise ValueError("--max-runs must be >= 0")
         except ValueError as e:
             return _error(str(e))
-        if args.pilot:
-            out = paper.pilot(cfg)
-            os.makedirs(output, exist_ok=True)
-            path = os.path.join(output, "pilot.json")
-            paper.save(out, path)
-            print(f"wrote {path}")
-            return 0
+        for flag, make, name in ((args.pilot, paper.pilot, "pilot.json"),
+                                 (args.selections, paper.selections, "selections.json")):
+            if flag:
+                path = os.path.join(output, name)
+                paper.save(make(cfg), path)
+                print(f"wrote {path}")
+                return 0
         try:
             raw = paper.run_study(cfg, raw_path=raw_path, max_runs=args.max_runs)
         except ValueError as e:
@@ -151,8 +153,8 @@ def _probes(args: argparse.Namespace, output: str, raw_path: str) -> int:
     for name in ("ranks", "id_tasks", "max_runs"):
         if getattr(args, name) is not None:
             return _error(f"--{name.replace('_', '-')} belongs to the paper protocol")
-    if args.pilot:
-        return _error("--pilot belongs to the paper protocol")
+    if args.pilot or args.selections:
+        return _error("--pilot and --selections belong to the paper protocol")
     if args.report_only:
         raw = _read_raw(raw_path)
         if raw is None:

@@ -104,6 +104,8 @@ class PaperConfig:
     lr_grid: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(LR_GRID))
     seeds: tuple[int, ...] = (0, 1, 2)
     full_budgets_on: tuple[str, ...] = ("arithmetic",)  # ID tasks that get every rank (others: the first)
+    every_rate_methods: tuple[str, ...] = ("lora", "gallop", "gallop_qf")  # every rate at every rank
+    other_rank_rates: int = 3  # the others, at ranks but the first: this many middle rates of their grid
     epochs: int = 1
     batch_size: int = 8
     autocast: bool = True  # bf16 autocast (fp32 weights and optimizer): mixed precision, as the paper trains
@@ -474,11 +476,18 @@ def front_keys(raw: dict[str, Any], id_task: str, method: str) -> list[Key]:
 # ---------------------------------------------------------------------------------------------
 
 
-def grid_keys(cfg: PaperConfig, id_task: str, ranks: Iterable[int], methods: Iterable[str]) -> list[Key]:
+def grid_keys(cfg: PaperConfig, id_task: str, ranks: Iterable[int], methods: Iterable[str],
+              first_rank: bool = True) -> list[Key]:
+    """Seed-0 keys of ``methods`` at ``ranks``; away from the first rank, the methods outside
+    ``every_rate_methods`` run the middle ``other_rank_rates`` rates of their grid only."""
     keys = []
     for method in methods:
+        grid = list(cfg.lr_grid[method])
+        if not first_rank and method not in cfg.every_rate_methods and len(grid) > cfg.other_rank_rates:
+            cut = (len(grid) - cfg.other_rank_rates) // 2
+            grid = grid[cut:cut + cfg.other_rank_rates]
         for rank in ([None] if method == "full" else ranks):
-            keys += [Key(id_task, method, rank, float(lr), 0) for lr in cfg.lr_grid[method]]
+            keys += [Key(id_task, method, rank, float(lr), 0) for lr in grid]
     return keys
 
 
@@ -491,7 +500,7 @@ def stages(cfg: PaperConfig, raw: dict[str, Any] | None = None) -> list[tuple[st
         out.append((f"{id_task}: every method, rank {first}", grid_keys(cfg, id_task, [first], cfg.methods)))
         if id_task in cfg.full_budgets_on and others:
             out.append((f"{id_task}: ranks {', '.join(map(str, others))}",
-                        grid_keys(cfg, id_task, others, [m for m in cfg.methods if m != "full"])))
+                        grid_keys(cfg, id_task, others, [m for m in cfg.methods if m != "full"], first_rank=False)))
     seeded = [s for s in cfg.seeds if s != 0]
     if seeded:
         for id_task in cfg.id_tasks:
@@ -607,7 +616,8 @@ def _run(cfg: PaperConfig, raw_path: str | None, log: Callable[[str], None], max
     session: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_start": _loadavg(),
                                "jobs": cfg.jobs, "threads": cfg.threads, "device": str(device()), "new_runs": 0}
     raw["sessions"].append(session)
-    for name in ("methods", "ranks", "seeds", "id_tasks", "full_budgets_on", "lr_tolerance"):
+    for name in ("methods", "ranks", "seeds", "id_tasks", "full_budgets_on", "every_rate_methods", "other_rank_rates",
+                 "lr_tolerance"):
         raw["config"][name] = asdict(cfg)[name]
     raw["config"]["lr_grid"] = {m: list(v) for m, v in cfg.lr_grid.items()}
     van = raw["vanilla"]
@@ -680,6 +690,57 @@ def pilot(cfg: PaperConfig, log: Callable[[str], None] | None = None) -> dict[st
             row[f"{part}_tokens"] = S.token_count(items)
         out["tasks"][name] = row
         log(f"pilot: {name:<12} chance {row['chance']:.3f}  test {row['test']:.3f}  val {row['val']:.3f}")
+    return out
+
+
+def selections(cfg: PaperConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """What GaLLoP selects on the base, plain and floored, at every budget: per ID task (its
+    calibration gradient of seed 0, as the study's runs use), the selection of plain GaLLoP, of
+    the study's quantization floor (``floor_fraction`` × the median step), and of the floor at the
+    smallest non-zero |θ| of each tensor: exact zeros, entries below the quantization floor, the
+    input columns that take most entries, and how much the sets overlap."""
+    from gallop_kernels import SparseAdamW, score_floor
+    from gallop_kernels.phase_one import accumulate, optimizer_sink
+
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    torch.set_num_threads(cfg.threads)
+    model, tokenizer, source = load(cfg.model, log)
+    model.to(device())
+    data = build_data(cfg, tokenizer)
+    targets = target_parameters(model)
+    n_linear = sum(p.numel() for _, p in targets)
+    floors, how = quantization_floors(cfg, targets)
+    variants = {"plain": None, "quantization floor": floors,
+                "smallest non-zero": [score_floor.smallest_nonzero(p) for _, p in targets]}
+    out: dict[str, Any] = {"model_source": source, "floor_source": how, "floor_fraction": cfg.floor_fraction,
+                           "zeros": sum(int((p == 0).sum()) for _, p in targets),
+                           "below_floor": sum(int((p.abs() < f).sum()) for (_, p), f in zip(targets, floors)),
+                           "entries": n_linear, "tasks": {}}
+    for id_task in cfg.id_tasks:
+        opt = SparseAdamW(targets, lr=1.0, density=0.5)
+        picks = epoch_batches(data.train[id_task], cfg.batch_size, 1, 7_777)
+        picks = [b for b in picks if b][:math.ceil(cfg.calibration_examples / cfg.batch_size)]
+        n = sum(len(b) for b in picks)
+        sink = optimizer_sink(opt)
+        with precision(cfg):
+            accumulate(sink, picks, lambda items: S.loss(model, items) * len(items) / n, average=False)
+        grads = {p: p.grad.detach().clone() for _, p in targets}
+        model.zero_grad(set_to_none=True)
+        rows = out["tasks"][id_task] = {}
+        for rank in sorted(cfg.ranks):
+            density = lora_budget(targets, rank) / n_linear
+            chosen = {}
+            for name, fl in variants.items():
+                sel = SparseAdamW(targets, lr=1.0, density=density, score="gallop", score_floor=fl)
+                sel.select(grads)
+                chosen[name] = sel
+                rows.setdefault(str(rank), {})[name] = selection_stats(targets, sel, floors)
+            base = chosen["plain"]
+            for name, sel in chosen.items():
+                same = sum(int(torch.isin(sel.selected_indices(p), base.selected_indices(p)).sum()) for _, p in targets)
+                rows[str(rank)][name]["shared_with_plain"] = same / max(1, sel.num_selected)
+            log(f"selections: {id_task} rank {rank}: " + "; ".join(
+                f"{k} zeros {v['zeros']:,}" for k, v in rows[str(rank)].items()))
     return out
 
 
