@@ -6,6 +6,7 @@ running (or that someone else continued) is regenerated with ``gallop reproduce 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections import defaultdict
@@ -76,8 +77,60 @@ def best_ood_at_gain(raw: dict[str, Any], id_task: str, method: str, gain: float
     return None if best is None else (best[1], best[2])
 
 
-def markdown(raw: dict[str, Any]) -> str:
-    """The whole report as Markdown."""
+EXTRAS = ("pilot", "selections", "estimate")
+"""The other raw files of a results folder the report reads when present (``<name>.json``)."""
+
+
+def read_extras(output: str) -> dict[str, Any]:
+    out = {}
+    for name in EXTRAS:
+        path = os.path.join(output, f"{name}.json")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                out[name] = json.load(f)
+    return out
+
+
+def selections_table(sel: dict[str, Any], id_task: str) -> list[str]:
+    """Rows of the plain / floored selection comparison of `paper.selections` for one ID task."""
+    rows = []
+    for rank, variants in sorted(sel["tasks"][id_task].items(), key=lambda kv: int(kv[0])):
+        for name, v in variants.items():
+            cols = v["columns"]["576"]
+            top = ", ".join(f"{c} ({n:,}; {n / cols['uniform_share']:.0f}×)" for c, n in cols["top"][:3])
+            rows.append(f"| {rank} ({cols['selected'] + v['columns']['1536']['selected']:,}) | {name} | "
+                        f"{v['zeros']:,} | {v['below_floor']:,} | {100 * v['shared_with_plain']:.0f} % | {top} |")
+    return rows
+
+
+def extras_section(extras: dict[str, Any]) -> list[str]:
+    lines = []
+    pilot = extras.get("pilot")
+    if pilot:
+        lines += ["## Pilot: the base model on every candidate task (`pilot.json`)", "",
+                  "| task | in the suite | chance | base test acc | base val acc | train / val / test |",
+                  "|---|---|---|---|---|---|"]
+        for name, t in pilot["tasks"].items():
+            it = t["items"]
+            lines.append(f"| `{name}` | {'yes' if t['in_suite'] else 'no'} | {_pct(t['chance'])} | {_pct(t['test'])} | "
+                         f"{_pct(t['val'])} | {it['train']} / {it['val']} / {it['test']} |")
+        lines.append("")
+    sel = extras.get("selections")
+    if sel:
+        lines += ["## What GaLLoP selects, plain and floored (`selections.json`)", "",
+                  f"{sel['entries']:,} projection weights, {sel['zeros']:,} of them exactly 0, {sel['below_floor']:,} "
+                  f"below their tensor's floor ({sel['floor_fraction']:g} × median step, {sel['floor_source']}).", ""]
+        for id_task in sel["tasks"]:
+            lines += [f"Calibration gradient of `{id_task}`:", "",
+                      "| rank (entries) | variant | exact zeros | below the floor | shared with plain | "
+                      "top input columns (576-wide; × uniform share) |", "|---|---|---|---|---|---|",
+                      *selections_table(sel, id_task), ""]
+    return lines
+
+
+def markdown(raw: dict[str, Any], extras: dict[str, Any] | None = None) -> str:
+    """The whole report as Markdown (``extras``: the folder's other raw files, `read_extras`)."""
+    extras = extras or {}
     cfg = raw["config"]
     van = raw["vanilla"]
     runs = grouped(raw)
@@ -166,7 +219,7 @@ def markdown(raw: dict[str, Any]) -> str:
                              f"{_pct(_stat(group, 'forget_ratio'), n)} | {per_task} | "
                              f"{_pct(_stat(group, 'retention'), n)} |")
         lines += [""]
-    lines += selection_section(raw) + [""] + cost_section(raw)
+    lines += selection_section(raw) + [""] + extras_section(extras) + cost_section(raw, extras.get("estimate"))
     return "\n".join(lines) + "\n"
 
 
@@ -211,7 +264,7 @@ def planned_runs(raw: dict[str, Any], front_points: int = 3) -> list[tuple[Key, 
     return out
 
 
-def cost_section(raw: dict[str, Any]) -> list[str]:
+def cost_section(raw: dict[str, Any], estimate: dict[str, Any] | None = None) -> list[str]:
     """CPU time so far, per kind of run, and the projection of the rest of the plan."""
     runs = raw["runs"]
     lines = ["## Cost", ""]
@@ -239,9 +292,8 @@ def cost_section(raw: dict[str, Any]) -> list[str]:
               "| method | rank | runs | mean CPU min a run |", "|---|---|---|---|"]
     for (method, rank), cs in sorted(per_kind.items(), key=lambda kv: (METHODS.index(kv[0][0]), kv[0][1] or 0)):
         lines.append(f"| {_label(method)} | {_rank(rank)} | {len(cs)} | {sum(cs) / len(cs) / 60:.1f} |")
-    estimate = raw.get("estimate")
     if estimate:
-        lines += ["", f"Estimated up front ({estimate['when']}, from {estimate['basis']}): "
+        lines += ["", f"Estimated up front ({estimate['when']}, {estimate['basis']}): "
                   f"{estimate['cpu_hours']:.1f} CPU-hours for {estimate['runs']} runs."]
     return lines
 
@@ -310,7 +362,7 @@ def write_outputs(raw: dict[str, Any], output: str, make_plot: bool = True) -> l
     os.makedirs(output, exist_ok=True)
     paths = [os.path.join(output, "table.md")]
     with open(paths[0], "w", encoding="utf-8") as f:
-        f.write(markdown(raw))
+        f.write(markdown(raw, read_extras(output)))
     if make_plot:
         paths.append(os.path.join(output, "plot.png"))
         plot(raw, paths[-1])

@@ -1,8 +1,10 @@
-"""The paper's comparison on a real pretrained model: ``gallop reproduce`` (see docs/reproduction.md).
+"""The earlier study, one new task against six unrelated probes: ``gallop reproduce --protocol probes``
+(docs/reproduction.md; the paper's protocol is `reproduce/paper.py`).
 
-SmolLM2-135M-Instruct is fine-tuned on the ``codes`` task (a new rule; see
-`gallop_kernels/chat_tasks.py`) with each method at one matched trainable-parameter budget, and
-evaluated on held-out ``codes`` words (ID) and on tasks the base model already answers (OOD).
+SmolLM2-135M-Instruct is fine-tuned on the ``category`` task (the category of a word, in one word;
+see `gallop_kernels/chat_tasks.py`) with each method at one matched trainable-parameter budget, and
+evaluated on held-out ``category`` words (ID) and on six open-answer probes the base model already
+answers (OOD).
 
 Methods (the sparse ones train exactly the budget, over the same projection weights):
 
@@ -14,7 +16,7 @@ Methods (the sparse ones train exactly the budget, over the same projection weig
 - ``pafi``: one global selection of the smallest |θ| (no gradient needed).
 - ``random``: a seeded random global selection.
 
-A learning rate per method is chosen on the ``codes`` validation words (best accuracy, ties to the
+A learning rate per method is chosen on the ``category`` validation words (best accuracy, ties to the
 lower validation loss) from ``lr_grid`` with the tuning seed; the chosen rate then runs on every seed.
 Every finished run is appended to ``raw.json`` at once, and a rerun with the same settings skips
 the runs already there, so an interrupted reproduction resumes where it stopped.
@@ -227,7 +229,7 @@ def evaluate(model: torch.nn.Module, data: Data) -> dict[str, Any]:
 
 def run_one(cfg: ReproConfig, data: Data, method: str, lr: float, seed: int,
             log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Fine-tune a fresh copy of the base model on ``codes`` with one method; returns what it measured."""
+    """Fine-tune a fresh copy of the base model on ``cfg.id_task`` with one method; returns what it measured."""
     from gallop_kernels import SparseAdamW
 
     t0, c0 = time.perf_counter(), time.process_time()
