@@ -189,7 +189,7 @@ def test_seed_stage_repeats_the_front_points_only():
                 _run(lr=1e-3, test={"a": 0.9, "b": 0.4, "c": 0.6}),
                 _run(lr=3e-3, test={"a": 0.9, "b": 0.3, "c": 0.3})])  # dominated by 1e-3
     grid, seeds = P.stages(cfg, raw)
-    assert [k.lr for k in grid[1]] == [1e-4, 1e-3, 3e-3]
+    assert [k.lr for k in grid[1]] == [1e-3, 3e-3, 1e-4]  # the middle rate first, then outwards
     assert sorted((k.lr, k.seed) for k in seeds[1]) == [(1e-4, 1), (1e-4, 2), (1e-3, 1), (1e-3, 2)]
 
 

@@ -195,4 +195,5 @@ def test_the_gguf_loader_names_the_quantized_projections():
     types = gguf_quantization(path)
     layers = DEFAULT_CONFIG["num_hidden_layers"]
     assert len(types) == 7 * layers and set(types.values()) == {"q4_1"}
-    assert "model.layers.0.self_attn.q_proj.weight" in types and f"model.layers.{layers - 1}.mlp.down_proj.weight" in types
+    assert "model.layers.0.self_attn.q_proj.weight" in types
+    assert f"model.layers.{layers - 1}.mlp.down_proj.weight" in types

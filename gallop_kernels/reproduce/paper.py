@@ -203,7 +203,8 @@ def _subset(items: list[Any], n: int, seed: str) -> list[Any]:
 
 def build_data(cfg: PaperConfig, tokenizer: Any) -> Data:
     tasks = {name: S.build_task(name) for name in cfg.tasks}
-    test = {name: S.encode_items(_subset(t.split("test"), cfg.test_items, name), tokenizer) for name, t in tasks.items()}
+    test = {name: S.encode_items(_subset(t.split("test"), cfg.test_items, name), tokenizer)
+            for name, t in tasks.items()}
     retention = {}
     for name in RETENTION_TASKS:
         items = C.shuffled(list(C.CANDIDATE_OOD[name]().items), 12345)[:cfg.retention_items]
@@ -479,16 +480,20 @@ def front_keys(raw: dict[str, Any], id_task: str, method: str) -> list[Key]:
 def grid_keys(cfg: PaperConfig, id_task: str, ranks: Iterable[int], methods: Iterable[str],
               first_rank: bool = True) -> list[Key]:
     """Seed-0 keys of ``methods`` at ``ranks``; away from the first rank, the methods outside
-    ``every_rate_methods`` run the middle ``other_rank_rates`` rates of their grid only."""
+    ``every_rate_methods`` run the middle ``other_rank_rates`` rates of their grid only.
+
+    Ordered middle rates first (every method's middle rate, then the ones next to it, ...), so
+    that a stage stopped early has covered every method before it refines any."""
     keys = []
     for method in methods:
         grid = list(cfg.lr_grid[method])
         if not first_rank and method not in cfg.every_rate_methods and len(grid) > cfg.other_rank_rates:
             cut = (len(grid) - cfg.other_rank_rates) // 2
             grid = grid[cut:cut + cfg.other_rank_rates]
+        middle = (len(grid) - 1) / 2
         for rank in ([None] if method == "full" else ranks):
-            keys += [Key(id_task, method, rank, float(lr), 0) for lr in grid]
-    return keys
+            keys += [(abs(i - middle), i, Key(id_task, method, rank, float(lr), 0)) for i, lr in enumerate(grid)]
+    return [k for _, _, k in sorted(keys, key=lambda t: (t[0], -t[1]))]
 
 
 def stages(cfg: PaperConfig, raw: dict[str, Any] | None = None) -> list[tuple[str, list[Key]]]:

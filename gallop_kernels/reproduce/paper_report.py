@@ -203,7 +203,8 @@ def markdown(raw: dict[str, Any], extras: dict[str, Any] | None = None) -> str:
                              f"{_pct(_stat(group, 'at_chance_rate'), n)} | {_pct(_stat(group, 'retention'), n)} |")
         lines += ["", "### The learning-rate rule's choice (smallest rate within "
                   f"{100 * cfg['lr_tolerance']:g} points of the best ID validation accuracy, seed 0)", "",
-                  "| method | rank | chosen lr | n | ID val | ID acc | OOD acc | forget ratio | per OOD task | retention |",
+                  "| method | rank | chosen lr | n | ID val | ID acc | OOD acc | forget ratio | per OOD task "
+                  "| retention |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for method in METHODS:
             for rank in sorted({k.rank for k in runs if k.id_task == id_task and k.method == method},
