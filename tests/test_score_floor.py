@@ -197,3 +197,34 @@ def test_the_gguf_loader_names_the_quantized_projections():
     assert len(types) == 7 * layers and set(types.values()) == {"q4_1"}
     assert "model.layers.0.self_attn.q_proj.weight" in types
     assert f"model.layers.{layers - 1}.mlp.down_proj.weight" in types
+
+
+def test_finetune_sets_the_gguf_floors_on_the_trainers_groups_before_selection(monkeypatch):
+    """`gallop finetune --quantization-floor` on a GGUF model: one floor per trained tensor from the
+    file's types (0 for unquantized ones), installed on whatever groups the Trainer built."""
+    pytest.importorskip("transformers")
+    from gallop_kernels import models
+    from gallop_kernels.finetune.representations import gguf_floors, score_floor_callback
+    from gallop_kernels.toy import tiny_chat_model
+
+    model, _ = tiny_chat_model()
+    names = [n for n, p in model.named_parameters() if n.endswith("proj.weight")]
+    quantized = names[:3]
+    monkeypatch.setattr(models, "gguf_source", lambda spec: "model.gguf")
+    monkeypatch.setattr(models, "gguf_quantization", lambda path: {n: "q4_1" for n in quantized})
+    floors = gguf_floors(model, names, "model.gguf")
+    params = [model.get_parameter(n) for n in names]
+    assert [floors[id(p)] > 0 for p in params] == [n in quantized for n in names]
+    assert floors[id(params[0])] == F.quantization_floor(params[0], "q4_1")
+
+    groups = [{"params": params[::2]}, {"params": params[1::2], "weight_decay": 0.0}]  # as a Trainer splits them
+    opt = SparseAdamW(groups, lr=1e-3, density=0.05)
+    score_floor_callback(floors).on_train_begin(None, None, "control", optimizer=opt)
+    for group in opt.param_groups:
+        assert group["score_floor"] == [floors[id(p)] for p in group["params"]]
+    grads = {p: torch.randn_like(p) for p in params}
+    opt.select(grads)
+    for group in opt.param_groups:
+        expected = naive.select([p.detach() for p in group["params"]], [grads[p] for p in group["params"]], 0.05,
+                                floors=check_score_floor(group["score_floor"], len(group["params"])))
+        assert all(torch.equal(opt.selected_indices(p).long(), e) for p, e in zip(group["params"], expected))
