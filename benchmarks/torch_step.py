@@ -12,7 +12,7 @@ median, on the CPU with ``torch.set_num_threads(1)``:
   backward's hooks leave them: the row includes copying k values into those buffers);
 * the same step's ops alone (``ops.adamw.sparse_adamw``, no optimizer checks);
 * the previous torch backend, `naive.sparse_adamw_step` tensor by tensor;
-* the gather/scatter floor: only ``index_select`` of each gradient and ``index_copy_`` into each
+* the gather/scatter floor: only ``index_select`` of each gradient and ``index_put_`` into each
   param at the selected indices, the memory work any sparse step with dense gradients does. At
   ρ = 1 % nearly every selected entry sits in its own 64-byte line, so that work is about
   k × 3 cache lines and, on a CPU, latency-bound: it sets the floor, not the k × 20 bytes of
@@ -90,7 +90,7 @@ def run(dtype: torch.dtype, layers: int, reps: int) -> dict[str, Any]:
     def floor() -> None:
         for g, f, i, v in zip(gflats, flats, idx64, values):
             g.index_select(0, i)
-            f.index_copy_(0, i, v)
+            f.index_put_((i,), v)
 
     def naive_step() -> None:
         for p, st in zip(params, states):

@@ -191,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO})
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+                                errno.EIO})
 """Errors of the machine a person fixes there (space, permissions, a failing disk): one line, exit 1."""
 
 

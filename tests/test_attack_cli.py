@@ -422,6 +422,8 @@ def test_planted_links_are_never_written_through(tmp_path, trained):
         os.symlink(victim, os.path.join(out, name))
     staging = rundir.staging_path(out)
     shutil.copytree(out, staging, symlinks=True)
+    record = rundir.read_run_record(staging)
+    rundir.write_json_atomic(os.path.join(staging, RUN_FILE), {**record, "status": "running"})  # interrupted
     argv = options(trained["model"], trained["data"], **{"--output": out})
     before = tree_snapshot(tmp_path)
     code, _, err = gallop(argv + ["--resume", "last"])
@@ -494,3 +496,112 @@ def test_signals_in_a_separate_process(tmp_path, trained, sig, marker):
     if os.path.exists(staging):
         found, _ = rundir.sealed_checkpoints(staging, rundir.read_run_record(staging)["run_id"])
         assert found, "a staging folder is kept only for a sealed checkpoint"
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk or a file-size limit while a checkpoint is saved (issue 17, case 7)
+# ---------------------------------------------------------------------------------------------
+
+FSIZE_CHILD = ("import resource, sys; limit = int(sys.argv[1]); "
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)); "
+               "from gallop_kernels.cli import main; sys.exit(main(sys.argv[2:]))")
+
+
+def test_a_file_size_limit_while_saving_a_checkpoint_is_one_message(tmp_path, trained):
+    """A real RLIMIT_FSIZE below the checkpoint's weights file: safetensors fails with its own
+    error type; gallop says it in one line (exit 1), removes the partial checkpoint and leaves
+    the finished run in the output byte for byte as it was."""
+    out = finished_run_in(tmp_path, trained)
+    before = tree_snapshot(out)
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    argv = options(trained["model"], trained["data"], **{"--output": out, "--overwrite": None})
+    first = os.path.join(out, "checkpoint-1")
+    sizes = {name: os.path.getsize(os.path.join(first, name)) for name in os.listdir(first)}
+    limit = sizes["model.safetensors"] - 1
+    assert sorted(sizes.values())[-2] < limit  # only the weights file reaches the limit
+    proc = subprocess.run([sys.executable, "-c", FSIZE_CHILD, str(limit), *argv], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "SafetensorError" not in proc.stderr, proc.stderr
+    assert re.search(r"error: cannot save checkpoint .*checkpoint-1: File too large", proc.stderr), proc.stderr
+    assert f"{out} is as it was" in proc.stderr
+    assert_same_tree(before, tree_snapshot(out))
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def test_a_full_disk_at_a_later_checkpoint_keeps_the_earlier_ones_for_resume(tmp_path, trained):
+    """ENOSPC (as safetensors reports it) while checkpoint 2 is written: one message, exit 1;
+    checkpoint 1 stays sealed and `--resume last` finishes with exactly the uninterrupted delta."""
+    from safetensors import SafetensorError
+    from transformers import modeling_utils
+
+    def full() -> None:
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    out = finished_run_in(tmp_path, trained)
+    argv = options(trained["model"], trained["data"], **{"--output": out})
+    with fault_at(modeling_utils, "safe_save_file", full, call=2):
+        code, _, err = gallop(argv + ["--overwrite"])
+    assert code == 1 and "Traceback" not in err, err
+    assert "cannot save checkpoint" in err and "No space left on device" in err and "--resume last" in err, err
+    staging = rundir.staging_path(out)
+    assert [ck.step for ck in rundir.sealed_checkpoints(staging, None)[0]] == [1]
+    assert not os.path.exists(os.path.join(staging, "checkpoint-2"))  # the partial one is gone
+    code, _, err = gallop(argv + ["--resume", "last"])
+    assert code == 0, err
+    expected, got = delta_tensors(trained["run"]), delta_tensors(out)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 17, cases 1 and 8 through the command
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("contents", ["trainer-output", "summary-file"])
+def test_overwrite_never_replaces_a_folder_that_only_looks_like_a_run(tmp_path, trained, contents, overwrite):
+    """A Hugging Face Trainer output (checkpoint-500/) or any folder with a finetune_summary.json,
+    plus the user's notes: refused with and without --overwrite (exit 2, the files named), and
+    every byte stays where it was."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "my_notes.txt").write_text("precious notes")
+    if contents == "trainer-output":
+        shutil.copytree(os.path.join(trained["run"], "checkpoint-3"), out / "checkpoint-500")
+    else:
+        (out / "finetune_summary.json").write_text('{"steps": 3}')
+    before = tree_snapshot(tmp_path)
+    with no_model_loads():
+        code, _, err = gallop(options(trained["model"], trained["data"], **{"--output": str(out)})
+                              + (["--overwrite"] if overwrite else []))
+    assert_refused(code, err)
+    assert "is not a gallop run folder" in err and "my_notes.txt" in err, err
+    assert_same_tree(before, tree_snapshot(tmp_path))
+
+
+def _reseal(path: str) -> None:
+    with open(os.path.join(path, MANIFEST)) as f:
+        rundir.seal_checkpoint(path, json.load(f))
+
+
+@pytest.mark.parametrize("edit", ["emptied", "renamed"])
+def test_resume_refuses_weights_that_do_not_cover_the_trained_tensors(tmp_path, trained, edit):
+    """The newest checkpoint's weights file emptied (or its tensors renamed), the manifest re-sealed:
+    `--resume last` refuses (exit 2) instead of training on from the base behind a warning; the
+    output is unchanged. An emptied file is refused before the model loads."""
+    from safetensors.torch import load_file, save_file
+
+    out = finished_run_in(tmp_path, trained)
+    ck = os.path.join(out, "checkpoint-3")
+    weights = os.path.join(ck, "model.safetensors")
+    tensors = load_file(weights)
+    save_file({} if edit == "emptied" else {f"x.{k}": v for k, v in tensors.items()}, weights)
+    _reseal(ck)
+    before = tree_snapshot(tmp_path)
+    with (no_model_loads() if edit == "emptied" else contextlib.nullcontext()):
+        code, _, err = gallop(options(trained["model"], trained["data"], **{"--output": out})
+                              + ["--resume", "last", "--overwrite"])
+    assert_refused(code, err)
+    assert ("fewer than the" if edit == "emptied" else "lack") in err and "restart them from the base" in err, err
+    assert_same_tree(before, tree_snapshot(tmp_path))

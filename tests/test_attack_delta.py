@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import math
 import os
+import re
 import tempfile
 
 import pytest
@@ -30,6 +32,7 @@ from gallop_kernels.delta import (  # noqa: E402
     merge_delta, new_delta, save_delta, unmerge_delta,
 )
 from gallop_kernels.delta.fingerprint import digest  # noqa: E402
+from gallop_kernels.delta.format import sealed  # noqa: E402
 from gallop_kernels.integrations.bitsandbytes import apply_sparse_delta  # noqa: E402
 
 REFUSED = (TypeError, ValueError)
@@ -152,7 +155,8 @@ CORRUPTIONS = {
     "NaN in the sample": lambda d, n: setattr(d.base[n], "values", _poke(d.base[n].values, 0, math.nan)),
     "edited digest": lambda d, n: d.metadata.__setitem__("base_fingerprint", "sha256:" + "0" * 64),
     "format": lambda d, n: d.metadata.__setitem__("format", "gallop-delta-x"),
-    "version 3": lambda d, n: d.metadata.__setitem__("version", "3"),
+    "version 4": lambda d, n: d.metadata.__setitem__("version", "4"),
+    "version 2 (a relabelled version 3)": lambda d, n: d.metadata.__setitem__("version", "2"),
     "version 1 with a fingerprint": lambda d, n: d.metadata.__setitem__("version", "1"),
     "unknown kind": lambda d, n: d.metadata.__setitem__("kind", "sum"),
     "entry count": lambda d, n: d.metadata.__setitem__("num_entries", str(d.num_entries + 1)),
@@ -333,6 +337,7 @@ def test_aliased_parameters_and_odd_models(valid):
     bad.base["alias"] = copy.deepcopy(bad.base["4.weight"])
     bad.metadata["base_fingerprint"] = digest(bad.base, bad.shapes)
     bad.metadata["num_entries"] = str(bad.num_entries)
+    sealed(bad)  # consistent in itself: the model check must refuse it
     snap = snapshot(model)
     with pytest.raises(ValueError, match="same parameter"):
         apply_delta(model, bad)
@@ -429,7 +434,8 @@ FILE_CORRUPTIONS = {
     "tampered sample": lambda t, m, n: t.__setitem__(f"{n}::base_values", t[f"{n}::base_values"] * 2),
     "negative tolerance": lambda t, m, n: t.__setitem__(f"{n}::base_tolerance", -torch.ones_like(t[f"{n}::base_values"]).float()),
     "no format": lambda t, m, n: m.pop("format"),
-    "version 3": lambda t, m, n: m.__setitem__("version", "3"),
+    "version 4": lambda t, m, n: m.__setitem__("version", "4"),
+    "version 2 (a relabelled version 3)": lambda t, m, n: m.__setitem__("version", "2"),
     "version 1 with a fingerprint": lambda t, m, n: m.__setitem__("version", "1"),
     "kind": lambda t, m, n: m.__setitem__("kind", "absolute-ish"),
     "entry count": lambda t, m, n: m.__setitem__("num_entries", "1"),
@@ -501,3 +507,229 @@ def test_missing_and_odd_paths(tmp_path, valid):
     buf = io.BytesIO()
     with pytest.raises(TypeError):
         save_delta(buf, valid)
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 17, case 6: every field that changes the meaning is covered by the digest, metadata has a
+# schema, only the format's dtypes, and the fingerprint check does not loosen with the sample dtype
+# ----------------------------------------------------------------------------------------------
+
+from gallop_kernels.delta.format import content_digest  # noqa: E402
+
+
+def resealed(delta):
+    """What a writer that recomputes both digests produces (so that the check under test, not a
+    digest mismatch, is what refuses)."""
+    delta.metadata["base_fingerprint"] = digest(delta.base, delta.shapes)
+    delta.metadata["digest"] = content_digest(delta)
+    return delta
+
+
+def _file_with(delta, tmp_path, edit_meta=None, name="edited.safetensors"):
+    tensors, meta = _file_parts(delta, tmp_path)
+    if edit_meta:
+        edit_meta(meta)
+    path = tmp_path / name
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def assert_refused_everywhere(delta_or_path, match=None):
+    with pytest.raises(ValueError, match=match):
+        load_delta(delta_or_path) if not hasattr(delta_or_path, "metadata") else check_delta(delta_or_path)
+    for op in (lambda m: apply_delta(m, delta_or_path), lambda m: merge_delta(m, delta_or_path)):
+        model = mlp()
+        snap = snapshot(model)
+        with pytest.raises(ValueError):
+            op(model)
+        assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("kind", "absolute"), ("version", "2"), ("dtype", "bfloat16"), ("score", "gradient"), ("density", "0.5"),
+    ("base_model", "another"), ("modules", '{"0.weight": "Embedding"}'), ("base_quantization", "nf4"),
+])
+def test_an_edited_field_that_changes_the_meaning_is_refused(valid, tmp_path, key, value):
+    """The issue's case: `kind` flipped from difference to absolute would apply the differences as
+    weights. Every such field, edited alone in a saved file, is refused before anything changes."""
+    assert valid.metadata.get(key) != value
+    path = _file_with(valid, tmp_path, lambda meta: meta.__setitem__(key, value))
+    assert_refused_everywhere(path)
+
+
+def test_a_version_2_file_still_reads_and_its_kind_flip_is_refused(valid, tmp_path):
+    """Files written before version 3 (digest of the samples only, no content digest) load and
+    apply as before; an absolute-valued delta never had a fingerprint, so flipping a version-2
+    difference to "absolute" is refused by that rule."""
+    old = copy.deepcopy(valid)
+    old.metadata["version"] = "2"
+    old.metadata.pop("digest")
+    old.metadata["base_fingerprint"] = digest(old.base, old.shapes, "2")
+    check_delta(old)
+    path = _file_with(old, tmp_path)
+    m1, m2 = mlp(), mlp()
+    apply_delta(m1, path)
+    apply_delta(m2, valid)
+    assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
+    assert_refused_everywhere(_file_with(old, tmp_path, lambda m: m.__setitem__("kind", "absolute"), "k.safetensors"),
+                              "carries no base fingerprint")
+
+
+def test_float8_values_and_samples_are_refused_with_a_message(valid, tmp_path):
+    name = list(valid.indices)[-1]
+    bad = copy.deepcopy(valid)
+    bad.values[name] = bad.values[name].to(torch.float8_e4m3fn)
+    assert_refused_everywhere(bad, "which the delta format does not define")
+    bad = copy.deepcopy(valid)
+    for sample in bad.base.values():
+        sample.values = sample.values.to(torch.float8_e4m3fn)  # "re-saved as float8, digest recomputed"
+    assert_refused_everywhere(resealed(bad), "which the delta format does not define")
+    tensors, meta = _file_parts(valid, tmp_path)
+    tensors[f"{name}::base_values"] = tensors[f"{name}::base_values"].to(torch.float8_e5m2)
+    save_file(tensors, str(tmp_path / "f8.safetensors"), metadata=meta)
+    assert_refused_everywhere(tmp_path / "f8.safetensors", "does not define")
+
+
+@pytest.mark.parametrize("factor", [1.05, 1.01, 1.002])
+def test_the_fingerprint_check_does_not_loosen_with_the_sample_dtype(valid, factor):
+    """Samples re-saved in bf16 with the digests recomputed: the true base still matches (the
+    check rounds to the coarser dtype), a base scaled by `factor` still fails."""
+    coarse = copy.deepcopy(valid)
+    for sample in coarse.base.values():
+        sample.values = sample.values.to(torch.bfloat16)
+    resealed(coarse)
+    for delta in (valid, coarse):
+        apply_delta(mlp(), delta)  # the base it was trained from
+        scaled = mlp()
+        with torch.no_grad():
+            for p in scaled.parameters():
+                p.mul_(factor)
+        snap = snapshot(scaled)
+        with pytest.raises(ValueError, match="another base"):
+            apply_delta(scaled, delta)
+        assert_unchanged(scaled, snap)
+    bf16_copy = mlp().to(torch.bfloat16)  # the same base in another precision
+    apply_delta(bf16_copy, valid)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("modules", "[" * 100_000, "nested 100000 levels deep"),
+    ("modules", '{"0.weight": {"x": "Linear"}}', "nested 2 levels deep"),
+    ("modules", '["Linear"]', "must be a JSON object"),
+    ("modules", '{"0.weight": 3}', "must be a JSON object"),
+    ("modules", '{"9.weight": "Linear"}', "names tensors the delta does not hold"),
+    ("density", "1e999", "'1e999' is not a number in"),
+    ("density", "nan", "is not a number in"),
+    ("density", "0", "is not a number in"),
+    ("score", "fisher", "unknown score 'fisher'"),
+    ("dtype", "float8_e4m3fn", "is not one of"),
+    ("base_quantization", "int3", "is not one of nf4"),
+    ("num_entries", "1" * 400, "is not a count"),
+    ("base_fingerprint", "md5:abc", "is not a sha256 digest"),
+])
+def test_metadata_has_a_schema(valid, key, value, message):
+    bad = copy.deepcopy(valid)
+    bad.metadata[key] = value
+    bad.metadata["digest"] = content_digest(bad)  # the schema refuses, not the digest
+    assert_refused_everywhere(bad, f"delta metadata {key}.*{re.escape(message)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Adapter configs: bounded, typed, and saying exactly what the delta says
+# ----------------------------------------------------------------------------------------------
+
+from gallop_kernels.adapter import load_adapter, save_adapter  # noqa: E402
+from gallop_kernels.adapter.folder import CONFIG_FILE, described  # noqa: E402
+
+
+@pytest.fixture
+def adapter_folder(valid, tmp_path):
+    folder = tmp_path / "adapter"
+    save_adapter(folder, valid, peft=False, config={"data": ["train.jsonl"], "training": {"lr": 0.05}})
+    return folder
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.__setitem__("density", "DENSITY_1e999"), "beyond the range of a float"),
+    (lambda c: c.__setitem__("density", "DENSITY_NaN"), "NaN is not a finite number"),
+    (lambda c: c.__setitem__("density", 0.5), "describe different deltas .*density"),
+    (lambda c: c.__setitem__("delta_kind", "absolute"), "describe different deltas .*delta_kind"),
+    (lambda c: c.__setitem__("num_entries", 10**200), "an integer of 201 digits"),
+    (lambda c: c.__setitem__("trained_modules", ["0"]), "describe different deltas .*trained_modules"),
+    (lambda c: c.__setitem__("data", "NEST"), "nested 100001 levels deep"),
+    (lambda c: c.__setitem__("target_modules", {"q": 1}), "target_modules must be a string or a list"),
+    (lambda c: c.__setitem__("peft", []), "peft must be an object"),
+    (lambda c: c.__setitem__("version", 2), "unsupported adapter config version"),
+])
+def test_a_bad_adapter_config_is_refused_naming_the_file(valid, adapter_folder, edit, message):
+    path = adapter_folder / CONFIG_FILE
+    config = json.loads(path.read_text())
+    edit(config)
+    text = json.dumps(config).replace('"DENSITY_1e999"', "1e999").replace('"DENSITY_NaN"', "NaN")
+    path.write_text(text.replace('"NEST"', "[" * 100_000 + "]" * 100_000))
+    with pytest.raises(ValueError, match=message) as caught:
+        load_adapter(adapter_folder)
+    assert str(adapter_folder) in str(caught.value)
+    model = mlp()
+    snap = snapshot(model)
+    with pytest.raises(ValueError):
+        load_adapter(adapter_folder).apply(model)
+    assert_unchanged(model, snap)
+
+
+_ATOMS = st.sampled_from(["1e999", "NaN", "-Infinity", "9" * 150, "[" * 50, "]", "{", "}", '"x"', "null", "0.5",
+                          "true", '"absolute"', "[]", "{}", ",", ":", '"'])
+
+
+@settings(max_examples=150, **SETTINGS)
+@given(data=st.data())
+def test_any_edit_of_an_adapter_config_is_refused_or_consistent(valid, adapter_folder, data):
+    """A property over the new surface: replace the value of one key of gallop_adapter.json by a
+    random run of JSON atoms. load_adapter either refuses with ValueError or returns a config that
+    says exactly what the delta says; nothing else escapes (no RecursionError)."""
+    path = adapter_folder / CONFIG_FILE
+    original = path.read_text()
+    config = json.loads(original)
+    key = data.draw(st.sampled_from(sorted(config)))
+    value = "".join(data.draw(st.lists(_ATOMS, min_size=1, max_size=8)))
+    text = json.dumps({**config, key: "@@"}).replace('"@@"', value)
+    try:
+        path.write_text(text)
+        try:
+            adapter = load_adapter(adapter_folder)
+        except ValueError:
+            return
+        assert all(adapter.config[k] == v for k, v in described(valid).items())
+    finally:
+        path.write_text(original)
+
+
+@settings(max_examples=150, **SETTINGS)
+@given(data=st.data())
+def test_any_edit_of_a_reserved_key_is_refused(valid, tmp_path, data):
+    """A property over delta metadata: a saved version-3 file with one reserved key set to another
+    value (random text, JSON fragments, deep nesting, huge numbers) or removed is refused by
+    load_delta with ValueError, and applying it leaves the model unchanged."""
+    key = data.draw(st.sampled_from(sorted(k for k in RESERVED_KEYS if k != "format")), label="key")
+    value = data.draw(st.one_of(
+        st.none(), st.text(max_size=30), st.sampled_from(["[" * 5000, "1" * 500, "nan", "1e999", "{}", "2", "1",
+                                                          '{"0.weight": "Linear"}', "absolute", "difference"])),
+        label="value")
+    tensors, meta = _file_parts(valid, tmp_path)
+    if value is None:
+        if key not in meta:
+            return
+        meta.pop(key)
+    else:
+        if meta.get(key) == value:
+            return
+        meta[key] = value
+    path = tmp_path / "edited.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(ValueError):
+        load_delta(path)
+    model = mlp()
+    snap = snapshot(model)
+    with pytest.raises(ValueError):
+        apply_delta(model, path)
+    assert_unchanged(model, snap)

@@ -319,6 +319,8 @@ def _rewrite(data, sd: dict) -> dict:
             for key in group["params"]:
                 if data.draw(st.booleans(), label="empty entry"):
                     sd["state"][key] = {}
+        if data.draw(st.booleans(), label="no param_shapes (an older checkpoint)"):
+            del group["param_shapes"]
     for entry in sd["state"].values():
         if not entry:
             continue
@@ -527,16 +529,24 @@ def test_a_pre_hook_that_breaks_the_checkpoint_is_refused(backend) -> None:
 
 
 def test_torch_semantics_kept_for_options_and_names() -> None:
-    """As torch: the checkpoint's hyper-parameters win; its param_names too, when it has them."""
+    """As torch: the checkpoint's hyper-parameters win; its param_names too, when it has them
+    (names that differ only by wrappers' components, such as DDP's ``module.``); names that
+    differ otherwise are another model's params and are refused (issue 17, case 3)."""
     opt = base("fp32")
     sd = _checkpoint(opt)
     sd["param_groups"][0]["lr"] = 0.25
-    sd["param_groups"][0]["param_names"] = ["x", "y"]
+    sd["param_groups"][0]["param_names"] = ["module.a.weight", "_orig_mod.a.bias"]
     fresh = base("fp32")
-    fresh.load_state_dict(sd)
+    fresh.load_state_dict(copy.deepcopy(sd))
     assert fresh.param_groups[0]["lr"] == 0.25
-    assert fresh.param_groups[0]["param_names"] == ["x", "y"]
+    assert fresh.param_groups[0]["param_names"] == ["module.a.weight", "_orig_mod.a.bias"]
     assert fresh.param_groups[0]["params"] is not None
+    sd["param_groups"][0]["param_names"] = ["a.bias", "a.weight"]
+    fresh = base("fp32")
+    before = snapshot(fresh)
+    with pytest.raises(ValueError, match="param 'a.bias' stands where this optimizer has 'a.weight'"):
+        fresh.load_state_dict(sd)
+    assert_same(before, snapshot(fresh))
 
 
 def test_weights_only_checkpoint_keeps_state_dtypes() -> None:
@@ -551,3 +561,104 @@ def test_weights_only_checkpoint_keeps_state_dtypes() -> None:
         assert fresh.state[p]["indices"].dtype == torch.int32
         assert fresh.state[p]["master"].dtype == torch.float32
         assert fresh.state[p]["step"].device.type == "cpu"
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 17, case 3: a checkpoint carries its params' shapes; one for other params is refused
+# ----------------------------------------------------------------------------------------------
+
+
+def _trained(shapes, named=True, steps=2, backend="torch", seed=0) -> SparseAdamW:
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+    given = [(f"t{i}", p) for i, p in enumerate(params)] if named else params
+    opt = SparseAdamW(given, lr=1e-2, density=0.3, backend=backend)
+    for i in range(steps):
+        set_grads(opt, i)
+        opt.step()
+    return opt
+
+
+def _refused_unchanged(opt: SparseAdamW, sd: dict, match: str) -> None:
+    before, saved = snapshot(opt), record(sd)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(sd)
+    assert_same(before, snapshot(opt))
+    assert_same(saved, record(sd))
+
+
+@pytest.mark.parametrize("target, match", [
+    ([(4, 16), (4,)], r"shape \(4, 8\), but parameter 't0' .* has shape \(4, 16\)"),  # Linear(8, 4) -> Linear(16, 4)
+    ([(8, 4), (4,)], r"shape \(4, 8\), but parameter 't0' .* has shape \(8, 4\)"),  # transposed, same numel
+])
+def test_a_checkpoint_for_other_shapes_is_refused(backend, target, match) -> None:
+    sd = _checkpoint(_trained([(4, 8), (4,)], backend=backend))
+    assert sd["param_groups"][0]["param_shapes"] == [[4, 8], [4]]
+    _refused_unchanged(_trained(target, steps=0, backend=backend), sd, match)
+
+
+def test_a_checkpoint_without_shapes_loads_where_its_selection_fits() -> None:
+    """A checkpoint from before shapes were recorded: refused when its selection has another size
+    than the group's density gives over this optimizer's entries (Linear(8, 4) into Linear(16, 4));
+    one of the same params loads and continues exactly; a same-numel reshape cannot be told apart
+    without shapes (documented) and loads."""
+    sd = _checkpoint(_trained([(4, 8), (4,)], named=False))
+    del sd["param_groups"][0]["param_shapes"]
+    _refused_unchanged(_trained([(4, 16), (4,)], named=False, steps=0), copy.deepcopy(sd),
+                       r"its selection holds 11 entries, but density 0.3 over this group's 68 entries selects 20")
+    twin = _trained([(4, 8), (4,)], named=False)  # (the optimizer sd was saved from, and its params)
+    same = _trained([(4, 8), (4,)], named=False, steps=0)
+    with torch.no_grad():
+        for a, b in zip(same.param_groups[0]["params"], twin.param_groups[0]["params"]):
+            a.copy_(b)
+    same.load_state_dict(copy.deepcopy(sd))
+    for o in (same, twin):
+        set_grads(o, 7)
+        o.step()
+    for a, b in zip(same.param_groups[0]["params"], twin.param_groups[0]["params"]):
+        assert torch.equal(a.detach(), b.detach())
+    _trained([(8, 4), (4,)], named=False, steps=0).load_state_dict(copy.deepcopy(sd))  # (the limit)
+
+
+_SHAPE = st.lists(st.integers(1, 7), min_size=1, max_size=2).map(tuple)
+
+
+def _shapes_property(data) -> None:
+    """Any source and target shapes: with recorded shapes, the load succeeds exactly when the
+    shapes are equal; without them (an older checkpoint) it succeeds only when the selection's
+    size fits; a refusal changes neither the optimizer nor the dict, and nothing else escapes."""
+    source = data.draw(st.lists(_SHAPE, min_size=1, max_size=3), label="source")
+    how = data.draw(st.sampled_from(["same", "resize", "transpose", "drop", "add"]), label="target")
+    target = list(source)
+    if how == "resize":
+        i = data.draw(st.integers(0, len(target) - 1))
+        target[i] = tuple(s + data.draw(st.integers(1, 3)) for s in target[i])
+    elif how == "transpose":
+        target = [tuple(reversed(s)) for s in target]
+    elif how == "drop" and len(target) > 1:
+        target.pop()
+    elif how == "add":
+        target.append(data.draw(_SHAPE))
+    recorded = data.draw(st.booleans(), label="shapes recorded")
+    sd = _checkpoint(_trained(source, named=False))
+    if not recorded:
+        del sd["param_groups"][0]["param_shapes"]
+    opt = _trained(target, named=False, steps=0)
+    before, saved = snapshot(opt), record(sd)
+    try:
+        opt.load_state_dict(sd)
+    except REFUSED as e:
+        event(refusal_kind(e))
+        assert target != source, e
+        assert_same(before, snapshot(opt))
+        assert_same(saved, record(sd))
+        return
+    if recorded:
+        assert target == source
+    for p in opt.param_groups[0]["params"]:
+        idx = opt.state[p]["indices"]
+        assert idx.numel() == 0 or int(idx.max()) < p.numel()
+
+
+test_state_dicts_load_only_into_their_shapes, test_state_dicts_load_only_into_their_shapes_many = \
+    property_tests(_shapes_property)

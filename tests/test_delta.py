@@ -3,6 +3,8 @@ base fingerprint. Extract, save, load, apply onto a fresh base reproduces the fi
 
 from __future__ import annotations
 
+import json
+
 import warnings
 
 import pytest
@@ -67,7 +69,7 @@ def test_round_trip_reproduces_the_finetuned_model(tmp_path, dtype):
     save_delta(path, delta)
     loaded = load_delta(path)
     md = loaded.metadata
-    assert md["format"] == "gallop-delta" and md["version"] == "2" and md["kind"] == "difference"
+    assert md["format"] == "gallop-delta" and md["version"] == "3" and md["kind"] == "difference"
     assert md["base_model"] == "tiny-base" and md["task"] == "toy" and md["base_fingerprint"].startswith("sha256:")
     assert md["score"] == "gallop" and float(md["density"]) == 0.05
     assert md["dtype"] == str(dtype).replace("torch.", "")
@@ -265,6 +267,12 @@ def test_bad_deltas_are_refused_before_anything_changes(trained, tmp_path):
     from gallop_kernels.delta.fingerprint import digest
 
     bad.metadata["base_fingerprint"] = digest(bad.base, bad.shapes)
+    modules = bad.modules
+    modules["nope.weight"] = modules.pop(name)
+    bad.metadata["modules"] = json.dumps(modules)
+    from gallop_kernels.delta.format import sealed
+
+    sealed(bad)  # a consistent delta of another model's tensor: refused by the model check
     with pytest.raises(ValueError, match="no parameter"):
         apply_delta(base, bad)
     assert_same(base, snapshot)

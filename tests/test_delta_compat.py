@@ -83,7 +83,7 @@ def test_version_1_converts_to_differences(tag, tmp_path):
     with pytest.raises(ValueError, match="to_difference"):
         combine_deltas([path])
     converted = to_difference(path, os.path.join(FIXTURES, f"base_{tag}.safetensors"))
-    assert converted.metadata["version"] == "2" and converted.kind == "difference" and converted.base
+    assert converted.metadata["version"] == "3" and converted.kind == "difference" and converted.base
     assert converted.metadata["converted_from_version"] == "1" and converted.metadata["task"] == "fixture"
     save_delta(tmp_path / "v2.safetensors", converted)
     model = mlp(base)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 
@@ -75,8 +76,9 @@ def make_checkpoint(folder, step: int, run_id: str, record: dict, *, density=0.2
     torch.save({"seed": seed}, os.path.join(path, "rng_state.pth"))
     with open(os.path.join(path, "trainer_state.json"), "w") as f:
         json.dump({"global_step": step}, f)
-    with open(os.path.join(path, "model.safetensors"), "wb") as f:
-        f.write(os.urandom(64))
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.randn(8)}, os.path.join(path, "model.safetensors"))  # the one trained tensor
     if seal:
         rundir.seal_checkpoint(path, {"run_id": run_id, **record})
     return path
@@ -216,7 +218,7 @@ def _flip_byte(name):
     (_flip_byte("trainer_state.json"), "changed since the checkpoint was saved"),
     (lambda ck: open(os.path.join(ck, "extra.bin"), "wb").close(), "extra.bin, which were not part of it"),
     (_link("optimizer.pt"), "symbolic link"),
-    (_corrupt_manifest, r"not valid JSON \(line 4, column 1"),
+    (_corrupt_manifest, r"invalid JSON \(.* at line 4, column 1"),
     (_rename, "holds step 3, not 7"),
 ])
 def test_a_checkpoint_that_is_not_what_was_sealed_is_refused(place, change, match):
@@ -284,9 +286,64 @@ def test_a_finished_run_is_replaced_only_with_overwrite(place):
     refused(place, config(place), "holds a finished run .* pass --overwrite")
     p = plan(config(place, overwrite=True))
     assert p.replaces and p.resume is None and p.run_id != "a" * 32
-    # results written before run records existed count as gallop's too
+    # without its run record a folder is not a run, whatever it holds: refused even with --overwrite
     os.unlink(place / "out" / RUN_FILE)
-    refused(place, config(place), "the results of an earlier run")
+    for overwrite in (False, True):
+        refused(place, config(place, overwrite=overwrite),
+                r"is not a gallop run folder: it holds checkpoint-1, checkpoint-2, checkpoint-3, "
+                r"gallop_delta.safetensors, loss_log.jsonl")
+
+
+@pytest.mark.parametrize("names", [
+    ("checkpoint-500/", "my_notes.txt"),  # an ordinary Hugging Face Trainer output, plus the user's notes
+    ("finetune_summary.json", "my_notes.txt"),
+    ("gallop_delta.safetensors",),
+    (RUN_FILE + "!broken", "my_notes.txt"),  # a run record that is not one
+    (RUN_FILE + "!foreign", "my_notes.txt"),  # another tool's file of the same name
+])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_folder_that_only_looks_like_a_run_is_never_replaced(place, names, overwrite):
+    """Issue 17, case 1: only gallop_run.json with a run id marks a run folder; --overwrite never
+    removes anything else, and the refusal names what would have been removed."""
+    out = place / "out"
+    out.mkdir()
+    for name in names:
+        if name.endswith("/"):
+            (out / name).mkdir()
+            (out / name / "trainer_state.json").write_text('{"global_step": 500}')
+        elif name.endswith("!broken"):
+            (out / RUN_FILE).write_text('{"format": "gallop-run", "version": 1, "run_id": ')
+        elif name.endswith("!foreign"):
+            (out / RUN_FILE).write_text('{"run": 7}')
+        else:
+            (out / name).write_text("precious")
+    refused(place, config(place, overwrite=overwrite), r"is not a gallop run folder.*it holds .*(my_notes.txt|gallop_delta)")
+
+
+@pytest.mark.parametrize("listed", [True, False])
+def test_overwrite_replaces_a_run_only_when_it_holds_nothing_else(place, listed):
+    """A run folder the user added files to: --overwrite refuses, naming them (a record written by
+    this version lists the run's own files; an older record is judged by the names a run writes)."""
+    make_run(place / "out", config(place), "a" * 32)
+    record = json.loads((place / "out" / RUN_FILE).read_text())
+    if listed:
+        record["files"] = sorted(os.listdir(place / "out"))
+        (place / "out" / RUN_FILE).write_text(json.dumps(record))
+    (place / "out" / "my_notes.txt").write_text("precious")
+    refused(place, config(place, overwrite=True), r"files that run did not write: my_notes.txt")
+    refused(place, config(place), r"holds a finished run .*files it did not write: my_notes.txt.*--overwrite")
+    os.unlink(place / "out" / "my_notes.txt")
+    assert plan(config(place, overwrite=True)).replaced_run_id == "a" * 32
+
+
+def test_a_staging_folder_without_a_run_record_is_not_discarded(place):
+    staging = place / ".out.gallop-staging"
+    staging.mkdir()
+    (staging / "notes.txt").write_text("precious")
+    for overwrite in (False, True):
+        refused(place, config(place, overwrite=overwrite), r"is not a gallop staging folder .* notes.txt")
+    os.unlink(staging / "notes.txt")  # an empty folder at that name holds nothing to lose
+    assert plan(config(place)).discard_staging
 
 
 def test_an_interrupted_run_is_continued_or_discarded_explicitly(place):
@@ -369,6 +426,40 @@ def test_an_optimizer_without_selection_is_refused_even_when_sealed(place):
     torch.save(optimizer_state(selected=False), os.path.join(ck, "optimizer.pt"))
     rundir.seal_checkpoint(ck, {"run_id": "e" * 32, **rundir.run_options(cfg)})
     refused(place, config(place, resume="last", overwrite=True), "holds no selection")
+
+
+@pytest.mark.parametrize("weights, match", [
+    ({}, r"weights hold 0 tensor\(s\), fewer than the 1 its optimizer trains"),
+    (b"not a safetensors file", "model weights in .* cannot be read"),
+])
+def test_a_checkpoint_whose_weights_do_not_cover_the_trained_tensors_is_refused(place, weights, match):
+    """Issue 17, case 8: the weights file emptied (or garbled) and the manifest re-sealed: the seal
+    holds, but resuming would restart the trained tensors from the base; refused before anything."""
+    from safetensors.torch import save_file
+
+    cfg = config(place)
+    out = make_run(place / "out", cfg, "e" * 32, steps=(1,))
+    ck = os.path.join(out, "checkpoint-1")
+    path = os.path.join(ck, "model.safetensors")
+    if isinstance(weights, dict):
+        save_file(weights, path)
+    else:
+        open(path, "wb").write(weights)
+    rundir.seal_checkpoint(ck, json.load(open(os.path.join(ck, MANIFEST))))  # re-sealed: the files agree again
+    refused(place, config(place, resume="last", overwrite=True), match)
+
+
+def test_resume_weights_are_checked_by_name_and_shape_once_the_model_is_loaded(tmp_path):
+    from safetensors.torch import save_file
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    model[1].requires_grad_(False)
+    save_file({"0.weight": torch.zeros(3, 4), "0.bias": torch.zeros(3)}, str(tmp_path / "model.safetensors"))
+    rundir.check_resume_weights(str(tmp_path), model)  # the frozen layer need not be there
+    save_file({"0.weight": torch.zeros(4, 3), "1.bias": torch.zeros(3)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"lack 2 trainable tensor\(s\) \(0.weight \(shape \(4, 3\), the "
+                                              r"model's \(3, 4\)\), 0.bias\)"):
+        rundir.check_resume_weights(str(tmp_path), model)
 
 
 def test_resume_from_a_checkpoint_elsewhere_continues_its_run(place):
@@ -561,3 +652,169 @@ def test_signals_are_held_until_the_renames_are_done():
             done.append(True)
     assert done == [True]
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the previous handler is back
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGKILL while a run's staging folder appears or while it is published (issue 17, case 7)
+# ---------------------------------------------------------------------------------------------
+
+KILLED_CHILD = r"""
+import os, pathlib, signal, sys
+sys.path.insert(0, sys.argv[3])
+import test_rundir as T
+from gallop_kernels.finetune import rundir
+from gallop_kernels.finetune.rundir import files, folder
+
+place, point = pathlib.Path(sys.argv[1]), sys.argv[2]
+os.chdir(place.parent / "cwd")
+plan = T.plan(T.config(place, overwrite=True))
+
+
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def after(real, calls=1):
+    count = {"n": 0}
+    def wrapper(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] > calls:
+            die()
+        return real(*args, **kwargs)
+    return wrapper
+
+
+if point == "creating the staging folder":
+    folder.RunFolder._write_record = die
+with rundir.RunFolder(plan) as run:
+    T.make_checkpoint(run.path, 1, plan.run_id, plan.record)
+    (pathlib.Path(run.path) / "result.txt").write_text("new")
+    if point == "before the swap":
+        folder.exchange = die
+    elif point == "after the swap":
+        folder.exchange = after(folder.exchange, calls=1)
+        folder.os.rename = after(os.rename, calls=0)
+    elif point == "between the two renames (no RENAME_EXCHANGE)":
+        folder.exchange = lambda a, b: False
+        folder.os.rename = after(os.rename, calls=1)
+    elif point == "after the replaced run was set aside":
+        folder.remove_run_tree = die
+    elif point == "while deleting the replaced run":
+        files.remove_tree = after(files.remove_tree, calls=2)
+    run.publish()
+"""
+
+KILL_STATES = {  # what is left ({leftover: holds the old run}, output holds the old run)
+    "creating the staging folder": ({".out.gallop-staging.tmp-X": None}, True),  # (locked, no record yet)
+    "before the swap": ({".out.gallop-staging": False}, True),
+    "after the swap": ({".out.gallop-staging": True}, False),
+    "between the two renames (no RENAME_EXCHANGE)": ({".out.gallop-staging": False, ".out.gallop-staging.old-X": True},
+                                                     False),
+    "after the replaced run was set aside": ({".out.gallop-staging.old-X": True}, False),
+    "while deleting the replaced run": ({".out.gallop-staging.old-X": True}, False),
+}
+
+
+def finish(place) -> list[str]:
+    return rundir.finish_interrupted_publish(str(place / "out"), (DELTA_FILE, SUMMARY_FILE, LOSS_LOG))
+
+
+KILL_POINTS = ["creating the staging folder", "before the swap", "after the swap",
+               "between the two renames (no RENAME_EXCHANGE)", "after the replaced run was set aside",
+               "while deleting the replaced run"]
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_a_publish_killed_at_any_point_is_finished_by_the_next_run(place, point):
+    """SIGKILL at each point of creating and publishing a run over a finished one: before the next
+    run looks at anything, `finish_interrupted_publish` leaves either the old run (killed before
+    the new one was complete) or the new one, nothing else; `--resume last --overwrite` never
+    continues the replaced run, not even in between."""
+    import subprocess
+    import sys
+
+    make_run(place / "out", config(place), "a" * 32)
+    old_record = (place / "out" / RUN_FILE).read_bytes()
+    tests = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(tests)
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    child = subprocess.run([sys.executable, "-c", KILLED_CHILD, str(place), point, tests], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    left = {re.sub(r"-[0-9a-f]{8}$", "-X", n): (rundir.read_run_record(str(place / n))["run_id"] == "a" * 32
+                                                 if os.path.exists(place / n / RUN_FILE) else None)
+            for n in os.listdir(place) if n.startswith(".out")}
+    out_is_old = os.path.exists(place / "out") and rundir.read_run_record(str(place / "out"))["run_id"] == "a" * 32
+    assert (left, out_is_old) == KILL_STATES[point]  # the kill happened where it says
+    try:  # in between: a plan may refuse, or continue the new run; never the replaced one
+        between = plan(config(place, resume="last", overwrite=True))
+        assert between.run_id != "a" * 32 or point == "creating the staging folder"  # (nothing replaced yet)
+    except RunFolderError as e:
+        assert "finished but not yet published" in str(e), e
+    notes = finish(place)
+    assert sorted(os.listdir(place)) == ["data.jsonl", "model", "out"], notes
+    record = rundir.read_run_record(str(place / "out"))
+    if point == "creating the staging folder":
+        assert (place / "out" / RUN_FILE).read_bytes() == old_record  # the finished run, untouched
+        return
+    assert record["run_id"] != "a" * 32 and record["status"] == "complete" and record["replaces"] == "a" * 32
+    assert (place / "out" / "result.txt").read_text() == "new"
+    assert sorted(os.listdir(place / "out")) == sorted(record["files"])
+    p = plan(config(place, resume="last", overwrite=True))
+    assert p.run_id == record["run_id"] and p.resume.step == 1
+    assert finish(place) == []  # nothing left to do
+
+
+def test_a_complete_run_in_the_staging_folder_is_never_continued(place):
+    """A staging folder whose run is complete (publishing cut short) is refused by the plan and,
+    when it fits neither the output nor what the output replaced, by the recovery too."""
+    make_run(place / "out", config(place), "a" * 32)
+    make_run(place / ".out.gallop-staging", config(place), "b" * 32, status="complete")
+    refused(place, config(place, resume="last", overwrite=True), "finished but not yet published")
+    before = tree_snapshot(place)
+    with pytest.raises(RunFolderError, match="finished but not published, and .* is not the run it was to replace"):
+        finish(place)
+    assert_same_tree(before, tree_snapshot(place))
+
+
+def test_leftovers_without_a_run_record_are_left_alone(place):
+    trash = place / ".out.gallop-staging.old-1234abcd"
+    trash.mkdir()
+    (trash / "notes.txt").write_text("precious")
+    notes = finish(place)
+    assert (trash / "notes.txt").read_text() == "precious"
+    assert any("no gallop run record" in n for n in notes)
+
+
+STORAGE_CHILD = r"""
+import errno, os, resource, sys
+import torch
+from gallop_kernels.finetune.rundir import storage_failure
+folder = sys.argv[1]
+resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
+try:
+    torch.save({"x": torch.zeros(100_000)}, os.path.join(folder, "optimizer.pt"))
+except RuntimeError as error:  # torch.save loses the errno: "unexpected pos ..."
+    failure = storage_failure(error, folder)
+    print(errno.errorcode[failure.errno] if failure else "none", "|", error)
+"""
+
+
+def test_storage_failures_are_recognised_whatever_the_writer(tmp_path):
+    """torch.save under a real file-size limit, safetensors' and Python's errors: all become one
+    OSError with the errno; other errors are not storage failures."""
+    import errno
+    import subprocess
+    import sys
+
+    from safetensors import SafetensorError
+
+    child = subprocess.run([sys.executable, "-c", STORAGE_CHILD, str(tmp_path)], capture_output=True, text=True,
+                           timeout=120, env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(
+                               os.path.abspath(__file__)))})
+    assert child.stdout.startswith("EFBIG |"), child.stdout + child.stderr
+    full = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert rundir.storage_failure(full, str(tmp_path)).errno == errno.ENOSPC
+    assert rundir.storage_failure(OSError(errno.EDQUOT, "quota"), str(tmp_path)).errno == errno.EDQUOT
+    assert rundir.storage_failure(RuntimeError("a bug"), str(tmp_path)) is None
+    assert rundir.storage_failure(OSError(errno.ENOENT, "gone"), str(tmp_path)) is None

@@ -106,6 +106,24 @@ def _load_code(base: str, peft: bool, quantized: bool) -> dict[str, str | None]:
     return {"python": python, "peft": peft_code}
 
 
+def described(delta: SparseDelta) -> dict[str, Any]:
+    """What an adapter config says about its delta, derived from the delta alone (`load_adapter`
+    requires the config to say exactly this)."""
+    meta = delta.metadata
+    return {
+        "delta_version": meta["version"],
+        "delta_kind": delta.kind,
+        "base_model": meta.get("base_model", ""),
+        "base_fingerprint": meta.get("base_fingerprint"),
+        "base_quantization": meta.get("base_quantization", "none") or "none",
+        "score": meta.get("score", ""),
+        "density": _density(meta.get("density", "")),
+        "num_entries": delta.num_entries,
+        "num_tensors": len(delta.indices),
+        "trained_modules": _module_names(delta),
+    }
+
+
 def adapter_config(delta: SparseDelta, config: Mapping[str, Any] | None, peft: dict[str, Any]) -> dict[str, Any]:
     """The JSON config of an adapter folder: what the delta says about itself plus the caller's
     ``config`` (e.g. ``target_modules``, ``data``, ``command``, ``training``; JSON values)."""
@@ -122,27 +140,21 @@ def adapter_config(delta: SparseDelta, config: Mapping[str, Any] | None, peft: d
         raise ValueError(f"adapter config must be JSON (finite numbers, strings, lists, dicts): {e}") from e
     from gallop_kernels import __version__
 
-    meta = delta.metadata
-    quant = meta.get("base_quantization", "none") or "none"
+    derived = described(delta)
     out: dict[str, Any] = {
         "format": ADAPTER_FORMAT,
         "version": ADAPTER_VERSION,
         "delta_file": DELTA_FILE,
-        "delta_version": meta["version"],
-        "delta_kind": delta.kind,
-        "base_model": meta.get("base_model", ""),
-        "base_fingerprint": meta.get("base_fingerprint"),
-        "base_quantization": quant,
+        **{k: derived[k] for k in ("delta_version", "delta_kind", "base_model", "base_fingerprint",
+                                   "base_quantization")},
         "method": user.pop("method", "gallop"),
-        "score": meta.get("score", ""),
-        "density": _density(meta.get("density", "")),
-        "num_entries": delta.num_entries,
-        "num_tensors": len(delta.indices),
+        **{k: derived[k] for k in ("score", "density", "num_entries", "num_tensors")},
         "target_modules": user.pop("target_modules", _module_names(delta)),
-        "trained_modules": _module_names(delta),
+        "trained_modules": derived["trained_modules"],
         "data": user.pop("data", None),
         "command": user.pop("command", None),
     }
+    quant = derived["base_quantization"]
     out.update(user)
     out["peft"] = peft
     out["load"] = _load_code(out["base_model"], peft.get("exported", False), quant not in ("none", ""))
@@ -315,27 +327,78 @@ def save_adapter(
     return written + [paths[CARD_FILE], paths[CONFIG_FILE]]
 
 
-def load_adapter(folder: str | os.PathLike) -> Adapter:
-    """Read an adapter folder written by `save_adapter` (``ValueError`` when it is not one, or
-    when its config and delta do not belong together)."""
-    folder = os.fspath(folder)
-    path = os.path.join(folder, CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {CONFIG_FILE} in {folder!r}: not a GaLLoP adapter folder")
+MAX_CONFIG_BYTES = 16 << 20
+MAX_CONFIG_DEPTH = 16
+"""An adapter config is a few levels deep (the data sources, the PEFT export); 16 MiB at most."""
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    """The adapter config at ``path``: a regular file (a FIFO or a device is refused, not read),
+    bounded JSON (depth, integers, finite numbers), an object of this format and version."""
+    import stat
+
+    from gallop_kernels import bounded_json
+
     try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{path!r} is not readable JSON: {e}") from e
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise ValueError(f"{path!r} cannot be opened as a file ({e.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ValueError(f"{path!r} is not a regular file")
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path!r} is larger than {MAX_CONFIG_BYTES:,} bytes: not an adapter config")
+    try:
+        config = bounded_json.loads(data, max_depth=MAX_CONFIG_DEPTH)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path!r} is not a usable adapter config: {e}") from None
     if not isinstance(config, dict) or config.get("format") != ADAPTER_FORMAT:
         raise ValueError(f"{path!r} is not a GaLLoP adapter config")
     if config.get("version") != ADAPTER_VERSION:
         raise ValueError(f"{path!r}: unsupported adapter config version {config.get('version')!r}")
+    return config
+
+
+def _check_config_schema(path: str, config: dict[str, Any]) -> None:
+    """The keys a person or a tool reads from the config have the types save_adapter writes."""
+    def bad(key: str, want: str) -> ValueError:
+        return ValueError(f"{path!r}: {key} must be {want}, got {json.dumps(config.get(key))[:60]}")
+
+    if not isinstance(config.get("method"), str):
+        raise bad("method", "a string")
+    target = config.get("target_modules")
+    if not (isinstance(target, str) or isinstance(target, list) and all(isinstance(t, str) for t in target)):
+        raise bad("target_modules", "a string or a list of strings")
+    if config.get("command") is not None and not isinstance(config["command"], str):
+        raise bad("command", "a string or null")
+    peft = config.get("peft")
+    if not isinstance(peft, dict) or not isinstance(peft.get("exported"), bool):
+        raise bad("peft", "an object with a boolean 'exported'")
+    if not isinstance(config.get("load"), dict):
+        raise bad("load", "an object")
+
+
+def load_adapter(folder: str | os.PathLike) -> Adapter:
+    """Read an adapter folder written by `save_adapter` (``ValueError`` when it is not one, or
+    when its config and delta do not belong together).
+
+    The config is read as bounded JSON (nesting, integer length, finite numbers: no ``NaN`` or
+    ``1e999``), its keys have the types save_adapter writes, and everything it says about the
+    delta (version, kind, base, fingerprint, quantization, score, density, counts, trained
+    modules) must equal what the delta itself says (`described`)."""
+    folder = os.fspath(folder)
+    path = os.path.join(folder, CONFIG_FILE)
+    if not os.path.lexists(path):
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {folder!r}: not a GaLLoP adapter folder")
+    config = _read_config(path)
     name = config.get("delta_file")
     if not isinstance(name, str) or name != os.path.basename(name) or name in ("", ".", ".."):
         raise ValueError(f"{path!r}: delta_file must be a file name inside the folder, got {name!r}")
+    _check_config_schema(path, config)
     delta = as_delta(os.path.join(folder, name))
-    if (config.get("base_fingerprint") != delta.metadata.get("base_fingerprint")
-            or config.get("num_entries") != delta.num_entries):
-        raise ValueError(f"{folder!r}: {CONFIG_FILE} and {name} describe different deltas")
+    differ = [k for k, v in described(delta).items() if config.get(k) != v]
+    if differ:
+        raise ValueError(f"{folder!r}: {CONFIG_FILE} and {name} describe different deltas ({', '.join(differ)} "
+                         "differ)")
     return Adapter(delta, config)

@@ -12,9 +12,12 @@ values are the dequantized ones and each carries a tolerance of `QUANTIZED_TOLER
 largest magnitude in its quantization block, so the full-precision base matches a delta trained on
 its 4-bit copy. Positions are kept in the sample, so a reader never recomputes them.
 
-A model matches a sample when, at every sampled position, its value equals the recorded one: bit
-for bit when both are the same dtype and neither side is quantized, else within the tolerances
-plus one unit of the coarser dtype's precision (a base loaded in bf16 from fp32 weights matches).
+A model matches a sample when, at every sampled position, its value equals the recorded one after
+both are rounded to the coarser of their two dtypes (bit for bit when the dtypes agree; a base
+loaded in bf16 from fp32 weights matches, since its values are the fp32 ones rounded). Samples
+must be float16, bfloat16, float32 or float64 (`SAMPLE_DTYPES`): the check is never looser than
+bf16's rounding, whatever dtype a file stores its sample in. A quantized base compares within the
+tolerances instead.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ QUANTIZED_TOLERANCE = 0.25
 (measured with bitsandbytes, blocksize 64, with and without double quantization)."""
 
 _GOLDEN = 0x9E3779B97F4A7C15  # 2^64 / golden ratio
+SAMPLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+"""The dtypes a sample may be stored in (a base's own dtype); a file with another is refused."""
 
 
 @dataclass
@@ -98,22 +103,21 @@ def record(view: TensorView, indices: torch.Tensor) -> BaseSample:
     return BaseSample(positions, view.gather(positions).clone(), view.tolerance(positions))
 
 
-def _slack(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | float:
-    """One unit of the coarser dtype's precision at ``a`` and ``b``'s magnitude (0: same dtype)."""
-    if a.dtype == b.dtype:
-        return 0.0
-    coarse = max((a.dtype, b.dtype), key=lambda d: torch.finfo(d).eps)
-    info = torch.finfo(coarse)
-    return info.eps * torch.maximum(a.double().abs(), b.double().abs()) + info.tiny
+def _coarser(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    return max((a, b), key=lambda d: torch.finfo(d).eps)
 
 
 def differs(recorded: torch.Tensor, recorded_tol: torch.Tensor | None,
             found: torch.Tensor, found_tol: torch.Tensor | None) -> torch.Tensor:
-    """Per position: whether ``found`` differs from ``recorded`` beyond their tolerances."""
-    slack = _slack(recorded, found)
-    if recorded_tol is None and found_tol is None and isinstance(slack, float):
-        return recorded != found
-    allowed = slack + sum(t.double() for t in (recorded_tol, found_tol) if t is not None)
+    """Per position: whether ``found`` differs from ``recorded``. Without tolerances: after rounding
+    both to the coarser of their dtypes (exact when they agree). With a quantized side: by more
+    than the tolerances plus one unit of the coarser dtype at that magnitude."""
+    coarse = _coarser(recorded.dtype, found.dtype)
+    if recorded_tol is None and found_tol is None:
+        return recorded.to(coarse) != found.to(coarse)
+    info = torch.finfo(coarse)
+    allowed = (info.eps * torch.maximum(recorded.double().abs(), found.double().abs()) + info.tiny
+               + sum(t.double() for t in (recorded_tol, found_tol) if t is not None))
     return (recorded.double() - found.double()).abs() > allowed
 
 
@@ -123,10 +127,14 @@ def mismatches(sample: BaseSample, view: TensorView) -> int:
     return int(differs(sample.values, sample.tolerance, found, view.tolerance(sample.positions)).sum())
 
 
-def digest(samples: Mapping[str, BaseSample], shapes: Mapping[str, tuple[int, ...]]) -> str:
+def digest(samples: Mapping[str, BaseSample], shapes: Mapping[str, tuple[int, ...]], version: str = "3") -> str:
     """``"sha256:<hex>"`` of every tensor's name, shape and sample: the fingerprint's identity,
-    written to the metadata and checked on load (a tampered sample is refused)."""
+    written to the metadata and checked on load (a tampered sample is refused). Version 3 hashes
+    a domain tag first, so a version-3 file relabelled as version 2 does not match (version 2's
+    digest is the same hash without the tag)."""
     h = hashlib.sha256()
+    if version != "2":
+        h.update(b"gallop-delta-3 base fingerprint\0")
     for name in sorted(samples):
         s = samples[name]
         h.update(f"{name}\0{tuple(shapes[name])}\0{s.values.dtype}\0".encode())

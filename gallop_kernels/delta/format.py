@@ -11,12 +11,16 @@ One safetensors file (`docs/design.md#delta-format`). Per trained tensor ``name`
   ``{name}::base_values`` (the base's dtype) and, for a quantized base, ``{name}::base_tolerance``
   (float32);
 
-and string metadata: ``format`` = "gallop-delta", ``version`` ("2"; "1" files are read),
+and string metadata: ``format`` = "gallop-delta", ``version`` ("3"; "1" and "2" files are read),
 ``kind`` ("difference", or "absolute" for the entries `merge_delta` overwrote and for version-1
 files), ``base_model``, ``base_fingerprint`` (`fingerprint.digest` of the samples), ``score``,
 ``density``, ``dtype``, ``num_entries``, ``modules`` (JSON: tensor → the class of the module that
-owns it), the 4-bit writer's ``base_quantization``, and the user's own keys, which may not set any
-of these (`RESERVED_KEYS`).
+owns it), the 4-bit writer's ``base_quantization``, ``digest`` (version 3: `content_digest`, over
+every key above and every tensor's shape, dtypes and count, so that a field that changes what the
+file means cannot be edited alone), and the user's own keys, which may not set any of these
+(`RESERVED_KEYS`). Every reserved key has a schema (`check_metadata`); values, samples and
+differences must be float16, bfloat16, float32 or float64 (`VALUE_DTYPES`; differences float32 or
+float64).
 
 `check_delta` checks a whole delta (names, shapes, index sets, values, fingerprint, metadata)
 without a model; `load_delta` runs it on what it read and every operation runs it before it
@@ -25,21 +29,26 @@ changes anything.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 import torch
 
-from gallop_kernels.delta.fingerprint import BaseSample, digest
-from gallop_kernels.rules import check_index_set
+from gallop_kernels import bounded_json
+from gallop_kernels.delta.fingerprint import SAMPLE_DTYPES, BaseSample, digest
+from gallop_kernels.rules import SCORE_NAMES, check_index_set
 
 FORMAT = "gallop-delta"
-VERSION = "2"
-READABLE_VERSIONS = ("1", "2")
+VERSION = "3"
+READABLE_VERSIONS = ("1", "2", "3")
+VALUE_DTYPES = SAMPLE_DTYPES
+"""The floating dtypes the format defines for values and samples (float8, complex: refused)."""
 DIFFERENCE = "difference"
 ABSOLUTE = "absolute"
 DELTA_FILE = "gallop_delta.safetensors"
@@ -48,7 +57,7 @@ DELTA_FILE = "gallop_delta.safetensors"
 _SEP = "::"
 WRITER_KEYS = ("base_quantization",)
 RESERVED_KEYS = ("format", "version", "kind", "base_model", "base_fingerprint", "score", "density",
-                 "dtype", "num_entries", "modules", *WRITER_KEYS)
+                 "dtype", "num_entries", "modules", "digest", *WRITER_KEYS)
 """Metadata keys the format writes itself; user metadata may set none of them."""
 
 _TENSOR_PARTS = ("indices", "values", "shape", "base_positions", "base_values", "base_tolerance")
@@ -87,7 +96,7 @@ class SparseDelta:
         if self.metadata.get("version") == "1":
             return {}
         try:
-            found = json.loads(self.metadata.get("modules", "{}"))
+            found = bounded_json.loads(self.metadata.get("modules", "{}"), max_depth=1)
         except ValueError:
             return {}
         return found if isinstance(found, dict) else {}
@@ -152,6 +161,31 @@ def new_delta(
     meta.update({k: str(v) for k, v in (fields or {}).items()})
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
     delta = SparseDelta(dict(indices), dict(values), shapes, meta, samples)
+    return sealed(delta)
+
+
+def content_digest(delta: SparseDelta) -> str:
+    """``"sha256:<hex>"`` of what a version-3 delta means: every reserved metadata key (absent ones
+    too) but ``digest`` itself, and per tensor its name, shape, index dtype and count, values dtype
+    and the shape of its fingerprint sample (the sample's content is in ``base_fingerprint``). Not
+    the values themselves: it guards the meaning against a tool that edits one field, it is not a
+    checksum of the data (a writer that recomputes it can write anything, as it always could)."""
+    h = hashlib.sha256(b"gallop-delta-3 content\0")
+    for key in sorted(RESERVED_KEYS):
+        if key != "digest":
+            h.update(f"{key}\0{delta.metadata.get(key)!r}\0".encode())
+    for name in sorted(delta.indices):
+        idx, val = delta.indices[name], delta.values[name]
+        h.update(f"{name}\0{tuple(delta.shapes[name])}\0{idx.dtype}\0{idx.numel()}\0{val.dtype}\0".encode())
+        if name in delta.base:
+            s = delta.base[name]
+            h.update(f"{s.values.dtype}\0{s.positions.numel()}\0{s.tolerance is not None}\0".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def sealed(delta: SparseDelta) -> SparseDelta:
+    """``delta`` (of the current version) with its ``digest`` written, checked (`check_delta`)."""
+    delta.metadata["digest"] = content_digest(delta)
     check_delta(delta)
     return delta
 
@@ -176,6 +210,9 @@ def check_values(where: str, values: Any, count: int) -> None:
         raise ValueError(f"{where}: {count} indices need as many values in a 1-D tensor, got {got}")
     if not values.is_floating_point():
         raise ValueError(f"{where}: values must be floating point, got {values.dtype}")
+    if values.dtype not in VALUE_DTYPES:
+        raise ValueError(f"{where}: values are {values.dtype}, which the delta format does not define "
+                         f"(it holds {', '.join(str(d).replace('torch.', '') for d in VALUE_DTYPES)})")
     if count and not bool(torch.isfinite(values).all()):
         raise ValueError(f"{where}: values must be finite (found NaN or inf)")
 
@@ -207,6 +244,57 @@ def _check_sample(where: str, sample: Any, numel: int) -> None:
         check_values(f"{where} (base tolerance)", sample.tolerance, positions.numel())
         if sample.tolerance.dtype != torch.float32 or bool((sample.tolerance < 0).any()):
             raise ValueError(f"{where}: base tolerance must be non-negative float32")
+
+
+_HEX_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+_DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
+_QUANTIZATIONS = ("nf4", "fp4", "none")
+
+
+def _parts(meta: Mapping[str, str], key: str) -> list[str]:
+    return [p for p in meta[key].split(",") if p] if key in meta else []
+
+
+def check_metadata(meta: Mapping[str, str], names: Iterable[str]) -> None:
+    """The reserved metadata keys against their schema (`docs/design.md#delta-format`): ``score``
+    names, ``density`` finite fractions in (0, 1], ``dtype`` defined dtypes, ``num_entries`` a
+    count, and (from version 2 on) ``modules`` a flat JSON object naming this delta's tensors,
+    ``base_quantization`` nf4/fp4/none, digests as ``sha256:<64 hex>``. ``ValueError`` naming the
+    key."""
+    for score in _parts(meta, "score"):
+        if score not in (*SCORE_NAMES, "callable"):
+            raise ValueError(f"delta metadata score: unknown score {score[:40]!r}")
+    for density in _parts(meta, "density"):
+        try:
+            number = float(density)
+        except ValueError:
+            number = math.nan
+        if not 0.0 < number <= 1.0:
+            raise ValueError(f"delta metadata density: {density[:40]!r} is not a number in (0, 1]")
+    for dtype in _parts(meta, "dtype"):
+        if dtype not in _DTYPE_NAMES:
+            raise ValueError(f"delta metadata dtype: {dtype[:40]!r} is not one of {', '.join(_DTYPE_NAMES)}")
+    if "num_entries" in meta and not (meta["num_entries"].isdigit() and len(meta["num_entries"]) <= 20):
+        raise ValueError(f"delta metadata num_entries: {meta['num_entries'][:40]!r} is not a count")
+    if meta.get("version") == "1":
+        return  # (version 1 reserved nothing else: other keys were the user's)
+    if "modules" in meta:
+        try:
+            modules = bounded_json.loads(meta["modules"], max_depth=1)
+        except ValueError as e:
+            raise ValueError(f"delta metadata modules: {e}") from None
+        if not isinstance(modules, dict) or not all(isinstance(v, str) for v in modules.values()):
+            raise ValueError("delta metadata modules must be a JSON object of tensor name -> module class")
+        unknown = sorted(set(modules) - set(names))
+        if unknown:
+            raise ValueError(f"delta metadata modules names tensors the delta does not hold: {unknown[:3]}")
+    for quant in _parts(meta, "base_quantization"):
+        if quant not in _QUANTIZATIONS:
+            raise ValueError(f"delta metadata base_quantization: {quant[:40]!r} is not one of "
+                             f"{', '.join(_QUANTIZATIONS)}")
+    for key in ("base_fingerprint", "digest") if meta.get("version") != "2" else ("base_fingerprint",):
+        if key in meta and not _HEX_DIGEST.fullmatch(meta[key]):
+            raise ValueError(f"delta metadata {key} is not a sha256 digest")
 
 
 def check_delta(delta: Any) -> None:
@@ -248,13 +336,19 @@ def check_delta(delta: Any) -> None:
             raise ValueError(f"{where}: differences must be float32 or float64, got {delta.values[name].dtype}")
         if delta.base:
             _check_sample(where, delta.base[name], numel)
+    check_metadata(meta, delta.indices)
+    if delta.kind == ABSOLUTE and delta.base:  # (no writer records a base for absolute values)
+        raise ValueError("a delta of absolute values carries no base fingerprint: its kind was edited")
     if "num_entries" in meta and meta["num_entries"] != str(delta.num_entries):
         raise ValueError(f"delta metadata says {meta['num_entries']} entries, the tensors hold {delta.num_entries}")
     if delta.base:
-        if meta.get("base_fingerprint") != digest(delta.base, delta.shapes):
+        if meta.get("base_fingerprint") != digest(delta.base, delta.shapes, meta["version"]):
             raise ValueError("the delta's base fingerprint does not match its recorded digest (corrupt or edited)")
     elif "base_fingerprint" in meta and meta["version"] != "1":  # (version 1 reserved no such key)
         raise ValueError("the delta's metadata names a base fingerprint but holds no sample")
+    if meta["version"] == "3" and meta.get("digest") != content_digest(delta):
+        raise ValueError("the delta's metadata does not match its digest: a field that changes its meaning (kind, "
+                         "version, dtypes, shapes, counts, score, density, modules, base) was edited, or it is corrupt")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,7 +415,7 @@ def load_delta(path: str | os.PathLike) -> SparseDelta:
     if meta.get("version") not in READABLE_VERSIONS:
         raise ValueError(f"{path!r}: unsupported GaLLoP delta version {meta.get('version')!r} "
                          f"(this reader: {', '.join(READABLE_VERSIONS)})")
-    allowed = _TENSOR_PARTS if meta["version"] == "2" else _TENSOR_PARTS[:3]
+    allowed = _TENSOR_PARTS if meta["version"] != "1" else _TENSOR_PARTS[:3]
     parts: dict[str, dict[str, torch.Tensor]] = {p: {} for p in _TENSOR_PARTS}
     for key, t in tensors.items():
         name, sep, part = key.rpartition(_SEP)

@@ -41,6 +41,7 @@ from gallop_kernels.delta.format import (
     check_delta,
     load_delta,
     new_delta,
+    sealed,
 )
 from gallop_kernels.rules import index_dtype
 
@@ -222,15 +223,14 @@ def merge_delta(
     scale = check_scale(scale)
     delta = as_delta(delta)
     writes = _plan(model, delta, scale, check_base, strict, expected_base)
-    restore = SparseDelta(
+    restore = sealed(SparseDelta(
         indices={w.name: delta.indices[w.name].clone() for w in writes},
         values={w.name: w.old.cpu().clone() for w in writes},
         shapes={w.name: tuple(w.param.shape) for w in writes},
         metadata={"format": FORMAT, "version": VERSION, "kind": ABSOLUTE,
                   "num_entries": str(sum(w.old.numel() for w in writes)),
                   "restores": delta.metadata.get("base_fingerprint", delta.metadata.get("base_model", ""))},
-    )
-    check_delta(restore)
+    ))
     _write(writes)
     return restore
 

@@ -19,10 +19,12 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable
 
-from gallop_kernels.finetune.data import CHAT_TEMPLATE_MODES, parse_sources
+from gallop_kernels import bounded_json
+from gallop_kernels.finetune.data import CHAT_TEMPLATE_MODES, DEFAULT_MAX_LINE_BYTES, parse_sources, read_regular_text
 from gallop_kernels.finetune.rundir import check_output
 from gallop_kernels.integrations.targets import ALL_LINEAR
-from gallop_kernels.rules import SCORE_NAMES, check_fraction, check_score
+from gallop_kernels.optim.validation import FLOAT32_MAX  # (the optimizer computes in float32: beyond is inf)
+from gallop_kernels.rules import SCORE_NAMES, check_score
 
 CONFIG_FILE = "finetune_config.json"
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
@@ -62,6 +64,7 @@ class FinetuneConfig:
     batch_size: int = 8
     grad_accum: int = 1
     max_length: int = 512
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     bf16: bool = False
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -188,6 +191,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("batch_size", "examples per device and step (also the calibration batch)", int),
     Option("grad_accum", "gradient accumulation steps", int),
     Option("max_length", "truncate examples to this many tokens", int),
+    Option("max_line_bytes", "refuse a data line longer than this many bytes (a bound on what one example "
+           "may take to read)", int),
     Option("bf16", "bf16 weights and autocast (SparseAdamW keeps fp32 master copies of the selected entries)"),
     Option("gradient_checkpointing", "recompute activations in the backward pass to save memory"),
     Option("seed", "seed of the calibration subset, the data mixture, the eval split and the Trainer", int),
@@ -206,6 +211,63 @@ OPTIONS: tuple[Option, ...] = (
 )
 OPTION_BY_NAME = {o.name: o for o in OPTIONS}
 assert set(OPTION_BY_NAME) == set(FIELD_NAMES), "every FinetuneConfig field is an option"
+
+COUNT_MAX = 2**31 - 1
+"""The largest step count, size or length accepted (a 32-bit count: the Trainer's schedules compute
+in floats, and a count beyond this is a typo, not a plan)."""
+SEED_MAX = 2**32 - 1
+"""The Trainer seeds numpy too, whose seeds stop here."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The range of a number option: ``low`` < value (``low_open``) or ``low`` <= value, and
+    value <= ``high`` (value < ``high`` with ``high_open``); ``integer`` for counts."""
+
+    low: float
+    high: float
+    integer: bool = False
+    low_open: bool = False
+    high_open: bool = False
+
+    def describe(self) -> str:
+        low = f"> {self.low:g}" if self.low_open else f">= {self.low:g}"
+        high = f"< {self.high:g}" if self.high_open else f"<= {self.high:g}"
+        return f"{'an integer' if self.integer else 'a number'} {low} and {high}"
+
+    def admits(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int if self.integer else (int, float)):
+            return False
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+
+NUMBER_LIMITS: dict[str, Limits] = {
+    "eval_split": Limits(0, 1, high_open=True),
+    "eval_steps": Limits(0, COUNT_MAX, integer=True),
+    "density": Limits(0, 1, low_open=True),
+    "calibration_fraction": Limits(0, 1, low_open=True),
+    "epochs": Limits(0, COUNT_MAX, low_open=True),
+    "max_steps": Limits(-1, COUNT_MAX, integer=True),
+    "lr": Limits(0, FLOAT32_MAX, low_open=True),
+    "warmup_steps": Limits(0, COUNT_MAX, integer=True),
+    "warmup_ratio": Limits(0, 1, high_open=True),
+    "weight_decay": Limits(0, FLOAT32_MAX),
+    "max_grad_norm": Limits(0, FLOAT32_MAX),
+    "batch_size": Limits(1, COUNT_MAX, integer=True),
+    "grad_accum": Limits(1, COUNT_MAX, integer=True),
+    "max_length": Limits(1, COUNT_MAX, integer=True),
+    "max_line_bytes": Limits(1, COUNT_MAX, integer=True),
+    "seed": Limits(0, SEED_MAX, integer=True),
+    "logging_steps": Limits(1, COUNT_MAX, integer=True),
+    "save_steps": Limits(0, COUNT_MAX, integer=True),
+}
+"""The range of every number option, checked by :func:`check_options` before anything loads
+(from the command line, a config file or Python alike). ``bits`` is a choice, checked apart."""
+assert set(NUMBER_LIMITS) == {o.name for o in OPTIONS if o.parse in (int, float)}, "every number option has limits"
 
 
 def help_text(option: Option) -> str:
@@ -247,18 +309,41 @@ def coerce(option: Option, value: Any, where: str) -> Any:
     return value
 
 
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_DEPTH = 8
+"""A config file is at most 1 MiB and nested at most 8 levels (a data source list of objects is 3)."""
+
+
+def _yaml_loader() -> Any:
+    """PyYAML's safe loader without aliases: a config file needs none, and an alias bomb (a few
+    lines that expand to billions of nodes for whoever walks them) is refused where it is read."""
+    import yaml
+
+    class NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a config file",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+
+    return NoAliases
+
+
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """The fields set in a YAML (or JSON) config file; unknown keys and bad values raise ValueError."""
+    """The fields set in a YAML (or JSON) config file; unknown keys and bad values raise ValueError.
+
+    The file must be a regular file of at most `MAX_CONFIG_BYTES` (a FIFO or a device is refused,
+    not read), nested at most `MAX_CONFIG_DEPTH` levels, with finite numbers (JSON) and no YAML
+    aliases."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise FileNotFoundError(f"config file not found: {path!r}")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = read_regular_text(path, "config file", MAX_CONFIG_BYTES)
     if path.endswith(".json"):
         try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON: {e}") from None
+            raw = bounded_json.loads(text, max_depth=MAX_CONFIG_DEPTH)
+        except ValueError as e:
+            raise ValueError(f"{path}: not a usable JSON config: {e}") from None
     else:
         try:
             import yaml
@@ -266,9 +351,13 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
             raise ValueError(f"{path}: reading YAML needs PyYAML (`pip install pyyaml`), or write the "
                              "config as JSON") from None
         try:
-            raw = yaml.safe_load(text)
+            raw = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader without aliases)
         except yaml.YAMLError as e:
             raise ValueError(f"{path}: not valid YAML: {e}") from None
+        except RecursionError:
+            raise ValueError(f"{path}: nested too deeply for a config file") from None
+        if bounded_json.depth(json.dumps(raw, default=str)) > MAX_CONFIG_DEPTH:
+            raise ValueError(f"{path}: nested deeper than {MAX_CONFIG_DEPTH} levels")
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -287,17 +376,19 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _number(name: str, value: Any, *, integer: bool = False, minimum: float | None = None,
-            positive: bool = False, below: float | None = None) -> None:
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok or (not integer and not math.isfinite(value)):
-        raise ValueError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
-    if positive and not value > 0:
-        raise ValueError(f"{name} must be positive, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    if below is not None and value >= below:
-        raise ValueError(f"{name} must be < {below}, got {value!r}")
+def _shown(value: Any) -> str:
+    """A value for a message, short even when it is an integer of 400 digits."""
+    text = repr(value)
+    if isinstance(value, int) and not isinstance(value, bool) and len(text) > 24:
+        return f"{text[:6]}...{text[-3:]} ({len(text.lstrip('-'))} digits)"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_number(name: str, value: Any) -> None:
+    """The option ``name`` is within its `NUMBER_LIMITS`; ``ValueError`` naming the flag otherwise."""
+    limits = NUMBER_LIMITS[name]
+    if not limits.admits(value):
+        raise ValueError(f"{OPTION_BY_NAME[name].flag} must be {limits.describe()}, got {_shown(value)}")
 
 
 class NotAvailableYet(ValueError):
@@ -355,25 +446,14 @@ def check_options(config: FinetuneConfig) -> None:
     if not parse_sources(config.data, "--data"):
         raise ValueError("no training data: give --data (a JSONL file, or several as path:weight)")
     parse_sources(config.eval_data, "--eval-data")
-    check_fraction(config.density, "--density")
+    for name in NUMBER_LIMITS:  # every number, in the table's order: the first bad one is named
+        check_number(name, getattr(config, name))
     check_score(config.score, "--score", allow_callable=False)
     _check_quantization_floor(config)
-    check_fraction(config.calibration_fraction, "--calibration-fraction")
-    _number("--epochs", config.epochs, positive=True)
-    _number("--lr", config.lr, positive=True)
-    for name in ("batch_size", "grad_accum", "max_length", "logging_steps"):
-        _number(OPTION_BY_NAME[name].flag, getattr(config, name), integer=True, positive=True)
-    _number("--max-steps", config.max_steps, integer=True, minimum=-1)
     if config.max_steps == 0:
         raise ValueError("--max-steps must be a positive integer (or -1 for --epochs), got 0")
-    for name in ("weight_decay", "max_grad_norm"):
-        _number(OPTION_BY_NAME[name].flag, getattr(config, name), minimum=0)
-    for name in ("save_steps", "eval_steps", "warmup_steps", "seed"):
-        _number(OPTION_BY_NAME[name].flag, getattr(config, name), integer=True, minimum=0)
-    _number("--warmup-ratio", config.warmup_ratio, minimum=0, below=1)
     if config.warmup_ratio and config.warmup_steps:
         raise ValueError("give --warmup-steps or --warmup-ratio, not both")
-    _number("--eval-split", config.eval_split, minimum=0, below=1)
     if config.eval_split and parse_sources(config.eval_data, "--eval-data"):
         raise ValueError("give --eval-data or --eval-split, not both")
     if config.eval_steps and not (config.eval_split or config.eval_data):
@@ -383,7 +463,9 @@ def check_options(config: FinetuneConfig) -> None:
             raise ValueError(f"{OPTION_BY_NAME[name].flag} must be one of {', '.join(choices)}, "
                              f"got {getattr(config, name)!r}")
     report_targets(config.report_to)
-    if not isinstance(config.target_modules, (str, list)) or not config.target_modules:
+    targets = config.target_modules
+    if (not isinstance(targets, (str, list)) or not targets
+            or (isinstance(targets, list) and not all(isinstance(t, str) for t in targets))):
         raise ValueError(f"--target-modules must be 'all-linear', a regular expression or a list of names, "
                          f"got {config.target_modules!r}")
     for name in ("output", "resume"):
@@ -398,7 +480,7 @@ def report_targets(report_to: Any) -> list[str]:
     """``report_to`` as the Trainer's list; an unknown or uninstalled target raises ValueError now."""
     targets = [] if report_to in ("none", None, []) else _report_to(report_to)
     for target in targets:
-        if target not in REPORT_TARGETS:
+        if not isinstance(target, str) or target not in REPORT_TARGETS:
             raise ValueError(f"--report-to must be none or any of {', '.join(REPORT_TARGETS)}, got {target!r}")
         if not any(importlib.util.find_spec(m) is not None for m in REPORT_TARGETS[target]):
             raise ValueError(f"--report-to {target} needs `pip install {REPORT_TARGETS[target][0]}`")

@@ -14,7 +14,12 @@ are ignored too):
 * ``{"text": ...}`` -- plain text, tokenized raw; the loss covers all of it.
 
 Formats may be mixed in one file. Every malformed line is reported with its file and line number
-(a byte that is not UTF-8 too) before anything is loaded or trained.
+(a byte that is not UTF-8 too, a line longer than ``max_line_bytes``, JSON nested deeper than
+`MAX_LINE_DEPTH` levels, an integer of more than `bounded_json.MAX_INT_DIGITS` digits) before
+anything is loaded or trained. A data file must be a regular file (a link to one is followed): a
+FIFO, a device such as ``/dev/zero`` or a folder is refused before it is read, so reading always
+ends. Before tokenizing, every text is cut to what ``max_length`` tokens can cover
+(:func:`char_budget`), so one enormous line costs the tokenizer no more than a long one.
 
 Several sources mix by weight (``a.jsonl:0.7``, ``b.jsonl:0.3``): see :func:`mix`. An eval set is
 a separate file (``eval_data``) or a seeded fraction held out of every training source
@@ -23,18 +28,26 @@ a separate file (``eval_data``) or a seeded fraction held out of every training 
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import os
+import stat
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from gallop_kernels import bounded_json
 from gallop_kernels.chat import IGNORE, encode_conversation, encode_prompt_response
 
 MAX_REPORTED_ERRORS = 20
 CHAT_TEMPLATE_MODES = ("auto", "on", "off")
+DEFAULT_MAX_LINE_BYTES = 16 << 20
+"""``--max-line-bytes``: the longest data line read (16 MiB; a longer one is refused, naming the
+limit). Only the first ``max_length`` tokens of an example are trained, so this bounds what a
+line may cost to read and parse, not what is learned."""
+MAX_LINE_DEPTH = 64
+"""The deepest JSON nesting of a data line (a conversation is 3 levels deep)."""
 
 
 class DataError(ValueError):
@@ -125,32 +138,93 @@ def _raise_errors(errors: list[str], source: str, total: int, unit: str = "line"
 # ---------------------------------------------------------------------------------------------
 
 
-def load_jsonl(path: str | os.PathLike) -> list[Record]:
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def open_regular_file(path: str, what: str) -> int:
+    """A read-only fd of the regular file at ``path`` (a link to one is followed). A FIFO, a device
+    (``/dev/zero``), a socket or a folder is refused before it is opened, and checked again on the
+    opened fd (opened non-blocking, so a FIFO swapped in between cannot hang the open)."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise DataError(f"{what} {path} is {_kind(st.st_mode)}; give a regular file")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise DataError(f"{what} {path} is {_kind(mode)}; give a regular file")
+    return fd
+
+
+def read_regular_text(path: str, what: str, max_bytes: int) -> str:
+    """The UTF-8 text of a regular file of at most ``max_bytes`` (`open_regular_file`)."""
+    with os.fdopen(open_regular_file(path, what), "rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise DataError(f"{what} {path} is larger than {max_bytes:,} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{what} {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
+def _lines(f: Any, max_bytes: int) -> Iterable[tuple[int, bytes | None]]:
+    """(line number, bytes) of every line of a binary file, None for a line over ``max_bytes``
+    (skipped without being held in memory)."""
+    lineno = 0
+    while True:
+        raw = f.readline(max_bytes + 1)
+        if not raw:
+            return
+        lineno += 1
+        if len(raw) > max_bytes and not (len(raw) == max_bytes + 1 and raw.endswith(b"\n")):
+            while raw and not raw.endswith(b"\n"):  # the rest of the long line, a chunk at a time
+                raw = f.readline(1 << 20)
+            yield lineno, None
+            continue
+        yield lineno, raw
+
+
+def _parse_line(raw: bytes, lineno: int, max_bytes: int) -> Any:
+    """The JSON value of one line, or a str saying why it is not one."""
+    if raw is None:
+        return f"line {lineno}: longer than {max_bytes:,} bytes (--max-line-bytes)"
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"line {lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+    if not line.strip():
+        return None
+    try:
+        return (bounded_json.loads(line.rstrip("\r\n"), max_depth=MAX_LINE_DEPTH, finite=False),)
+    except ValueError as e:
+        return f"line {lineno}: {e}"
+
+
+def load_jsonl(path: str | os.PathLike, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> list[Record]:
     """Read and validate a JSONL file; ``DataError`` lists every bad line by number."""
     path = os.fspath(path)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         raise FileNotFoundError(f"data file not found: {path!r}")
-    if os.path.isdir(path):
-        raise DataError(f"{path!r} is a directory, not a JSONL file")
     records: list[Record] = []
     errors: list[str] = []
     lines = 0
-    with open(path, "rb") as f:  # bytes, decoded line by line: a bad byte is reported at its line
-        for lineno, raw in enumerate(f, start=1):
+    # bytes, decoded line by line: a bad byte is reported at its line
+    with os.fdopen(open_regular_file(path, "data file"), "rb") as f:
+        for lineno, raw in _lines(f, max_line_bytes):
             lines = lineno
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                errors.append(f"line {lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+            parsed = _parse_line(raw, lineno, max_line_bytes)
+            if parsed is None:
                 continue
-            if not line.strip():
+            if isinstance(parsed, str):
+                errors.append(parsed)
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                errors.append(f"line {lineno}: invalid JSON ({e.msg} at column {e.colno})")
-                continue
-            checked = check_row(row, f"{path} line {lineno}")
+            checked = check_row(parsed[0], f"{path} line {lineno}")
             if isinstance(checked, str):
                 errors.append(f"line {lineno}: {checked}")
             else:
@@ -195,12 +269,13 @@ def looks_like_path(spec: str) -> bool:
             or spec.count("/") > 1 or "\\" in spec)
 
 
-def load_records(spec: str | os.PathLike, split: str = "train") -> list[Record]:
+def load_records(spec: str | os.PathLike, split: str = "train",
+                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> list[Record]:
     """A local JSONL file when ``spec`` exists or looks like a path, else a ``datasets`` name."""
     spec = os.fspath(spec)
     expanded = os.path.expanduser(spec)
-    if os.path.exists(expanded) or looks_like_path(spec):
-        return load_jsonl(expanded)
+    if os.path.lexists(expanded) or looks_like_path(spec):
+        return load_jsonl(expanded, max_line_bytes)
     return load_hub_dataset(spec, split)
 
 
@@ -332,7 +407,7 @@ class TrainingData:
 
 
 def load_training_data(data: Any, eval_data: Any = None, eval_split: float = 0.0, seed: int = 0,
-                       split: str = "train") -> TrainingData:
+                       split: str = "train", max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> TrainingData:
     """Load and validate every source, hold out the eval split, and mix (see the module doc)."""
     sources = parse_sources(data, "--data")
     if not sources:
@@ -340,8 +415,8 @@ def load_training_data(data: Any, eval_data: Any = None, eval_split: float = 0.0
     eval_sources = parse_sources(eval_data, "--eval-data")
     if any(s.weight is not None for s in eval_sources):
         raise ValueError("--eval-data takes no weights: the eval files are concatenated")
-    parts = [load_records(s.path, split) for s in sources]
-    evals = [r for s in eval_sources for r in load_records(s.path, split)]
+    parts = [load_records(s.path, split, max_line_bytes) for s in sources]
+    evals = [r for s in eval_sources for r in load_records(s.path, split, max_line_bytes)]
     if eval_split:
         generator = torch.Generator().manual_seed(seed)
         held = [split_eval(p, eval_split, generator, s.path) for p, s in zip(parts, sources)]
@@ -378,6 +453,35 @@ def _encode_raw(record: Record, tokenizer: Any) -> tuple[list[int], list[int]]:
     prompt = tokenizer(record.prompt)["input_ids"]
     answer = tokenizer(record.response, add_special_tokens=False)["input_ids"] + eos
     return prompt + answer, [IGNORE] * len(prompt) + answer
+
+
+def char_budget(tokenizer: Any, max_length: int) -> int | None:
+    """How many characters of one text can reach the first ``max_length`` tokens: (max_length + 2)
+    × the longest token's text (a byte-level token's string has one character per byte, a
+    SentencePiece piece one per character, so no token covers more characters than its string
+    has). Cutting every text there before tokenizing leaves the truncated encoding as it was while
+    bounding what the tokenizer allocates. None when the tokenizer lists no vocabulary (no cut)."""
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    try:
+        longest = max((len(token) for token in get_vocab()), default=0) if callable(get_vocab) else 0
+    except (NotImplementedError, TypeError):
+        longest = 0
+    if longest <= 0:
+        return None
+    return (max_length + 2) * longest
+
+
+def clip_record(record: Record, budget: int | None) -> Record:
+    """``record`` with every text (prompt, response, system, each message's content) cut to
+    ``budget`` characters (`char_budget`)."""
+    if budget is None:
+        return record
+    cut = lambda text: text if text is None or len(text) <= budget else text[:budget]  # noqa: E731
+    messages = record.messages
+    if messages is not None:
+        messages = tuple({**m, "content": cut(m["content"])} for m in messages)
+    return dataclasses.replace(record, text=cut(record.text), prompt=cut(record.prompt),
+                               response=cut(record.response), system=cut(record.system), messages=messages)
 
 
 def encode_record(record: Record, tokenizer: Any, max_length: int, chat: bool) -> tuple[list[int], list[int]]:
@@ -417,7 +521,9 @@ def encode_records(records: Sequence[Record], tokenizer: Any, max_length: int = 
                    chat_template: str = "auto") -> EncodedDataset:
     """Tokenize every record (see the module doc for the formats and ``chat_template``).
 
-    Examples whose trained tokens are all cut off by ``max_length`` are skipped (listed in
+    Every text is first cut to what ``max_length`` tokens can cover (`char_budget`), so a huge
+    line costs the tokenizer little. Examples whose trained tokens are all cut off by
+    ``max_length`` are skipped (listed in
     ``skipped``); ``DataError`` when a record cannot be encoded (naming its line) or none is left.
     """
     if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
@@ -428,9 +534,10 @@ def encode_records(records: Sequence[Record], tokenizer: Any, max_length: int = 
         raise DataError(f"{len(needs_template)} 'messages' example(s) (first: {needs_template[0]}) need the "
                         "tokenizer's chat template, and this tokenizer has none")
     items, skipped, errors = [], [], []
+    budget = char_budget(tokenizer, max_length)
     for r in records:
         try:
-            ids, labels = encode_record(r, tokenizer, max_length, chat)
+            ids, labels = encode_record(clip_record(r, budget), tokenizer, max_length, chat)
         except ValueError as e:
             errors.append(f"{r.where or 'an example'}: {e}")
             continue

@@ -51,6 +51,10 @@ DELTA_FILE = "gallop_delta.safetensors"
 LOSS_LOG = "loss_log.jsonl"
 SELECTION_FILE = "selection.json"
 SUMMARY_FILE = "finetune_summary.json"
+RESULT_FILES = (DELTA_FILE, SUMMARY_FILE, SELECTION_FILE, LOSS_LOG, CONFIG_FILE, "model", "gallop_adapter.json",
+                "README.md", "adapter_config.json", "adapter_model.safetensors")
+"""Every top-level name a run writes besides its checkpoints and run record: what a run record of
+an older gallop (without its own file list) owns in a run folder (`rundir.plan.inspect_output`)."""
 # Files a folder must hold for AutoTokenizer to build a tokenizer without converting anything.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model")
@@ -76,7 +80,8 @@ def prepare(config: FinetuneConfig) -> TrainingData:
     """All checks that need no model loaded: the options, the model spec, then every data file."""
     check_options(config)
     check_model(config)
-    return load_training_data(config.data, config.eval_data, config.eval_split, config.seed, config.data_split)
+    return load_training_data(config.data, config.eval_data, config.eval_split, config.seed, config.data_split,
+                              config.max_line_bytes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,8 +302,10 @@ def run_finetune(config: FinetuneConfig, out: TextIO | None = None) -> FinetuneR
 
         with user_input(ValueError, TypeError, OSError, ModelUnavailable):
             data = prepare(config)
-            plan = rundir.plan_run(config, loss_log=LOSS_LOG, result_files=(DELTA_FILE, SUMMARY_FILE))
-        for note in plan.notes:
+            notes = (rundir.finish_interrupted_publish(config.output, (*RESULT_FILES, LOSS_LOG))
+                     if is_main_process() else [])  # (what a killed run left on this output)
+            plan = rundir.plan_run(config, loss_log=LOSS_LOG, result_files=RESULT_FILES)
+        for note in [*notes, *plan.notes]:
             print(f"gallop finetune: note: {note}", file=sys.stderr)
         with rundir.RunFolder(plan) as run:
             result = _train_and_save(config, data, run, say, t0)
@@ -335,11 +342,13 @@ def _train_and_save(config: FinetuneConfig, data: TrainingData, run: rundir.RunF
     loss_log = run.loss_log
 
     collate = CausalLMCollator(tokenizer.pad_token_id)
-    with user_input():  # the target modules exist; the Trainer accepts the options
+    with user_input():  # the target modules exist; the Trainer accepts the options; the checkpoint fits
         rep.prepare(model, train, collate)
+        if run.resume_from is not None:
+            rundir.check_resume_weights(run.resume_from, model)
         args = training_arguments(config, has_eval=evals is not None, output=output)
     with rep.trainer_context(model):
-        trainer = gallop_trainer(Trainer)(
+        trainer = run.trainer_class(gallop_trainer(Trainer))(
             model=model, args=args, train_dataset=train, eval_dataset=evals, data_collator=collate,
             callbacks=[run.callback(), *rep.callbacks(), _selection_printer(rep, say), _loss_logger(loss_log)],
             **rep.trainer_options(model, args),

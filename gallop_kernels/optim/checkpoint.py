@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from gallop_kernels.ops.adamw.quantization import QUANT_BLOCK
-from gallop_kernels.optim.distributed import local
+from gallop_kernels.optim.distributed import is_dtensor, local
 from gallop_kernels.optim.selection import (
     moments_fp32,
     needs_master,
@@ -30,7 +30,7 @@ from gallop_kernels.optim.validation import (
     state_tensor,
     step_count,
 )
-from gallop_kernels.rules import DEFAULT_MIN_8BIT_ENTRIES, check_index_set
+from gallop_kernels.rules import DEFAULT_MIN_8BIT_ENTRIES, check_index_set, k_for_density
 
 CALLABLE_SCORE = "<callable>"
 """Stands in a saved param group for a score callable (functions are not plain values)."""
@@ -45,11 +45,21 @@ LEGACY_OPTION_DEFAULTS = {"state_bits": 32, "min_8bit_entries": DEFAULT_MIN_8BIT
 """Options younger than some checkpoints, and what their absence meant."""
 
 
-def make_portable(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """Replace score callables by a marker so that the dict holds only tensors and plain values."""
-    for group in state_dict["param_groups"]:
-        if callable(group.get("score")):
-            group["score"] = CALLABLE_SCORE
+SHAPES_KEY = "param_shapes"
+"""Each saved group's list of its params' shapes (global shapes for DTensors), checked on load."""
+WRAPPER_PARTS = frozenset({"module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+"""Name components that wrappers (DDP, torch.compile, FSDP1, activation checkpointing) insert:
+ignored when a checkpoint's param names are compared with the optimizer's."""
+
+
+def make_portable(state_dict: dict[str, Any], groups: list[dict]) -> dict[str, Any]:
+    """Replace score callables by a marker so that the dict holds only tensors and plain values,
+    and record each param's shape (`SHAPES_KEY`), so that a checkpoint for other parameters is
+    refused on load instead of training indices chosen for another tensor."""
+    for saved, group in zip(state_dict["param_groups"], groups):
+        if callable(saved.get("score")):
+            saved["score"] = CALLABLE_SCORE
+        saved[SHAPES_KEY] = [[int(s) for s in p.shape] for p in group["params"]]
     return state_dict
 
 
@@ -113,12 +123,41 @@ def restore_callables(saved_groups: list[dict], groups: list[dict]) -> None:
             saved["score"] = current["score"]
 
 
-def _prepare_groups(saved_groups: list, groups: list[dict], convert_layout: bool) -> list[dict]:
+def _bare(name: str) -> str:
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_PARTS)
+
+
+def _check_identity(where: str, group: dict, current: dict, names: list[str]) -> None:
+    """The checkpoint's params are this optimizer's: the same shape each (when the checkpoint
+    records shapes) and the same name (when both sides have names; wrapper components such as
+    DDP's ``module.`` do not count)."""
+    shapes = group.pop(SHAPES_KEY, None)
+    if shapes is not None:
+        if (not isinstance(shapes, (list, tuple)) or len(shapes) != len(current["params"])
+                or not all(isinstance(s, (list, tuple)) and all(isinstance(d, int) and not isinstance(d, bool)
+                                                               and d >= 0 for d in s) for s in shapes)):
+            raise ValueError(f"{where}: '{SHAPES_KEY}' must list one shape (a list of sizes) per param")
+        for shape, p, name in zip(shapes, current["params"], names):
+            if tuple(shape) != tuple(p.shape):
+                raise ValueError(f"{where}: the checkpoint's state is for a parameter of shape {tuple(shape)}, but "
+                                 f"parameter {name} has shape {tuple(p.shape)}: it was saved for another model")
+    saved_names, now = group.get("param_names"), current.get("param_names")
+    if isinstance(saved_names, (list, tuple)) and isinstance(now, (list, tuple)) and len(now) == len(saved_names):
+        for old, new in zip(saved_names, now):
+            if isinstance(old, str) and isinstance(new, str) and _bare(old) != _bare(new):
+                raise ValueError(f"{where}: the checkpoint's param {old!r} stands where this optimizer has {new!r}; "
+                                 "load it into the model it was saved for (or rename 'param_names' in a load "
+                                 "pre-hook if the model's params were only renamed)")
+
+
+def _prepare_groups(saved_groups: list, groups: list[dict], convert_layout: bool,
+                    labels: Callable[[int], list[str]]) -> list[dict]:
     """Fresh, validated group dicts: the checkpoint's options, this optimizer's params."""
     new_groups = []
     for i, (saved, current) in enumerate(zip(saved_groups, groups)):
         where = f"loaded parameter group {i}"
         group = deepcopy(dict(saved))
+        _check_identity(where, group, current, labels(i))
         for key, value in LEGACY_OPTION_DEFAULTS.items():
             group.setdefault(key, value)
         if isinstance(group.get("betas"), list):
@@ -268,7 +307,7 @@ def prepare_load(
         raise TypeError("convert_layout must be True or False")
     saved_state, saved_groups = _structure(state_dict)
     id_map = match_params(groups, saved_groups)
-    new_groups = _prepare_groups(saved_groups, groups, convert_layout)
+    new_groups = _prepare_groups(saved_groups, groups, convert_layout, names)
 
     where_of, group_of = {}, {}
     for i, (saved, group) in enumerate(zip(saved_groups, new_groups)):
@@ -294,4 +333,21 @@ def prepare_load(
             if missing:
                 raise ValueError(f"loaded parameter group {i} has a selection but no state for "
                                  f"parameter(s) {missing}")
+            _check_selection_size(i, group, state)
     return new_groups, state
+
+
+def _check_selection_size(i: int, group: dict, state: dict) -> None:
+    """A selection holds exactly k(N, density) entries of its group's N: a checkpoint saved for
+    other parameters (one without recorded shapes, written before they were) almost always
+    holds another number. Sharded groups hold their shard's part only and are not checked here."""
+    params = group["params"]
+    if not params or any(is_dtensor(p) for p in params):
+        return
+    total = sum(int(state[p]["indices"].numel()) for p in params)
+    numel = sum(p.numel() for p in params)
+    expected = k_for_density(numel, group["density"])
+    if total != expected:
+        raise ValueError(f"loaded parameter group {i}: its selection holds {total} entries, but density "
+                         f"{group['density']} over this group's {numel} entries selects {expected}: the "
+                         "checkpoint was saved for other parameters")

@@ -750,7 +750,7 @@ class SparseAdamW(Optimizer):
         loads on that rank only. To save and reshard across ranks use
         `gallop_kernels.optim.distributed_checkpoint` (torch.distributed.checkpoint).
         """
-        state_dict = checkpoint.make_portable(super().state_dict())
+        state_dict = checkpoint.make_portable(super().state_dict(), self.param_groups)
         distributed.mark_shards(state_dict, self.param_groups)
         return state_dict
 

@@ -33,9 +33,9 @@ takes the newest sealed checkpoint of the run in this output only, skipping unse
 """
 
 from gallop_kernels.finetune.rundir.files import (
-    RunFolderError, file_sha256, read_json, remove_tree, walk_tree, write_atomic, write_json_atomic,
+    RunFolderError, file_sha256, read_json, remove_tree, storage_failure, walk_tree, write_atomic, write_json_atomic,
 )
-from gallop_kernels.finetune.rundir.folder import RunFolder
+from gallop_kernels.finetune.rundir.folder import RunFolder, finish_interrupted_publish
 from gallop_kernels.finetune.rundir.identity import (
     MAY_CHANGE_ON_RESUME, data_fingerprint, model_fingerprint, option_differences, run_options,
 )
@@ -44,13 +44,14 @@ from gallop_kernels.finetune.rundir.plan import (
     staging_path, take_lock,
 )
 from gallop_kernels.finetune.rundir.records import (
-    MANIFEST, RUN_FILE, Checkpoint, CheckpointError, check_optimizer_state, checkpoint_folders, filtered_loss_log,
+    MANIFEST, RUN_FILE, Checkpoint, CheckpointError, check_optimizer_state, check_resume_weights, checkpoint_folders,
+    filtered_loss_log,
     read_checkpoint, read_run_record, seal_checkpoint, sealed_checkpoints, unseal_checkpoint,
 )
 
 __all__ = ["Checkpoint", "CheckpointError", "LOCK_FILE", "MANIFEST", "MAY_CHANGE_ON_RESUME", "RUN_FILE",
-           "RunFolder", "RunFolderError", "RunPlan", "STAGING_SUFFIX", "check_optimizer_state", "check_output",
-           "check_writable_folder", "checkpoint_folders", "data_fingerprint", "file_sha256", "filtered_loss_log",
+           "RunFolder", "RunFolderError", "RunPlan", "STAGING_SUFFIX", "check_optimizer_state", "check_resume_weights", "check_output",
+           "check_writable_folder", "checkpoint_folders", "data_fingerprint", "file_sha256", "filtered_loss_log", "finish_interrupted_publish",
            "inspect_output", "inspect_staging", "model_fingerprint", "option_differences", "plan_run", "read_checkpoint",
            "read_json", "read_run_record", "remove_tree", "run_options", "seal_checkpoint", "sealed_checkpoints",
-           "staging_path", "take_lock", "unseal_checkpoint", "walk_tree", "write_atomic", "write_json_atomic"]
+           "staging_path", "storage_failure", "take_lock", "unseal_checkpoint", "walk_tree", "write_atomic", "write_json_atomic"]

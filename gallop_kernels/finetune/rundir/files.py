@@ -13,11 +13,13 @@ import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import stat
-from typing import Any
+from typing import Any, Iterator
 
+from gallop_kernels import bounded_json
 from gallop_kernels.errors import UserError
 
 class RunFolderError(UserError):
@@ -138,6 +140,41 @@ def remove_tree(path: str) -> None:
         os.unlink(path)
 
 
+def remove_run_tree(path: str, marker: str) -> None:
+    """Delete a run folder with its ``marker`` (the run record) last, so that a deletion cut
+    short (SIGKILL) leaves a folder still marked as a run, which the next run recognises and
+    finishes deleting; a concurrent deletion is not an error."""
+    st = lstat_or_none(path)
+    if st is None:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(path)
+        return
+    for name in os.listdir(path):
+        if name != marker:
+            with contextlib.suppress(FileNotFoundError):
+                remove_tree(os.path.join(path, name))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(path, marker))
+    with contextlib.suppress(FileNotFoundError):
+        os.rmdir(path)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str) -> Iterator[None]:
+    """An exclusive ``flock`` on ``folder`` itself (released when the block ends or the process
+    dies): publishing a run and finishing an interrupted publish hold it on the output's parent,
+    so that neither sees the other half done."""
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def link_or_copy(src: str, dst: str) -> None:
     try:
         os.link(src, dst, follow_symlinks=False)
@@ -145,15 +182,58 @@ def link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst, follow_symlinks=False)
 
 
+MAX_RECORD_DEPTH = 32
+"""Run records and checkpoint manifests are a few levels deep; deeper is not one of ours."""
+
+
 def read_json(path: str, what: str) -> Any:
-    """A JSON file read without following a link; a parse error names the line and column."""
+    """A JSON file read without following a link; a parse error names the line and column, and
+    nesting deeper than `MAX_RECORD_DEPTH`, huge integers and non-finite numbers are refused."""
     try:
         text = read_bytes(path).decode("utf-8")
-        return json.loads(text)
     except UnicodeDecodeError as e:
         raise RunFolderError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise RunFolderError(f"{what} {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    try:
+        return bounded_json.loads(text, max_depth=MAX_RECORD_DEPTH)
+    except ValueError as e:
+        raise RunFolderError(f"{what} {path} is not usable: {e}") from None
+
+
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_OS_ERROR = re.compile(r"os error (\d+)")  # how safetensors (Rust) reports an errno
+_ERRNO_LOST = re.compile(r"inline_container|PytorchStreamWriter|file write failed|unexpected pos")  # torch.save
+
+
+def storage_failure(error: BaseException, folder: str) -> OSError | None:
+    """``error`` as an ``OSError`` with its errno when it means the disk is full, a quota or a
+    file-size limit was hit while writing into ``folder``; None for anything else.
+
+    Writers report it differently: Python as ``OSError``, safetensors as ``SafetensorError(...
+    (os error 28))``, ``torch.save`` as a ``RuntimeError`` that has lost the errno (then the
+    filesystem is asked: less than 1 MiB free, or a file in ``folder`` at the file-size limit)."""
+    code = None
+    if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+        code = error.errno
+    elif (m := _OS_ERROR.search(str(error))) and int(m.group(1)) in STORAGE_ERRNOS:
+        code = int(m.group(1))
+    elif isinstance(error, RuntimeError) and _ERRNO_LOST.search(str(error)):
+        code = _storage_state(folder)
+    return None if code is None else OSError(code, os.strerror(code))
+
+
+def _storage_state(folder: str) -> int | None:
+    import resource
+
+    with contextlib.suppress(OSError):
+        vfs = os.statvfs(folder)
+        if vfs.f_bavail * vfs.f_frsize < (1 << 20):
+            return errno.ENOSPC
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and os.path.isdir(folder):
+        with contextlib.suppress(OSError):
+            if any(entry.stat(follow_symlinks=False).st_size >= limit for entry in os.scandir(folder)):
+                return errno.EFBIG
+    return None
 
 
 def exchange(a: str, b: str) -> bool:

@@ -7,14 +7,16 @@ import contextlib
 import os
 import secrets
 import time
-from typing import Any
+from typing import Any, Iterable
 
 from gallop_kernels.errors import signals_deferred
 from gallop_kernels.finetune.rundir.files import (
-    RunFolderError, lstat_or_none, open_regular, exchange, fsync_dir, link_or_copy, remove_tree, walk_tree, write_atomic,
-    write_json_atomic,
+    RunFolderError, exchange, folder_lock, fsync_dir, link_or_copy, lstat_or_none, open_regular, remove_run_tree,
+    remove_tree, storage_failure, walk_tree, write_atomic, write_json_atomic,
 )
-from gallop_kernels.finetune.rundir.plan import LOCK_FILE, RunPlan, take_lock, inspect_output
+from gallop_kernels.finetune.rundir.plan import (
+    LOCK_FILE, STAGING_SUFFIX, RunPlan, inspect_output, listing, staging_path, take_lock,
+)
 from gallop_kernels.finetune.rundir.records import (
     CHECKPOINT_RE, FORMAT_VERSION, MANIFEST, RUN_FILE, Checkpoint, checkpoint_folders, filtered_loss_log,
     seal_checkpoint, sealed_checkpoints, unseal_checkpoint,
@@ -89,14 +91,19 @@ class RunFolder:
         if plan.discard_staging and lstat_or_none(self.path) is not None:
             lock = take_lock(self.path, create=True)
             try:
-                remove_tree(self.path)
+                remove_run_tree(self.path, RUN_FILE)
             finally:
                 os.close(lock)
         parent = os.path.dirname(self.path)
         tmp = os.path.join(parent, f"{os.path.basename(self.path)}.tmp-{secrets.token_hex(4)}")
-        os.mkdir(tmp, 0o755)
+        with folder_lock(parent):  # (finish_interrupted_publish never sees it unlocked)
+            os.mkdir(tmp, 0o755)
+            try:
+                self._lock = take_lock(tmp, create=True)
+            except BaseException:
+                remove_tree(tmp)
+                raise
         try:
-            self._lock = take_lock(tmp, create=True)
             self._write_record(tmp, status="running")
             for ck in plan.link:
                 self._link_checkpoint(ck, os.path.join(tmp, os.path.basename(ck.path)))
@@ -132,13 +139,15 @@ class RunFolder:
         write_atomic(self.loss_log, filtered_loss_log(self.loss_log, step))
         self._write_record(self.path, status="running")
 
-    def _write_record(self, folder: str, status: str) -> None:
+    def _write_record(self, folder: str, status: str, **published: Any) -> None:
+        """The run record; ``published`` (when complete): ``replaces`` (the run id it replaces in
+        the output, or None) and ``files`` (the top-level names the run owns)."""
         ck = self.plan.resume
         write_json_atomic(os.path.join(folder, RUN_FILE), {
             "format": "gallop-run", "version": FORMAT_VERSION, "run_id": self.plan.run_id, "status": status,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "resumed_from": None if ck is None else {"checkpoint": ck.path, "step": ck.step},
-            **self.plan.record,
+            **self.plan.record, **published,
         })
 
     @staticmethod
@@ -157,7 +166,7 @@ class RunFolder:
                 error.add_note(f"{self.plan.output} is as it was; this run's checkpoints are kept in {self.path}: "
                                "continue with --resume last")
             return
-        remove_tree(self.path)
+        remove_run_tree(self.path, RUN_FILE)
         if isinstance(error, (KeyboardInterrupt, OSError)):
             error.add_note(f"{self.plan.output} is as it was")
 
@@ -168,47 +177,64 @@ class RunFolder:
 
     def publish(self) -> str:
         """Rename the staging folder onto the output (replacing the finished run the plan allows);
-        returns the output path."""
+        returns the output path.
+
+        Under the parent folder's lock (`files.folder_lock`): check that the output is still what
+        the plan saw, write the run record as complete (with the run it replaces and the files it
+        owns), then swap. A SIGKILL at any point leaves a state `finish_interrupted_publish` knows
+        how to finish: the complete run still in the staging folder, or the replaced run there (the
+        new record names it), or the replaced run under a ``.old-*`` name."""
         plan = self.plan
         if plan.passive:
             self.published = True
             return plan.output
-        self._write_record(self.path, status="complete")
         self._fsync_results()
-        now = inspect_output(plan.output, plan.result_files)
-        expected = {"missing", "empty"} | ({"run", "results"} if plan.replaces else set())
-        if now.kind not in expected:
-            self._keep, self._finished = True, True
-            raise RunFolderError(f"{plan.output} was created or changed while this run was training; the finished run "
-                                 f"is kept in {self.path}")
         old = None
-        try:
-            with signals_deferred():  # SIGINT/SIGTERM wait until the output is the new run
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(self.path, LOCK_FILE))  # the fd keeps the lock until released
-                if now.kind in ("missing", "empty"):
-                    os.rename(self.path, plan.output)  # rename(2) replaces an empty folder
-                else:
-                    trash = f"{self.path}.old-{secrets.token_hex(4)}"
-                    if exchange(self.path, plan.output):
-                        os.rename(self.path, trash)  # the replaced run, under a name no run reads
+        with folder_lock(os.path.dirname(plan.output)):
+            now = inspect_output(plan.output, plan.result_files)
+            same = (now.kind in ("missing", "empty") or now.kind == "run" and plan.replaces and not now.extra
+                    and now.record["run_id"] == plan.replaced_run_id)
+            if not same:
+                self._keep, self._finished = True, True
+                raise RunFolderError(f"{plan.output} was created or changed while this run was training; the "
+                                     f"finished run is kept in {self.path}")
+            names = sorted({*os.listdir(self.path), RUN_FILE} - {LOCK_FILE})
+            self._write_record(self.path, status="complete",
+                               replaces=now.record["run_id"] if now.kind == "run" else None, files=names)
+            swapped = False  # whether self.path no longer holds this run
+            try:
+                with signals_deferred():  # SIGINT/SIGTERM wait until the output is the new run
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(self.path, LOCK_FILE))  # the fd keeps the lock until released
+                    if now.kind in ("missing", "empty"):
+                        os.rename(self.path, plan.output)  # rename(2) replaces an empty folder
+                        swapped = True
                     else:
-                        os.rename(plan.output, trash)
-                        try:
-                            os.rename(self.path, plan.output)
-                        except OSError:
-                            os.rename(trash, plan.output)  # put the finished run back
-                            raise
-                    old = trash
-                fsync_dir(os.path.dirname(plan.output))
-                self.published = True
-        except KeyboardInterrupt as interrupt:
-            if self.published:
-                interrupt.add_note(f"the run was published in {plan.output} before the interrupt took effect")
-            raise
-        finally:
-            if old is not None:
-                remove_tree(old)
+                        old = trash_path(self.path)
+                        if exchange(self.path, plan.output):
+                            swapped = True
+                            os.rename(self.path, old)  # the replaced run, under a name no run reads
+                        else:
+                            os.rename(plan.output, old)
+                            try:
+                                os.rename(self.path, plan.output)
+                                swapped = True
+                            except OSError:
+                                os.rename(old, plan.output)  # put the finished run back
+                                old = None
+                                raise
+                    fsync_dir(os.path.dirname(plan.output))
+                    self.published = True
+            except BaseException as error:
+                if isinstance(error, KeyboardInterrupt) and self.published:
+                    error.add_note(f"the run was published in {plan.output} before the interrupt took effect")
+                elif not swapped:  # still ours and not published: a run to continue, never to publish later
+                    with contextlib.suppress(OSError):
+                        self._write_record(self.path, status="running")
+                raise
+            finally:
+                if old is not None and self.published:
+                    remove_run_tree(old, RUN_FILE)
         return plan.output
 
     def _fsync_results(self) -> None:
@@ -227,6 +253,29 @@ class RunFolder:
             fsync_dir(os.path.join(self.path, rel))
 
     # -- the Trainer's side -----------------------------------------------------------------------
+
+    def trainer_class(self, base: type) -> type:
+        """``base`` (a ``Trainer`` class) whose checkpoint saves fail with one ``OSError`` (errno
+        and the checkpoint named) when the disk is full or a size limit is hit, instead of each
+        writer's own error; the partial checkpoint is removed (it was never sealed, so nothing
+        could resume from it), and the sealed ones before it stay for ``--resume last``."""
+
+        class SavesChecked(base):
+            def _save_checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+                try:
+                    return super()._save_checkpoint(*args, **kwargs)
+                except Exception as error:
+                    path = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+                    failure = storage_failure(error, path)
+                    if failure is None:
+                        raise
+                    with contextlib.suppress(OSError):
+                        unseal_checkpoint(path)
+                    raise OSError(failure.errno, f"cannot save checkpoint {path}: {failure.strerror} (a full disk, "
+                                  "a quota or a file-size limit); the partial checkpoint was removed") from None
+
+        SavesChecked.__name__ = SavesChecked.__qualname__ = base.__name__
+        return SavesChecked
 
     def callback(self) -> Any:
         """A ``TrainerCallback`` that seals every checkpoint once the Trainer has written it, clears
@@ -265,3 +314,114 @@ class RunFolder:
                 return control
 
         return SealCheckpoints()
+
+
+# ---------------------------------------------------------------------------------------------
+# What an interrupted publish (or creation) left, finished by the next run on the output
+# ---------------------------------------------------------------------------------------------
+
+TRASH_INFIX = ".old-"
+TMP_INFIX = ".tmp-"
+
+
+def trash_path(staging: str) -> str:
+    """Where a replaced run waits to be deleted: ``.out.gallop-staging.old-<hex>``."""
+    return f"{staging}{TRASH_INFIX}{secrets.token_hex(4)}"
+
+
+def _record_or_none(folder: str) -> dict[str, Any] | None:
+    from gallop_kernels.finetune.rundir.records import read_run_record
+
+    try:
+        return read_run_record(folder)
+    except (RunFolderError, OSError):
+        return None
+
+
+def _lock_is_free(folder: str) -> bool:
+    """No live process holds ``folder``'s staging lock (a missing lock file counts as free)."""
+    import fcntl
+
+    path = os.path.join(folder, LOCK_FILE)
+    if lstat_or_none(path) is None:
+        return True
+    fd = open_regular(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def finish_interrupted_publish(output: str, result_files: Iterable[str] = ()) -> list[str]:
+    """Finish or clean up what a run killed while publishing onto ``output`` left (a note per
+    action; `docs/design.md#run-folders`). Under the parent folder's lock, as `RunFolder.publish`:
+
+    - the staging folder holds a *complete* run (its record says so) and the output is missing,
+      empty or the run it replaces: publishing was cut short before the swap; it is finished;
+    - the staging folder holds the run the output's run replaced (the output's record names it):
+      cut short after the swap; the replaced run is deleted, so that it can never be continued;
+    - ``.out.gallop-staging.old-*`` folders holding a run record (or empty): replaced runs whose
+      deletion was cut short; deleted. ``.out.gallop-staging.tmp-*`` folders whose lock no
+      process holds: a staging folder that never appeared; deleted.
+
+    A complete run in the staging folder that fits none of these is refused (the message names
+    it); anything at those names without a run record is left alone, with a note. Run by
+    ``gallop finetune`` before it plans, so a replaced run is gone before ``--resume last``
+    looks for checkpoints. ``result_files``: as for `plan_run` (what an older run record owns)."""
+    from gallop_kernels.finetune.rundir.plan import check_output
+
+    output = check_output(output)
+    parent = os.path.dirname(output)
+    staging = staging_path(output)
+    notes: list[str] = []
+    with folder_lock(parent):
+        staged = _record_or_none(staging) if os.path.isdir(staging) and not os.path.islink(staging) else None
+        if staged is not None and staged.get("status") == "complete":
+            found = inspect_output(output, result_files)
+            if found.kind in ("missing", "empty") or (found.kind == "run" and not found.extra
+                                                      and found.record["run_id"] == staged.get("replaces")):
+                with signals_deferred():
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(staging, LOCK_FILE))
+                    if found.kind in ("missing", "empty"):
+                        os.rename(staging, output)
+                    else:
+                        old = trash_path(staging)
+                        if exchange(staging, output):
+                            os.rename(staging, old)
+                        else:
+                            os.rename(output, old)
+                            os.rename(staging, output)
+                    fsync_dir(parent)
+                notes.append(f"finished publishing run {staged['run_id']} in {output} (its publishing was interrupted)")
+            elif found.kind == "run" and found.record.get("replaces") == staged["run_id"]:
+                os.rename(staging, trash_path(staging))
+                notes.append(f"removed run {staged['run_id']}, which run {found.record['run_id']} replaced in {output} "
+                             "(the removal was interrupted)")
+            else:
+                raise RunFolderError(
+                    f"{staging} holds run {staged['run_id']}, finished but not published, and {output} is not the "
+                    f"run it was to replace ({staged.get('replaces')}); move {staging} away (it is a complete run "
+                    "folder) and run again")
+        prefix = os.path.basename(staging)
+        for name in sorted(os.listdir(parent)):
+            path = os.path.join(parent, name)
+            if not name.startswith(prefix) or os.path.islink(path) or not os.path.isdir(path):
+                continue
+            rest = name[len(prefix):]
+            if not (rest.startswith(TRASH_INFIX) or rest.startswith(TMP_INFIX)):
+                continue
+            left = os.listdir(path)
+            ours = not left or _record_or_none(path) is not None or set(left) <= {LOCK_FILE, RUN_FILE}
+            if rest.startswith(TMP_INFIX) and not _lock_is_free(path):
+                continue  # another run creating its staging folder right now
+            if not ours:
+                notes.append(f"left {path} in place: it has no gallop run record (it holds {listing(left)})")
+                continue
+            remove_run_tree(path, RUN_FILE)
+            if rest.startswith(TRASH_INFIX):
+                notes.append(f"removed {path}, a replaced run whose removal was interrupted")
+    return notes

@@ -19,6 +19,7 @@ MAY_CHANGE_ON_RESUME = frozenset({
     "output", "resume", "overwrite", "epochs", "max_steps", "save_steps", "logging_steps", "progress",
     "save_full", "gradient_checkpointing", "eval_data", "eval_steps", "report_to",
     "model", "data",  # compared by content (fingerprints), not by how they are spelled
+    "max_line_bytes",  # a bound on reading; the data's content is compared
 })
 """Options a resumed run may change: how long it trains, how often it saves, logs and evaluates.
 Every other option must equal the checkpoint's (a new option is checked unless it is listed here)."""

@@ -39,11 +39,35 @@ def staging_path(output: str) -> str:
 
 @dataclass(frozen=True)
 class Found:
-    """What is at a path: ``kind`` is missing, empty, run, results (gallop results without a run
-    record, written before run records existed) or foreign."""
+    """What is at a path: ``kind`` is missing, empty, run (a folder marked as a gallop run by a
+    valid ``gallop_run.json``) or foreign (anything else: a folder is a run only by that marker,
+    never by file names other tools use too, such as ``checkpoint-500``). ``names`` are the
+    entries found; ``extra`` those a run folder holds that its run did not write."""
 
     kind: str
     record: dict[str, Any] | None = None
+    names: tuple[str, ...] = ()
+    extra: tuple[str, ...] = ()
+    problem: str | None = None  # why a folder holding gallop_run.json is still not a run
+
+
+def listing(names: Iterable[str], limit: int = 8) -> str:
+    """Folder entries for a message: the first ``limit`` names, and how many more."""
+    names = sorted(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _run_owned(record: dict[str, Any], names: Iterable[str], result_files: Iterable[str]) -> tuple[str, ...]:
+    """The entries of a run folder its run did not write: those not in the record's ``files``
+    (written when the run was published), or for a record without that list (an older gallop),
+    those that are not a name a run writes."""
+    files = record.get("files")
+    if isinstance(files, list) and all(isinstance(f, str) for f in files):
+        owned = set(files) | {RUN_FILE}
+        return tuple(sorted(n for n in names if n not in owned))
+    known = set(result_files) | {RUN_FILE}
+    return tuple(sorted(n for n in names if n not in known and not CHECKPOINT_RE.fullmatch(n)))
 
 
 def inspect_output(output: str, result_files: Iterable[str] = ()) -> Found:
@@ -55,17 +79,31 @@ def inspect_output(output: str, result_files: Iterable[str] = ()) -> Found:
                              "output folder when a run finishes and does not follow links)")
     if not stat.S_ISDIR(st.st_mode):
         raise RunFolderError(f"--output {output} exists and is not a folder")
-    names = os.listdir(output)
+    names = tuple(sorted(os.listdir(output)))
     if not names:
         return Found("empty")
-    if RUN_FILE in names:
-        try:
-            return Found("run", read_run_record(output))
-        except RunFolderError:
-            return Found("results")  # a damaged record: still gallop's, replaced only with --overwrite
-    if any(n in names for n in result_files) or any(CHECKPOINT_RE.fullmatch(n) for n in names):
-        return Found("results")
-    return Found("foreign")
+    if RUN_FILE not in names:
+        return Found("foreign", names=names)
+    try:
+        record = read_run_record(output)
+    except RunFolderError as e:  # a damaged or foreign record: not a run we can vouch for
+        return Found("foreign", names=names, problem=str(e))
+    return Found("run", record, names=names, extra=_run_owned(record, names, result_files))
+
+
+def refuse_foreign(output: str, found: Found, overwrite: bool) -> None:
+    """The refusal for an output that is not (only) a gallop run, naming what would be lost."""
+    if found.kind == "foreign":
+        why = f" ({found.problem})" if found.problem else ""
+        raise RunFolderError(
+            f"--output {output} is not a gallop run folder{why}: it holds {listing(found.names)}. gallop replaces "
+            f"the output folder when a run finishes{' (even with --overwrite)' if overwrite else ''} only when "
+            f"{RUN_FILE} marks it as a gallop run, so those files would be lost: choose an empty or new folder")
+    if found.kind == "run" and found.extra and overwrite:
+        raise RunFolderError(
+            f"--output {output} holds run {found.record['run_id']} and files that run did not write: "
+            f"{listing(found.extra)}. Publishing replaces the output folder, and gallop replaces only a run's own "
+            f"files: move those out of {output} first, or choose another --output")
 
 
 def _lock_holder(fd: int) -> str:
@@ -120,6 +158,10 @@ class Leftover:
 
 
 def inspect_staging(staging: str, probe_lock: bool = True) -> Leftover | None:
+    """The interrupted run in ``staging``, None when there is none. A folder at that name that is
+    not a run's staging folder (no valid run record) is refused, not discarded, unless empty; one
+    holding a finished run (an interrupted publish: see `folder.finish_interrupted_publish`) is
+    refused too, so that it is never continued as if it were interrupted."""
     st = lstat_or_none(staging)
     if st is None:
         return None
@@ -128,11 +170,20 @@ def inspect_staging(staging: str, probe_lock: bool = True) -> Leftover | None:
         raise RunFolderError(f"{staging} is {what}, but gallop keeps a run's staging folder at that name: remove it")
     if probe_lock:
         _staging_in_use(staging)
+    names = [n for n in os.listdir(staging) if n != LOCK_FILE]
+    if not names:
+        return Leftover(None, [], [])
     try:
-        run_id = read_run_record(staging)["run_id"]
-    except (RunFolderError, OSError):
-        run_id = None
-    checkpoints, notes = sealed_checkpoints(staging, run_id, verify_hashes=False) if run_id else ([], [])
+        record = read_run_record(staging)
+    except (RunFolderError, FileNotFoundError) as e:
+        why = f"no {RUN_FILE}" if isinstance(e, FileNotFoundError) else str(e)
+        raise RunFolderError(f"{staging} is not a gallop staging folder ({why}); it holds {listing(names)}. gallop "
+                             "keeps a run's staging folder at that name: move it away") from None
+    if record.get("status") == "complete":
+        raise RunFolderError(f"{staging} holds run {record['run_id']}, finished but not yet published (publishing "
+                             "was interrupted): the next `gallop finetune` on this output finishes that first")
+    run_id = record["run_id"]
+    checkpoints, notes = sealed_checkpoints(staging, run_id, verify_hashes=False)
     return Leftover(run_id, checkpoints, notes)
 
 
@@ -153,10 +204,11 @@ class RunPlan:
     resume: Checkpoint | None = None
     adopt_staging: bool = False  # continue the interrupted run in its staging folder
     discard_staging: bool = False  # a leftover staging folder to delete first
-    replaces: bool = False  # publishing replaces the run (or results) in the output folder
+    replaces: bool = False  # publishing replaces the run in the output folder
+    replaced_run_id: str | None = None  # ... whose id, checked again when publishing
     link: tuple[Checkpoint, ...] = ()  # the output's checkpoints up to the resume point, linked into staging
     notes: tuple[str, ...] = field(default_factory=tuple)
-    result_files: tuple[str, ...] = ()  # names that mark a folder as gallop results (no run record)
+    result_files: tuple[str, ...] = ()  # names a run writes (a run record without a file list: what it owns)
     passive: bool = False  # another rank of a multi-process run: rank 0 owns the folders
 
 
@@ -229,27 +281,26 @@ def plan_run(config: Any, *, loss_log: str, result_files: Iterable[str] = ()) ->
     """Check the output folder, the staging folder and ``config.resume`` against ``config``;
     change nothing. Raises :class:`RunFolderError` (a :class:`~gallop_kernels.errors.UserError`)."""
     output = check_output(config.output)
+    result_files = (*result_files, loss_log)
     overwrite = bool(getattr(config, "overwrite", False))
     staging = staging_path(output)
     record = run_options(config)
     found = inspect_output(output, result_files)
     rank, world = _rank()
     passive = world > 1 and rank != 0  # rank 0 owns the folders; the others only write where it says
-    if found.kind == "foreign":
-        raise RunFolderError(f"--output {output} holds files that are not a gallop run; gallop replaces the "
-                             "output folder when a run finishes, so choose an empty or new folder")
+    refuse_foreign(output, found, overwrite or config.resume is not None)  # (continuing one replaces too)
     leftover = inspect_staging(staging, probe_lock=not passive)
     notes: list[str] = []
     resume_spec = config.resume
+    replaced = found.record["run_id"] if found.kind == "run" else None
     plan = dict(output=output, staging=staging, record=record, loss_log=loss_log, result_files=tuple(result_files),
-                passive=passive)
+                passive=passive, replaces=replaced is not None, replaced_run_id=replaced)
 
     def finished_run_guard(action: str) -> None:
-        if found.kind in ("run", "results") and not overwrite:
-            what = (f"a finished run (run {found.record['run_id']})" if found.kind == "run"
-                    else "the results of an earlier run")
-            raise RunFolderError(f"--output {output} holds {what}; {action} would replace it: pass --overwrite to "
-                                 "allow that, or choose another --output")
+        if found.kind == "run" and not overwrite:
+            extra = f" (and files it did not write: {listing(found.extra)})" if found.extra else ""
+            raise RunFolderError(f"--output {output} holds a finished run (run {replaced}){extra}; {action} would "
+                                 "replace it: pass --overwrite to allow that, or choose another --output")
 
     def leftover_guard() -> bool:
         if leftover is None:
@@ -265,8 +316,7 @@ def plan_run(config: Any, *, loss_log: str, result_files: Iterable[str] = ()) ->
     if resume_spec is None:
         finished_run_guard("a new run")
         discard = leftover_guard()
-        return RunPlan(run_id=secrets.token_hex(16), discard_staging=discard, replaces=found.kind in ("run", "results"),
-                       notes=tuple(notes), **plan)
+        return RunPlan(run_id=secrets.token_hex(16), discard_staging=discard, notes=tuple(notes), **plan)
 
     if resume_spec == "last":
         if leftover is not None and leftover.run_id is not None:
@@ -310,8 +360,7 @@ def plan_run(config: Any, *, loss_log: str, result_files: Iterable[str] = ()) ->
         if later and resume_spec != "last" and not overwrite:
             raise RunFolderError(f"{staging} holds later checkpoints of this run (steps {later}); resuming from step "
                                  f"{checkpoint.step} discards them: pass --overwrite to allow that, or resume the latest")
-        return RunPlan(run_id=checkpoint.run_id, resume=checkpoint, adopt_staging=True,
-                       replaces=found.kind in ("run", "results"), notes=tuple(notes), **plan)
+        return RunPlan(run_id=checkpoint.run_id, resume=checkpoint, adopt_staging=True, notes=tuple(notes), **plan)
     if found.kind == "run" and found.record["run_id"] != checkpoint.run_id and _within(checkpoint.path, output):
         raise RunFolderError(f"{checkpoint.path} belongs to run {checkpoint.run_id}, not to the run recorded in "
                              f"{output} ({found.record['run_id']})")
@@ -321,8 +370,8 @@ def plan_run(config: Any, *, loss_log: str, result_files: Iterable[str] = ()) ->
     if _within(checkpoint.path, output):
         chain, _ = sealed_checkpoints(output, checkpoint.run_id, verify_hashes=False)
         link = tuple(ck for ck in chain if ck.step <= checkpoint.step)
-    return RunPlan(run_id=checkpoint.run_id, resume=checkpoint, discard_staging=discard,
-                   replaces=found.kind in ("run", "results"), link=link, notes=tuple(notes), **plan)
+    return RunPlan(run_id=checkpoint.run_id, resume=checkpoint, discard_staging=discard, link=link,
+                   notes=tuple(notes), **plan)
 
 
 def _check_agreement(checkpoint: Checkpoint, record: dict[str, Any], config: Any) -> None:

@@ -144,8 +144,70 @@ def read_checkpoint(path: str, *, verify_hashes: bool = True) -> Checkpoint:
     return Checkpoint(path=path, step=step, run_id=manifest["run_id"], manifest=manifest)
 
 
+def weight_shapes(folder: str) -> dict[str, tuple[int, ...]]:
+    """Name → shape of every tensor in a checkpoint's model weights (``model.safetensors``, a
+    sharded ``model.safetensors.index.json`` or ``pytorch_model.bin``), read from the headers where
+    the format has them; :class:`CheckpointError` when they cannot be read."""
+    import torch
+    from safetensors import safe_open
+
+    def header(path: str) -> dict[str, tuple[int, ...]]:
+        with safe_open(path, framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+    try:
+        for name in WEIGHT_FILES:
+            path = os.path.join(folder, name)
+            if lstat_or_none(path) is None:
+                continue
+            os.close(open_regular(path))  # (a link or a special file is refused)
+            if name == "model.safetensors":
+                return header(path)
+            if name.endswith(".index.json"):
+                index = read_json(path, "weights index")
+                shards = sorted(set(index["weight_map"].values())) if isinstance(index, dict) else []
+                if not all(isinstance(s, str) and s == os.path.basename(s) for s in shards):
+                    raise ValueError("its weight_map does not name shard files in the checkpoint")
+                found: dict[str, tuple[int, ...]] = {}
+                for shard in shards:
+                    found.update(header(os.path.join(folder, shard)) if shard.endswith(".safetensors")
+                                 else {k: tuple(v.shape) for k, v in torch.load(
+                                     os.path.join(folder, shard), map_location="meta", weights_only=True).items()})
+                return found
+            state = torch.load(path, map_location="meta", weights_only=True)
+            return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    except (CheckpointError, RunFolderError):
+        raise
+    except Exception as e:  # any unreadable weights file is the checkpoint's fault, said in one line
+        raise CheckpointError(f"the model weights in {folder} cannot be read: {e}") from None
+    raise CheckpointError(f"checkpoint {folder} holds no model weights ({', '.join(WEIGHT_FILES)})")
+
+
+def check_resume_weights(folder: str, model: Any) -> None:
+    """Every trainable tensor of ``model`` (one that requires grad) is in the checkpoint's weights
+    with its shape, under its name or a tied alias; else resuming would silently start those
+    tensors from the base again (the Trainer only warns about missing keys)."""
+    shapes = weight_shapes(folder)
+    aliases: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    missing = []
+    for p in {id(p): p for p in model.parameters() if p.requires_grad}.values():
+        names = aliases.get(id(p), ["?"])
+        if not any(shapes.get(n) == tuple(p.shape) for n in names):
+            missing.append(names[0] + ("" if names[0] not in shapes else f" (shape {shapes[names[0]]}, the model's "
+                                                                          f"{tuple(p.shape)})"))
+    if missing:
+        raise CheckpointError(f"checkpoint {folder}: its model weights lack {len(missing)} trainable tensor(s) "
+                              f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); resuming would "
+                              "restart them from the base: refused")
+
+
 def check_optimizer_state(checkpoint: Checkpoint, density: float, score: Any) -> None:
-    """The checkpoint's optimizer state holds a selection made with this density and score."""
+    """The checkpoint's optimizer state holds a selection made with this density and score, and its
+    model weights hold at least as many tensors as the optimizer trains (an emptied weights file
+    is refused here, before anything loads; `check_resume_weights` checks names and shapes once
+    the model is loaded)."""
     import torch
 
     path = os.path.join(checkpoint.path, OPTIMIZER_FILE)
@@ -167,6 +229,11 @@ def check_optimizer_state(checkpoint: Checkpoint, density: float, score: Any) ->
         if g.get("params") and (g.get("density") != density or g.get("score") != score):
             raise CheckpointError(f"{path}: param group {i} was trained with density {g.get('density')!r} and score "
                                   f"{g.get('score')!r}, this run asks {density!r} and {score!r}")
+    trained = sum(len(g.get("params") or ()) for g in groups)
+    held = len(weight_shapes(checkpoint.path))
+    if held < trained:
+        raise CheckpointError(f"checkpoint {checkpoint.path}: its model weights hold {held} tensor(s), fewer than the "
+                              f"{trained} its optimizer trains; resuming would restart them from the base: refused")
 
 
 def seal_checkpoint(path: str, record: dict[str, Any]) -> None:

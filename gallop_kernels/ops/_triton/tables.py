@@ -79,15 +79,31 @@ def load_f32(ptr, offs, mask, DT: tl.constexpr):
 
 
 @triton.jit
+def bf16_bits(value):
+    """The bits (in a uint32) of float32 ``value`` rounded to nearest even bfloat16."""
+    bits = value.to(tl.uint32, bitcast=True)
+    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+    nan = (bits & 0x7FFFFFFF) > 0x7F800000
+    return tl.where(nan, (bits >> 16) | 0x40, rounded)  # keep NaN a (quiet) NaN
+
+
+@triton.jit
 def store_from_f32(ptr, offs, value, mask, DT: tl.constexpr):
     """Store float32 ``value`` rounded to nearest even into a tensor of dtype DT."""
     if DT == tl.float32:
         tl.store(ptr + offs, value, mask=mask)
     elif DT == tl.bfloat16:
-        bits = value.to(tl.uint32, bitcast=True)
-        rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
-        nan = (bits & 0x7FFFFFFF) > 0x7F800000
-        out = tl.where(nan, (bits >> 16) | 0x40, rounded)  # keep NaN a (quiet) NaN
-        tl.store(ptr + offs, out.to(tl.uint16), mask=mask)
+        tl.store(ptr + offs, bf16_bits(value).to(tl.uint16), mask=mask)
     else:
         tl.store(ptr + offs, value.to(DT), mask=mask)
+
+
+@triton.jit
+def rounded_f32(value, DT: tl.constexpr):
+    """Float32 ``value`` rounded as `store_from_f32` stores it into DT, back in float32."""
+    if DT == tl.float32:
+        return value
+    elif DT == tl.bfloat16:
+        return (bf16_bits(value) << 16).to(tl.float32, bitcast=True)
+    else:
+        return value.to(DT).to(tl.float32)

@@ -46,6 +46,7 @@ def _fp32_state(params, grads, states, hyper: AdamWHyper) -> None:
     flats = [p.data.view(-1) for p in params]
     indices = [st["indices"] for st in states]
     g = [_selected_gradient(grad.reshape(-1), idx) for grad, idx in zip(grads, indices)]
+    _resync_masters(states, flats, indices)
     w = [st["master"] if st.get("master") is not None
          else flat.index_select(0, idx).to(torch.float32)  # (a copy: written back below)
          for st, flat, idx in zip(states, flats, indices)]
@@ -65,8 +66,24 @@ def _fp32_state(params, grads, states, hyper: AdamWHyper) -> None:
     torch._foreach_add_(denom, hyper.eps)
     torch._foreach_addcdiv_(w, m, denom, value=-lr / bias_correction1)
     for flat, idx, new in zip(flats, indices, w):
-        # (index_copy_ wants int64 indices; converting them costs less than indexing with int32)
-        flat.index_copy_(0, idx.to(torch.int64), new.to(flat.dtype))
+        # (int64 indices: converting them costs less than indexing with int32; index_put_ beat
+        # index_copy_ and put_ on a group of cold tensors, benchmarks/torch_step.py)
+        flat.index_put_((idx.to(torch.int64),), new.to(flat.dtype))
+
+
+def _resync_masters(states, flats, indices) -> None:
+    """Every master copy resynced in place from its param where that changed from outside
+    (`naive.resync_master`): the selected param values gathered per tensor, the comparison run
+    once over all tensors of a dtype (a few ops for the group, not a few per tensor)."""
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, st in enumerate(states):
+        if st.get("master") is not None:
+            by_dtype.setdefault(flats[i].dtype, []).append(i)
+    for chosen in by_dtype.values():
+        masters = [states[i]["master"] for i in chosen]
+        current = torch.cat([flats[i].index_select(0, indices[i]) for i in chosen])
+        resynced = naive.resync_master(current, torch.cat(masters))
+        torch._foreach_copy_(masters, resynced.split([m.numel() for m in masters]))
 
 
 def _selected_gradient(grad: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

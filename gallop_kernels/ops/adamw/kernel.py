@@ -47,6 +47,7 @@ from gallop_kernels.ops._triton.tables import (
     as_pointer,
     find_slot,
     load_f32,
+    rounded_f32,
     store_from_f32,
 )
 
@@ -77,17 +78,21 @@ def load_selected(idx_ptr, g_ptr, p_ptr, master_address, offs, mask,
     """Indices, fp32 gradient and fp32 weight of a block of selected entries.
 
     The gradient is read at ``offs`` when it is compact (gathered) and at the indices when dense;
-    the weight comes from the fp32 master copy when there is one, else from the param.
+    the weight comes from the fp32 master copy when there is one, except where the param no
+    longer holds the master's rounding (changed from outside: `naive.resync_master`), else from
+    the param.
     """
     idx = tl.load(idx_ptr + offs, mask=mask, other=0).to(tl.int64)
     if COMPACT_GRAD:
         g = load_f32(g_ptr, offs, mask, G_T)
     else:
         g = load_f32(g_ptr, idx, mask, G_T)
+    current = load_f32(p_ptr, idx, mask, P_T)
     if HAS_MASTER:
         w = tl.load(master_address.to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0.0)
+        w = tl.where(current != rounded_f32(w, P_T), current, w)
     else:
-        w = load_f32(p_ptr, idx, mask, P_T)
+        w = current
     return idx, g, w
 
 

@@ -1,7 +1,8 @@
 """The sparse AdamW step written to be obviously right: the oracle every backend is tested against.
 
 `docs/design.md#sparse-update`: for each selected entry, PyTorch AdamW's order of operations in
-float32; bf16/fp16 params keep an fp32 master copy of the selected entries. `sparse_adamw_step`
+float32; bf16/fp16 params keep an fp32 master copy of the selected entries, which yields to the
+param where that was changed from outside (`resync_master`). `sparse_adamw_step`
 is torch's own arithmetic (fp32 state); `sparse_adamw_step_8bit` defines every rounding itself
 (`adamw_update_exact`) so that the Triton kernel reproduces it bit for bit.
 """
@@ -16,17 +17,30 @@ from gallop_kernels.ops.adamw.hyper import AdamWHyper
 from gallop_kernels.ops.adamw.quantization import dequantize_blockwise, quantize_blockwise
 
 
+def resync_master(current: torch.Tensor, master: torch.Tensor) -> torch.Tensor:
+    """The float32 weight of selected entries whose param values are ``current``: the master,
+    except where the param no longer holds the master's rounding (it was changed from outside:
+    ``load_state_dict``, ``merge_delta``, an in-place edit), where the param's value is taken
+    (`docs/design.md#sparse-update`). Every backend computes exactly this."""
+    changed = current != master.to(current.dtype)
+    return torch.where(changed, current.to(torch.float32), master)
+
+
 def _selected_entries(
     param: torch.Tensor, grad: torch.Tensor, indices: torch.Tensor, master: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """What both steps read: the flat param, int64 indices, the selected gradient in float32
-    (``grad`` dense or already gathered) and the float32 weight (``master`` itself, or a copy)."""
+    (``grad`` dense or already gathered) and the float32 weight (``master`` itself, resynced
+    from the param where it changed from outside (`resync_master`), or a copy of the param)."""
     flat = param.data.view(-1)
     idx = indices.to(torch.int64)
     g = grad.reshape(-1)
     if g.numel() != idx.numel():
         g = g[idx]
-    return flat, idx, g.to(torch.float32), (master if master is not None else flat[idx].to(torch.float32))
+    if master is None:
+        return flat, idx, g.to(torch.float32), flat[idx].to(torch.float32)
+    master.copy_(resync_master(flat[idx], master))
+    return flat, idx, g.to(torch.float32), master
 
 
 def sparse_adamw_step(
