@@ -240,6 +240,11 @@ def test_smoke_study_writes_raw_table_plot_and_resumes_without_rerunning(tmp_pat
     args = parser.parse_args(["reproduce", "--report-only", "--no-plot", "--output", str(out)])
     assert args.func(args) == 0
     assert (out / "table.md").read_text() == table
+    args = parser.parse_args(["reproduce", "--estimate", "--no-plot", "--output", str(out)])
+    assert args.func(args) == 0
+    estimate = json.loads((out / "estimate.json").read_text())
+    assert estimate["runs"] == len(raw["runs"]) and estimate["cpu_hours"] > 0
+    assert "Estimated early" in (out / "table.md").read_text()
 
 
 def test_a_study_with_other_settings_is_refused_not_overwritten(tmp_path, capsys):
@@ -259,7 +264,7 @@ def test_cost_projection_counts_what_is_left():
     raw["vanilla"]["cpu_seconds"] = 10.0
     raw["machine"] = {"cpu": "x", "cpus": 2}
     plan = PR.planned_runs(raw)
-    assert [(k.lr, done) for k, done in plan] == [(1e-4, True), (1e-3, False)]
+    assert sorted((k.lr, done) for k, done in plan) == [(1e-4, True), (1e-3, False)]
     text = "\n".join(PR.cost_section(raw))
     assert "1 left would take about 0.0 CPU-hours" in text and "mean CPU min" in text
     assert not math.isnan(P.metrics(raw, raw["runs"][0])["forget_ratio"])

@@ -66,6 +66,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="paper: only measure the base model on every candidate task (pilot.json)")
     p.add_argument("--selections", action="store_true",
                    help="paper: only record what GaLLoP selects, plain and floored, at every budget (selections.json)")
+    p.add_argument("--estimate", action="store_true",
+                   help="paper: write estimate.json, the plan's CPU time projected from the runs so far (nothing runs)")
     p.add_argument("--report-only", action="store_true", help="only rewrite the table, plot and report from raw.json")
     p.add_argument("--no-plot", action="store_true")
     # gallop_kernels/cli.py calls handler(args, subparser); func(args) is the same without the parser
@@ -109,10 +111,16 @@ def _paper(args: argparse.Namespace, output: str, raw_path: str) -> int:
     for name in ("rank", "steps"):
         if getattr(args, name) is not None:
             return _error(f"--{name} belongs to --protocol probes; the paper protocol takes --ranks")
-    if args.report_only:
+    if args.report_only or args.estimate:
         raw = _read_raw(raw_path)
         if raw is None:
             return 2
+        if args.estimate:
+            import time
+
+            path = os.path.join(output, "estimate.json")
+            paper.save(paper_report.estimate(raw, time.strftime("%Y-%m-%d %H:%M")), path)
+            print(f"wrote {path}")
     else:
         base = paper.SMOKE if args.smoke else paper.PaperConfig()
         changes = {"threads": args.threads, "jobs": args.jobs}
@@ -153,8 +161,8 @@ def _probes(args: argparse.Namespace, output: str, raw_path: str) -> int:
     for name in ("ranks", "id_tasks", "max_runs"):
         if getattr(args, name) is not None:
             return _error(f"--{name.replace('_', '-')} belongs to the paper protocol")
-    if args.pilot or args.selections:
-        return _error("--pilot and --selections belong to the paper protocol")
+    if args.pilot or args.selections or args.estimate:
+        return _error("--pilot, --selections and --estimate belong to the paper protocol")
     if args.report_only:
         raw = _read_raw(raw_path)
         if raw is None:

@@ -265,37 +265,60 @@ def planned_runs(raw: dict[str, Any], front_points: int = 3) -> list[tuple[Key, 
     return out
 
 
+def _costs(raw: dict[str, Any]) -> tuple[dict[tuple[str, Any], list[float]], float]:
+    per_kind: dict[tuple[str, Any], list[float]] = defaultdict(list)
+    for r in raw["runs"]:
+        per_kind[(r["method"], r["rank"])].append(r["cpu_seconds"])
+    return per_kind, sum(r["cpu_seconds"] for r in raw["runs"]) / max(1, len(raw["runs"]))
+
+
+def projected_seconds(raw: dict[str, Any], keys: list[Key]) -> float:
+    """CPU seconds ``keys`` would take at the mean measured cost of their kind of run (method and
+    rank; else the method's mean; else the mean of every run)."""
+    per_kind, all_mean = _costs(raw)
+
+    def cost(k: Key) -> float:
+        same = per_kind.get((k.method, k.rank)) or [c for (m, _), cs in per_kind.items() if m == k.method for c in cs]
+        return sum(same) / len(same) if same else all_mean
+
+    return sum(cost(k) for k in keys)
+
+
+def estimate(raw: dict[str, Any], when: str) -> dict[str, Any]:
+    """The whole plan's CPU time projected from the runs measured so far (``estimate.json``)."""
+    plan = planned_runs(raw)
+    per_kind, _ = _costs(raw)
+    return {"when": when, "runs": len(plan), "measured_runs": len(raw["runs"]),
+            "basis": f"the mean CPU time of each kind of run among the first {len(raw['runs'])} runs",
+            "per_kind_cpu_seconds": {f"{m} r{r}": sum(c) / len(c) for (m, r), c in per_kind.items()},
+            "cpu_hours": (projected_seconds(raw, [k for k, _ in plan])) / 3600}
+
+
 def cost_section(raw: dict[str, Any], estimate: dict[str, Any] | None = None) -> list[str]:
     """CPU time so far, per kind of run, and the projection of the rest of the plan."""
     runs = raw["runs"]
     lines = ["## Cost", ""]
     if not runs:
         return lines + ["No run yet."]
-    per_kind: dict[tuple[str, Any], list[float]] = defaultdict(list)
-    for r in runs:
-        per_kind[(r["method"], r["rank"])].append(r["cpu_seconds"])
-    all_mean = sum(r["cpu_seconds"] for r in runs) / len(runs)
+    per_kind, all_mean = _costs(raw)
     spent = sum(r["cpu_seconds"] for r in runs) + raw["vanilla"].get("cpu_seconds", 0.0)
     plan = planned_runs(raw)
     todo = [k for k, done in plan if not done]
-
-    def cost(k: Key) -> float:
-        same = per_kind.get((k.method, k.rank)) or [c for (m, _), cs in per_kind.items() if m == k.method for c in cs]
-        return sum(same) / len(same) if same else all_mean
-
-    remaining = sum(cost(k) for k in todo)
+    remaining = projected_seconds(raw, todo)
     devices = sorted({r.get("device", "cpu") for r in runs})
     lines += [f"{len(runs)} runs took {spent / 3600:.2f} CPU-hours (process CPU time of the run's worker, "
               f"{', '.join(devices)}; machine: {raw['machine'].get('cpu')}, {raw['machine'].get('cpus')} cores, "
-              f"shared). Mean {all_mean / 60:.1f} CPU-minutes a run. The plan holds {len(plan)} runs; the "
-              f"{len(todo)} left would take about {remaining / 3600:.1f} CPU-hours more at the mean cost of "
+              f"shared with other work). Mean {all_mean / 60:.1f} CPU-minutes a run. The plan holds {len(plan)} runs; "
+              f"the {len(todo)} left would take about {remaining / 3600:.1f} CPU-hours more at the mean cost of "
               "their kind of run (seed stages not yet decidable are counted as 3 front points per method).", "",
               "| method | rank | runs | mean CPU min a run |", "|---|---|---|---|"]
     for (method, rank), cs in sorted(per_kind.items(), key=lambda kv: (METHODS.index(kv[0][0]), kv[0][1] or 0)):
         lines.append(f"| {_label(method)} | {_rank(rank)} | {len(cs)} | {sum(cs) / len(cs) / 60:.1f} |")
     if estimate:
-        lines += ["", f"Estimated up front ({estimate['when']}, {estimate['basis']}): "
-                  f"{estimate['cpu_hours']:.1f} CPU-hours for {estimate['runs']} runs."]
+        lines += ["", f"Estimated early ({estimate['when']}, from {estimate['basis']}): "
+                  f"{estimate['cpu_hours']:.1f} CPU-hours for the {estimate['runs']} runs of the plan; "
+                  f"measured so far: {spent / 3600:.2f} CPU-hours for {len(runs)} runs, "
+                  f"{(spent + remaining) / 3600:.1f} CPU-hours projected for the whole plan now."]
     return lines
 
 
@@ -370,5 +393,5 @@ def write_outputs(raw: dict[str, Any], output: str, make_plot: bool = True) -> l
     return paths
 
 
-__all__ = ["ID_GAINS", "best_ood_at_gain", "grouped", "markdown", "method_fronts", "planned_runs", "plot", "summary",
+__all__ = ["ID_GAINS", "best_ood_at_gain", "estimate", "projected_seconds", "grouped", "markdown", "method_fronts", "planned_runs", "plot", "summary",
            "write_outputs"]
