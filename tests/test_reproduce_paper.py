@@ -270,7 +270,7 @@ def test_cost_projection_counts_what_is_left():
     assert not math.isnan(P.metrics(raw, raw["runs"][0])["forget_ratio"])
 
 
-def test_default_plan_runs_every_rate_at_every_budget_for_gallop_and_lora_only():
+def test_default_plan_runs_every_rate_everywhere_for_gallop_lora_and_full_only():
     cfg = P.PaperConfig()
     grid = dict(P.stages(cfg))
     other = grid[f"{cfg.id_tasks[0]}: ranks 4, 64"]
@@ -283,4 +283,6 @@ def test_default_plan_runs_every_rate_at_every_budget_for_gallop_and_lora_only()
         else:
             assert rates == set(cfg.lr_grid[method][1:4])
     assert {k.rank for k in other} == {4, 64}
-    assert len(grid[f"{cfg.id_tasks[1]}: every method, rank 16"]) == 5 * len(cfg.methods)
+    assert len(grid[f"{cfg.id_tasks[0]}: every method, rank 16"]) == 5 * len(cfg.methods)
+    second = grid[f"{cfg.id_tasks[1]}: every method, rank 16"]
+    assert len(second) == 5 * len(cfg.every_rate_methods) + 3 * (len(cfg.methods) - len(cfg.every_rate_methods))

@@ -104,8 +104,8 @@ class PaperConfig:
     lr_grid: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(LR_GRID))
     seeds: tuple[int, ...] = (0, 1, 2)
     full_budgets_on: tuple[str, ...] = ("arithmetic",)  # ID tasks that get every rank (others: the first)
-    every_rate_methods: tuple[str, ...] = ("lora", "gallop", "gallop_qf")  # every rate at every rank
-    other_rank_rates: int = 3  # the others, at ranks but the first: this many middle rates of their grid
+    every_rate_methods: tuple[str, ...] = ("lora", "gallop", "gallop_qf", "full")  # every rate everywhere
+    other_rank_rates: int = 3  # the others, but on the first ID task at the first rank: the middle rates
     epochs: int = 1
     batch_size: int = 8
     autocast: bool = True  # bf16 autocast (fp32 weights and optimizer): mixed precision, as the paper trains
@@ -478,16 +478,17 @@ def front_keys(raw: dict[str, Any], id_task: str, method: str) -> list[Key]:
 
 
 def grid_keys(cfg: PaperConfig, id_task: str, ranks: Iterable[int], methods: Iterable[str],
-              first_rank: bool = True) -> list[Key]:
-    """Seed-0 keys of ``methods`` at ``ranks``; away from the first rank, the methods outside
-    ``every_rate_methods`` run the middle ``other_rank_rates`` rates of their grid only.
+              every_rate: bool = True) -> list[Key]:
+    """Seed-0 keys of ``methods`` at ``ranks``; unless ``every_rate`` (the first ID task at the
+    first rank), the methods outside ``every_rate_methods`` run the middle ``other_rank_rates``
+    rates of their grid only.
 
     Ordered middle rates first (every method's middle rate, then the ones next to it, ...), so
     that a stage stopped early has covered every method before it refines any."""
     keys = []
     for method in methods:
         grid = list(cfg.lr_grid[method])
-        if not first_rank and method not in cfg.every_rate_methods and len(grid) > cfg.other_rank_rates:
+        if not every_rate and method not in cfg.every_rate_methods and len(grid) > cfg.other_rank_rates:
             cut = (len(grid) - cfg.other_rank_rates) // 2
             grid = grid[cut:cut + cfg.other_rank_rates]
         middle = (len(grid) - 1) / 2
@@ -501,11 +502,12 @@ def stages(cfg: PaperConfig, raw: dict[str, Any] | None = None) -> list[tuple[st
     runs finished so far (``raw``), so they are listed after the grid stages they follow."""
     first, others = cfg.ranks[0], cfg.ranks[1:]
     out = []
-    for id_task in cfg.id_tasks:
-        out.append((f"{id_task}: every method, rank {first}", grid_keys(cfg, id_task, [first], cfg.methods)))
+    for i, id_task in enumerate(cfg.id_tasks):
+        out.append((f"{id_task}: every method, rank {first}",
+                    grid_keys(cfg, id_task, [first], cfg.methods, every_rate=i == 0)))
         if id_task in cfg.full_budgets_on and others:
             out.append((f"{id_task}: ranks {', '.join(map(str, others))}",
-                        grid_keys(cfg, id_task, others, [m for m in cfg.methods if m != "full"], first_rank=False)))
+                        grid_keys(cfg, id_task, others, [m for m in cfg.methods if m != "full"], every_rate=False)))
     seeded = [s for s in cfg.seeds if s != 0]
     if seeded:
         for id_task in cfg.id_tasks:
