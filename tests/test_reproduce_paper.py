@@ -286,3 +286,18 @@ def test_default_plan_runs_every_rate_everywhere_for_gallop_lora_and_full_only()
     assert len(grid[f"{cfg.id_tasks[0]}: every method, rank 16"]) == 5 * len(cfg.methods)
     second = grid[f"{cfg.id_tasks[1]}: every method, rank 16"]
     assert len(second) == 5 * len(cfg.every_rate_methods) + 3 * (len(cfg.methods) - len(cfg.every_rate_methods))
+
+
+def test_pilot_and_selections_write_their_records(tmp_path):
+    parser = _parser()
+    for flag, name in (("--pilot", "pilot.json"), ("--selections", "selections.json")):
+        args = parser.parse_args(["reproduce", "--smoke", flag, "--output", str(tmp_path)])
+        assert args.func(args) == 0
+    pilot = json.loads((tmp_path / "pilot.json").read_text())
+    assert set(pilot["tasks"]) == set(S.CANDIDATES)
+    assert all(0 <= t["test"] <= 1 and t["in_suite"] == (n in S.SUITE) for n, t in pilot["tasks"].items())
+    sel = json.loads((tmp_path / "selections.json").read_text())
+    variants = sel["tasks"]["sentiment"]["1"]
+    assert set(variants) == {"plain", "quantization floor", "smallest non-zero"}
+    assert variants["plain"]["shared_with_plain"] == 1.0
+    assert "What GaLLoP selects" in "\n".join(PR.extras_section(PR.read_extras(str(tmp_path))))

@@ -35,10 +35,8 @@ import hashlib
 import json
 import math
 import os
-import platform
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterable
 
@@ -46,7 +44,9 @@ import torch
 
 from gallop_kernels import chat_tasks as C
 from gallop_kernels.reproduce import suite as S
-from gallop_kernels.reproduce.runner import TARGETS, TINY, load, lora_budget, sift_groups, target_parameters
+from gallop_kernels.reproduce.runner import (TINY, check_lr_grid, dense_setup, load, load_previous, loadavg,
+                                             lora_budget, machine, quiet_worker, save, sift_groups,
+                                             study_session, target_parameters)
 
 METHODS = ("full", "lora", "gallop", "gallop_qf", "sift", "saft", "pafi", "random")
 SPARSE_SCORES = {"gallop": "gallop", "gallop_qf": "gallop", "sift": "gradient", "saft": "gradient",
@@ -144,10 +144,7 @@ class PaperConfig:
             raise ValueError("warmup_ratio must be in [0, 1), max_grad_norm > 0, floor_fraction in (0, 1]")
         if self.floor_format != "auto" and self.floor_format not in score_floor.FORMATS:
             raise ValueError(f"floor_format must be 'auto' or one of {sorted(score_floor.FORMATS)}")
-        for m in self.methods:
-            grid = self.lr_grid.get(m)
-            if not grid or any(not (isinstance(lr, (int, float)) and lr > 0) for lr in grid):
-                raise ValueError(f"lr_grid[{m!r}] must be a non-empty list of positive learning rates, got {grid}")
+        check_lr_grid(self.methods, self.lr_grid)
 
     def fingerprint(self) -> str:
         """What decides a run's result (`RESULT_FIELDS`); earlier runs are reused only under the
@@ -329,25 +326,9 @@ def run_one(cfg: PaperConfig, data: Data, key: Key, log: Callable[[str], None] |
     run_seed = 1_000 * key.seed + METHODS.index(key.method)
     extra: dict[str, Any] = {}
     t_select = 0.0
-    if key.method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=key.lr, weight_decay=0.0)
+    if key.method in ("full", "lora"):
+        model, opt, params = dense_setup(model, key.method, key.rank, key.lr, run_seed, budget)
         trainable = sum(p.numel() for p in params)
-    elif key.method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        torch.manual_seed(run_seed)  # LoRA's A init
-        with warnings.catch_warnings():  # peft asks transformers 5 a deprecated question; not ours to fix
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            model = get_peft_model(model, LoraConfig(r=key.rank, lora_alpha=2 * key.rank, lora_dropout=0.0,
-                                                     target_modules=list(TARGETS)))
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=key.lr, weight_decay=0.0)
-        trainable = sum(p.numel() for p in params)
-        if trainable != budget:
-            raise AssertionError(f"LoRA trains {trainable} parameters, the budget formula says {budget}")
     else:
         ts = time.perf_counter()
         floors = None
@@ -525,52 +506,12 @@ def stages(cfg: PaperConfig, raw: dict[str, Any] | None = None) -> list[tuple[st
 # ---------------------------------------------------------------------------------------------
 
 
-def _machine() -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpus": os.cpu_count(), "cpu": cpu, "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-
-
-def save(raw: dict[str, Any], path: str | None) -> None:
-    if path is None:
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(raw, f, indent=1, default=str)
-    os.replace(tmp, path)
-
-
-def _load_previous(path: str | None, cfg: PaperConfig, log: Callable[[str], None]) -> dict[str, Any] | None:
-    if path is None or not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (OSError, ValueError):
-        log(f"reproduce: {path} is unreadable; starting afresh")
-        return None
-    if raw.get("fingerprint") != cfg.fingerprint():
-        raise ValueError(f"{path} was made with other settings (fingerprint {raw.get('fingerprint')}, these are "
-                         f"{cfg.fingerprint()}); choose another --output or the same settings")
-    return raw
-
-
 _WORKER: dict[str, Any] = {}
 
 
 def _worker_init(cfg: PaperConfig) -> None:
     """A worker process: its own threads setting and encoded data (built once)."""
-    from gallop_kernels.quiet import no_bitsandbytes_notice, progress_bars
-
-    torch.set_num_threads(cfg.threads)
-    progress_bars(False).__enter__()  # for the worker's whole life: its log is the parent's stderr
-    no_bitsandbytes_notice().__enter__()
+    quiet_worker(cfg.threads)
     _, tokenizer, _ = load(cfg.model)
     _WORKER.update(cfg=cfg, data=build_data(cfg, tokenizer))
 
@@ -583,22 +524,14 @@ def run_study(cfg: PaperConfig, raw_path: str | None = None, log: Callable[[str]
               max_runs: int | None = None) -> dict[str, Any]:
     """Run (or continue) the study; returns the raw results, also written to ``raw_path`` after
     every run. ``max_runs`` stops after that many new runs (a sitting of a longer study)."""
-    from gallop_kernels.quiet import no_bitsandbytes_notice, progress_bars
-
     cfg.check()
-    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
-        with progress_bars(False), no_bitsandbytes_notice():
-            return _run(cfg, raw_path, log, max_runs)
-    finally:
-        torch.set_num_threads(previous_threads)
+    with study_session(cfg.methods, cfg.threads):
+        return _run(cfg, raw_path, log or (lambda s: print(s, file=sys.stderr, flush=True)), max_runs)
 
 
 def _run(cfg: PaperConfig, raw_path: str | None, log: Callable[[str], None], max_runs: int | None) -> dict[str, Any]:
     t0 = time.perf_counter()
-    raw = _load_previous(raw_path, cfg, log)
+    raw = load_previous(raw_path, cfg.fingerprint(), log, refuse_other=True)
     model, tokenizer, source = load(cfg.model, log)
     data = build_data(cfg, tokenizer)
     if raw is None:
@@ -609,7 +542,7 @@ def _run(cfg: PaperConfig, raw_path: str | None, log: Callable[[str], None], max
                "num_target_params": sum(p.numel() for _, p in targets),
                "budgets": {}, "sizes": data.sizes, "chance": data.chance,
                "descriptions": {t: S.CANDIDATES[t][0] for t in cfg.tasks}, "vanilla": None, "runs": [],
-               "machine": _machine(), "sessions": []}
+               "machine": machine(), "sessions": []}
         ts, cs = time.perf_counter(), time.process_time()
         model.to(device())
         with precision(cfg):
@@ -620,7 +553,7 @@ def _run(cfg: PaperConfig, raw_path: str | None, log: Callable[[str], None], max
     targets = target_parameters(model)
     raw["budgets"].update({str(r): lora_budget(targets, r) for r in cfg.ranks})
     del model, targets
-    session: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_start": _loadavg(),
+    session: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_start": loadavg(),
                                "jobs": cfg.jobs, "threads": cfg.threads, "device": str(device()), "new_runs": 0}
     raw["sessions"].append(session)
     for name in ("methods", "ranks", "seeds", "id_tasks", "full_budgets_on", "every_rate_methods", "other_rank_rates",
@@ -636,7 +569,7 @@ def _run(cfg: PaperConfig, raw_path: str | None, log: Callable[[str], None], max
         raw["runs"].append(r)
         done.add(Key.of(r))
         session["new_runs"] += 1
-        session["loadavg_end"] = _loadavg()
+        session["loadavg_end"] = loadavg()
         session["seconds"] = time.perf_counter() - t0
         save(raw, raw_path)
         m = metrics(raw, r)
@@ -671,7 +604,7 @@ def _run(cfg: PaperConfig, raw_path: str | None, log: Callable[[str], None], max
             if not execute(keys):
                 break
     session["seconds"] = time.perf_counter() - t0
-    session["loadavg_end"] = _loadavg()
+    session["loadavg_end"] = loadavg()
     save(raw, raw_path)
     return raw
 
@@ -679,11 +612,14 @@ def _run(cfg: PaperConfig, raw_path: str | None, log: Callable[[str], None], max
 def pilot(cfg: PaperConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The base model on every candidate task (`suite.CANDIDATES`, whole test and validation
     splits, the study's precision): the measurement the suite was chosen by."""
-    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    torch.set_num_threads(cfg.threads)
+    with study_session((), cfg.threads):
+        return _pilot(cfg, log or (lambda s: print(s, file=sys.stderr, flush=True)))
+
+
+def _pilot(cfg: PaperConfig, log: Callable[[str], None]) -> dict[str, Any]:
     model, tokenizer, source = load(cfg.model, log)
     model.to(device())
-    out: dict[str, Any] = {"model_source": source, "autocast": cfg.autocast, "machine": _machine(), "tasks": {}}
+    out: dict[str, Any] = {"model_source": source, "autocast": cfg.autocast, "machine": machine(), "tasks": {}}
     for name in S.CANDIDATES:
         task = S.build_task(name)
         row: dict[str, Any] = {"description": S.CANDIDATES[name][0], "chance": task.chance,
@@ -706,11 +642,14 @@ def selections(cfg: PaperConfig, log: Callable[[str], None] | None = None) -> di
     the study's quantization floor (``floor_fraction`` × the median step), and of the floor at the
     smallest non-zero |θ| of each tensor: exact zeros, entries below the quantization floor, the
     input columns that take most entries, and how much the sets overlap."""
+    with study_session((), cfg.threads):
+        return _selections(cfg, log or (lambda s: print(s, file=sys.stderr, flush=True)))
+
+
+def _selections(cfg: PaperConfig, log: Callable[[str], None]) -> dict[str, Any]:
     from gallop_kernels import SparseAdamW, score_floor
     from gallop_kernels.phase_one import accumulate, optimizer_sink
 
-    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    torch.set_num_threads(cfg.threads)
     model, tokenizer, source = load(cfg.model, log)
     model.to(device())
     data = build_data(cfg, tokenizer)
@@ -751,9 +690,6 @@ def selections(cfg: PaperConfig, log: Callable[[str], None] | None = None) -> di
     return out
 
 
-def _loadavg() -> float | None:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-
-
 __all__ = ["LABELS", "LR_GRID", "METHODS", "RETENTION_TASKS", "SMOKE", "Key", "PaperConfig", "choose_lr", "config_of",
-           "epoch_batches", "front_keys", "lr_at", "metrics", "pareto_front", "run_one", "run_study", "stages"]
+           "epoch_batches", "front_keys", "lr_at", "metrics", "pareto_front", "pilot", "run_one", "run_study", "save",
+           "selections", "stages"]
