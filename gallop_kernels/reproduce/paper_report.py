@@ -96,9 +96,10 @@ def selections_table(sel: dict[str, Any], id_task: str) -> list[str]:
     rows = []
     for rank, variants in sorted(sel["tasks"][id_task].items(), key=lambda kv: int(kv[0])):
         for name, v in variants.items():
-            cols = v["columns"]["576"]
+            cols = v["columns"].get("576") or next(iter(v["columns"].values()))  # the hidden width of SmolLM2
             top = ", ".join(f"{c} ({n:,}; {n / cols['uniform_share']:.0f}×)" for c, n in cols["top"][:3])
-            rows.append(f"| {rank} ({cols['selected'] + v['columns']['1536']['selected']:,}) | {name} | "
+            entries = sum(c["selected"] for c in v["columns"].values())
+            rows.append(f"| {rank} ({entries:,}) | {name} | "
                         f"{v['zeros']:,} | {v['below_floor']:,} | {100 * v['shared_with_plain']:.0f} % | {top} |")
     return rows
 
