@@ -111,6 +111,19 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, queue) -> 
     dist.destroy_process_group()
 
 
+def run_ranks(target, world: int, *args):
+    """Run ``target(rank, world, port, *args, queue)`` on ``world`` spawned processes (gloo on a
+    free local port); returns the queue they put their reports into, once all have finished."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(target, args=(world, port, *args, queue), nprocs=world, start_method="spawn")
+    return queue
+
+
 def render(report: dict, args: argparse.Namespace) -> str:
     lines = [
         f"# Lean mode under DDP: gradient exchange (CPU, gloo, {args.world} ranks)",
@@ -142,17 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    mp.start_processes(_rank, args=(args.world, port, args, queue), nprocs=args.world,
-                       start_method="spawn")
-    report = queue.get()
+    report = run_ranks(_rank, args.world, args).get()
     import platform
 
     report["environment"] = (f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "

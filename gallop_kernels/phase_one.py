@@ -37,13 +37,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
 import torch
 from torch import nn
 
 from gallop_kernels.ops.collective import ProcessGroupCollective
 from gallop_kernels.optim.distributed import is_dtensor, local
+from gallop_kernels.optim.lean import HostGradientBuffer
 from gallop_kernels.optim.unwrap import unwrap_optimizer
 from gallop_kernels.rules import check_count, check_fraction
 
@@ -57,22 +58,6 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 # The host buffer and the sinks
 # ----------------------------------------------------------------------------------------------
-
-
-class HostGradientBuffer:
-    """An fp32 host tensor of one weight's shape that sums the dense gradients it is given.
-
-    Pinned when the weight lives on CUDA. :meth:`add` copies the gradient to the host; the caller
-    frees the device tensor right after, so the device never holds more than one. Host memory:
-    4 bytes per entry.
-    """
-
-    def __init__(self, shape: Sequence[int], device: torch.device) -> None:
-        pin = torch.device(device).type == "cuda"
-        self.sum = torch.zeros(tuple(shape), dtype=torch.float32, pin_memory=pin)
-
-    def add(self, grad: torch.Tensor) -> None:
-        self.sum.add_(grad.detach().to("cpu", torch.float32))
 
 
 class GradientSink:
@@ -204,21 +189,32 @@ def accumulate(
     each batch. Raises ``ValueError`` when no batch ran.
     """
     check_count(max_batches, "max_batches", allow_none=True)
-    used = 0
     with sink.capturing():
-        for batch in batches:
-            if max_batches is not None and used >= max_batches:
-                break
-            loss = loss_fn(batch)
-            loss.backward()
-            del loss
-            used += 1
+        used = _backward_over(batches, loss_fn, max_batches)
     if used == 0:
-        raise ValueError("phase one got no batches (no calibration batches to average the gradient over)")
+        raise _no_batches()
     if average:
         for tensor in sink.tensors():
             tensor.div_(used)
     return used
+
+
+def _backward_over(batches: Iterable[Any], loss_fn: Callable[[Any], torch.Tensor],
+                   max_batches: int | None) -> int:
+    used = 0
+    for batch in batches:
+        if max_batches is not None and used >= max_batches:
+            break
+        loss = loss_fn(batch)
+        loss.backward()
+        del loss
+        used += 1
+    return used
+
+
+def _no_batches() -> ValueError:
+    return ValueError(
+        "phase one got no batches (no calibration batches to average the gradient over)")
 
 
 @contextlib.contextmanager
@@ -315,10 +311,16 @@ def calibrate_dataset(
     autocast_dtype: torch.dtype | None = None,
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     collective: Collective | None | str = "auto",
+    units: Callable[[Any], int] | None = None,
 ) -> int:
     """Accumulate the mean loss gradient over a seeded ``fraction`` of ``dataset`` into ``sink``.
 
-    Each batch's loss is weighted by its share of the calibration examples. Under several ranks
+    Each batch's loss is weighted by its share of the calibration *units*: what the loss is a
+    mean over. By default a unit is an example; ``units(batch)`` counts them in a collated batch
+    instead (e.g. label tokens, `integrations.transformers.label_token_units`, when the loss is
+    the mean over a batch's label tokens). Then the gradient is the mean over every unit of the
+    subset, whatever ``batch_size`` and number of ranks cut it into batches: the same examples
+    select the same entries (to float rounding) under any micro-batching. Under several ranks
     (``collective``; ``"auto"``: `default_collective`, ``None``: this process alone) each rank
     takes its share of the examples and the sums are reduced, so every rank ends with the same
     mean; a sink that cannot be reduced is refused before any batch runs. A DDP-wrapped
@@ -359,25 +361,63 @@ def calibrate_dataset(
         scale = float(mesh_size)
         most = -(-len(indices[0::world]) // batch_size)
         chunks += [[]] * (most - len(chunks))
+    counts, total_units = _count_units(chunks, units, total, dataset, collate_fn, collective, world)
+    # A batch without units (every label ignored) has no mean loss (0/0): one that has units runs
+    # in its place with weight 0 (under FSDP2 every rank must run every forward).
+    stand_in = next((c for c, n in zip(chunks, counts) if n), indices[:1])
 
-    def weighted_loss(chunk: list[int]) -> torch.Tensor:
-        share = len(chunk) / total
-        inputs = _to_device(collate_fn([dataset[i] for i in (chunk or indices[:1])]), device)
+    def weighted_loss(item: tuple[list[int], int]) -> torch.Tensor:
+        chunk, n_units = item
+        examples = [dataset[i] for i in (chunk if n_units else stand_in)]
+        inputs = _to_device(collate_fn(examples), device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             loss = loss_fn(model, inputs)
-        return loss.float() * (share * scale)
+        return loss.float() * (n_units / total_units * scale)
 
     was_training = model.training
     model.train()
     try:
         with forked_rng(device), _no_sync(model):
             if chunks:
-                accumulate(sink, chunks, weighted_loss, average=False)
+                accumulate(sink, list(zip(chunks, counts)), weighted_loss, average=False)
         if mesh_size is None:
             reduce_gradients(sink, collective)
     finally:
         model.train(was_training)
     return total
+
+
+def _count_units(
+    chunks: list[list[int]], units: Callable[[Any], int] | None, examples: int, dataset: Any,
+    collate_fn: Callable[[list[Any]], Any], collective: Collective | None, world: int,
+) -> tuple[list[int], int]:
+    """Per batch its units, and the total over every rank's batches.
+
+    Examples by default (the total is the subset's size, known to every rank); else
+    ``units`` of each collated batch, summed over the ranks by one all-reduce, which also
+    carries a bad count from any rank, so that every rank raises alike."""
+    if units is None:
+        return [len(c) for c in chunks], examples
+    counts, bad = [], None
+    for c in chunks:
+        value = units(collate_fn([dataset[i] for i in c])) if c else 0
+        one = isinstance(value, torch.Tensor) and value.numel() == 1
+        count = int(value.item()) if one else value
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            bad, count = value, 0
+        counts.append(count)
+    summed = torch.tensor([sum(counts), int(bad is not None)], dtype=torch.int64)
+    if collective is not None and world > 1:
+        collective.all_reduce_sum_(summed)
+    total, bad_ranks = (int(v) for v in summed)
+    if bad_ranks:
+        raise ValueError(f"units(batch) must return a count >= 0; got {bad!r} here"
+                         if bad is not None else
+                         f"units(batch) returned a bad count on {bad_ranks} other rank(s)")
+    if total == 0:
+        raise ValueError("no calibration batch has anything to average over: every label of the "
+                         "calibration examples is ignored (-100)")
+    return counts, total
 
 
 def _no_sync(model: nn.Module) -> contextlib.AbstractContextManager:
@@ -409,18 +449,115 @@ def calibrate(
     bytes of host memory per trainable entry (pinned with CUDA), one device-to-host copy of every
     gradient per batch, four chunked host-to-device passes during selection.
 
+    Under several ranks every rank calls it with its own batches, and the mean is over every
+    batch of every rank (`docs/design.md#distributed`): under DDP (plain params) DDP's own
+    all-reduce is paused for the loop (``require_backward_grad_sync``) and the host sums are
+    all-reduced once over the replicas, so ranks may hold different numbers of batches; under
+    FSDP2 each backward already averages the shards' gradients, so every rank must run the same
+    number of batches, which the ranks check before each one (a rank that runs out raises on
+    every rank instead of leaving the others waiting in FSDP2's all-gather). With
+    ``replica_check=False`` (ranks on their own) nothing is reduced.
+
     Args:
         optimizer: a `SparseAdamW` (lean or not).
-        batches: calibration data; each item is passed to ``loss_fn``.
+        batches: calibration data (this rank's); each item is passed to ``loss_fn``.
         loss_fn: ``batch -> scalar loss`` (runs the forward pass).
         max_batches: stop after this many batches (the fraction d_s of the training data).
-        average: divide the summed gradient by the number of batches; ``False`` when ``loss_fn``
-            already weights each batch (e.g. by its share of the calibration examples).
+        average: divide the summed gradient by the number of batches (over all ranks);
+            ``False`` when ``loss_fn`` already weights each batch (e.g. by its share of the
+            calibration examples).
 
-    Returns the number of batches used. On return every parameter's ``.grad`` is None and the
-    selection is installed (lean mode freezes as usual).
+    Returns the number of batches this rank used. On return every parameter's ``.grad`` is None
+    and the selection is installed (lean mode freezes as usual).
     """
-    sink = HostGradients(unwrap_optimizer(optimizer))
-    used = accumulate(sink, batches, loss_fn, max_batches=max_batches, average=average)
+    from gallop_kernels.optim import ddp, rendezvous
+
+    check_count(max_batches, "max_batches", allow_none=True)
+    opt = unwrap_optimizer(optimizer)
+    sink = HostGradients(opt)
+    mesh = _sharded_world(opt)
+    if mesh is not None:
+        rendezvous.together("calibrate()", [None])
+        batches = _in_step(batches, max_batches)
+    with sink.capturing(), ddp.sync_paused(opt) as found:
+        used = _backward_over(batches, loss_fn, max_batches)
+    total = _reduce_host_sums(opt, sink, used, mesh, found)
+    if total == 0:
+        raise _no_batches()
+    for p, buffer in sink.buffers.items():
+        if average:
+            buffer.sum.div_(used if is_dtensor(p) else total)
+        elif is_dtensor(p):
+            buffer.sum.mul_(mesh)  # (FSDP2 averaged over the mesh; we want the sum)
     select_from_sink(optimizer, sink)
     return used
+
+
+def _sharded_world(opt: Any) -> int | None:
+    """The world size when the optimizer holds FSDP2-sharded params under several ranks (their
+    backward reduces over a mesh that must span every rank), else None."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    sharded = [p for p in params if is_dtensor(p)]
+    dist = torch.distributed
+    if not sharded or not (dist.is_available() and dist.is_initialized()):
+        return None
+    world = dist.get_world_size()
+    if world == 1:
+        return None
+    if sharded[0].device_mesh.size() != world:
+        raise ValueError(f"calibrate() under FSDP2 needs the device mesh to span every rank "
+                         f"(mesh of {sharded[0].device_mesh.size()}, {world} ranks)")
+    return world
+
+
+def _in_step(batches: Iterable[Any], max_batches: int | None) -> Iterator[Any]:
+    """The batches, while every rank has one: before each, the ranks tell each other whether
+    they have another (one tiny all-gather); if only some do, every rank raises."""
+    collective = ProcessGroupCollective()
+    source = iter(batches)
+    taken = 0
+    while True:
+        batch, have = None, False
+        if max_batches is None or taken < max_batches:
+            for batch in source:
+                have = True
+                break
+        every = collective.all_gather(torch.tensor([int(have)], dtype=torch.int64)).reshape(-1)
+        if not bool(every.any()):
+            return
+        if not bool(every.all()):
+            out = [r for r, h in enumerate(every.tolist()) if not h]
+            raise ValueError(
+                f"calibrate(): rank(s) {out} ran out of batches after {taken} while the others "
+                f"have more: under FSDP2 every forward all-gathers the weights on every rank, so "
+                f"every rank must calibrate on the same number of batches")
+        taken += 1
+        yield batch
+
+
+def _reduce_host_sums(opt: Any, sink: "HostGradients", used: int, mesh: int | None,
+                      found: list) -> int:
+    """Sum plain params' host sums over their replicas (DDP); returns the batches of all ranks
+    (FSDP2's backward already reduced sharded params: every rank ran ``used`` batches)."""
+    from gallop_kernels.optim import rendezvous
+    from gallop_kernels.optim.distributed import world_size
+
+    plain = [p for p in sink.buffers if not is_dtensor(p)]
+    if mesh is not None:
+        if plain:
+            raise ValueError("calibrate() under FSDP2 needs every trainable param sharded "
+                             "(apply fully_shard to the root module too)")
+        return used * mesh
+    if world_size() == 1 or not opt.replica_check:
+        return used
+    group = getattr(opt.ddp_exchange, "process_group", None)
+    if group is None and found:
+        group = found[0].process_group
+    rendezvous.together("calibrate()", [group])
+    collective = ProcessGroupCollective(group)
+    total = torch.tensor([used], dtype=torch.int64)
+    collective.all_reduce_sum_(total)
+    if int(total[0]):
+        for p in plain:  # (the optimizer's order: the same on every rank)
+            collective.all_reduce_sum_(sink.buffers[p].sum)
+    return int(total[0])

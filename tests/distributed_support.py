@@ -87,10 +87,11 @@ def _free_port() -> int:
 
 
 def spawn(module: str, world: int, out: Path, cases: list[str] | None = None,
-          timeout_s: float = 300) -> list[dict[str, str]]:
-    """Run ``module``'s cases on ``world`` ranks; every rank's results (raises on a crash/hang)."""
+          timeout_s: float = 300, env: dict[str, str] | None = None) -> list[dict[str, str]]:
+    """Run ``module``'s cases on ``world`` ranks; every rank's results (raises on a crash/hang).
+    ``env``: more environment variables for the ranks."""
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", **(env or {}),
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     port = _free_port()
     procs = [

@@ -295,3 +295,21 @@ def test_exact_torch_compositions_follow_the_tie_rule():
                     bl.exact_compact(scores, bl.kthvalue_threshold(scores, k), k),
                     bl.stable_sort_select(scores, k)):
             assert torch.equal(got, want), k
+
+
+def test_distributed_memory_benchmark_runs(tmp_path):
+    """benchmarks/distributed_memory.py on a tiny MLP, one of its modes: every rank reports a
+    peak and the files are written (no number is asserted: a tiny model is all noise)."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path)
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.distributed_memory", "--width", "32", "--depth", "2",
+         "--steps", "2", "--modes", "ddp-lean-compact", "--out", str(tmp_path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [result] = tmp_path.glob("distributed-memory-cpu-gloo-*.json")
+    report = json.loads(result.read_text())
+    assert list(report["modes"]) == ["ddp-lean-compact"]
+    for ranks in report["modes"].values():
+        assert [r["rank"] for r in ranks] == [0, 1]
+        assert all(len(r["after_step_mb"]) == 2 and isinstance(r["peak_mb"], float) for r in ranks)

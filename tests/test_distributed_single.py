@@ -139,3 +139,20 @@ def test_fsdp2_memory_rows():
     assert "FSDP2 × 8 GPUs" in text and "prediction only" in text
     with redirect_stdout(io.StringIO()):
         assert main(["--config", "llama3-8b", "--gpus", "two"]) == 2
+
+
+def test_ranks_timeout_setting(monkeypatch):
+    """GALLOP_RANKS_TIMEOUT_S: seconds, > 0; one process meets nobody (no process group)."""
+    from gallop_kernels.optim import rendezvous
+
+    monkeypatch.delenv("GALLOP_RANKS_TIMEOUT_S", raising=False)
+    assert rendezvous.timeout_s() == rendezvous.DEFAULT_TIMEOUT_S
+    monkeypatch.setenv("GALLOP_RANKS_TIMEOUT_S", "2.5")
+    assert rendezvous.timeout_s() == 2.5
+    for bad in ("soon", "0", "-3", "nan", "inf"):
+        monkeypatch.setenv("GALLOP_RANKS_TIMEOUT_S", bad)
+        with pytest.raises(ValueError, match="GALLOP_RANKS_TIMEOUT_S"):
+            rendezvous.timeout_s()
+    assert rendezvous.together("step() #1") == {}
+    with pytest.raises(KeyError):
+        rendezvous.agree("load_state_dict()", [None], KeyError("refused here"))

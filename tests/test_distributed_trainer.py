@@ -5,7 +5,9 @@ One short run, as a user launches it: ``torchrun --nproc_per_node 2`` on this fi
 wraps the model in DDP with gloo; phase one splits the calibration examples over the ranks; lean
 mode finds the DDP module and exchanges only the kept entries. Each rank then reports: the
 ranks' weights are identical, every logged ``grad_norm`` is a positive number (lean clipping
-measures the kept entries), and the output files were written once.
+measures the kept entries), and the output files were written once. The delta's selection is
+then the one a single process makes with the same per-device batch and accumulation (phase one
+weighs batches by their label tokens, so cutting the same examples otherwise selects alike).
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("accelerate")
+import torch  # noqa: E402
+
+from gallop_kernels.finetune.pipeline import run_finetune  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 240
 
@@ -34,7 +40,8 @@ def test_finetune_under_torchrun(tmp_path):
     from gallop_kernels.finetune.tiny import save_tiny_model
 
     model_dir = save_tiny_model(tmp_path / "tiny", hidden_size=32, num_layers=1, max_positions=32)
-    rows = [{"prompt": f"{i}+1=", "response": str(i + 1)} for i in range(24)]
+    # (answers of different lengths: a per-batch mean would select differently per batching)
+    rows = [{"prompt": f"{i}+1=", "response": str(i + 1) * (1 + i % 4)} for i in range(24)]
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
@@ -55,9 +62,28 @@ def test_finetune_under_torchrun(tmp_path):
     log = [json.loads(line) for line in open(out / "loss_log.jsonl")]
     norms = [entry["grad_norm"] for entry in log if "grad_norm" in entry]
     assert len(norms) == 4 and all(n > 0 and n == n for n in norms), norms
+    from gallop_kernels.delta import load_delta
     from gallop_kernels.finetune.pipeline import DELTA_FILE, SUMMARY_FILE
 
     assert (out / DELTA_FILE).exists() and (out / SUMMARY_FILE).exists()
+
+    # One process, batch 3 x accumulation 2 (the ranks: batch 3 each, every other example):
+    # phase one sees the same 6 examples cut into other batches, and selects the same entries.
+    alone = tmp_path / "alone"
+    run_finetune(_config(model_dir, str(data), str(alone)), out=open(os.devnull, "w"))
+    got, want = (load_delta(d / DELTA_FILE).indices for d in (out, alone))
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), f"{name}: 2 ranks selected otherwise than 1"
+
+
+def _config(model_dir: str, data: str, out: str):
+    from gallop_kernels.finetune.pipeline import FinetuneConfig
+
+    return FinetuneConfig(model=model_dir, data=data, output=out, density=0.05, lean=True,
+                          lr=1e-2, batch_size=3, grad_accum=2, max_steps=4, logging_steps=1,
+                          calibration_fraction=0.25, max_length=32, progress=False,
+                          max_grad_norm=0.5)
 
 
 def worker(model_dir: str, data: str, out: str) -> None:
@@ -65,13 +91,8 @@ def worker(model_dir: str, data: str, out: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from gallop_kernels.finetune.pipeline import FinetuneConfig, run_finetune
-
     torch.set_num_threads(1)
-    config = FinetuneConfig(model=model_dir, data=data, output=out, density=0.05, lean=True,
-                            lr=1e-2, batch_size=3, grad_accum=2, max_steps=4, logging_steps=1,
-                            calibration_fraction=0.25, max_length=32, progress=False,
-                            max_grad_norm=0.5)
+    config = _config(model_dir, data, out)
     captured = {}
     from gallop_kernels.integrations import transformers as integration
 

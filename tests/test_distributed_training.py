@@ -342,6 +342,40 @@ def case_hsdp_replicate_all_shard_1(ctx):
 
     mesh = init_device_mesh("cpu", (ctx.world, 1), mesh_dim_names=("replicate", "shard"))
     _fsdp_parity(ctx, "lean", mesh=mesh)
+    _fsdp_parity(ctx, "8bit", mesh=mesh)  # (whole tensors on every rank: 8-bit is fine)
+
+
+def _8bit_refused(ctx, mesh=None) -> None:
+    """8-bit moments on params sharded over several ranks: refused on every rank alike, before
+    anything runs, naming state_bits=32 (their blocks would depend on the number of ranks)."""
+    from gallop_kernels import SparseAdamW
+
+    opts, dtype, _ = options("8bit")
+    model = fsdp(mlp(dtype), mesh)
+    try:
+        SparseAdamW(model.named_parameters(), **opts)
+        message = None
+    except ValueError as err:
+        message = str(err)
+    every = ctx.all_same(message)
+    assert every[0] is not None and len(set(every)) == 1, every
+    assert "state_bits=32" in every[0] and "depend on the number of ranks" in every[0], every[0]
+    # ... and when an optimizer built on whole tensors is handed the shards (as accelerate does),
+    # the first step refuses, before anything changes.
+    plain = mlp(dtype)
+    opt = SparseAdamW(plain.named_parameters(), **opts)
+    names = [n for n, _ in plain.named_parameters()]
+    fsdp(plain, mesh)
+    sharded = dict(plain.named_parameters())
+    opt.param_groups[0]["params"] = [sharded[n] for n in names]
+    x, y = batch(0)
+    ((plain(x.chunk(ctx.world)[ctx.rank]) - y.chunk(ctx.world)[ctx.rank]) ** 2).mean().backward()
+    _raises(opt.step, ValueError, "state_bits=32")
+    assert not opt.is_selected()
+
+
+def case_fsdp2_8bit_refused(ctx):
+    _8bit_refused(ctx)
 
 
 def case_hsdp_2x2(ctx):
@@ -351,8 +385,9 @@ def case_hsdp_2x2(ctx):
     if ctx.world != 4:
         raise Skip("needs 4 ranks")
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
-    for variant in ("plain", "lean", "8bit"):
+    for variant in ("plain", "lean"):
         _fsdp_parity(ctx, variant, mesh=mesh)
+    _8bit_refused(ctx, mesh)
 
 
 def case_ddp_lean_comm_hook(ctx):
@@ -507,7 +542,8 @@ def case_refusals(ctx):
 
 
 def case_plain_dcp_of_per_rank_state_is_refused(ctx):
-    """torch's get/set_optimizer_state_dict + dcp keep one rank's ragged state: refused loudly."""
+    """torch's get/set_optimizer_state_dict + dcp keep one rank's ragged state: every rank
+    refuses, with the same error."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_optimizer_state_dict,
@@ -533,11 +569,10 @@ def case_plain_dcp_of_per_rank_state_is_refused(ctx):
     except ValueError as err:
         outcome = str(err)
     every = ctx.all_same(outcome)
-    assert any("distributed_checkpoint" in o or "no state" in o for o in every), every
-    # Whatever loaded must be this rank's own shard: never another rank's entries.
-    if outcome == "loaded" and fresh_opt.is_selected():
-        for p, q in zip(fresh.parameters(), model.parameters()):
-            assert torch.equal(fresh_opt.selected_indices(p), opt.selected_indices(q))
+    # Refused on every rank alike (DCP kept one rank's dicts, so only the others' checks fail
+    # by themselves: the refusal is made collective), and nothing loaded anywhere.
+    assert len(set(every)) == 1 and "distributed_checkpoint" in every[0], every
+    assert not fresh_opt.is_selected()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -547,8 +582,8 @@ def case_plain_dcp_of_per_rank_state_is_refused(ctx):
 CKPT_OPTIONS = dict(lr=1e-2, density=0.3)
 
 
-def ckpt_model_and_opt(sharded: bool):
-    """Two groups: 8-bit moments with re-selection, and fp32 moments (biases)."""
+def ckpt_model_and_opt(sharded: bool, bits: int = 32):
+    """Two groups: the weights with re-selection (``bits``-bit moments), and the biases."""
     from gallop_kernels import SparseAdamW
 
     model = mlp()
@@ -558,7 +593,7 @@ def ckpt_model_and_opt(sharded: bool):
     groups = [
         {"params": [p for n, p in named if n.endswith("weight")],
          "param_names": [n for n, _ in named if n.endswith("weight")],
-         "state_bits": 8, "min_8bit_entries": 0, "reselect_every": 3},
+         "state_bits": bits, "min_8bit_entries": 0, "reselect_every": 3},
         {"params": [p for n, p in named if n.endswith("bias")],
          "param_names": [n for n, _ in named if n.endswith("bias")]},
     ]
@@ -639,6 +674,51 @@ def case_dcp_resume_and_reshard(ctx):
         raise Skip("for 2 and 3 ranks")
 
 
+def case_dcp_8bit_across_world_sizes(ctx):
+    """A one-process checkpoint with 8-bit moments on 2 or 3 ranks: under DDP (whole tensors)
+    the codes and scales come back bit for bit; into FSDP2 shards only as fp32 moments, asked
+    for with convert_layout=True (else every rank refuses alike)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from gallop_kernels.ops.adamw import quantization
+    from gallop_kernels.optim import distributed_checkpoint as gdcp
+    from gallop_kernels.optim.distributed import global_indices
+
+    shared = ctx.out.parent
+    saved = torch.load(shared / "w1-8bit-state.pt", weights_only=True)
+    model, opt = ckpt_model_and_opt(sharded=False, bits=8)
+    DDP(model)
+    gdcp.load(opt, shared / "ckpt-w1-8bit", model=model)
+    got = opt.state_dict()
+    assert got["state"].keys() == saved["state"].keys()
+    for i, want in saved["state"].items():
+        assert got["state"][i].keys() == want.keys()
+        for key, value in want.items():
+            assert torch.equal(got["state"][i][key], value), f"param {i} {key} differs"
+    assert any(st["exp_avg"].dtype == torch.uint8 for st in saved["state"].values())
+
+    model, opt = ckpt_model_and_opt(sharded=True)
+    message = None
+    try:
+        gdcp.load(opt, shared / "ckpt-w1-8bit", model=model)
+    except ValueError as err:
+        message = str(err)
+    every = ctx.all_same(message)
+    assert every[0] is not None and len(set(every)) == 1 and "convert_layout" in every[0], every
+    assert not opt.is_selected()
+    gdcp.load(opt, shared / "ckpt-w1-8bit", model=model, convert_layout=True)
+    for (name, p), i in zip(model.named_parameters(), [0, 2, 1, 3]):
+        want = saved["state"][i]
+        if want["exp_avg"].dtype != torch.uint8:
+            continue
+        full_m = quantization.dequantize_blockwise(want["exp_avg"], want["exp_avg_absmax"],
+                                                   signed=True)
+        mine = global_indices(p, opt.selected_indices(p))
+        at = torch.searchsorted(want["indices"].to(torch.int64), mine)
+        assert torch.equal(want["indices"].to(torch.int64)[at], mine), name
+        assert torch.equal(opt.state[p]["exp_avg"], full_m[at]), name
+
+
 # ----------------------------------------------------------------------------------------------
 # The case table, per world size
 # ----------------------------------------------------------------------------------------------
@@ -647,7 +727,9 @@ CASES = {
     "selection_torch": case_selection_torch,
     "selection_triton": case_selection_triton,
     "nan_on_one_rank": case_nan_on_one_rank,
-    **{f"fsdp2_{v}": (lambda v: lambda ctx: _fsdp_parity(ctx, v))(v) for v in VARIANTS},
+    **{f"fsdp2_{v}": (lambda v: lambda ctx: _fsdp_parity(ctx, v))(v) for v in VARIANTS
+       if v != "8bit"},
+    "fsdp2_8bit_refused": case_fsdp2_8bit_refused,
     **{f"ddp_{v}": (lambda v: lambda ctx: _ddp_parity(ctx, v))(v) for v in VARIANTS},
     "ddp_lean_comm_hook": case_ddp_lean_comm_hook,
     "fsdp2_zero_grad_init_then_train": case_fsdp_zero_grad_init_then_train,
@@ -662,10 +744,12 @@ CASES = {
     "refusals": case_refusals,
     "plain_dcp_of_per_rank_state_is_refused": case_plain_dcp_of_per_rank_state_is_refused,
     "dcp_resume_and_reshard": case_dcp_resume_and_reshard,
+    "dcp_8bit_across_world_sizes": case_dcp_8bit_across_world_sizes,
 }
 WORLD_3 = [  # three ranks: uneven shards everywhere; the cases that differ from two
     "selection_torch", "selection_triton", "nan_on_one_rank", "fsdp2_plain", "fsdp2_lean",
-    "fsdp2_lean-clip", "ddp_lean", "phase_one_fsdp2", "dcp_resume_and_reshard",
+    "fsdp2_lean-clip", "fsdp2_8bit_refused", "ddp_lean", "phase_one_fsdp2",
+    "dcp_resume_and_reshard", "dcp_8bit_across_world_sizes",
 ]
 
 
@@ -685,6 +769,10 @@ def runs(tmp_path_factory):
     gdcp.save(opt, shared / "ckpt-w1", model=model, state=model_state(model))
     train(model, opt, range(2, 6), torch.float32)
     (shared / "w1-final.json").write_text(json.dumps(snapshot(None, model, opt)))
+    model, opt = ckpt_model_and_opt(sharded=False, bits=8)
+    train(model, opt, range(2), torch.float32)
+    gdcp.save(opt, shared / "ckpt-w1-8bit", model=model, state=model_state(model))
+    torch.save(opt.state_dict(), shared / "w1-8bit-state.pt")
     two = [c for c in CASES if c != "hsdp_2x2"]
     results = {2: spawn(__file__, 2, shared / "w2", two), 3: spawn(__file__, 3, shared / "w3", WORLD_3)}
     return shared, results

@@ -305,3 +305,24 @@ def test_progress_bars_are_switched_off_and_restored():
     assert (hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()) == before
     with progress_bars(True):
         assert hf_logging.is_progress_bar_enabled() == before[0]
+
+
+def test_micro_batching_does_not_change_the_selection(tmp_path, tiny_model):
+    """Batch 4, batch 2 x accumulation 2 and batch 1 x 4 calibrate on the same examples, so they
+    select the same entries: phase one weighs each batch by its label tokens (examples of
+    different lengths make a per-batch mean differ from the mean over every token)."""
+    from gallop_kernels.delta import load_delta
+    from gallop_kernels.finetune.pipeline import DELTA_FILE
+
+    rows = [{"prompt": f"{i}+{i}=", "response": "x" * (1 + 5 * (i % 3))} for i in range(8)]
+    data = write_jsonl(tmp_path / "uneven.jsonl", rows)
+    selections = {}
+    for batch, accumulation in ((4, 1), (2, 2), (1, 4)):
+        out = tmp_path / f"b{batch}"
+        config = FinetuneConfig(model=tiny_model, data=data, output=str(out), density=0.02,
+                                lr=1e-3, max_steps=1, batch_size=batch, grad_accum=accumulation,
+                                calibration_fraction=1.0, progress=False, max_length=32)
+        run_finetune(config, out=io.StringIO())
+        delta = load_delta(out / DELTA_FILE)
+        selections[batch] = {name: idx.tolist() for name, idx in delta.indices.items()}
+    assert selections[4] == selections[2] == selections[1]

@@ -68,13 +68,59 @@ def test_dense_gradients_are_freed_one_at_a_time() -> None:
     for p in params:
         p.register_post_accumulate_grad_hook(observe)
     opt = SparseAdamW(params, lr=1e-2, density=0.3, lean=True)
-    train(model, opt, 1, micro_batches=1)  # first step: dense gradients, then selection
+    train(model, opt, 1, micro_batches=2)  # first step: host sums, then selection
+    assert alive_at_hook and max(alive_at_hook) == 1
     alive_at_hook.clear()
     loss_of(model, batch(7)).backward()
     assert alive_at_hook and max(alive_at_hook) == 1
     assert all(p.grad is None for p in params)
     state_k = sum(opt.state[p]["indices"].numel() for p in params if p.requires_grad)
     assert opt.lean_gradients.buffer_bytes() == 4 * state_k
+
+
+def test_the_first_step_selects_from_host_sums() -> None:
+    """Before the first selection each gradient moves to a host buffer as it lands (the model's
+    dense gradient never lives at once): the first step selects from the host sums what plain
+    mode selects from .grad; clipping and select() read them; zero_grad() discards them."""
+    plain, lean = make_model(), make_model()
+    opt_plain = SparseAdamW(plain.parameters(), lr=1e-2, density=0.1)
+    opt_lean = SparseAdamW(lean.parameters(), lr=1e-2, density=0.1, lean=True)
+    for j in range(2):
+        loss_of(plain, batch(j)).backward()
+        loss_of(lean, batch(j)).backward()
+    assert all(p.grad is None for p in lean.parameters()) and not opt_lean.is_selected()
+    norm = opt_lean.clip_grad_norm_(float("inf"))  # (measures only)
+    torch.testing.assert_close(norm, opt_plain.clip_grad_norm_(float("inf")))
+    opt_plain.step()
+    opt_lean.step()
+    for a, b in zip(plain.parameters(), lean.parameters()):
+        assert torch.equal(opt_plain.selected_indices(a), opt_lean.selected_indices(b))
+        assert torch.equal(a, b)
+    assert all(p.grad is None for p in lean.parameters())
+
+    model = make_model()
+    opt = SparseAdamW(model.parameters(), lr=1e-2, density=0.1, lean=True)
+    loss_of(model, batch(5)).backward()
+    opt.zero_grad()
+    opt.step()
+    assert not opt.is_selected()  # the host sums went with zero_grad()
+    loss_of(model, batch(5)).backward()
+    opt.select()
+    twin = make_model()
+    loss_of(twin, batch(5)).backward()
+    want = select_naive.select([p.detach() for p in twin.parameters()],
+                               [p.grad for p in twin.parameters()], 0.1)
+    for p, w in zip(model.parameters(), want):
+        assert torch.equal(opt.selected_indices(p), w)
+
+    model = make_model()
+    opt = SparseAdamW(model.parameters(), lr=1e-2, density=0.1, lean=True)
+    loss_of(model, batch(6)).backward()
+    p = next(model.parameters())
+    p.grad = torch.ones_like(p)  # set by hand while its host sum waits: refused, nothing changes
+    with pytest.raises(ValueError, match="moved the gradient"):
+        opt.step()
+    assert not opt.is_selected()
 
 
 def test_tensors_without_selection_are_frozen_and_can_be_unfrozen() -> None:

@@ -207,3 +207,70 @@ def test_selection_from_host_buffers_equals_the_reference():
                             [p.grad for p in expected.parameters()], 0.15)
     for p, w in zip(model.parameters(), want):
         assert torch.equal(opt.selected_indices(p), w)
+
+
+class Tokens(nn.Module):
+    """A loss that is the mean over a batch's label tokens (-100: ignored), as a causal LM's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(VOCAB, HIDDEN)
+        self.head = nn.Linear(HIDDEN, VOCAB)
+
+    def forward(self, input_ids, labels):
+        logits = self.head(torch.tanh(self.emb(input_ids)))
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return {"loss": loss}
+
+
+def _token_data(n: int = 9) -> list[dict]:
+    g = torch.Generator().manual_seed(4)
+    rows = []
+    for i in range(n):
+        ids = torch.randint(0, VOCAB, (7,), generator=g)
+        labels = ids.clone()
+        labels[1 + i % 6:] = -100  # 1 to 6 label tokens
+        rows.append({"input_ids": ids, "labels": labels})
+    return rows
+
+
+def _token_gradients(batch_size: int, units) -> list[torch.Tensor]:
+    model = Tokens()
+    sink = DeviceGradients(model.parameters())
+    calibrate_dataset(model, sink, _token_data(), collate, fraction=1.0, batch_size=batch_size,
+                      units=units)
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_units_make_the_mean_gradient_independent_of_the_batch_size():
+    """Weighted by label tokens, every batch size gives the mean over all tokens (to rounding);
+    weighted by examples (the default) it does not, when examples have different lengths."""
+    def label_tokens(batch):
+        return int(batch["labels"].ne(-100).sum())
+
+    by_tokens = {b: _token_gradients(b, label_tokens) for b in (1, 2, 9)}
+    for b in (1, 2):
+        for got, want in zip(by_tokens[b], by_tokens[9]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    by_examples = [_token_gradients(b, None) for b in (1, 9)]
+    assert not torch.allclose(by_examples[0][1], by_examples[1][1], rtol=1e-3)
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True, "3", torch.tensor([1, 2])])
+def test_bad_unit_counts_are_refused_before_any_batch(bad):
+    model = Tokens()
+    calls = []
+
+    def loss_fn(m, inputs):
+        calls.append(1)
+        return m(**inputs)["loss"]
+
+    with pytest.raises(ValueError, match="count >= 0"):
+        calibrate_dataset(model, DeviceGradients(model.parameters()), _token_data(), collate,
+                          fraction=1.0, loss_fn=loss_fn, units=lambda batch: bad)
+    assert calls == []
+    with pytest.raises(ValueError, match="every label"):
+        calibrate_dataset(model, DeviceGradients(model.parameters()), _token_data(), collate,
+                          fraction=1.0, loss_fn=loss_fn, units=lambda batch: 0)
+    assert calls == []

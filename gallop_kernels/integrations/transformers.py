@@ -43,6 +43,7 @@ schedulers work unchanged: selection happens once, before the first step, and ``
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
@@ -66,6 +67,7 @@ __all__ = [
     "GallopTrainerMixin",
     "gallop_optimizer_cls_and_kwargs",
     "gallop_trainer",
+    "label_token_units",
     "layer_type",
     "select_trainable",
     "selection_summary",
@@ -103,6 +105,34 @@ def gallop_optimizer_cls_and_kwargs(
     return SparseAdamW, kwargs
 
 
+def label_token_units(model: nn.Module) -> Callable[[Any], int]:
+    """Counts what a Hugging Face model's loss is the mean over, in a collated batch: its label
+    tokens other than -100 (``labels[..., 1:]`` for a causal LM, whose loss shifts the labels;
+    ``shift_labels`` when the collator gives them), as the ``Trainer`` counts
+    ``num_items_in_batch``. Phase one weighs each batch by it (``calibrate_dataset(units=)``), so
+    that its mean gradient is over every calibration token, whatever the batch size."""
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+
+    inner = model
+    while hasattr(inner, "module") and isinstance(inner.module, nn.Module):  # DDP and the like
+        inner = inner.module
+    if hasattr(inner, "get_base_model"):  # PEFT
+        inner = inner.get_base_model()
+    shifts = (LOSS_MAPPING.get(getattr(inner, "loss_type", None)) is ForCausalLMLoss
+              and not getattr(getattr(inner, "config", None), "is_encoder_decoder", False))
+
+    def count(batch: Any) -> int:
+        if not isinstance(batch, Mapping) or not ({"labels", "shift_labels"} & set(batch)):
+            raise ValueError("calibration batches have no 'labels': the model's loss needs them")
+        if "shift_labels" in batch:
+            labels = batch["shift_labels"]
+        else:
+            labels = batch["labels"][..., 1:] if shifts else batch["labels"]
+        return int(labels.ne(-100).sum())
+
+    return count
+
+
 class GallopCallback(TrainerCallback):
     """Runs GaLLoP's phase one (calibration + selection) when ``Trainer.train()`` begins.
 
@@ -111,7 +141,11 @@ class GallopCallback(TrainerCallback):
             the trained entries (a seeded random subset; at least one example).
         batch_size: calibration batch size (default: ``per_device_train_batch_size``).
         seed: seed of the subset (default: ``args.seed``).
-        loss_fn: ``(model, inputs) -> loss``; default ``model(**inputs).loss``.
+        loss_fn: ``(model, inputs) -> loss``; default ``model(**inputs).loss``. With the
+            default, each batch weighs by its label tokens (`label_token_units`), so the mean
+            gradient is over every calibration token and the selection does not depend on the
+            batch size, gradient accumulation or number of ranks; a ``loss_fn`` weighs by
+            examples (exact when it is a mean over the batch's examples).
         log: called with a progress line before calibration, after it and after selection
             (examples, seconds, entries selected), e.g. ``print``; None: silent.
 
@@ -160,6 +194,7 @@ class GallopCallback(TrainerCallback):
             model, sink, dataset, train_dataloader.collate_fn,
             fraction=self.calibration_fraction, batch_size=batch_size, seed=seed,
             device=args.device, autocast_dtype=autocast, loss_fn=self.loss_fn,
+            units=label_token_units(model) if self.loss_fn is None else None,
         )
         t1 = time.perf_counter()
         say(f"phase one: calibration took {t1 - t0:.1f} s; selecting ...")

@@ -18,10 +18,12 @@ GPU was available to this work; see ``docs/design.md#distributed``). Assumptions
   reduce-scatter at its end, and the embedding's at the end.
 * Methods: ``adamw`` (bf16 params and moments, as torch allocates them), ``adamw-mixed`` (the
   usual FSDP2 recipe: fp32 sharded params and fp32 m, v, ``MixedPrecisionPolicy(param_dtype=bf16,
-  reduce_dtype=fp32)``: fp32 sharded gradients), and SparseAdamW plain / lean / lean + 8-bit
-  (bf16 params, fp32 master of the selected entries; lean mode gathers each reduced shard in the
+  reduce_dtype=fp32)``: fp32 sharded gradients), and SparseAdamW plain / lean (bf16 params,
+  fp32 master of the selected entries; lean mode gathers each reduced shard in the
   post-accumulate-grad hook FSDP2 calls after the reduce-scatter, so no dense sharded gradient
-  is kept). Lean mode's frozen tensors (no selected entry on any shard) would skip their
+  is kept). SparseAdamW refuses 8-bit moments on sharded params (their quantization blocks would
+  depend on the number of ranks: `optim.distributed.check_state_bits`), so it has no row.
+  Lean mode's frozen tensors (no selected entry on any shard) would skip their
   gradients; the model does not count on it.
 * On CUDA, torch AdamW's foreach temporaries (``sqrt(v)`` over the shard); SparseAdamW's Triton
   step has none. The selection itself (phase one) is not modelled.
@@ -34,7 +36,7 @@ from typing import Any
 from gallop_kernels.memory import model as mm
 from gallop_kernels.memory.methods import REGISTRY
 
-FSDP2_METHODS = ("adamw", "adamw-mixed", "sparse", "sparse-lean", "sparse-lean-8bit")
+FSDP2_METHODS = ("adamw", "adamw-mixed", "sparse", "sparse-lean")
 
 
 def _unit_sizes(config: Any) -> tuple[int, int, int]:

@@ -3,37 +3,46 @@
 Lean mode's post-accumulate-grad hook fires on each rank's *local* gradient, before DDP
 averages it; freeing that gradient would leave DDP averaging zeros, and freezing tensors after
 DDP was built makes DDP wait forever for their gradients ("Expected to have finished reduction").
-So once a selection exists, lean mode takes the exchange over from DDP, in one of two modes
-(``SparseAdamW.attach_ddp``; measured in ``benchmarks/ddp_lean.py``, see
+So lean mode takes the exchange over from DDP, in one of two modes (``SparseAdamW.attach_ddp``;
+measured in ``benchmarks/ddp_lean.py`` and ``benchmarks/distributed_memory.py``, see
 ``docs/design.md#distributed``):
 
-``"compact"`` (default): DDP's gradient synchronisation is switched off
-    (``require_backward_grad_sync = False``, what ``no_sync()`` does, for good); the hook gathers
-    the rank-local gradient into the compact buffer as in one process, and before the step (or
-    clipping) one all-reduce averages the concatenated compact buffers: ρ of DDP's traffic.
-    Dense gradients the step still reads (before a re-selection) and re-selection's accumulated
-    gradient are averaged the same way. Frozen tensors are fine: DDP expects nothing.
-``"comm_hook"``: DDP keeps its bucketed reduction, overlapped with the backward pass, but a
-    communication hook reduces only the selected entries of each bucket and hands them to the
-    compact buffers. DDP expects a gradient for every parameter it was built with, so nothing is
-    frozen, and DDP's buckets keep the dense gradient.
+``"compact"`` (default), from the first backward: DDP's gradient synchronisation is switched
+    off (``require_backward_grad_sync = False``, what ``no_sync()`` does; a forward pre-hook on
+    the DDP module sets it again before every forward, since ``no_sync()`` restores the flag it
+    found when its block ends). Before the first selection the hook moves each rank-local
+    gradient to a host buffer, and the first step averages those one tensor at a time before it
+    selects; after it the hook gathers the rank-local gradient into the compact buffer as in one
+    process, and before the step (or clipping) one all-reduce averages the concatenated compact
+    buffers: ρ of DDP's traffic. Dense gradients the step still reads (before a re-selection)
+    and re-selection's accumulated gradient are averaged the same way. Frozen tensors are fine:
+    DDP expects nothing, and DDP's buckets are never written.
+``"comm_hook"``, once a selection exists: DDP keeps its bucketed reduction, overlapped with the
+    backward pass, but a communication hook reduces only the selected entries of each bucket and
+    hands them to the compact buffers. DDP expects a gradient for every parameter it was built
+    with, so nothing is frozen, and DDP's buckets keep the dense gradient (the first step is
+    dense, as plain DDP's).
 
-Without ``attach_ddp`` lean mode finds its DDP module by itself: after a selection on plain
-params under several ranks, a forward pre-hook (removed once found) waits for the first forward
-that runs inside a ``DistributedDataParallel`` wrapping these params (DDP sets
-``_active_ddp_module`` during its forward) and attaches in ``"compact"`` mode before DDP
-prepares its backward. If gradients were gathered on several ranks and no DDP module was found,
+Without ``attach_ddp`` lean mode finds its DDP module by itself: when a lean optimizer is built
+on plain params under several ranks (and again after a selection), a forward pre-hook (removed
+once found) waits for the first forward that runs inside a ``DistributedDataParallel`` wrapping
+these params (DDP sets ``_active_ddp_module`` during its forward) and attaches in ``"compact"``
+mode before DDP prepares its backward. `sync_paused` switches DDP's synchronisation off for
+phase one (``gallop_kernels.calibrate``), which reduces the sums itself. If gradients were
+gathered on several ranks and no DDP module was found,
 the step raises rather than let the ranks diverge.
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
-from gallop_kernels.optim.distributed import local, world_size
+from gallop_kernels.ops.collective import ProcessGroupCollective
+from gallop_kernels.optim.distributed import is_dtensor, local, world_size
 
 MODES = ("compact", "comm_hook")
 
@@ -73,7 +82,8 @@ class DDPExchange:
     # -- compact mode -----------------------------------------------------------------------
 
     def activate(self) -> None:
-        """Take the exchange over from DDP (once a selection exists)."""
+        """Take the exchange over from DDP (compact: from the first backward; comm_hook: once a
+        selection exists)."""
         if self.active:
             return
         opt = self._optimizer()
@@ -88,6 +98,10 @@ class DDPExchange:
                     f"optimizer: give them to SparseAdamW, freeze them, or call "
                     f"opt.attach_ddp(model, mode='comm_hook') (DDP keeps averaging everything)")
             self.module.require_backward_grad_sync = False
+            # ...and before every later forward: no_sync() restores the flag it found when its
+            # block ends, which would turn DDP's dense all-reduce back on (the usual gradient
+            # accumulation loop runs every micro-batch but the last under no_sync()).
+            self._keep_off = self.module.register_forward_pre_hook(_sync_off)
         self.active = True
 
     def _all_reduce_mean(self, tensors: list[torch.Tensor]) -> None:
@@ -125,12 +139,37 @@ class DDPExchange:
         dense = [local(p.grad) for p in _plain_params(optimizer)
                  if p.grad is not None and p not in kept]
         self._all_reduce_mean(dense)
+        self._mean_host_sums(optimizer, lean)
         lean.fresh = False
+
+    def _mean_host_sums(self, optimizer: Any, lean: Any) -> None:
+        """Average the host sums of gradients that arrived before the first selection, one
+        tensor at a time (a tensor a rank did not reach counts as zeros there)."""
+        plain = [p for g in optimizer.param_groups if not optimizer.is_selected(g)
+                 for p in g["params"] if not is_dtensor(p)]
+        if not plain:  # (every group selected: no host sums anywhere)
+            return
+        here = lean.host_sums()
+        present = torch.tensor([int(p in here) for p in plain], dtype=torch.int64)
+        collective = ProcessGroupCollective(self.process_group)
+        collective.all_reduce_sum_(present)
+        for p, anywhere in zip(plain, present.tolist()):
+            if anywhere:
+                host = lean.ensure_host(p)
+                collective.all_reduce_sum_(host)
+                host.div_(self.world)
+                self.bytes_reduced += host.numel() * host.element_size()
 
     def detach(self) -> None:
         if self.mode == "compact" and self.active:
+            self._keep_off.remove()
             self.module.require_backward_grad_sync = True
         self.active = False
+
+
+def _sync_off(module: Any, args: Any) -> None:
+    """Forward pre-hook of a DDP module in compact mode: its backward must not all-reduce."""
+    module.require_backward_grad_sync = False
 
 
 def _comm_hook(exchange, bucket):  # (no annotations: DDP checks them against its own types)
@@ -168,7 +207,7 @@ def _comm_hook(exchange, bucket):  # (no annotations: DDP checks them against it
 
 
 # ----------------------------------------------------------------------------------------------
-# Attaching: explicitly, or found at the first DDP forward after selection
+# Attaching: explicitly, or found at the first DDP forward
 # ----------------------------------------------------------------------------------------------
 
 
@@ -193,14 +232,20 @@ def new_exchange(optimizer: Any, module: Any, mode: str = "compact") -> DDPExcha
 
 def on_attached(optimizer: Any) -> None:
     """After the optimizer keeps a new exchange: stop looking for a DDP module, and take the
-    exchange over now if lean mode already holds a selection."""
+    exchange over now in compact mode (from the first backward: gradients that arrive before
+    the selection go to the host and are averaged here, so DDP never holds them) or, with a
+    communication hook, once lean mode holds a selection (DDP averages the dense gradient of
+    the first step)."""
     _PENDING.discard(optimizer)
-    if optimizer.lean_gradients is not None and optimizer.is_selected():
-        optimizer.ddp_exchange.activate()
+    exchange = optimizer.ddp_exchange
+    if optimizer.lean_gradients is not None and (exchange.mode == "compact"
+                                                 or optimizer.is_selected()):
+        exchange.activate()
 
 
 def expect_ddp(optimizer: Any) -> None:
-    """After a lean selection on plain params: activate the exchange, or look for DDP."""
+    """A lean optimizer built, or selected, on plain params: activate the exchange, or look for
+    DDP (under several ranks)."""
     if optimizer.ddp_exchange is not None:
         optimizer.ddp_exchange.activate()
         return
@@ -227,6 +272,39 @@ def exchange(optimizer: Any) -> Callable[[list[torch.Tensor]], None] | None:
     if optimizer.lean_gradients is not None:
         ex.exchange(optimizer)
     return ex.mean if ex.mode == "compact" else None
+
+
+@contextlib.contextmanager
+def sync_paused(optimizer: Any) -> Iterator[list[Any]]:
+    """Within the block, DDP modules that hold the optimizer's params do not all-reduce in the
+    backward pass (as under ``no_sync()``): phase one sums the gradients once itself. Yields the
+    list of such DDP modules seen running (the attached one first); their flags are restored."""
+    found: dict[int, tuple[Any, bool]] = {}
+    ours = _params_of(optimizer)
+
+    def pause(ddp: Any) -> None:
+        if id(ddp) not in found:
+            found[id(ddp)] = (ddp, ddp.require_backward_grad_sync)
+            ddp.require_backward_grad_sync = False
+
+    def on_forward(module: Any, args: Any) -> None:
+        ddp = getattr(_ddp_class(), "_active_ddp_module", None)
+        if ddp is None or id(ddp) in found:
+            return
+        if ours & {id(p) for p in ddp.module.parameters()}:
+            pause(ddp)  # (inside DDP's forward, before it prepares its backward)
+
+    if optimizer.ddp_exchange is not None:
+        pause(optimizer.ddp_exchange.module)
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(on_forward)
+    modules = [m for m, _ in found.values()]
+    try:
+        yield modules
+    finally:
+        handle.remove()
+        modules[:] = [m for m, _ in found.values()]
+        for ddp, flag in found.values():
+            ddp.require_backward_grad_sync = flag
 
 
 _PENDING: "weakref.WeakSet[Any]" = weakref.WeakSet()

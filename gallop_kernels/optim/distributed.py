@@ -36,7 +36,8 @@ from gallop_kernels import rules
 from gallop_kernels.ops.collective import ProcessGroupCollective, ShardLayout
 
 __all__ = [
-    "GroupPlacement", "all_gradients_zero", "check_names", "check_replicas", "check_supported",
+    "GroupPlacement", "all_gradients_zero", "check_names", "check_replicas", "check_state_bits",
+    "check_supported",
     "global_indices", "is_dtensor", "local", "placement", "world_size",
 ]
 
@@ -192,6 +193,33 @@ def _check_placements(p: Any, name: object) -> None:
         raise _placement_error(
             name, p.placements, f"its local shard has shape {tuple(p.to_local().shape)} where "
             f"the placements give {tuple(shape)}")
+
+
+def check_state_bits(params: Sequence[torch.Tensor], state_bits: int, where: str) -> None:
+    """Refuse 8-bit moments for a group sharded over several ranks (FSDP2's shard dim).
+
+    8-bit moments are quantized in blocks of 256 selected entries, formed over each rank's own
+    selected entries: with the shard boundaries between ranks, the blocks (and so the codes and
+    the trained weights) would depend on the number of ranks, and a checkpoint resharded to
+    another world size would be requantized differently. Making the blocks global would need a
+    collective in every step and a state layout that every checkpoint path knows, to save
+    little: under FSDP2 each rank holds 1/world of the sparse state already (predicted by
+    `gallop memory` for Llama-3-70B at 1 %, lean, on 8 GPUs: 36.7 GB per GPU with fp32
+    moments, 36.2 GB with 8-bit ones).
+    Metadata only; runs when the group is built and before every step.
+    """
+    if state_bits != 8 or not params or not is_dtensor(params[0]):
+        return
+    place = placement(params)
+    if place.sharded:
+        raise ValueError(
+            f"{where}: state_bits=8 with params sharded over {place.shard_world} ranks (FSDP2): "
+            f"8-bit moments are quantized in blocks of 256 selected entries formed per rank "
+            f"shard, so the result would depend on the number of ranks (and change when a "
+            f"checkpoint is resharded). Use state_bits=32 under FSDP2 (each rank keeps only "
+            f"its shard's sparse state: 1/{place.shard_world} of it), or 8-bit state under DDP, "
+            f"HSDP with one shard per replica, or one process; an 8-bit checkpoint loads into "
+            f"state_bits=32 with load_state_dict(..., convert_layout=True)")
 
 
 def check_same_shapes(

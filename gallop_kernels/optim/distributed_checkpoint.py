@@ -40,6 +40,7 @@ import torch
 
 from gallop_kernels import rules
 from gallop_kernels.ops.adamw import quantization
+from gallop_kernels.optim import rendezvous
 from gallop_kernels.optim.distributed import (
     GroupPlacement,
     local,
@@ -285,12 +286,21 @@ def save(optimizer: Any, checkpoint_id: str | os.PathLike | None = None, *,
          model: torch.nn.Module | None = None, state: Mapping[str, Any] | None = None,
          storage_writer: Any = None, process_group: Any = None, prefix: str = "optim") -> None:
     """Save the optimizer (and ``state``, e.g. ``{"model": get_model_state_dict(model)}``) with
-    ``torch.distributed.checkpoint.save``; every rank calls it."""
+    ``torch.distributed.checkpoint.save``; every rank calls it (the ranks meet first, and a
+    refusal on one rank is every rank's: `optim/rendezvous.py`)."""
     import torch.distributed.checkpoint as dcp
 
+    from gallop_kernels.optim.unwrap import unwrap_optimizer
+
     payload = dict(state or {})
-    if any(k == prefix or k.startswith(prefix + ".") for k in payload):
-        raise ValueError(f"state may not use the key {prefix!r}: the optimizer is saved there")
+    error = None
+    try:
+        if any(k == prefix or k.startswith(prefix + ".") for k in payload):
+            raise ValueError(f"state may not use the key {prefix!r}: the optimizer is saved there")
+        _names(unwrap_optimizer(optimizer), model)
+    except (ValueError, TypeError) as err:
+        error = err
+    rendezvous.agree("distributed_checkpoint.save()", [process_group], error)
     payload.update(state_for_save(optimizer, model, prefix))
     dcp.save(payload, checkpoint_id=checkpoint_id, storage_writer=storage_writer,
              planner=RaggedSavePlanner(), process_group=process_group)
@@ -321,15 +331,20 @@ def load(optimizer: Any, checkpoint_id: str | os.PathLike | None = None, *,
     from gallop_kernels.optim.unwrap import unwrap_optimizer
 
     opt = unwrap_optimizer(optimizer)
-    if storage_reader is None:
-        if checkpoint_id is None:
-            raise ValueError("give checkpoint_id or storage_reader")
-        storage_reader = dcp.FileSystemReader(checkpoint_id)
-    metadata = storage_reader.read_metadata().state_dict_metadata
-    groups_key = f"{prefix}.param_groups"
-    if groups_key not in metadata:
-        raise ValueError(f"the checkpoint holds no optimizer under {prefix!r}")
-    names = _names(opt, model)
+    error = None
+    try:
+        if storage_reader is None:
+            if checkpoint_id is None:
+                raise ValueError("give checkpoint_id or storage_reader")
+            storage_reader = dcp.FileSystemReader(checkpoint_id)
+        metadata = storage_reader.read_metadata().state_dict_metadata
+        groups_key = f"{prefix}.param_groups"
+        if groups_key not in metadata:
+            raise ValueError(f"the checkpoint holds no optimizer under {prefix!r}")
+        names = _names(opt, model)
+    except (ValueError, TypeError) as err:
+        error = err
+    rendezvous.agree("distributed_checkpoint.load()", [process_group], error)
 
     # Phase 1: the groups, and per selected param its step and table of saving shards.
     head: dict[str, Any] = {groups_key: None}
@@ -382,7 +397,10 @@ def load(optimizer: Any, checkpoint_id: str | os.PathLike | None = None, *,
             pids[(gi, t)] = len(pids)
     local_state = {}
     for gi, t, key, lo, hi, runs, shards in wanted:
-        group = {**opt.param_groups[gi], **saved_groups[gi]}
+        # (converting: the entries in this optimizer's layout at once, so that 8-bit moments
+        # going to fp32 are the saved ones dequantized, not requantized in this rank's blocks)
+        group = (opt.param_groups[gi] if convert_layout
+                 else {**opt.param_groups[gi], **saved_groups[gi]})
         shard = local(opt.param_groups[gi]["params"][t])
         local_state[pids[(gi, t)]] = _entry(body, key, lo, hi, runs, shards, group, shard,
                                             head[f"{key}.step"])

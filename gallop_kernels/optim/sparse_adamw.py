@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 
 from gallop_kernels.ops import backends
 from gallop_kernels.ops.adamw import AdamWHyper, sparse_adamw
-from gallop_kernels.optim import checkpoint, distributed, selection
+from gallop_kernels.optim import checkpoint, distributed, rendezvous, selection
 from gallop_kernels.optim.distributed import local
 from gallop_kernels.optim.lean import LeanGradients
 from gallop_kernels.optim.validation import (
@@ -97,8 +97,12 @@ class SparseAdamW(Optimizer):
     Distributed training (`docs/design.md#distributed`): under DDP nothing changes (lean mode
     attaches to the DDP module by itself, see :meth:`attach_ddp`); under FSDP2 / HSDP
     (``fully_shard``) build the optimizer after sharding: the selection is the exact global one
-    (histograms summed over the shard dimension), the state is per shard, and
-    ``selected_indices`` / ``num_selected`` are this rank's (local) ones.
+    (histograms summed over the shard dimension), the state is per shard (fp32 moments: 8-bit
+    ones are refused on sharded params), and ``selected_indices`` / ``num_selected`` are this
+    rank's (local) ones. Every rank must make the same calls: before a call's collectives the
+    ranks meet (`optim/rendezvous.py`), and a rank that does not come, a rank in another call
+    or a refusal on some rank raises on every rank that came (within
+    ``GALLOP_RANKS_TIMEOUT_S``, default 300 s) instead of hanging.
     """
 
     def __init__(
@@ -155,10 +159,27 @@ class SparseAdamW(Optimizer):
         # caught from this metadata, without reading the (device) indices every step.
         self._selected_numel: dict[torch.Tensor, int] = {}
         self._lean = self._new_lean() if lean else None
+        # How many times each collective call was made (step, select, clip): ranks compare them
+        # when they meet (optim/rendezvous.py), so a step one rank skipped comes to light.
+        self._calls: dict[str, int] = {}
         super().__init__(params, defaults)
+        if self._lean is not None:
+            from gallop_kernels.optim import ddp
+
+            ddp.expect_ddp(self)  # (under several ranks: before the first backward, see ddp.py)
 
     def _new_lean(self) -> LeanGradients:
-        return LeanGradients(lambda: self.state, self.reselection_due, self._gradients_arrived)
+        return LeanGradients(lambda: self.state, self.reselection_due, self._gradients_arrived,
+                             self._dense_before_selection)
+
+    def _dense_before_selection(self, param: torch.Tensor) -> bool:
+        """Whether lean mode must leave a gradient that arrives before ``param``'s first
+        selection in ``.grad`` instead of moving it to the host: when DDP still averages it
+        (several replicas, and no compact exchange has taken DDP's reduction over yet)."""
+        if distributed.is_dtensor(param) or not self.replica_check or distributed.world_size() == 1:
+            return False
+        exchange = self._ddp
+        return not (exchange is not None and exchange.active and exchange.mode == "compact")
 
     def _gradients_arrived(self) -> None:
         """New gradients make the last measured norm stale (lean hooks call this)."""
@@ -177,6 +198,7 @@ class SparseAdamW(Optimizer):
         state["_ddp"] = None  # a copy is not attached to the DDP module (attach_ddp again)
         state["replica_check"] = self.replica_check
         state["_group_shapes"] = self._group_shapes
+        state["_calls"] = dict(self._calls)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -188,6 +210,7 @@ class SparseAdamW(Optimizer):
         state.setdefault("replica_check", True)
         state.setdefault("_ddp", None)
         state.setdefault("last_grad_norm", None)
+        state.setdefault("_calls", {})
         super().__setstate__(state)
         if not hasattr(self, "_group_shapes") or len(self._group_shapes) != len(self.param_groups):
             self._group_shapes = [[tuple(p.shape) for p in g["params"]] for g in self.param_groups]
@@ -234,6 +257,8 @@ class SparseAdamW(Optimizer):
         if isinstance(options["betas"], list):
             options["betas"] = tuple(options["betas"])
         check_group_options(options, f"param group {len(self.param_groups)}")
+        distributed.check_state_bits(tensors, options["state_bits"],
+                                     f"param group {len(self.param_groups)}")
         super().add_param_group({**options, "params": params})
         self._group_shapes.append([tuple(p.shape) for p in tensors])
         for p in tensors:
@@ -288,6 +313,7 @@ class SparseAdamW(Optimizer):
                 raise TypeError(f"{where}: 'params' must be a list of tensors")
             names = self._labels(i)
             distributed.check_supported(params, names)
+            distributed.check_state_bits(params, group["state_bits"], where)
             self._check_swapped(i, params, names)
             check_params([local(p) for p in params], names)
             for p, name in zip(params, names):
@@ -335,6 +361,11 @@ class SparseAdamW(Optimizer):
         """The gradient this step will use for ``p``: lean mode's compact buffer, else ``.grad``."""
         if p.grad is not None:
             check_grad(name, local(p), local(p.grad))
+        if self._lean is not None and self._lean.on_host(p) and p.grad is not None:
+            raise ValueError(
+                f"lean mode moved the gradient of parameter {name} to the host before its first "
+                f"selection, and .grad was set since, not by backward: the step cannot use both; "
+                f"set gradients through backward(), or call zero_grad() first")
         if self._lean is not None and self._lean.gathered(p):
             if p.grad is not None:
                 raise ValueError(
@@ -367,25 +398,34 @@ class SparseAdamW(Optimizer):
             gradients: optional ``{param: gradient}`` to score instead of ``.grad`` (may live on
                 another device, e.g. pinned host memory; it is streamed chunk by chunk).
         """
-        self._check_groups()
-        for i, group in enumerate(self.param_groups):
-            names = self._labels(i)
-            self._check_state(i, for_step=False)
-            for p, name in zip(group["params"], names):
-                if self._lean is not None and self._lean.gathered(p):
-                    raise ValueError(
-                        f"lean mode holds the gradient of parameter {name} gathered for the "
-                        f"current selection; call zero_grad() before select()"
-                    )
-                if gradients is None and p.grad is not None:
-                    check_grad(name, local(p), local(p.grad))
-        if gradients is not None:
-            self._check_gradients_mapping(gradients)
-        places = [self.placement(group) for group in self.param_groups]
+        call = self._count("select()")
+        error, groups = None, self._everyone()
+        try:
+            self._check_groups()
+            for i, group in enumerate(self.param_groups):
+                names = self._labels(i)
+                self._check_state(i, for_step=False)
+                for p, name in zip(group["params"], names):
+                    if self._lean is not None and self._lean.gathered(p):
+                        raise ValueError(
+                            f"lean mode holds the gradient of parameter {name} gathered for the "
+                            f"current selection; call zero_grad() before select()"
+                        )
+                    if gradients is None and p.grad is not None:
+                        check_grad(name, local(p), local(p.grad))
+            if gradients is not None:
+                self._check_gradients_mapping(gradients)
+            places = [self.placement(group) for group in self.param_groups]
+            groups = self._collective_groups(places)
+        except (ValueError, TypeError) as err:
+            error = err
+        self._agree(call, groups, error)
 
         plans = [
             selection.plan(group, self.state, self._names(i), self.backend,
-                           from_accumulated=False, gradients=gradients, place=places[i])
+                           from_accumulated=False, place=places[i],
+                           gradients=gradients if gradients is not None
+                           else self._host_gradients(group))
             for i, group in enumerate(self.param_groups)
         ]
         # -- nothing has changed before this line --
@@ -413,6 +453,44 @@ class SparseAdamW(Optimizer):
                                  f"({what}); its keys must be the params themselves")
             check_grad(names[id(key)], local(key), grad, same_device=False)
 
+    def _count(self, call: str) -> str:
+        """``call`` numbered as the next of its kind (``"step() #3"``); `_agree` counts it once
+        the ranks have agreed to make it (a refused call did not take place)."""
+        return f"{call} #{self._calls.get(call, 0) + 1}"
+
+    def _collective_groups(self, places: Iterable[distributed.GroupPlacement],
+                           exchange: bool = False) -> list[Any]:
+        """The process groups whose collectives a call over these placements issues (shards
+        and, with the replica check, replicas), plus lean mode's DDP exchange if asked."""
+        if distributed.world_size() == 1:
+            return []
+        groups = []
+        for place in places:
+            if place.layout is not None:
+                groups.append(place.layout.collective.group)
+            if place.replicas is not None and self.replica_check:
+                groups.append(place.replicas)
+        if exchange and self._lean is not None and getattr(self._ddp, "active", False) \
+                and self._ddp.mode == "compact":
+            groups.append(self._ddp.process_group)
+        return groups
+
+    def _everyone(self) -> list[Any]:
+        """Whom to meet when a call is refused before its groups are known: the world, unless
+        the ranks train on their own (``replica_check=False``) or there is one process."""
+        return [None] if self.replica_check and distributed.world_size() > 1 else []
+
+    def _agree(self, call: str, groups: list[Any], error: BaseException | None) -> None:
+        """Before a call's collectives: under several ranks the ranks of ``groups`` meet, and a
+        refusal on any of them is raised on all (`optim/rendezvous.py`: no hang, one error);
+        in one process ``error`` is raised as it is."""
+        if groups:
+            rendezvous.agree(call, groups, error)
+        elif error is not None:
+            raise error
+        kind = call.split(" #")[0]
+        self._calls[kind] = self._calls.get(kind, 0) + 1
+
     def placement(self, group: dict) -> distributed.GroupPlacement:
         """Where the group's tensors live across ranks, resolved now (params may be swapped)."""
         replicas = getattr(self._ddp, "process_group", None)
@@ -426,6 +504,8 @@ class SparseAdamW(Optimizer):
         selection.apply(group, self.state, new_indices)
         for p in group["params"]:
             self._selected_numel[p] = local(p).numel()
+            if self._lean is not None:
+                self._lean.adopt_host(p)
         if (self._lean is not None and group["reselect_every"] is None
                 and getattr(self._ddp, "mode", None) != "comm_hook"):
             # (GMT re-selection scores every tensor's gradient, so nothing is frozen there; DDP
@@ -536,7 +616,9 @@ class SparseAdamW(Optimizer):
     def _due(self, group: dict) -> str | None:
         """Which selection a group needs before this step: "first", "reselect" or none."""
         if "steps_since_selection" not in group:
-            return "first" if any(p.grad is not None for p in group["params"]) else None
+            lean = self._lean
+            return "first" if any(p.grad is not None or (lean is not None and lean.on_host(p))
+                                  for p in group["params"]) else None
         every = group["reselect_every"]
         if every is not None and group["steps_since_selection"] >= every:
             return "reselect"
@@ -577,15 +659,29 @@ class SparseAdamW(Optimizer):
         The per-step checks read metadata only (options, shapes, dtypes, devices, the CPU step
         counters), never device data, so they cost no host synchronisation on a GPU; data
         checks live in load_state_dict and selection."""
-        self._check_groups()
-        # Lean mode under DDP: average the kept gradients over the ranks (what DDP would have
-        # done) before they are read; see optim/ddp.py.
-        replica_mean = self._exchange_gradients()
+        call = self._count("step()")
+        error, groups, replica_mean = None, self._everyone(), None
         steps: dict[torch.Tensor, float] = {}
-        for i, group in enumerate(self.param_groups):
-            steps.update(self._check_state(i, for_step="steps_since_selection" in group))
-            for p, name in zip(group["params"], self._labels(i)):
-                self._check_step_gradient(name, p)
+        hook_exchange = getattr(self._ddp, "mode", None) == "comm_hook"
+        try:
+            self._check_groups()
+            if hook_exchange:  # (DDP's hook averaged already; nothing collective here)
+                replica_mean = self._exchange_gradients()
+            for i, group in enumerate(self.param_groups):
+                steps.update(self._check_state(i, for_step="steps_since_selection" in group))
+                for p, name in zip(group["params"], self._labels(i)):
+                    self._check_step_gradient(name, p)
+            due = [self.placement(g) for g in self.param_groups if self._due(g) is not None]
+            groups = self._collective_groups(due, exchange=True)
+        except (ValueError, TypeError) as err:
+            error = err
+        # Under several ranks, the ranks whose collectives this step issues meet first, and a
+        # refusal is every rank's (optim/rendezvous.py; docs/design.md#distributed).
+        self._agree(call, groups, error)
+        if not hook_exchange:
+            # Lean mode under DDP: average the kept gradients over the ranks (what DDP would
+            # have done) before they are read; see optim/ddp.py.
+            replica_mean = self._exchange_gradients()
         return steps, replica_mean
 
     def _select_due(self, steps: dict[torch.Tensor, float],
@@ -595,8 +691,9 @@ class SparseAdamW(Optimizer):
         due = {i: d for i, d in due.items() if d is not None}
         places = {i: self.placement(self.param_groups[i]) for i in due}
         first = [i for i, d in due.items() if d == "first"]
+        current = self._current_gradient
         if first and distributed.all_gradients_zero(
-            [(places[i], [local(p.grad) for p in self.param_groups[i]["params"]]) for i in first]
+            [(places[i], [current(p) for p in self.param_groups[i]["params"]]) for i in first]
         ):
             # torch's _init_optim_state (get/set_optimizer_state_dict) and DeepSpeed step once
             # with all-zero gradients to create state: selecting from them would pick arbitrary
@@ -607,6 +704,7 @@ class SparseAdamW(Optimizer):
             i: selection.plan(
                 self.param_groups[i], self.state, self._names(i), self.backend,
                 from_accumulated=(d == "reselect"), place=places[i], reduce=replica_mean,
+                gradients=self._host_gradients(self.param_groups[i]) if d == "first" else None,
             )
             for i, d in due.items()
         }
@@ -619,6 +717,18 @@ class SparseAdamW(Optimizer):
                 steps[p] = 0.0
         if plans:
             self._after_selection(plans, places)
+
+    def _current_gradient(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The gradient the next step reads for ``p`` (lean mode: compact, host sum or dense)."""
+        return self._lean.grad(p) if self._lean is not None else local(p.grad)
+
+    def _host_gradients(self, group: dict) -> dict[torch.Tensor, torch.Tensor] | None:
+        """Lean mode before a group's first selection: its gradients, the host sums where they
+        went there (streamed through the chunked select), else None (select from ``.grad``)."""
+        lean = self._lean
+        if lean is None or not any(lean.on_host(p) for p in group["params"]):
+            return None
+        return {p: lean.grad(p) for p in group["params"] if lean.grad(p) is not None}
 
     def _update_group(self, group: dict, steps: dict[torch.Tensor, float]) -> None:
         if not group["params"]:
@@ -659,13 +769,14 @@ class SparseAdamW(Optimizer):
         """Tell lean mode which ``DistributedDataParallel`` module averages its gradients.
 
         Lean mode under DDP needs it (plain mode does not): ``"compact"`` (default) turns DDP's
-        own gradient averaging off and all-reduces only the kept entries before each step (1/ρ
-        of DDP's traffic; tensors with no selected entry are frozen, which DDP built first would
-        otherwise refuse); ``"comm_hook"`` keeps DDP's bucketed, overlapped reduction but
-        registers a communication hook that reduces only the kept entries (nothing is frozen:
-        DDP expects every gradient). Without this call, lean mode attaches to the first DDP
-        module that runs a forward pass over its params after selection (in ``"compact"``
-        mode). See `optim/ddp.py` and ``docs/design.md#distributed``.
+        own gradient averaging off from the first backward and all-reduces only the kept entries
+        before each step (ρ of DDP's traffic; the first step's host sums before it selects;
+        tensors with no selected entry are frozen, which DDP built first would otherwise
+        refuse); ``"comm_hook"`` keeps DDP's bucketed, overlapped reduction but registers a
+        communication hook that reduces only the kept entries (nothing is frozen: DDP expects
+        every gradient). Without this call, lean mode attaches to the first DDP module that runs
+        a forward pass over its params (in ``"compact"`` mode). See `optim/ddp.py` and
+        ``docs/design.md#distributed``.
         """
         from gallop_kernels.optim import ddp
 
@@ -709,7 +820,15 @@ class SparseAdamW(Optimizer):
             raise ValueError(f"max_norm must be >= 0, got {max_norm}")
         if math.isnan(norm_type) or norm_type <= 0:
             raise ValueError(f"norm_type must be > 0 (or inf), got {norm_type}")
-        self._check_groups()
+        call = self._count("clip_grad_norm_()")
+        error, groups = None, self._everyone()
+        try:
+            self._check_groups()
+            sharded = [place for place in map(self.placement, self.param_groups) if place.sharded]
+            groups = self._collective_groups(sharded, exchange=True)
+        except (ValueError, TypeError) as err:
+            error = err
+        self._agree(call, groups, error)
         if self._lean is None:
             params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite)
@@ -787,10 +906,18 @@ class SparseAdamW(Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        state_dict = distributed.check_shard_marks(state_dict, self.param_groups)
-        groups, state = checkpoint.prepare_load(
-            state_dict, self.param_groups, self._names, convert_layout
-        )
+        error, where = None, self._everyone()
+        try:
+            where = self._collective_groups(map(self.placement, self.param_groups))
+            state_dict = distributed.check_shard_marks(state_dict, self.param_groups)
+            groups, state = checkpoint.prepare_load(
+                state_dict, self.param_groups, self._names, convert_layout
+            )
+        except (ValueError, TypeError) as err:
+            error = err
+        # Under several ranks a load refused on some ranks is refused on all: the others would
+        # go on into the next collective and wait there for good (optim/rendezvous.py).
+        self._agree("load_state_dict()", where, error)
 
         # -- nothing has changed before this line --
         self.state = defaultdict(dict, state)

@@ -244,16 +244,20 @@ def select_sparse_delta_from_dataset(
     chunk: int = streaming.DEFAULT_CHUNK,
     quantization_floor: bool = False,
 ) -> tuple[dict[str, SparseDeltaLinear], int]:
-    """:func:`select_sparse_delta` on the seeded calibration subset of a dataset, weighted per
-    example exactly as the Trainer callback does (`phase_one.calibrate_dataset`); ``seed`` seeds
+    """:func:`select_sparse_delta` on the seeded calibration subset of a dataset, each batch
+    weighted by its label tokens exactly as the Trainer callback does
+    (`phase_one.calibrate_dataset`, `integrations.transformers.label_token_units`); ``seed`` seeds
     the subset and the "random" score. Returns the wrapped layers and the number of calibration
     examples. Every rank calibrates on the whole subset (no reduction)."""
+    from gallop_kernels.integrations.transformers import label_token_units
+
     _check_options(density, score, chunk, quantization_floor)
     check_fraction(fraction, "calibration fraction")
     return _phase_one(
         model, target_modules, density, score, score_eps, seed, chunk,
         lambda sink: calibrate_dataset(model, sink, dataset, collate_fn, fraction=fraction,
                                        batch_size=batch_size, seed=seed,
-                                       autocast_dtype=autocast_dtype, collective=None),
+                                       autocast_dtype=autocast_dtype, collective=None,
+                                       units=label_token_units(model)),
         quantization_floor,
     )
