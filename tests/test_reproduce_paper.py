@@ -301,3 +301,13 @@ def test_pilot_and_selections_write_their_records(tmp_path):
     assert set(variants) == {"plain", "quantization floor", "smallest non-zero"}
     assert variants["plain"]["shared_with_plain"] == 1.0
     assert "What GaLLoP selects" in "\n".join(PR.extras_section(PR.read_extras(str(tmp_path))))
+
+
+def test_comparison_gains_follow_the_tasks_own_runs():
+    runs = [_run(lr=lr, test={"a": 0.5 + g, "b": 0.8, "c": 0.4}) for lr, g in
+            ((1e-4, 0.1), (3e-4, 0.2), (1e-3, 0.3), (3e-3, -0.1))]
+    raw = _raw(runs)
+    assert PR.id_gains(raw, "a") == [0.2, 0.3]  # the median and the upper quantiles of the gains 0.1, 0.2, 0.3
+    assert PR.id_gains(raw, "b") == []
+    key, group = PR.best_ood_at_gain(raw, "a", "gallop", 0.3)
+    assert key.lr == 1e-3 and len(group) == 1
