@@ -31,8 +31,10 @@ the answer word is scored, so a drop means the knowledge (or the ability to stat
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -286,20 +288,29 @@ CANDIDATE_OOD: dict[str, Callable[[], ChatTask]] = {
 
 @dataclass
 class Batch:
-    """Right-padded token ids, attention mask and labels (``IGNORE`` off the answers)."""
+    """Right-padded token ids, attention mask and labels (``IGNORE`` off the answers).
+
+    ``open_end`` (per row) says the answer ends in a letter or digit, and ``word_start`` (per token
+    id of the tokenizer) says a token's text begins with one: together they decide whether what
+    the model would say after the answer lengthens its last word (`correct`)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
+    open_end: torch.Tensor | None = None
+    word_start: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def to(self, device: str | torch.device) -> "Batch":
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+        move = (lambda t: None if t is None else t.to(device))
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
+                     move(self.open_end), move(self.word_start))
 
     def __getitem__(self, index: Any) -> "Batch":
-        return Batch(self.input_ids[index], self.attention_mask[index], self.labels[index])
+        return Batch(self.input_ids[index], self.attention_mask[index], self.labels[index],
+                     None if self.open_end is None else self.open_end[index], self.word_start)
 
 
 def collate(encoded: Sequence[Encoded], pad_id: int) -> Batch:
@@ -313,9 +324,43 @@ def collate(encoded: Sequence[Encoded], pad_id: int) -> Batch:
     return Batch(out["input_ids"], out["attention_mask"], out["labels"])
 
 
-def encode_items(items: Sequence[Item], tokenizer: Any, system: str | None = SYSTEM) -> Batch:
+_WORD_START: "weakref.WeakKeyDictionary[Any, torch.Tensor]" = weakref.WeakKeyDictionary()
+
+
+def word_start_table(tokenizer: Any) -> torch.Tensor:
+    """Per token id, whether the token's text begins with a letter or digit (so that, right after a
+    word, it continues that word: "cat" then "s"). Decoded after an anchor token, so that tokenizers
+    which drop a leading space of a first token (SentencePiece) are read right. Cached per tokenizer."""
+    try:
+        return _WORD_START[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    anchor = tokenizer("a", add_special_tokens=False)["input_ids"]
+    lead = len(tokenizer.decode(anchor, clean_up_tokenization_spaces=False))
+    texts = tokenizer.batch_decode([anchor + [i] for i in range(len(tokenizer))], clean_up_tokenization_spaces=False)
+    table = torch.tensor([text[lead:lead + 1].isalnum() for text in texts], dtype=torch.bool)
+    with contextlib.suppress(TypeError):  # a tokenizer that cannot be weakly referenced is not cached
+        _WORD_START[tokenizer] = table
+    return table
+
+
+def encode_items(items: Sequence[Item], tokenizer: Any, system: str | None = SYSTEM,
+                 cache: dict[tuple[Item, str | None], Encoded] | None = None) -> Batch:
+    """A batch of ``items`` (chat template, labels on the answers, the word table of `correct`).
+    ``cache`` keeps each item's tokens across calls: training draws the same items again and again,
+    and rendering the template is a few milliseconds per item."""
+    def encode(item: Item) -> Encoded:
+        if cache is None:
+            return item.encode(tokenizer, system)
+        if (item, system) not in cache:
+            cache[item, system] = item.encode(tokenizer, system)
+        return cache[item, system]
+
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return collate([it.encode(tokenizer, system) for it in items], pad)
+    batch = collate([encode(it) for it in items], pad)
+    batch.open_end = torch.tensor([it.answer[-1:].isalnum() for it in items], dtype=torch.bool)
+    batch.word_start = word_start_table(tokenizer)
+    return batch
 
 
 def training_items(task: ChatTask, tokenizer: Any, end_of_turn: bool = True) -> list[Item]:
@@ -324,23 +369,76 @@ def training_items(task: ChatTask, tokenizer: Any, end_of_turn: bool = True) -> 
     return [Item(it.question, it.answer + eos, it.prefix, it.key) for it in task.split("train")]
 
 
+def _logits_at(model: torch.nn.Module, batch: Batch, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """The model's logits at the positions ``(rows, cols)`` only, ``[len(rows), vocab]``.
+
+    The output head (a fifth of SmolLM2's forward pass, at every position) runs only where a
+    logit is used: a pre-hook hands it the hidden states of those positions, and the model's own
+    code after the head (e.g. logit soft-capping) still applies. A model without a findable head
+    computes every logit and the wanted ones are picked."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    if head is None:
+        return model(**kwargs).logits[rows, cols]
+    handle = head.register_forward_pre_hook(lambda module, args: (args[0][rows, cols], *args[1:]))
+    try:
+        logits = model(**kwargs, use_cache=False).logits
+    finally:
+        handle.remove()
+    if logits.shape[:-1] != rows.shape:
+        raise RuntimeError(f"{type(model).__name__}: the output head did not get the picked positions "
+                           f"(logits of shape {tuple(logits.shape)} for {len(rows)} positions)")
+    return logits
+
+
+def _answer_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, cols)`` of the positions whose next token is an answer token (the logits a loss or
+    an exact match reads), in row-major order."""
+    predicts_answer = torch.zeros_like(labels, dtype=torch.bool)
+    predicts_answer[:, :-1] = labels[:, 1:] != IGNORE
+    return predicts_answer.nonzero(as_tuple=True)
+
+
 def loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """Mean cross-entropy over the labelled (answer) tokens."""
-    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+    """Mean cross-entropy over the labelled (answer) tokens (what Hugging Face's causal-LM loss
+    computes from ``labels``, without the output head at the unlabelled positions)."""
+    rows, cols = _answer_positions(batch.labels)
+    logits = _logits_at(model, batch, rows, cols)
+    return torch.nn.functional.cross_entropy(logits.float(), batch.labels[rows, cols + 1])
 
 
 @torch.no_grad()
 def correct(model: torch.nn.Module, batch: Batch, chunk: int = 64) -> torch.Tensor:
-    """Per example: is every labelled token the argmax given the true prefix (= greedy decoding)?"""
+    """Per example: would greedy decoding give exactly the answer? Teacher-forced, in one forward
+    pass per ``chunk`` examples: every answer token is the argmax given the true prefix, and, when
+    the answer ends in a letter or digit, the argmax after it does not begin with one (greedy
+    "cat" followed by "s" says "cats"). `tests/test_chat_tasks.py` checks the verdicts against
+    generation."""
+    if batch.open_end is None or batch.word_start is None:
+        raise ValueError("the batch has no word table: build it with encode_items(items, tokenizer)")
     was_training = model.training
     model.eval()
     out = []
     for s in range(0, len(batch), chunk):
         b = batch[s:s + chunk]
-        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
-        target = b.labels[:, 1:]
-        ok = (logits.argmax(-1) == target) | (target == IGNORE)
-        out.append(ok.all(-1).cpu())
+        answer = b.labels != IGNORE
+        if not answer[:, 1:].any(1).all():
+            raise ValueError("every example needs at least one answer token after the first position")
+        width = answer.shape[1]
+        last = (width - 1) - answer.flip(1).int().argmax(1)  # each row's last answer token
+        wanted = torch.zeros_like(answer)
+        wanted[:, :-1] = answer[:, 1:]
+        wanted[torch.arange(len(b)), last] = True  # what the model says after the answer
+        rows, cols = wanted.nonzero(as_tuple=True)
+        predicted = torch.full_like(b.labels, -1)
+        predicted[rows, cols] = _logits_at(model, b, rows, cols).argmax(-1)
+        wrong = (predicted[:, :-1] != b.labels[:, 1:]) & answer[:, 1:]
+        after = predicted[torch.arange(len(b)), last]
+        table = b.word_start
+        continues = torch.zeros_like(after, dtype=torch.bool)
+        known = after < len(table)  # a model may have more logits than the tokenizer has tokens
+        continues[known] = table[after[known]]
+        out.append((~wrong.any(1) & ~(b.open_end & continues)).cpu())
     model.train(was_training)
     return torch.cat(out)
 

@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
+import traceback
 from typing import Any, Callable, Iterator
 
 USER_ERROR_EXIT = 2
@@ -76,6 +78,17 @@ def describe(error: BaseException) -> str:
     return text or type(error).__name__
 
 
+def report_user_error(command: str, error: BaseException) -> int:
+    """Print a user error as ``gallop <command>: error: ...`` (its notes below it); returns 2.
+    ``GALLOP_TRACEBACK=1`` prints the traceback too, for a bug report."""
+    print(f"gallop {command}: error: {describe(error)}", file=sys.stderr)
+    for note in getattr(error, "__notes__", ()):
+        print(f"  {note}", file=sys.stderr)
+    if os.environ.get("GALLOP_TRACEBACK"):
+        traceback.print_exception(error)
+    return USER_ERROR_EXIT
+
+
 @contextlib.contextmanager
 def _handlers(signals: tuple[int, ...], handler: Callable[[int, Any], None]) -> Iterator[dict[int, Any] | None]:
     """``handler`` for ``signals`` within the block, the previous handlers (yielded) restored after.
@@ -124,4 +137,4 @@ def signals_deferred(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM))
 
 
 __all__ = ["Interrupted", "USER_ERROR_EXIT", "UserError", "describe", "exit_status", "is_user_error",
-           "signals_deferred", "terminate_as_interrupt", "user_input"]
+           "report_user_error", "signals_deferred", "terminate_as_interrupt", "user_input"]

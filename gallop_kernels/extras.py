@@ -1,7 +1,7 @@
 """Optional dependencies: which extra brings which package, and one clear error when one is missing.
 
 The core (the optimizer, the ops and their kernels, the delta format) needs torch and triton,
-plus safetensors for delta files. The applications bring the rest through pip extras
+plus safetensors (with numpy) for delta files. The applications bring the rest through pip extras
 (`docs/design.md#layers`); each checks what it needs where it starts (`require`), so that a
 missing package is one sentence naming the extra, not an ``ImportError`` from deep inside.
 """

@@ -23,19 +23,23 @@ Cache location: ``$GALLOP_CACHE``, else ``$XDG_CACHE_HOME/gallop_kernels``, else
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
+from gallop_kernels.errors import UserError
 from gallop_kernels.extras import require
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
@@ -56,8 +60,9 @@ INSTALL_HINT = (
     f"a hub id such as {DEFAULT_HUB_ID!r} (needs network access to the hub or a filled HF cache)")
 
 
-class ModelUnavailable(RuntimeError):
-    """The requested model cannot be found or loaded here; the message says what to install or pass."""
+class ModelUnavailable(UserError, RuntimeError):
+    """The requested model cannot be found or loaded here; the message says what to install or pass
+    (a user error: ``gallop`` prints it on one line and exits 2)."""
 
 
 @dataclass(frozen=True)
@@ -210,7 +215,8 @@ def ensure_converted(gguf_path: str | os.PathLike, log: Any = None) -> Path:
 
 def check_model_spec(spec: str | os.PathLike | None = None) -> str:
     """What :func:`resolve_model` does with ``spec`` -- ``"embedded"``, ``"gguf"``, ``"folder"`` or
-    ``"hub"`` -- checked without converting or loading anything (so before a run starts).
+    ``"hub"`` -- checked without converting or loading anything (so before a run starts); a hub id
+    that is not in the local cache needs the hub (one short attempt to reach it, `hub_reachable`).
     Raises :class:`ModelUnavailable` with what to install or pass."""
     if spec is None:
         if embedded_gguf() is None:
@@ -228,7 +234,42 @@ def check_model_spec(spec: str | os.PathLike | None = None) -> str:
         return "folder"
     if path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
         raise ModelUnavailable(f"model {text!r} is neither a Hugging Face folder, a .gguf file nor a hub id")
+    if not _in_hub_cache(text) and not hub_reachable():
+        meant = difflib.get_close_matches(text.rsplit("/", 1)[-1], [DEFAULT_NAME], n=1, cutoff=0.8)
+        what = (f"did you mean {DEFAULT_NAME}? It is the default: leave the model out" if meant else
+                f"pass a .gguf file or a Hugging Face folder, or leave the model out for the embedded {DEFAULT_NAME}")
+        raise ModelUnavailable(f"model {text!r} is not a folder or .gguf file here, nor in the local Hugging Face "
+                               f"cache, and the hub cannot be reached to fetch it (no network): {what}")
     return "hub"
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the local Hugging Face cache holds ``repo_id``'s config (so it loads offline)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # a malformed id, an unreadable cache: not usable from the cache
+        return False
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One short attempt to reach the Hugging Face hub (a TCP connection to its endpoint), so that an
+    offline machine is told so at once instead of after the hub client's ten retries. False under
+    ``HF_HUB_OFFLINE``; True behind a proxy (the proxy decides: not tested here)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def resolve_model(spec: str | os.PathLike | None = None, log: Any = None) -> ResolvedModel:
@@ -320,5 +361,5 @@ def default_shaped_model(seed: int = 0) -> Any:
 
 __all__ = ["DEFAULT_CONFIG", "DEFAULT_HUB_ID", "DEFAULT_NAME", "ModelUnavailable", "ResolvedModel", "cache_dir", "convert_gguf",
            "converted_dir", "default_shaped_model", "embedded_gguf", "ensure_converted", "gguf_quantization", "gguf_source",
-           "is_valid_conversion", "load_model_and_tokenizer",
+           "hub_reachable", "is_valid_conversion", "load_model_and_tokenizer",
            "resolve_model"]

@@ -1,7 +1,8 @@
 """Quiet output: other libraries' progress bars and one bitsandbytes notice, off for a while.
 
 Used by `gallop finetune`, `gallop demo` and `gallop reproduce`, so that ``--no-progress`` /
-``--quiet`` mean what they say and a run without a 4-bit base does not print a 4-bit warning.
+``--quiet`` mean what they say, and around every import of ours that imports bitsandbytes, so that
+its notice about a hub kernel we never use is not printed.
 """
 
 from __future__ import annotations
@@ -50,16 +51,28 @@ def progress_bars(enabled: bool) -> Iterator[None]:
             os.environ[DATASETS_BARS_ENV] = was[3]
 
 
+BITSANDBYTES_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+
+
 def _not_the_cpu_kernel_notice(record: logging.LogRecord) -> bool:
     return "gemm_4bit_forward" not in record.getMessage()
 
 
 @contextlib.contextmanager
 def no_bitsandbytes_notice(enabled: bool = True) -> Iterator[None]:
-    """transformers' Trainer imports peft when it is installed, and peft imports bitsandbytes, whose
-    CPU backend logs that an optional 4-bit kernel could not be fetched from the hub. Without a
-    4-bit base that line is noise: filter exactly it while the Trainer modules are imported."""
-    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    """bitsandbytes logs, once, *when it is imported* on a CPU with AVX-512 BF16, that it could not
+    fetch an optional 4-bit CPU kernel from the hub (``Failed to load CPU gemm_4bit_forward ...
+    trust_remote_code``). We never use that kernel, and we import bitsandbytes only indirectly
+    (transformers' Trainer modules import peft, peft imports bitsandbytes), so the line is noise.
+
+    Within the block exactly that record of that logger is dropped; every other warning passes.
+    Because the notice comes at import, the block must surround the import that triggers it: every
+    ``gallop`` command runs inside one (`gallop_kernels.cli.main`), and so do the imports of peft
+    and of the Trainer in the Python API (`integrations.transformers`, `adapter.shira`), the
+    finetune pipeline, the reproduction's workers and the memory measurement's subprocess. (It
+    missed before because it surrounded only `gallop finetune` without ``--bits 4`` and
+    `gallop reproduce`, while `gallop demo` and the Python API imported peft outside it.)"""
+    logger = logging.getLogger(BITSANDBYTES_CPU_LOGGER)
     if enabled:
         logger.addFilter(_not_the_cpu_kernel_notice)
     try:

@@ -193,3 +193,24 @@ def test_push_to_hub_uploads_the_adapter_files_only(trained, tmp_path, monkeypat
     with pytest.raises(ValueError):
         push_to_hub(folder, "me/tiny-gallop")
     assert calls == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_files_get_the_permissions_open_would_give(trained, tmp_path, umask):
+    # What a user shares must not be private by accident (mkstemp's 0600), nor wider than asked.
+    from gallop_kernels.atomic import write_atomic
+
+    _, delta = trained
+    previous = os.umask(umask)
+    try:
+        written = save_adapter(tmp_path / "adapter", delta, config=CONFIG)
+        write_atomic(tmp_path / "record.json", "{}\n")
+        with open(tmp_path / "by-open.txt", "w") as f:
+            f.write("x")
+    finally:
+        os.umask(previous)
+    expected = os.stat(tmp_path / "by-open.txt").st_mode & 0o777
+    assert expected == 0o666 & ~umask
+    for path in [*written, tmp_path / "record.json"]:
+        assert os.stat(path).st_mode & 0o777 == expected, path
+    assert not [p for p in os.listdir(tmp_path / "adapter") if ".tmp-" in p]  # no temporary left behind

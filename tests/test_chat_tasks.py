@@ -109,3 +109,65 @@ def test_exact_match_counts_whole_answers(tok):
     assert C.exact_match(_Oracle(len(tok)), batch, chunk=2) == 1.0
     assert C.exact_match(_Oracle(len(tok), spoil_row=1), batch, chunk=8) == pytest.approx(4 / 5)
     assert C.correct(_Oracle(len(tok), spoil_row=0), batch).tolist() == [False, True, True, True, True]
+
+
+class _Scripted(torch.nn.Module):
+    """Predicts the true next token inside each answer, and ``after`` right after the answer."""
+
+    def __init__(self, vocab: int, labels: torch.Tensor, after: int):
+        super().__init__()
+        self.vocab, self.labels, self.after = vocab, labels, after
+
+    def forward(self, input_ids, attention_mask=None, **_):
+        nxt = input_ids.roll(-1, 1)
+        answer = self.labels[:len(input_ids)] != IGNORE
+        last = answer.shape[1] - 1 - answer.flip(1).int().argmax(1)
+        nxt[torch.arange(len(nxt)), last] = self.after
+        return type("Out", (), {"logits": torch.nn.functional.one_hot(nxt, self.vocab).float()})
+
+
+@pytest.mark.parametrize("after, continues", [("s", True), ("7", True), (".", False), (" ", False),
+                                              ("</s>", False)])
+def test_exact_match_is_wrong_when_the_next_token_lengthens_the_word(tok, after, continues):
+    # Greedy decoding of "cat" then "s" says "cats": the answer is wrong although its tokens were right.
+    items = [C.CATEGORY.split("test")[0], C.CANDIDATE_OOD["plurals"]().items[0]]
+    batch = C.encode_items(items, tok)
+    after_id = tok.convert_tokens_to_ids(after) if after == "</s>" else tok(after, add_special_tokens=False)["input_ids"][0]
+    verdict = C.correct(_Scripted(len(tok), batch.labels, after_id), batch)
+    assert verdict.tolist() == [not continues] * 2
+    # an answer that ends in a non-word character (the training items end with EOS) never "continues"
+    ended = [C.Item(it.question, it.answer + ".", it.prefix, it.key) for it in items]
+    batch = C.encode_items(ended, tok)
+    assert C.correct(_Scripted(len(tok), batch.labels, after_id), batch).tolist() == [True, True]
+
+
+def test_word_start_table_reads_tokens_after_a_word(tok):
+    table = C.word_start_table(tok)
+    assert len(table) == len(tok) and C.word_start_table(tok) is table  # cached per tokenizer
+    ids = {t: tok(t, add_special_tokens=False)["input_ids"][0] for t in ("s", "7", ".", " ", "\n")}
+    assert [bool(table[ids[t]]) for t in ("s", "7", ".", " ", "\n")] == [True, True, False, False, False]
+    assert not table[tok.eos_token_id] and not table[tok.pad_token_id]
+
+
+def test_only_the_read_logits_are_computed_and_they_are_the_full_models():
+    from gallop_kernels.toy import tiny_chat_model
+
+    model, tok = tiny_chat_model(hidden_size=32)
+    model.eval()
+    items = list(C.CATEGORY.split("test"))[:3] + list(C.CANDIDATE_OOD["capitals"]().items)[:3]
+    batch = C.encode_items(items, tok)
+    rows, cols = C._answer_positions(batch.labels)
+    full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    seen = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    try:
+        picked = C._logits_at(model, batch, rows, cols)
+    finally:
+        handle.remove()
+    assert seen == [torch.Size([len(rows), model.config.hidden_size])]  # the head ran on those rows only
+    torch.testing.assert_close(picked, full[rows, cols], rtol=1e-5, atol=1e-6)
+    # the loss is Hugging Face's causal-LM loss over the labelled tokens
+    hf = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+    torch.testing.assert_close(C.loss(model, batch), hf, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="encode_items"):
+        C.correct(model, C.collate([it.encode(tok) for it in items], tok.pad_token_id))

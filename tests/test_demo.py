@@ -150,7 +150,7 @@ def test_real_demo_pipeline_measures_and_trains_only_the_selection(real_result):
     out = io.StringIO()
     print_result(r, out)
     text = out.getvalue()
-    for needle in (r.id_task, "kept, mean (OOD)", "trained entries", "optimizer state", "time:"):
+    for needle in (r.id_task, "known, mean (OOD)", "trained entries", "optimizer state", "time:"):
         assert needle in text
 
 

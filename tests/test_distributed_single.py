@@ -137,8 +137,9 @@ def test_fsdp2_memory_rows():
         assert main(["--config", "llama3-8b", "--gpus", "2,8"]) == 0
     text = out.getvalue()
     assert "FSDP2 × 8 GPUs" in text and "prediction only" in text
-    with redirect_stdout(io.StringIO()):
-        assert main(["--config", "llama3-8b", "--gpus", "two"]) == 2
+    with redirect_stdout(io.StringIO()), pytest.raises(SystemExit) as exc:  # a usage error, at parse time
+        main(["--config", "llama3-8b", "--gpus", "two"])
+    assert exc.value.code == 2
 
 
 def test_ranks_timeout_setting(monkeypatch):

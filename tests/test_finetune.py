@@ -307,6 +307,49 @@ def test_progress_bars_are_switched_off_and_restored():
         assert hf_logging.is_progress_bar_enabled() == before[0]
 
 
+def test_what_was_typed_is_recorded_and_every_written_file_is_listed(tmp_path, good_data, tiny_model, capsys):
+    from gallop_kernels.cli import main
+
+    out = tmp_path / "out"
+    argv = ["finetune", "--model", tiny_model, "--data", good_data, "--output", str(out), "--max-steps", "2",
+            "--batch-size", "4", "--density", "0.05", "--no-progress", "--train-embeddings"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    adapter = json.load(open(out / "gallop_adapter.json"))
+    assert adapter["command"] == "gallop " + " ".join(argv)  # what the user typed, not a replay command
+    listed = {os.path.relpath(line.split("wrote ", 1)[1].strip(), out)
+              for line in captured.out.splitlines() if "wrote " in line}
+    on_disk = {name for name in os.listdir(out) if not name.startswith(".")}
+    assert {"finetune_summary.json", "gallop_run.json"} <= listed and on_disk <= listed, on_disk - listed
+    # trained embeddings cannot be a SHiRA adapter: said on the console, not only in the model card
+    assert "no PEFT SHiRA files: SHiRA adapts linear layers only" in captured.err
+    assert not (out / "adapter_config.json").exists()
+
+
+def test_a_missing_peft_is_said_with_the_command_that_installs_it(tmp_path, good_data, tiny_model, capsys,
+                                                                 monkeypatch):
+    from gallop_kernels.extras import MissingExtra
+    from gallop_kernels.finetune import pipeline
+
+    def no_peft(purpose, *packages):
+        if "peft" in packages:
+            raise MissingExtra(f"{purpose} needs peft, which is not installed: pip install 'gallop_kernels[peft]'")
+
+    monkeypatch.setattr(pipeline, "require", no_peft)
+    monkeypatch.setattr("gallop_kernels.adapter.folder.shira_export", _raise_not_installed)
+    args = parse(["--model", tiny_model, "--data", good_data, "--output", str(tmp_path / "out"), "--max-steps", "1",
+                  "--batch-size", "4", "--no-progress"])
+    assert args.func(args) == 0
+    err = capsys.readouterr().err
+    assert "no PEFT SHiRA files" in err and "pip install 'gallop_kernels[peft]'" in err
+
+
+def _raise_not_installed(delta):
+    from gallop_kernels.adapter import NotExportable
+
+    raise NotExportable("peft with SHiRA (peft >= 0.17) is not installed")
+
+
 def test_micro_batching_does_not_change_the_selection(tmp_path, tiny_model):
     """Batch 4, batch 2 x accumulation 2 and batch 1 x 4 calibrate on the same examples, so they
     select the same entries: phase one weighs each batch by its label tokens (examples of

@@ -215,3 +215,69 @@ def test_tiny_measurement_pipeline():
                       mm.Setup(seq=64, device="cpu"))
     # a 6M-parameter model: constant overheads weigh more than at 0.3B, so a loose bound
     assert 0.5 < pred.peak / meas["peak"] < 2.0
+
+
+def _memory(argv, monkeypatch, measured_configs):
+    """``gallop memory ARGV`` in-process, each measurement subprocess replaced by a fake reading."""
+    from gallop_kernels.cli import main
+
+    def fake(config, method, **kw):
+        measured_configs.append((config, kw["device"], kw["seq"]))
+        kw["log"]("measured step: forward, backward, optimizer step")  # the progress a real one shows
+        return {"method": method, "available": True, "peak": 2e9,
+                "phases": {"forward": 1e9, "backward": 2e9, "step": 1.5e9}}
+
+    monkeypatch.setattr(report, "run_measurement", fake)
+    return main(["memory", *argv])
+
+
+def test_measure_measures_what_config_says_and_shows_progress(monkeypatch, capsys):
+    seen = []
+    assert _memory(["--config", "llama-tiny", "--measure", "--methods", "adamw,sparse-lean",
+                    "--measure-device", "cpu"], monkeypatch, seen) == 0
+    assert [c for c, _, _ in seen] == ["llama-tiny", "llama-tiny"]  # not the CPU stand-in
+    captured = capsys.readouterr()
+    assert "method 1 of 2" in captured.err and "measured step" in captured.err and "peak 2.00 GB" in captured.err
+    assert "see --measure" not in captured.out  # the table points at the measurement below
+    assert "below: llama-tiny, cpu, seq 256" in captured.out
+    # the same setup as predicted: the number itself
+    seen.clear()
+    assert _memory(["--config", "llama-tiny", "--measure", "--methods", "adamw", "--device", "cpu",
+                    "--measure-device", "cpu", "--measure-seq", "2048"], monkeypatch, seen) == 0
+    assert "| 2.00 GB |" in capsys.readouterr().out
+
+
+def test_without_config_a_cpu_measures_the_stand_in_and_says_so(monkeypatch, capsys):
+    seen = []
+    assert _memory(["--measure", "--methods", "adamw", "--measure-device", "cpu"], monkeypatch, seen) == 0
+    assert seen == [("llama-0.3b", "cpu", 256)]
+    assert "stand-in for llama3-8b" in capsys.readouterr().err
+
+
+def test_a_measurement_that_cannot_fit_is_refused_before_it_starts(monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(report, "_available_bytes", lambda: 4e9, raising=False)
+    code = _memory(["--config", "llama3-8b", "--measure", "--methods", "adamw", "--measure-device", "cpu"],
+                   monkeypatch, seen)
+    assert code == 2 and not seen
+    assert "more than the 4.00 GB available" in capsys.readouterr().err
+
+
+def test_one_unit_everywhere(cfg8b, capsys):
+    from gallop_kernels.cli import main
+
+    assert main(["memory", "--config", "llama3-8b", "--gpus", "2,4"]) == 0
+    out = capsys.readouterr().out
+    assert "GB" in out and "GiB" not in out and "85.9 GB" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seq", "0"], "--seq"), (["--batch", "0"], "--batch"), (["--density", "0"], "--density"),
+    (["--density", "2"], "--density"), (["--gpus", "0,2"], "--gpus"), (["--measure-seq", "-1"], "--measure-seq"),
+])
+def test_meaningless_numbers_are_usage_errors(argv, message, capsys):
+    from gallop_kernels.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["memory", *argv])
+    assert exc.value.code == 2 and message in capsys.readouterr().err

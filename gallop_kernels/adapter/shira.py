@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from gallop_kernels.delta import DIFFERENCE, SparseDelta
+from gallop_kernels.quiet import no_bitsandbytes_notice
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -82,7 +83,8 @@ def _padded(indices: torch.Tensor, count: int, numel: int) -> torch.Tensor:
 def shira_export(delta: SparseDelta) -> ShiraExport:
     """The delta as PEFT SHiRA files' content, or `NotExportable` (module docstring)."""
     try:
-        from peft import ShiraConfig
+        with no_bitsandbytes_notice():  # peft imports bitsandbytes
+            from peft import ShiraConfig
     except ImportError as e:
         raise NotExportable(f"peft with SHiRA (peft >= 0.17) is not installed: {e}") from e
     layers = _layers(delta)

@@ -127,6 +127,11 @@ def mismatches(sample: BaseSample, view: TensorView) -> int:
     return int(differs(sample.values, sample.tolerance, found, view.tolerance(sample.positions)).sum())
 
 
+def _raw_bytes(tensor: torch.Tensor) -> bytes:
+    """A tensor's bytes in memory order (no numpy: the core runs without it; samples are small)."""
+    return bytes(tensor.detach().cpu().contiguous().view(torch.uint8).reshape(-1).tolist())
+
+
 def digest(samples: Mapping[str, BaseSample], shapes: Mapping[str, tuple[int, ...]], version: str = "3") -> str:
     """``"sha256:<hex>"`` of every tensor's name, shape and sample: the fingerprint's identity,
     written to the metadata and checked on load (a tampered sample is refused). Version 3 hashes
@@ -138,8 +143,8 @@ def digest(samples: Mapping[str, BaseSample], shapes: Mapping[str, tuple[int, ..
     for name in sorted(samples):
         s = samples[name]
         h.update(f"{name}\0{tuple(shapes[name])}\0{s.values.dtype}\0".encode())
-        h.update(s.positions.to(torch.int64).contiguous().numpy().tobytes())
-        h.update(s.values.contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(_raw_bytes(s.positions.to(torch.int64)))
+        h.update(_raw_bytes(s.values))
         if s.tolerance is not None:
-            h.update(b"\0tol\0" + s.tolerance.float().contiguous().numpy().tobytes())
+            h.update(b"\0tol\0" + _raw_bytes(s.tolerance.float()))
     return "sha256:" + h.hexdigest()

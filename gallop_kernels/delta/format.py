@@ -34,13 +34,13 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 import torch
 
 from gallop_kernels import bounded_json
+from gallop_kernels.atomic import write_atomic
 from gallop_kernels.delta.fingerprint import SAMPLE_DTYPES, BaseSample, digest
 from gallop_kernels.rules import SCORE_NAMES, check_index_set
 
@@ -357,8 +357,8 @@ def check_delta(delta: Any) -> None:
 
 
 def save_delta(path: str | os.PathLike, delta: SparseDelta) -> None:
-    """Check ``delta`` (`check_delta`), then write it as one safetensors file, atomically
-    (a temporary file in the same folder, renamed over ``path``)."""
+    """Check ``delta`` (`check_delta`), then write it as one safetensors file, atomically and with
+    the user's normal permissions (`gallop_kernels.atomic.write_atomic`)."""
     from safetensors.torch import save_file
 
     check_delta(delta)
@@ -376,16 +376,7 @@ def save_delta(path: str | os.PathLike, delta: SparseDelta) -> None:
             tensors[f"{name}{_SEP}base_values"] = s.values.cpu().contiguous()
             if s.tolerance is not None:
                 tensors[f"{name}{_SEP}base_tolerance"] = s.tolerance.cpu().contiguous()
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=dict(delta.metadata))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=dict(delta.metadata)))
 
 
 def _read(path: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:

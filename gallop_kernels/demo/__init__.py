@@ -1,5 +1,5 @@
-"""Offline demos. ``gallop demo``: GaLLoP teaches the embedded SmolLM2-135M-Instruct a new rule and it
-keeps what it knew (`demo/real.py`). ``gallop demo --tiny``: the seconds-long version on a tiny
+"""Offline demos. ``gallop demo``: GaLLoP teaches the embedded SmolLM2-135M-Instruct a new skill,
+measured before and after together with six skills it had (`demo/real.py`). ``gallop demo --tiny``: the seconds-long version on a tiny
 random Llama and generated tasks, for CI and quick checks (`demo/tiny.py`).
 """
 

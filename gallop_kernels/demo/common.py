@@ -1,11 +1,13 @@
-"""Helpers both demos share: device choice, optimizer-state bytes, progress bars, byte sizes."""
+"""Helpers both demos share: device choice, optimizer-state bytes, progress bars, sizes in MB."""
 
 from __future__ import annotations
 
 import sys
-from typing import Iterator
+from typing import Any, Iterator, Sequence, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -24,16 +26,19 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
                for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
 
 
-def progress(steps: int, desc: str, show: bool) -> Iterator[int]:
-    """A tqdm bar on stderr when asked for (and installed), else a plain range."""
+def progress(steps: int | Sequence[T], desc: str, show: bool, unit: str = "step") -> Iterator[Any]:
+    """``range(steps)`` (or the items of ``steps``) with a tqdm bar on stderr when asked for (and
+    installed): the demos' sign of life, a tick per training step, measured task or phase-one batch."""
+    items = range(steps) if isinstance(steps, int) else steps
     if not show:
-        return iter(range(steps))
+        return iter(items)
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm comes with transformers
-        return iter(range(steps))
-    return iter(tqdm(range(steps), desc=desc, unit="step", file=sys.stderr, leave=False, dynamic_ncols=True))
+        return iter(items)
+    return iter(tqdm(items, desc=desc, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True))
 
 
-def mib(n: int) -> str:
-    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+def megabytes(n: int) -> str:
+    """A size for people, in decimal units like every size gallop prints (1 MB = 10^6 bytes)."""
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"

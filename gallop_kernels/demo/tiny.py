@@ -14,7 +14,7 @@ from typing import TextIO
 import torch
 
 from gallop_kernels import toy as tasks
-from gallop_kernels.demo.common import mib as _mib
+from gallop_kernels.demo.common import megabytes
 from gallop_kernels.demo.common import progress as _progress
 from gallop_kernels.demo.common import resolve_device, state_bytes
 from gallop_kernels.phase_one import accumulate, optimizer_sink, select_from_sink
@@ -90,6 +90,8 @@ def run_tiny_demo(config: TinyDemoConfig = TinyDemoConfig(), progress: bool = Fa
     """
     if config.threads < 1:
         raise ValueError(f"threads must be >= 1, got {config.threads}")
+    if not (config.lr > 0 and config.pretrain_lr > 0):  # 0 would train nothing
+        raise ValueError(f"lr and pretrain_lr must be > 0, got {config.lr} and {config.pretrain_lr}")
     previous = torch.get_num_threads()
     torch.set_num_threads(config.threads)  # tiny matmuls: extra threads mostly wait on each other
     try:
@@ -101,7 +103,7 @@ def run_tiny_demo(config: TinyDemoConfig = TinyDemoConfig(), progress: bool = Fa
 def _run(config: TinyDemoConfig, progress: bool) -> TinyDemoResult:
     from gallop_kernels import SparseAdamW
 
-    minimum = {"pretrain_steps": 0, "finetune_steps": 0, "calibration_batches": 1, "batch_size": 1,
+    minimum = {"pretrain_steps": 1, "finetune_steps": 1, "calibration_batches": 1, "batch_size": 1,
                "eval_examples": 1, "num_symbols": 2, "length": 1}
     for name, low in minimum.items():
         if getattr(config, name) < low:
@@ -139,10 +141,7 @@ def _run(config: TinyDemoConfig, progress: bool) -> TinyDemoResult:
         dense_opt.zero_grad(set_to_none=True)
         if hasattr(bar, "set_postfix") and step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
-    if dense_opt.state:
-        dense_bytes = state_bytes(dense_opt)
-    else:  # no pretraining steps: what AdamW would allocate (exp_avg, exp_avg_sq, step per param)
-        dense_bytes = sum(2 * p.numel() * p.element_size() + 4 for p in params)
+    dense_bytes = state_bytes(dense_opt)  # exp_avg, exp_avg_sq and step of every parameter
     del dense_opt
     pretrain_seconds = time.perf_counter() - t0
 
@@ -209,9 +208,9 @@ def print_tiny_result(result: TinyDemoResult, file: TextIO | None = None) -> Non
         f"{'task A (retention)':<28}{r.acc_a_before:>8.1%}{r.acc_a_after:>8.1%}",
         "",
         f"trained entries: {r.num_selected:,} of {r.num_params:,} ({r.selected_fraction:.2%})",
-        f"optimizer state: SparseAdamW {_mib(r.sparse_state_bytes)} vs torch.optim.AdamW "
-        f"{_mib(r.dense_state_bytes)} ({r.state_ratio:.1%}, {1 / r.state_ratio:.0f}x smaller)"
+        f"optimizer state: SparseAdamW {megabytes(r.sparse_state_bytes)} vs torch.optim.AdamW "
+        f"{megabytes(r.dense_state_bytes)} ({r.state_ratio:.1%}, {1 / r.state_ratio:.0f}x smaller)"
         if r.sparse_state_bytes else
-        f"optimizer state: SparseAdamW 0 B vs torch.optim.AdamW {_mib(r.dense_state_bytes)}",
+        f"optimizer state: SparseAdamW 0 B vs torch.optim.AdamW {megabytes(r.dense_state_bytes)}",
     ]
     print("\n".join(lines), file=out)

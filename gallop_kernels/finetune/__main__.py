@@ -1,3 +1,7 @@
-from gallop_kernels.finetune.cli import main
+"""``python -m gallop_kernels.finetune ...``: the same as ``gallop finetune ...``."""
 
-raise SystemExit(main())
+import sys
+
+from gallop_kernels.cli import main
+
+sys.exit(main(["finetune", *sys.argv[1:]]))

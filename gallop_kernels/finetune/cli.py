@@ -8,7 +8,6 @@ still shows every default.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from gallop_kernels.finetune.config import OPTIONS, help_text
 
@@ -74,25 +73,16 @@ def config_from_args(args: argparse.Namespace):
 
 def finetune_main(args: argparse.Namespace) -> int:
     """Handler of ``gallop finetune``; returns the exit status (2 for bad input, before training)."""
-    from gallop_kernels.cli import report_user_error
-    from gallop_kernels.errors import is_user_error, user_input
+    from gallop_kernels.errors import is_user_error, report_user_error, user_input
     from gallop_kernels.finetune.pipeline import print_result, run_finetune
-    from gallop_kernels.models import ModelUnavailable
 
     try:
         with user_input():
             config = config_from_args(args)
-        result = run_finetune(config)
-    except Exception as e:  # bad input: one message (anything else is a bug: traceback)
-        if is_user_error(e) or isinstance(e, ModelUnavailable):
+        result = run_finetune(config, command=getattr(args, "command_line", None))
+    except Exception as e:  # bad input (a missing model included): one message; anything else is a bug
+        if is_user_error(e):
             return report_user_error("finetune", e)
         raise
     print_result(result)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point: ``python -m gallop_kernels.finetune ...``."""
-    from gallop_kernels.cli import main as gallop_main
-
-    return gallop_main(["finetune", *(sys.argv[1:] if argv is None else argv)])

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, TextIO
 
 from gallop_kernels.errors import user_input
-from gallop_kernels.extras import require
+from gallop_kernels.extras import MissingExtra, require
 from gallop_kernels.quiet import no_bitsandbytes_notice, progress_bars
 from gallop_kernels.finetune import rundir
 from gallop_kernels.finetune.config import (
@@ -258,11 +258,14 @@ def _encode(data: TrainingData, tokenizer: Any, config: FinetuneConfig) -> tuple
 
 
 def save_delta_files(representation: Any, model: Any, trainer: Any, config: FinetuneConfig, output: str,
-                     base: Any = None, write: bool = True) -> list[str]:
+                     base: Any = None, write: bool = True, command: str | None = None) -> list[str]:
     """Write the trained delta into ``output`` as an adapter folder (`gallop_kernels.adapter`: the
     delta file, a JSON config, a model card and, where SHiRA can hold it, PEFT's files); returns the
-    paths written (``write=False``: another rank than 0 of a launch, which extracts but writes nothing)."""
-    from gallop_kernels.adapter import save_adapter
+    paths written (``write=False``: another rank than 0 of a launch, which extracts but writes nothing).
+    ``command`` is the command line that was typed (recorded in the config; without one, the command
+    that replays the run from its saved config). A skipped PEFT export is said on stderr, with why."""
+    from gallop_kernels.adapter import CONFIG_FILE as ADAPTER_CONFIG
+    from gallop_kernels.adapter import PEFT_CONFIG, save_adapter
 
     meta = {"calibration_fraction": config.calibration_fraction, "epochs": config.epochs, "lr": config.lr,
             "target_modules": json.dumps(config.target_modules), "steps": trainer.state.global_step,
@@ -272,7 +275,7 @@ def save_delta_files(representation: Any, model: Any, trainer: Any, config: Fine
     adapter_config = {
         "target_modules": config.target_modules,
         "data": settings["data"],
-        "command": "gallop finetune --config " + CONFIG_FILE,
+        "command": command or "gallop finetune --config " + CONFIG_FILE,
         "training": {key: settings[key] for key in ("lr", "epochs", "max_steps", "batch_size", "grad_accum",
                                                       "max_length", "calibration_fraction", "seed", "lean", "bits")
                      if key in settings},
@@ -281,23 +284,32 @@ def save_delta_files(representation: Any, model: Any, trainer: Any, config: Fine
     if not write:
         return []
     # (the staging folder is this run's own: an adapter left there by an interrupted attempt is replaced)
-    return save_adapter(output, delta, config=adapter_config, overwrite=True)
+    written = save_adapter(output, delta, config=adapter_config, overwrite=True)
+    if not any(os.path.basename(p) == PEFT_CONFIG for p in written):
+        with open(os.path.join(output, ADAPTER_CONFIG), encoding="utf-8") as f:
+            reason = json.load(f)["peft"].get("reason", "not exported")
+        try:
+            require("the PEFT export (adapter_config.json, adapter_model.safetensors)", "peft")
+        except MissingExtra as missing_peft:
+            reason = str(missing_peft)
+        print(f"gallop finetune: note: no PEFT SHiRA files: {reason}", file=sys.stderr)
+    return written
 
 
-def run_finetune(config: FinetuneConfig, out: TextIO | None = None) -> FinetuneResult:
+def run_finetune(config: FinetuneConfig, out: TextIO | None = None, *, command: str | None = None) -> FinetuneResult:
     """Validate, fine-tune, evaluate, save: what ``gallop finetune`` does, as one call.
 
     Bad input raises `gallop_kernels.errors.UserError` (a ``ValueError``; the data's `DataError`
     and a missing model's ``ModelUnavailable`` as they are) before the output changes. The run is
     written to a staging folder and published whole (`finetune.rundir`,
     `docs/design.md#run-folders`). Progress lines go to ``out`` (stdout) unless ``config.progress``
-    is False.
+    is False. ``command``: the command line as typed, recorded in ``gallop_adapter.json``.
     """
     require("gallop finetune", "transformers", "accelerate")
     out = out or sys.stdout
     say = progress_printer(out, config.progress)
     t0 = time.perf_counter()
-    with progress_bars(config.progress), no_bitsandbytes_notice(config.bits is None):
+    with progress_bars(config.progress), no_bitsandbytes_notice():
         from gallop_kernels.models import ModelUnavailable
 
         with user_input(ValueError, TypeError, OSError, ModelUnavailable):
@@ -308,7 +320,8 @@ def run_finetune(config: FinetuneConfig, out: TextIO | None = None) -> FinetuneR
         for note in [*notes, *plan.notes]:
             print(f"gallop finetune: note: {note}", file=sys.stderr)
         with rundir.RunFolder(plan) as run:
-            result = _train_and_save(config, data, run, say, t0)
+            result = _train_and_save(config, data, run, say, t0, command)
+            result.saved += [run.final(os.path.join(run.path, SUMMARY_FILE)), run.final(os.path.join(run.path, rundir.RUN_FILE))]
             if is_main_process():
                 rundir.write_json_atomic(os.path.join(run.path, SUMMARY_FILE), asdict(result))
             run.publish()
@@ -316,7 +329,7 @@ def run_finetune(config: FinetuneConfig, out: TextIO | None = None) -> FinetuneR
 
 
 def _train_and_save(config: FinetuneConfig, data: TrainingData, run: rundir.RunFolder, say: Callable[[str], None],
-                    t0: float) -> FinetuneResult:
+                    t0: float, command: str | None = None) -> FinetuneResult:
     """Load, train, evaluate and write every result into the run's staging folder ``run.path``."""
     from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback
@@ -332,8 +345,11 @@ def _train_and_save(config: FinetuneConfig, data: TrainingData, run: rundir.RunF
         model, tokenizer = load_model(resolved, config, rep.four_bit, say)
         base = None if rep.four_bit else base_weights(resolved)
         train, evals = _encode(data, tokenizer, config)
-    template = "chat template" if train.chat_template else "raw prompt + response"
-    say(f"data: {data.describe()}; prompt/response lines: {template}")
+    if any(r.kind == "pair" for r in data.train):  # (how "messages" and "text" lines encode has no choice)
+        say(f"data: {data.describe()}; prompt/response lines: "
+            + ("chat template" if train.chat_template else "raw prompt + response"))
+    else:
+        say(f"data: {data.describe()}")
 
     output = run.path  # everything below is written to the staging folder
     # (without the run controls: replaying this file with --config must not overwrite or resume)
@@ -361,7 +377,7 @@ def _train_and_save(config: FinetuneConfig, data: TrainingData, run: rundir.RunF
         eval_loss = trainer.evaluate()["eval_loss"]
         say(f"eval loss {eval_loss:.4f} on {len(evals)} example(s)")
 
-    saved = save_delta_files(rep, model, trainer, config, output, base=base, write=main_process)
+    saved = save_delta_files(rep, model, trainer, config, output, base=base, write=main_process, command=command)
     if config.save_full:
         full = os.path.join(output, "model")
         trainer.save_model(full)

@@ -54,11 +54,13 @@ from gallop_kernels.integrations.targets import ALL_LINEAR, select_trainable
 from gallop_kernels.optim import SparseAdamW
 from gallop_kernels.optim.unwrap import unwrap_optimizer
 from gallop_kernels.phase_one import calibrate_dataset, calibration_subset, optimizer_sink, select_from_sink
+from gallop_kernels.quiet import no_bitsandbytes_notice
 from gallop_kernels.rules import check_count, check_fraction
 from gallop_kernels.summary import format_selection_summary, layer_type, selection_summary
 
 require("the Trainer integration (gallop_kernels.integrations.transformers)", "transformers", "accelerate")
-from transformers import TrainerCallback  # noqa: E402
+with no_bitsandbytes_notice():  # the Trainer's modules import peft, and peft imports bitsandbytes
+    from transformers import TrainerCallback  # noqa: E402
 
 __all__ = [
     "ALL_LINEAR",

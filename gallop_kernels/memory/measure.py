@@ -41,10 +41,16 @@ import time
 from typing import Any
 
 from gallop_kernels.memory.methods import MEASURED
+from gallop_kernels.quiet import no_bitsandbytes_notice
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 WARM_STEPS = 2
+PROGRESS = "progress: "  # the start of a progress line on stderr (`gallop memory --measure` shows them)
+
+
+def _progress(text: str) -> None:
+    print(PROGRESS + text, file=sys.stderr, flush=True)
 
 
 class NotAvailable(Exception):
@@ -298,6 +304,7 @@ def measure(config_name: str, method: str, *, seq: int, batch: int, dtype_name: 
         device=device, density=density, torch=torch.__version__, threads=torch.get_num_threads(),
     )
     t0 = time.perf_counter()
+    _progress(f"warm-up on llama-tiny ({method})")
     try:
         _warm_up(method, dtype, attn, device, density)
     except NotAvailable as e:
@@ -308,12 +315,14 @@ def measure(config_name: str, method: str, *, seq: int, batch: int, dtype_name: 
     file_before = probe.file_pages() if isinstance(probe, CpuProbe) else None
 
     ids = _batch(config, batch, seq, device)
+    _progress(f"building {config_name} with random weights ({method})")
     model, opt, info = build(method, config, dtype, attn, device, density, ids)
     result.update(info)
     # Warm steps: the first allocates the optimizer state (and selects, for SparseAdamW); the
     # second is lean mode's first gather, which allocates its compact gradient buffers. The
     # measured step is then a steady-state one.
-    for _ in range(WARM_STEPS):
+    for i in range(WARM_STEPS):
+        _progress(f"warm step {i + 1} of {WARM_STEPS}" + (" (allocates the state; selects)" if i == 0 else ""))
         _step(model, opt, ids)
     result["warm_steps"] = WARM_STEPS
     if hasattr(opt, "num_selected"):
@@ -329,6 +338,7 @@ def measure(config_name: str, method: str, *, seq: int, batch: int, dtype_name: 
     probe.reset()
     result["before_step"] = probe.current() - baseline
     phases = {}
+    _progress("measured step: forward, backward, optimizer step")
     loss = model(input_ids=ids, labels=ids).loss
     phases["forward"] = probe.peak() - baseline
     probe.reset()
@@ -371,8 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    out = measure(args.config, args.method, seq=args.seq, batch=args.batch, dtype_name=args.dtype,
-                  attn=args.attn, device=device, density=args.density)
+    with no_bitsandbytes_notice():  # bitsandbytes' import-time notice about a hub kernel we never use
+        out = measure(args.config, args.method, seq=args.seq, batch=args.batch, dtype_name=args.dtype,
+                      attn=args.attn, device=device, density=args.density)
     print(json.dumps(out), flush=True)
     return 0
 

@@ -13,12 +13,7 @@ import os
 import sys
 from dataclasses import replace
 
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+from gallop_kernels.argtypes import DefaultsFormatter, ints, positive_int
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -43,23 +38,24 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "study continues, a finished one reruns nothing); table.md and plot.png are made from it. "
                     "--protocol probes runs the earlier study (one new task, six unrelated probes). "
                     "See docs/reproduction.md.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
     p.add_argument("--protocol", choices=tuple(OUTPUTS), default="paper", help="which study")
     p.add_argument("--output", default=None,
                    help="folder of the results (default: results/paper-protocol, or results/reproduction "
                         "for --protocol probes)")
     p.add_argument("--model", default=None, help="a .gguf file, HF folder or hub id (default: the embedded model)")
-    p.add_argument("--seeds", type=_ints, default=None, help="comma-separated seeds")
+    p.add_argument("--seeds", type=ints, default=None, help="comma-separated seeds")
     p.add_argument("--methods", type=_names, default=None, help=f"comma-separated subset of {','.join(METHODS)}")
-    p.add_argument("--ranks", type=_ints, default=None,
+    p.add_argument("--ranks", type=ints, default=None,
                    help="paper: LoRA ranks defining the budgets, the first one run first (default 16,4,64)")
     p.add_argument("--id-tasks", type=_names, default=None, help="paper: the ID tasks, in turn")
-    p.add_argument("--max-runs", type=int, default=None, help="paper: stop after this many new runs (one sitting)")
-    p.add_argument("--rank", type=int, default=None, help="probes: LoRA rank defining the matched budget")
-    p.add_argument("--steps", type=int, default=None, help="probes: fine-tuning steps per run")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch, per worker")
-    p.add_argument("--jobs", type=int, default=1, help="worker processes running fine-tunes side by side")
+    p.add_argument("--max-runs", type=positive_int, default=None,
+                   help="paper: stop after this many new runs (one sitting; rerun to continue)")
+    p.add_argument("--rank", type=positive_int, default=None, help="probes: LoRA rank defining the matched budget (4)")
+    p.add_argument("--steps", type=positive_int, default=None, help="probes: fine-tuning steps per run (24)")
+    p.add_argument("--threads", type=positive_int, default=1, help="CPU threads for torch, per worker")
+    p.add_argument("--jobs", type=positive_int, default=1, help="worker processes running fine-tunes side by side")
     p.add_argument("--smoke", action="store_true",
                    help="seconds-long CI setting on a random tiny chat model: exercises everything, learns nothing")
     p.add_argument("--pilot", action="store_true",
@@ -69,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--estimate", action="store_true",
                    help="paper: write estimate.json, the plan's CPU time projected from the runs so far (nothing runs)")
     p.add_argument("--report-only", action="store_true", help="only rewrite the table, plot and report from raw.json")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-plot", action="store_true", help="do not draw plot.png (needs matplotlib)")
     # gallop_kernels/cli.py calls handler(args, subparser); func(args) is the same without the parser
     p.set_defaults(func=reproduce_main, handler=lambda args, parser: reproduce_main(args), subparser=p)
     return p
@@ -133,8 +129,6 @@ def _paper(args: argparse.Namespace, output: str, raw_path: str) -> int:
         try:
             cfg = replace(base, **changes)
             cfg.check()
-            if args.max_runs is not None and args.max_runs < 0:
-                raise ValueError("--max-runs must be >= 0")
         except ValueError as e:
             return _error(str(e))
         for flag, make, name in ((args.pilot, paper.pilot, "pilot.json"),

@@ -145,7 +145,7 @@ def load(spec: str | None, log: Callable[[str], None] | None = None) -> tuple[An
 
 def target_parameters(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     """(name, weight) of the projections every method may train; everything else is frozen."""
-    from gallop_kernels.integrations.transformers import select_trainable
+    from gallop_kernels.integrations.targets import select_trainable  # not .transformers: no Trainer, peft import
 
     names = select_trainable(model, list(TARGETS))
     return [(n, model.get_parameter(n)) for n in names]

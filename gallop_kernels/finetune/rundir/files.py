@@ -1,6 +1,7 @@
 """Files in a run folder: never read or written through a link, always written whole.
 
-Every file is written to a temporary name in its folder, fsynced and renamed (`write_atomic`);
+Every file is written to a temporary name in its folder, fsynced and renamed, with the user's
+normal permissions (`gallop_kernels.atomic.write_atomic`);
 every path read or replaced is opened with ``O_NOFOLLOW`` or checked with ``lstat`` first, and a
 link or a special file anywhere in a run folder is a :class:`RunFolderError` naming it
 (`docs/design.md#run-folders`).
@@ -14,12 +15,12 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import shutil
 import stat
 from typing import Any, Iterator
 
 from gallop_kernels import bounded_json
+from gallop_kernels.atomic import fsync_dir, write_atomic  # noqa: F401 (re-exported to the run folder code)
 from gallop_kernels.errors import UserError
 
 class RunFolderError(UserError):
@@ -57,33 +58,6 @@ def read_bytes(path: str) -> bytes:
     fd = open_regular(path)
     with os.fdopen(fd, "rb") as f:
         return f.read()
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: str, data: bytes | str) -> None:
-    """Write ``path`` completely or not at all: a temporary file in the same folder, fsync, rename.
-    A link at ``path`` is replaced, never written through."""
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.tmp-{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(folder or ".")
 
 
 def write_json_atomic(path: str, value: Any) -> None:

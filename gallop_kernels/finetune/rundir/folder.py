@@ -15,7 +15,7 @@ from gallop_kernels.finetune.rundir.files import (
     remove_tree, storage_failure, walk_tree, write_atomic, write_json_atomic,
 )
 from gallop_kernels.finetune.rundir.plan import (
-    LOCK_FILE, STAGING_SUFFIX, RunPlan, inspect_output, listing, staging_path, take_lock,
+    LOCK_FILE, RunPlan, inspect_output, listing, staging_path, take_lock,
 )
 from gallop_kernels.finetune.rundir.records import (
     CHECKPOINT_RE, FORMAT_VERSION, MANIFEST, RUN_FILE, Checkpoint, checkpoint_folders, filtered_loss_log,
