@@ -417,18 +417,13 @@ def _check_quantization_floor(config: FinetuneConfig) -> None:
         raise ValueError(f"--quantization-floor must be true or false, got {config.quantization_floor!r}")
     if not config.quantization_floor:
         return
-    from gallop_kernels.models import ModelUnavailable, check_model_spec
     from gallop_kernels.rules import FLOORED_SCORES
 
     if config.score not in FLOORED_SCORES:
         raise ValueError(f"--quantization-floor applies to --score {' or '.join(FLOORED_SCORES)}, not {config.score}")
     if config.bits == 4:
         return
-    try:
-        origin = check_model_spec(config.model)
-    except ModelUnavailable:
-        return  # the model's own error comes when it is loaded
-    if origin not in ("embedded", "gguf"):
+    if config.model is not None and not os.fspath(config.model).lower().endswith(".gguf"):  # (the default is one)
         raise ValueError("--quantization-floor needs a quantized base: --bits 4, or a .gguf --model (or the "
                          "embedded default)")
 
