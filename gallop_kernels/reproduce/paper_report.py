@@ -147,7 +147,7 @@ def markdown(raw: dict[str, Any], extras: dict[str, Any] | None = None) -> str:
     runs = grouped(raw)
     lines = [f"# Paper protocol: {raw['model_name']} ({raw['num_params']:,} parameters)", "",
              f"{len(raw['runs'])} fine-tuning runs so far. Suite: "
-             + ", ".join(f"`{t}`" for t in cfg["tasks"]) + f"; ID tasks in turn: "
+             + ", ".join(f"`{t}`" for t in cfg["tasks"]) + "; ID tasks in turn: "
              + ", ".join(f"`{t}`" for t in cfg["id_tasks"])
              + f". {cfg['epochs']} epoch(s) of batch {cfg['batch_size']}, warmup {cfg['warmup_ratio']:g} of the "
              f"steps then linear decay, gradient clipping at {cfg['max_grad_norm']:g}, "

@@ -36,9 +36,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from gallop_kernels.chat import encode_completion
+from gallop_kernels.chat_tasks import SPLITS, split_of
 from gallop_kernels.reproduce import suite_data as D
 
-SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.5, 0.15, 0.35)
 SYSTEM = "Answer briefly."
 
@@ -76,18 +76,7 @@ class MCTask:
     def split(self, part: str) -> list[MCItem]:
         if part not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {part!r}")
-        return [it for it in self.items if split_of(f"{self.name}:{it.key}") == part]
-
-
-def split_of(key: str) -> str:
-    """train / val / test by a hash of ``key`` (stable across runs, machines and list edits)."""
-    u = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2.0**64
-    edge = 0.0
-    for part, fraction in zip(SPLITS, SPLIT_FRACTIONS):
-        edge += fraction
-        if u < edge:
-            return part
-    return SPLITS[-1]
+        return [it for it in self.items if split_of(f"{self.name}:{it.key}", SPLIT_FRACTIONS) == part]
 
 
 # ---------------------------------------------------------------------------------------------
