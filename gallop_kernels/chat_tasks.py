@@ -81,10 +81,11 @@ class ChatTask:
         and do not change when items are added elsewhere in the list."""
         if part not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {part!r}")
-        return [it for it in self.items if _bucket(it.key or it.question, fractions) == part]
+        return [it for it in self.items if split_of(it.key or it.question, fractions) == part]
 
 
-def _bucket(key: str, fractions: tuple[float, float, float]) -> str:
+def split_of(key: str, fractions: tuple[float, float, float]) -> str:
+    """train / val / test by a hash of ``key`` (stable across runs, machines and list edits)."""
     u = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2.0**64
     edge = 0.0
     for part, f in zip(SPLITS, fractions):

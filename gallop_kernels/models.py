@@ -318,6 +318,38 @@ def load_model_and_tokenizer(spec: str | os.PathLike | None = None, *, dtype: to
     return model, tokenizer
 
 
+_LLAMA_GGUF_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def gguf_source(spec: str | os.PathLike | None = None) -> Path | None:
+    """The GGUF file a spec's weights come from (the embedded file for ``None``), or None for a
+    folder or hub id. Raises :class:`ModelUnavailable` like :func:`check_model_spec`."""
+    origin = check_model_spec(spec)
+    if origin == "embedded":
+        return embedded_gguf()
+    return Path(os.fspath(spec)).expanduser() if origin == "gguf" else None
+
+
+def gguf_quantization(gguf_path: str | os.PathLike) -> dict[str, str]:
+    """``{Hugging Face parameter name: ggml type}`` ("q4_1", "q8_0", ...) of the quantized linear
+    weights of a Llama-architecture GGUF file (read from its tensor table, not its data): what
+    `gallop_kernels.score_floor` needs to floor magnitudes at the base's quantization step."""
+    _check_gguf_support()
+    import gguf
+
+    out = {}
+    for tensor in gguf.GGUFReader(str(gguf_path)).tensors:
+        parts = tensor.name.split(".")
+        kind = tensor.tensor_type.name.lower()
+        if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LLAMA_GGUF_NAMES and kind not in ("f32", "f16", "bf16"):
+            out[f"model.layers.{parts[1]}.{_LLAMA_GGUF_NAMES[parts[2]]}.weight"] = kind
+    return out
+
+
 def default_shaped_model(seed: int = 0) -> Any:
     """A randomly initialised model of the default's exact shape (134.5M parameters); no download, no wheel."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -328,5 +360,6 @@ def default_shaped_model(seed: int = 0) -> Any:
 
 
 __all__ = ["DEFAULT_CONFIG", "DEFAULT_HUB_ID", "DEFAULT_NAME", "ModelUnavailable", "ResolvedModel", "cache_dir", "convert_gguf",
-           "converted_dir", "default_shaped_model", "embedded_gguf", "ensure_converted", "hub_reachable", "is_valid_conversion", "load_model_and_tokenizer",
+           "converted_dir", "default_shaped_model", "embedded_gguf", "ensure_converted", "gguf_quantization", "gguf_source",
+           "hub_reachable", "is_valid_conversion", "load_model_and_tokenizer",
            "resolve_model"]

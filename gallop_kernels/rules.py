@@ -67,6 +67,40 @@ def check_score(score: Any, name: str = "score", allow_callable: bool = True) ->
         raise ValueError(f"unknown {name} {score!r}; expected one of {', '.join(SCORE_NAMES)}{extra}")
 
 
+FLOORED_SCORES = ("gallop", "magnitude")
+"""The named scores that read |θ|, and so the ones a magnitude floor changes."""
+
+
+def check_score_floor(value: Any, num_tensors: int | None, score: Any = "gallop",
+                      name: str = "score_floor") -> list[float] | None:
+    """The magnitude floor of a group's score (`docs/design.md#score-floor`): ``None`` (none),
+    one finite number >= 0 for every tensor, or a sequence of them, one per tensor in group order.
+
+    Returns the per-tensor floors rounded to float32 (the value every backend compares |θ| with),
+    or ``None``; ``num_tensors=None`` (a default, before the group has params) skips the count. A floor only means something for the scores that read |θ|
+    (`FLOORED_SCORES`); with another score it is refused rather than silently ignored.
+    """
+    if value is None:
+        return None
+    if isinstance(score, str) and score not in FLOORED_SCORES or callable(score):
+        raise ValueError(f"{name} applies to the {' and '.join(map(repr, FLOORED_SCORES))} scores only, "
+                         f"not to score {score if isinstance(score, str) else 'callable'!r}")
+    if isinstance(value, (str, bytes, torch.Tensor)) or not hasattr(value, "__len__"):
+        values = [value] * (1 if num_tensors is None else num_tensors)
+    else:
+        values = list(value)
+        if num_tensors is not None and len(values) != num_tensors:
+            raise ValueError(f"{name} has {len(values)} value(s) for {num_tensors} tensor(s); give one per "
+                             "tensor of the group, or one number for all")
+    out = []
+    for v in values:
+        number = _real(name, v)
+        if not math.isfinite(number) or number < 0:
+            raise ValueError(f"invalid {name}: {v!r} (must be finite and >= 0)")
+        out.append(float(torch.tensor(number, dtype=torch.float32)))
+    return out
+
+
 def check_count(value: Any, name: str, minimum: int = 1, allow_none: bool = False) -> None:
     """An integer of at least ``minimum`` (``None`` too when ``allow_none``); bools are refused."""
     if value is None and allow_none:
@@ -98,6 +132,6 @@ def check_index_set(indices: Any, numel: int, where: str) -> torch.Tensor:
     return idx
 
 
-__all__ = ["DEFAULT_MIN_8BIT_ENTRIES", "INDEX_DTYPES", "INT32_LIMIT", "SCORE_NAMES", "Score",
-           "ScoreFn", "FLOAT_DTYPES", "check_count", "check_fraction", "check_index_set", "check_score",
-           "index_dtype", "k_for_density"]
+__all__ = ["DEFAULT_MIN_8BIT_ENTRIES", "FLOORED_SCORES", "INDEX_DTYPES", "INT32_LIMIT", "SCORE_NAMES",
+           "Score", "ScoreFn", "FLOAT_DTYPES", "check_count", "check_fraction", "check_index_set", "check_score",
+           "check_score_floor", "index_dtype", "k_for_density"]

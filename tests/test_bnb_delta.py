@@ -250,6 +250,24 @@ def test_selection_equals_reference_on_dequantized_weights(llama_dir, dense_orac
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_quantization_floor_selects_the_oracles_set_with_half_the_nf4_step(llama_dir, dense_oracle):
+    """``quantization_floor=True``: each layer's floor is half the median NF4 step next to zero,
+    read from its dequantized weight; the selection is the oracle's with those floors."""
+    from gallop_kernels.score_floor import quantization_floor
+
+    model = load_4bit(llama_dir, torch.float32)
+    names, weights, mean_grads = dense_oracle
+    floors = rules.check_score_floor([quantization_floor(w, "nf4") for w in weights], len(weights))
+    expected = select_naive.select(weights, mean_grads, 0.03, "gallop", names=names, floors=floors)
+    wrapped = select_sparse_delta(model, calibration_batches(3), lm_loss(model), density=0.03, chunk=1000,
+                                  quantization_floor=True)
+    for name, exp in zip(names, expected):
+        assert torch.equal(wrapped[name].delta_indices.to(torch.int64), exp), name
+    with pytest.raises(ValueError, match="applies to"):
+        select_sparse_delta(load_4bit(llama_dir), calibration_batches(1), lm_loss(model), density=0.03,
+                            score="gradient", quantization_floor=True)
+
+
 def test_calibration_holds_one_dense_gradient_at_a_time(llama_dir, monkeypatch):
     """Every dense weight gradient the taps (and the delta backward) create is recorded with a
     weakref; when the next is created, all earlier ones must already be freed."""

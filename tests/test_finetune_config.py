@@ -131,6 +131,8 @@ def test_unknown_keys_get_a_suggestion(tmp_path):
     (["--eval-steps", "5"], ValueError, "needs an eval set"),
     (["--report-to", "mlflow"], ValueError, "report-to must be none or any of"),
     (["--data", "b.jsonl:1"], ValueError, "every --data a weight"),
+    (["--quantization-floor", "--score", "random"], ValueError, "applies to --score gallop or magnitude"),
+    (["--quantization-floor", "--model", "org/some-model"], ValueError, "needs a quantized base"),
 ])
 def test_bad_options_fail_before_anything_loads(tmp_path, argv, error, match):
     args = parse(["--data", "a.jsonl", "--output", str(tmp_path / "o"), *argv])

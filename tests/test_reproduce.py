@@ -1,4 +1,5 @@
-"""`gallop reproduce`: matched budgets, SIFT's exact per-tensor k, LR choice, resume, and the smoke run."""
+"""`gallop reproduce --protocol probes` (the earlier study): matched budgets, SIFT's exact per-tensor k,
+LR choice, resume, and the smoke run. The paper protocol is tested in test_reproduce_paper.py."""
 
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def _parser():
 
 def test_smoke_run_writes_table_plot_and_raw_and_resumes(tmp_path, capsys, monkeypatch):
     parser = _parser()
-    args = parser.parse_args(["reproduce", "--smoke", "--output", str(tmp_path)])
+    args = parser.parse_args(["reproduce", "--protocol", "probes", "--smoke", "--output", str(tmp_path)])
     assert args.func(args) == 0
     raw = json.loads((tmp_path / "raw.json").read_text())
     assert sorted({r["method"] for r in raw["runs"]}) == sorted(R.METHODS)
@@ -97,8 +98,16 @@ def test_smoke_run_writes_table_plot_and_raw_and_resumes(tmp_path, capsys, monke
 
 def test_bad_options_are_usage_errors(tmp_path, capsys):
     parser = _parser()
-    args = parser.parse_args(["reproduce", "--smoke", "--methods", "gallop,adam", "--output", str(tmp_path)])
-    assert args.func(args) == 2
-    assert "unknown method" in capsys.readouterr().err
-    args = parser.parse_args(["reproduce", "--report-only", "--output", str(tmp_path / "none")])
-    assert args.func(args) == 2
+    for protocol in ("probes", "paper"):
+        args = parser.parse_args(["reproduce", "--protocol", protocol, "--smoke", "--methods", "gallop,adam",
+                                  "--output", str(tmp_path)])
+        assert args.func(args) == 2
+        assert "unknown method" in capsys.readouterr().err
+        args = parser.parse_args(["reproduce", "--protocol", protocol, "--report-only",
+                                  "--output", str(tmp_path / "none")])
+        assert args.func(args) == 2
+    for bad in (["--protocol", "probes", "--ranks", "4"], ["--rank", "4"], ["--protocol", "probes", "--pilot"]):
+        args = parser.parse_args(["reproduce", "--smoke", *bad, "--output", str(tmp_path)])
+        assert args.func(args) == 2
+        assert "belong" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -52,6 +52,7 @@ class FinetuneConfig:
     train_norms: bool = False
     lean: bool = False
     bits: int | None = None
+    quantization_floor: bool = False
     epochs: float = 1.0
     max_steps: int = -1
     lr: float = 1e-4
@@ -175,6 +176,9 @@ OPTIONS: tuple[Option, ...] = (
            "the --target-modules layers (rebuild with apply_sparse_delta on a 4-bit-loaded base); not with "
            "--lean, --save-full, --resume/--save-steps, --train-embeddings/--train-norms",
            _optional_int, metavar="4", show_default="none: full-precision base"),
+    Option("quantization_floor", "floor |θ| in the gallop/magnitude score at half the base's quantization "
+           "step (docs/design.md#score-floor), so that its exact zeros and tiny magnitudes do not take the "
+           "selection: the NF4 step with --bits 4, the GGUF file's with a .gguf model or the embedded default"),
     Option("epochs", "training epochs", float),
     Option("max_steps", "stop after this many optimizer steps (-1: train for --epochs)", int),
     Option("lr", "peak learning rate", float),
@@ -407,6 +411,23 @@ def _check_four_bit(config: FinetuneConfig) -> None:
                          "(the 4-bit path trains linear layers only)")
 
 
+def _check_quantization_floor(config: FinetuneConfig) -> None:
+    """--quantization-floor needs a score that reads |θ| and a quantized base to read the step of."""
+    if not isinstance(config.quantization_floor, bool):
+        raise ValueError(f"--quantization-floor must be true or false, got {config.quantization_floor!r}")
+    if not config.quantization_floor:
+        return
+    from gallop_kernels.rules import FLOORED_SCORES
+
+    if config.score not in FLOORED_SCORES:
+        raise ValueError(f"--quantization-floor applies to --score {' or '.join(FLOORED_SCORES)}, not {config.score}")
+    if config.bits == 4:
+        return
+    if config.model is not None and not os.fspath(config.model).lower().endswith(".gguf"):  # (the default is one)
+        raise ValueError("--quantization-floor needs a quantized base: --bits 4, or a .gguf --model (or the "
+                         "embedded default)")
+
+
 def check_options(config: FinetuneConfig) -> None:
     """Every option that can be checked without loading anything; ValueError says which."""
     if config.bits is not None:
@@ -423,6 +444,7 @@ def check_options(config: FinetuneConfig) -> None:
     for name in NUMBER_LIMITS:  # every number, in the table's order: the first bad one is named
         check_number(name, getattr(config, name))
     check_score(config.score, "--score", allow_callable=False)
+    _check_quantization_floor(config)
     if config.max_steps == 0:
         raise ValueError("--max-steps must be a positive integer (or -1 for --epochs), got 0")
     if config.warmup_ratio and config.warmup_steps:

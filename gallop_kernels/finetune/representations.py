@@ -78,6 +78,10 @@ class SparseWeights(Representation):
         c = self.config
         names = select_trainable(model, c.target_modules, embeddings=c.train_embeddings, norms=c.train_norms)
         self.num_trainable = sum(model.get_parameter(n).numel() for n in names)
+        if c.quantization_floor:
+            self.floors = gguf_floors(model, names, c.model)
+            self.log(f"quantization floor: {sum(f > 0 for f in self.floors.values())} of {len(names)} trained "
+                     "tensors are quantized in the GGUF file; their |θ| is floored at half its step")
 
     def trainer_options(self, model: nn.Module, args: Any) -> dict[str, Any]:
         from gallop_kernels.integrations.transformers import gallop_optimizer_cls_and_kwargs
@@ -87,7 +91,8 @@ class SparseWeights(Representation):
         return {"optimizer_cls_and_kwargs": spec}
 
     def callbacks(self) -> list[Any]:
-        return [self.phase_one]
+        floors = getattr(self, "floors", None)
+        return ([score_floor_callback(floors)] if floors is not None else []) + [self.phase_one]
 
     def selection(self) -> tuple[Summary | None, str]:
         how = ("loaded from the checkpoint" if self.phase_one.resumed else
@@ -132,7 +137,7 @@ class SparseDelta4bit(Representation):
         self.wrapped, self.examples = bnb_delta.select_sparse_delta_from_dataset(
             model, dataset, collate_fn, c.density, score=c.score, target_modules=c.target_modules,
             fraction=c.calibration_fraction, batch_size=c.batch_size, seed=c.seed,
-            autocast_dtype=torch.bfloat16 if c.bf16 else None,
+            autocast_dtype=torch.bfloat16 if c.bf16 else None, quantization_floor=c.quantization_floor,
         )
         self.num_trainable = sum(m.weight_numel for m in self.wrapped.values())
         self.summary = summarize((f"{name}.weight", m.delta_indices.numel(), m.weight_numel)
@@ -175,6 +180,36 @@ class SparseDelta4bit(Representation):
 
         return bnb_delta.extract_sparse_delta(model, base_model=base_model,
                                               metadata={**metadata, "bits": 4})
+
+
+def gguf_floors(model: nn.Module, names: list[str], spec: Any) -> dict[int, float]:
+    """``{id(param): floor}`` for the trained params of a model loaded from a GGUF file: half the
+    median step of each one's GGUF quantization (0 for a param the file stores unquantized)."""
+    from gallop_kernels import score_floor
+    from gallop_kernels.models import gguf_quantization, gguf_source
+
+    source = gguf_source(spec)
+    if source is None:
+        raise ValueError("--quantization-floor needs a quantized base: --bits 4, or a .gguf --model")
+    formats = gguf_quantization(source)
+    return {id(model.get_parameter(n)): f
+            for n, f in zip(names, score_floor.floors([(n, model.get_parameter(n)) for n in names], formats))}
+
+
+def score_floor_callback(floors: dict[int, float]) -> Any:
+    """A callback that sets each param group's ``score_floor`` (one floor per param) when training
+    begins, before `GallopCallback` selects: the Trainer builds the groups, the floors follow them."""
+    from transformers import TrainerCallback
+
+    from gallop_kernels.optim.unwrap import unwrap_optimizer
+
+    class ScoreFloorCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            for group in unwrap_optimizer(optimizer).param_groups:
+                group["score_floor"] = [floors.get(id(p), 0.0) for p in group["params"]]
+            return control
+
+    return ScoreFloorCallback()
 
 
 def representation_for(config: Any, log: Callable[[str], Any] | None = None) -> Representation:

@@ -106,9 +106,10 @@ def plan(
         if since and reduce is not None:
             reduce([g for g in grads if g is not None])
     total = layout.total if layout is not None else sum(p.numel() for p in tensors)
+    floors = rules.check_score_floor(group.get("score_floor"), len(tensors), group["score"])
     return select(tensors, grads, rules.k_for_density(total, group["density"]),
                   score=group["score"], score_eps=group["score_eps"], seed=group["seed"],
-                  names=names, layout=layout, backend=backend)
+                  names=names, layout=layout, backend=backend, floors=floors)
 
 
 def _carry_over(

@@ -70,6 +70,11 @@ class SparseAdamW(Optimizer):
         score: "gallop" (|g| / (|θ| + score_eps)), "gradient", "magnitude", "random", or a
             callable ``(param, grad) -> Tensor`` of the param's shape.
         score_eps: ε of the "gallop" and "magnitude" scores (finite, >= 0).
+        score_floor: a magnitude floor for those two scores (`docs/design.md#score-floor`):
+            |θ| is read as max(|θ|, floor), so that the exact zeros and tiny magnitudes of a
+            quantized base stop dominating the selection. ``None`` (default: no floor), one
+            number for every tensor, or one per tensor of the group (a list in group order);
+            `gallop_kernels.score_floor` computes them from a base's quantization step.
         seed: seed of the "random" score.
         reselect_every: re-select every N steps from the mean gradient since the last
             selection (GMT); entries that stay keep their state. ``None`` selects once.
@@ -111,6 +116,7 @@ class SparseAdamW(Optimizer):
         density: float = 0.01,
         score: Score = "gallop",
         score_eps: float = 1e-8,
+        score_floor: float | list[float] | None = None,
         seed: int = 0,
         reselect_every: int | None = None,
         master_weights: bool | str = "auto",
@@ -133,6 +139,7 @@ class SparseAdamW(Optimizer):
             density=density,
             score=score,
             score_eps=score_eps,
+            score_floor=score_floor,
             seed=seed,
             reselect_every=reselect_every,
             master_weights=master_weights,

@@ -20,14 +20,15 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 
 from gallop_kernels.ops.adamw.quantization import QUANT_BLOCK
-from gallop_kernels.rules import FLOAT_DTYPES, check_count, check_fraction, check_score
+from gallop_kernels.rules import FLOAT_DTYPES, check_count, check_fraction, check_score, check_score_floor
 
 MASTER_WEIGHT_CHOICES = ("auto", True, False)
 OPTION_KEYS = (
     "lr", "betas", "eps", "weight_decay", "density", "score", "score_eps", "seed",
     "reselect_every", "master_weights", "state_bits", "min_8bit_entries",
 )
-"""The options every param group holds (the constructor's keyword arguments)."""
+"""The options every param group holds (the constructor's keyword arguments). ``score_floor``
+(`docs/design.md#score-floor`) is one too, but optional: groups saved before it existed have none."""
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
@@ -101,6 +102,8 @@ def _check_options(options: dict[str, Any]) -> None:
 
     check_fraction(options["density"], "density")
     check_score(options["score"])
+    params = options.get("params")
+    check_score_floor(options.get("score_floor"), None if params is None else len(params), options["score"])
     _integer("seed", options["seed"])
     check_count(options["reselect_every"], "reselect_every", allow_none=True)
     check_count(options["min_8bit_entries"], "min_8bit_entries", minimum=0)

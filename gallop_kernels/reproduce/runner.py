@@ -1,8 +1,10 @@
-"""The paper's comparison on a real pretrained model: ``gallop reproduce`` (see docs/reproduction.md).
+"""The earlier study, one new task against six unrelated probes: ``gallop reproduce --protocol probes``
+(docs/reproduction.md; the paper's protocol is `reproduce/paper.py`).
 
-SmolLM2-135M-Instruct is fine-tuned on the ``codes`` task (a new rule; see
-`gallop_kernels/chat_tasks.py`) with each method at one matched trainable-parameter budget, and
-evaluated on held-out ``codes`` words (ID) and on tasks the base model already answers (OOD).
+SmolLM2-135M-Instruct is fine-tuned on the ``category`` task (the category of a word, in one word;
+see `gallop_kernels/chat_tasks.py`) with each method at one matched trainable-parameter budget, and
+evaluated on held-out ``category`` words (ID) and on six open-answer probes the base model already
+answers (OOD).
 
 Methods (the sparse ones train exactly the budget, over the same projection weights):
 
@@ -14,7 +16,7 @@ Methods (the sparse ones train exactly the budget, over the same projection weig
 - ``pafi``: one global selection of the smallest |θ| (no gradient needed).
 - ``random``: a seeded random global selection.
 
-A learning rate per method is chosen on the ``codes`` validation words (best accuracy, ties to the
+A learning rate per method is chosen on the ``category`` validation words (best accuracy, ties to the
 lower validation loss) from ``lr_grid`` with the tuning seed; the chosen rate then runs on every seed.
 Every finished run is appended to ``raw.json`` at once, and a rerun with the same settings skips
 the runs already there, so an interrupted reproduction resumes where it stopped.
@@ -22,6 +24,7 @@ the runs already there, so an interrupted reproduction resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -30,7 +33,7 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -62,6 +65,14 @@ DEFAULT_LR_GRID = {
     "pafi": (3e-4, 1e-3, 3e-3),
     "random": (3e-4, 1e-3, 3e-3),
 }
+
+
+def check_lr_grid(methods: tuple[str, ...], lr_grid: dict[str, tuple[float, ...]]) -> None:
+    """Every method has a non-empty list of positive learning rates."""
+    for m in methods:
+        grid = lr_grid.get(m)
+        if not grid or any(not (isinstance(lr, (int, float)) and lr > 0) for lr in grid):
+            raise ValueError(f"lr_grid[{m!r}] must be a non-empty list of positive learning rates, got {grid}")
 
 
 @dataclass(frozen=True)
@@ -98,10 +109,7 @@ class ReproConfig:
         for name in ("lora_rank", "steps", "batch_size", "calibration_batches", "threads", "jobs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for m in self.methods:
-            grid = self.lr_grid.get(m)
-            if not grid or any(not (isinstance(lr, (int, float)) and lr > 0) for lr in grid):
-                raise ValueError(f"lr_grid[{m!r}] must be a non-empty list of positive learning rates, got {grid}")
+        check_lr_grid(self.methods, self.lr_grid)
 
     def fingerprint(self) -> str:
         """What decides a run's result, so must match for earlier runs to be reused. Seeds, methods
@@ -225,9 +233,31 @@ def evaluate(model: torch.nn.Module, data: Data) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
+def dense_setup(model: torch.nn.Module, method: str, rank: int, lr: float, run_seed: int,
+                budget: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, list[torch.Tensor]]:
+    """``(model, AdamW, its params)`` of full fine-tuning (every parameter) or LoRA (peft, rank
+    ``rank``, α = 2·rank, no dropout, on `TARGETS`; its trainable count must equal ``budget``)."""
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(run_seed)  # LoRA's A init
+        with warnings.catch_warnings():  # peft asks transformers 5 a deprecated question; not ours to fix
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                                     target_modules=list(TARGETS)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    if method == "lora" and sum(p.numel() for p in params) != budget:
+        raise AssertionError(f"LoRA trains {sum(p.numel() for p in params)} parameters, the budget formula "
+                             f"says {budget}")
+    return model, torch.optim.AdamW(params, lr=lr, weight_decay=0.0), params
+
+
 def run_one(cfg: ReproConfig, data: Data, method: str, lr: float, seed: int,
             log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Fine-tune a fresh copy of the base model on ``codes`` with one method; returns what it measured."""
+    """Fine-tune a fresh copy of the base model on ``cfg.id_task`` with one method; returns what it measured."""
     from gallop_kernels import SparseAdamW
 
     t0, c0 = time.perf_counter(), time.process_time()
@@ -240,25 +270,9 @@ def run_one(cfg: ReproConfig, data: Data, method: str, lr: float, seed: int,
     plan = batches(data.train, cfg.batch_size, cfg.steps, seed)
     run_seed = 1_000 * seed + METHODS.index(method)
     t_select = 0.0
-    if method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if method in ("full", "lora"):
+        model, opt, params = dense_setup(model, method, cfg.lora_rank, lr, run_seed, budget)
         trainable = sum(p.numel() for p in params)
-    elif method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        torch.manual_seed(run_seed)  # LoRA's A init
-        with warnings.catch_warnings():  # peft asks transformers 5 a deprecated question; not ours to fix
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, lora_dropout=0.0,
-                                                     target_modules=list(TARGETS)))
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        trainable = sum(p.numel() for p in params)
-        if trainable != budget:
-            raise AssertionError(f"LoRA trains {trainable} parameters, the budget formula says {budget}")
     else:
         ts = time.perf_counter()
         if method == "sift":
@@ -316,7 +330,8 @@ def choose_lr(runs: list[dict[str, Any]], method: str, seed: int,
     return best["lr"]
 
 
-def _machine() -> dict[str, Any]:
+def machine() -> dict[str, Any]:
+    """The machine a study ran on (recorded in its raw results)."""
     cpu = platform.processor() or ""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -324,10 +339,11 @@ def _machine() -> dict[str, Any]:
     except OSError:
         pass
     return {"cpus": os.cpu_count(), "cpu": cpu, "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "cuda": torch.cuda.is_available()}
+            "torch": torch.__version__, "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
-def _save(raw: dict[str, Any], path: str | None) -> None:
+def save(raw: dict[str, Any], path: str | None) -> None:
+    """Write ``raw`` to ``path`` atomically (a temporary file, then a rename)."""
     if path is None:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -337,7 +353,11 @@ def _save(raw: dict[str, Any], path: str | None) -> None:
     os.replace(tmp, path)
 
 
-def _load_previous(path: str | None, cfg: ReproConfig, log: Callable[[str], None]) -> dict[str, Any] | None:
+def load_previous(path: str | None, fingerprint: str, log: Callable[[str], None],
+                  refuse_other: bool = False) -> dict[str, Any] | None:
+    """The raw results at ``path`` to continue, or None to start afresh (none there, unreadable,
+    or made with other settings). ``refuse_other``: other settings raise ``ValueError`` instead
+    of being overwritten."""
     if path is None or not os.path.isfile(path):
         return None
     try:
@@ -346,7 +366,10 @@ def _load_previous(path: str | None, cfg: ReproConfig, log: Callable[[str], None
     except (OSError, ValueError):
         log(f"reproduce: {path} is unreadable; starting afresh")
         return None
-    if raw.get("fingerprint") != cfg.fingerprint():
+    if raw.get("fingerprint") != fingerprint:
+        if refuse_other:
+            raise ValueError(f"{path} was made with other settings (fingerprint {raw.get('fingerprint')}, these are "
+                             f"{fingerprint}); choose another --output or the same settings")
         log(f"reproduce: {path} was made with other settings; starting afresh (it will be overwritten)")
         return None
     return raw
@@ -355,14 +378,21 @@ def _load_previous(path: str | None, cfg: ReproConfig, log: Callable[[str], None
 def run_reproduction(cfg: ReproConfig = ReproConfig(), raw_path: str | None = None,
                      log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run (or resume) everything; returns the raw results, also written to ``raw_path`` after every run."""
-    require("gallop reproduce", "transformers", *(("peft",) if "lora" in cfg.methods else ()))
     cfg.check()
-    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    with study_session(cfg.methods, cfg.threads):
+        return _run(cfg, raw_path, log or (lambda s: print(s, file=sys.stderr, flush=True)))
+
+
+@contextlib.contextmanager
+def study_session(methods: tuple[str, ...], threads: int) -> Iterator[None]:
+    """What a study runs inside: its extras present, ``threads`` torch threads, other libraries'
+    progress bars and the bitsandbytes notice off; the thread count is restored afterwards."""
+    require("gallop reproduce", "transformers", *(("peft",) if "lora" in methods else ()))
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(threads)
     try:
         with progress_bars(False), no_bitsandbytes_notice():
-            return _run(cfg, raw_path, log)
+            yield
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -370,11 +400,17 @@ def run_reproduction(cfg: ReproConfig = ReproConfig(), raw_path: str | None = No
 _WORKER: dict[str, Any] = {}
 
 
+def quiet_worker(threads: int) -> None:
+    """A worker process of a study: its threads, and quiet for its whole life (its log is the
+    parent's stderr)."""
+    torch.set_num_threads(threads)
+    progress_bars(False).__enter__()
+    no_bitsandbytes_notice().__enter__()
+
+
 def _worker_init(cfg: ReproConfig) -> None:
     """A worker process: one thread, its own tokenized data (built once)."""
-    torch.set_num_threads(cfg.threads)
-    progress_bars(False).__enter__()  # for the worker's whole life: its log is the parent's stderr
-    no_bitsandbytes_notice().__enter__()
+    quiet_worker(cfg.threads)
     _, tokenizer, _ = load(cfg.model)
     _WORKER.update(cfg=cfg, data=build_data(cfg, tokenizer))
 
@@ -387,7 +423,7 @@ def _worker_run(job: tuple[str, float, int]) -> dict[str, Any]:
 def _run(cfg: ReproConfig, raw_path: str | None, log: Callable[[str], None]) -> dict[str, Any]:
     t0 = time.perf_counter()
     task = C.ID_TASKS[cfg.id_task]
-    raw = _load_previous(raw_path, cfg, log)
+    raw = load_previous(raw_path, cfg.fingerprint(), log)
     model, tokenizer, source = load(cfg.model, log)
     data = build_data(cfg, tokenizer)
     if raw is None:
@@ -400,12 +436,12 @@ def _run(cfg: ReproConfig, raw_path: str | None, log: Callable[[str], None]) -> 
                "id_description": task.description, "id_items": {s: len(task.split(s)) for s in C.SPLITS},
                "ood_tasks": list(cfg.ood_tasks), "ood_items": {k: len(b) for k, b in data.ood.items()},
                "chance": {"id": task.chance}, "vanilla": None, "runs": [], "chosen_lr": {},
-               "run_seconds": 0.0, "machine": _machine(), "sessions": []}
+               "run_seconds": 0.0, "machine": machine(), "sessions": []}
         ts = time.perf_counter()
         raw["vanilla"] = {**evaluate(model, data), "seconds": time.perf_counter() - ts}
-        _save(raw, raw_path)
+        save(raw, raw_path)
     del model
-    session: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_start": _loadavg(),
+    session: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_start": loadavg(),
                                "jobs": cfg.jobs, "threads": cfg.threads}
     raw["sessions"].append(session)
     raw["config"]["seeds"], raw["config"]["methods"] = list(cfg.seeds), list(cfg.methods)
@@ -424,9 +460,9 @@ def _run(cfg: ReproConfig, raw_path: str | None, log: Callable[[str], None]) -> 
     def record(r: dict[str, Any]) -> None:
         raw["runs"].append(r)
         raw["run_seconds"] = raw.get("run_seconds", 0.0) + r["seconds"]
-        session["loadavg_end"] = _loadavg()
+        session["loadavg_end"] = loadavg()
         session["seconds"] = time.perf_counter() - t0
-        _save(raw, raw_path)
+        save(raw, raw_path)
         ood = sum(r["ood"].values()) / len(r["ood"])
         log(f"  [{len(raw['runs'])}/{total}] {r['method']:<6} lr {r['lr']:g} seed {r['seed']}: ID val "
             f"{r['id_val']:.3f} test {r['id_test']:.3f} OOD {ood:.3f} loss {r['losses'][-1]:.3f} "
@@ -447,16 +483,16 @@ def _run(cfg: ReproConfig, raw_path: str | None, log: Callable[[str], None]) -> 
     execute(tuning)
     for method in cfg.methods:
         raw["chosen_lr"][method] = choose_lr(raw["runs"], method, cfg.tune_seed, cfg.lr_grid[method])
-    _save(raw, raw_path)
+    save(raw, raw_path)
     execute([(m, raw["chosen_lr"][m], seed) for seed in cfg.seeds for m in cfg.methods])
     session["seconds"] = time.perf_counter() - t0
-    session["loadavg_end"] = _loadavg()
+    session["loadavg_end"] = loadavg()
     session["new_runs"] = len(raw["runs"]) - done_before
-    _save(raw, raw_path)
+    save(raw, raw_path)
     return raw
 
 
-def _loadavg() -> float | None:
+def loadavg() -> float | None:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
@@ -464,5 +500,6 @@ def smoke_config(**overrides: Any) -> ReproConfig:
     return replace(SMOKE, **overrides)
 
 
-__all__ = ["METHODS", "METHOD_LABELS", "OOD_TASKS", "ReproConfig", "SMOKE", "choose_lr", "lora_budget",
+__all__ = ["METHODS", "METHOD_LABELS", "OOD_TASKS", "ReproConfig", "SMOKE", "check_lr_grid", "choose_lr", "dense_setup", "loadavg",
+           "load_previous", "lora_budget", "machine", "quiet_worker", "save", "study_session",
            "run_one", "run_reproduction", "sift_groups", "sift_k", "smoke_config"]

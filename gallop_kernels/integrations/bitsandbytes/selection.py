@@ -94,6 +94,19 @@ def wrap_layers(model: nn.Module, targets: Iterable[tuple[str, nn.Module]]) -> d
     return wrapped
 
 
+def quantization_floors(modules: Sequence[SparseDeltaLinear], fraction: float = 0.5) -> list[float]:
+    """Per layer, the magnitude floor of its base (`gallop_kernels.score_floor`): ``fraction`` of
+    the median NF4 step next to zero for a 4-bit base, 0 (no floor) for a full-precision one."""
+    from gallop_kernels.integrations.bitsandbytes.base import base_quantization
+    from gallop_kernels.score_floor import quantization_floor
+
+    out = []
+    for m in modules:
+        fmt = base_quantization(m.base)
+        out.append(0.0 if fmt == "none" else quantization_floor(m.dequantized_weight(), fmt, fraction))
+    return out
+
+
 def _phase_one(
     model: nn.Module,
     target_modules: TargetModules | None,
@@ -103,6 +116,7 @@ def _phase_one(
     seed: int,
     chunk: int,
     run: Callable[[DeltaTaps], Any],
+    quantization_floor: bool = False,
 ) -> tuple[dict[str, SparseDeltaLinear], Any]:
     """Wrap, ``run`` the accumulation into the taps, select, install; undone on any error."""
     targets = resolve_targets(model, ALL_LINEAR if target_modules is None else target_modules)
@@ -125,9 +139,11 @@ def _phase_one(
         names = list(wrapped)
         modules = [wrapped[n] for n in names]
         k = rules.k_for_density(sum(m.weight_numel for m in modules), float(density))
+        floors = (rules.check_score_floor(quantization_floors(modules), len(modules), score)
+                  if quantization_floor else None)
         chosen = streaming.select(
             _LazyWeights(modules), [sink.buffers[n].sum for n in names], k, score, score_eps, seed,
-            names=[f"{n}.weight" for n in names], chunk=chunk,
+            names=[f"{n}.weight" for n in names], chunk=chunk, floors=floors,
         )
         del sink
     except BaseException:
@@ -147,10 +163,14 @@ def _phase_one(
     return wrapped, outcome
 
 
-def _check_options(density: Any, score: Any, chunk: Any) -> None:
+def _check_options(density: Any, score: Any, chunk: Any, quantization_floor: Any = False) -> None:
     check_fraction(density, "density")
     check_score(score)
     check_count(chunk, "chunk")
+    if not isinstance(quantization_floor, bool):
+        raise TypeError(f"quantization_floor must be True or False, got {quantization_floor!r}")
+    if quantization_floor:
+        rules.check_score_floor(0.0, 1, score, "quantization_floor")
 
 
 def select_sparse_delta(
@@ -165,6 +185,7 @@ def select_sparse_delta(
     score_eps: float = 1e-8,
     seed: int = 0,
     chunk: int = streaming.DEFAULT_CHUNK,
+    quantization_floor: bool = False,
 ) -> dict[str, SparseDeltaLinear]:
     """GaLLoP phase one on a (4-bit) base: wrap, calibrate through gradient taps, select, install.
 
@@ -182,6 +203,9 @@ def select_sparse_delta(
         max_batches: use at most this many batches.
         score_eps, seed: as in `SparseAdamW`.
         chunk: entries scored at a time by the streaming select.
+        quantization_floor: floor |θ| at half of each 4-bit base's NF4 step next to zero
+            (`quantization_floors`, `docs/design.md#score-floor`): the base's zeros and tiny
+            magnitudes then tie and rank by |g| alone. For the "gallop" and "magnitude" scores.
 
     Returns ``{module name: SparseDeltaLinear}`` for every wrapped layer (layers with no selected
     entry are wrapped too, with an empty, frozen delta). On return every parameter of ``model``
@@ -193,13 +217,13 @@ def select_sparse_delta(
     before the model changes; an error during calibration or selection (no batches, a NaN score)
     restores the original layers and ``requires_grad`` flags.
     """
-    _check_options(density, score, chunk)
+    _check_options(density, score, chunk, quantization_floor)
     check_count(max_batches, "max_batches", allow_none=True)
     if not callable(loss_fn):
         raise TypeError("loss_fn must be callable (batch -> scalar loss)")
     wrapped, _ = _phase_one(
         model, target_modules, density, score, score_eps, seed, chunk,
-        lambda sink: accumulate(sink, batches, loss_fn, max_batches=max_batches),
+        lambda sink: accumulate(sink, batches, loss_fn, max_batches=max_batches), quantization_floor,
     )
     return wrapped
 
@@ -218,6 +242,7 @@ def select_sparse_delta_from_dataset(
     autocast_dtype: torch.dtype | None = None,
     score_eps: float = 1e-8,
     chunk: int = streaming.DEFAULT_CHUNK,
+    quantization_floor: bool = False,
 ) -> tuple[dict[str, SparseDeltaLinear], int]:
     """:func:`select_sparse_delta` on the seeded calibration subset of a dataset, each batch
     weighted by its label tokens exactly as the Trainer callback does
@@ -226,7 +251,7 @@ def select_sparse_delta_from_dataset(
     examples. Every rank calibrates on the whole subset (no reduction)."""
     from gallop_kernels.integrations.transformers import label_token_units
 
-    _check_options(density, score, chunk)
+    _check_options(density, score, chunk, quantization_floor)
     check_fraction(fraction, "calibration fraction")
     return _phase_one(
         model, target_modules, density, score, score_eps, seed, chunk,
@@ -234,4 +259,5 @@ def select_sparse_delta_from_dataset(
                                        batch_size=batch_size, seed=seed,
                                        autocast_dtype=autocast_dtype, collective=None,
                                        units=label_token_units(model)),
+        quantization_floor,
     )

@@ -54,6 +54,7 @@ def selection_launches() -> Iterator:
     """Launches of one selection per score, over every (θ dtype, g dtype or none, aligned or
     not, index width) the selection launcher groups by."""
     from gallop_kernels.ops.select import launcher as S
+    from gallop_kernels.rules import FLOORED_SCORES
 
     small, large = 48, 80  # large >= the lowered int64 limit
     for score in S.SCORES:
@@ -66,12 +67,14 @@ def selection_launches() -> Iterator:
                         params.append(_padded(nn, t_dtype, aligned))
                         grads.append(None if g_dtype is None else _padded(nn, g_dtype, aligned))
                         pre.append(_padded(nn, __import__("torch").float32, aligned))
-        with _int64_from(64):
+        floored = (None, [0.5] * len(params)) if score in FLOORED_SCORES else (None,)
+        for floors in floored:  # the magnitude floor is one more constexpr of the θ scores
             for shape in S.SHAPES:  # both code shapes, whichever this Triton would run
-                plan = S.SelectionPlan(params, grads, score, 1e-8, 0,
-                                       pre if score == "precomputed" else None, params[0].device,
-                                       shape=shape)
-                yield from plan.launches(k=7)
+                with _int64_from(64):
+                    plan = S.SelectionPlan(params, grads, score, 1e-8, 0,
+                                           pre if score == "precomputed" else None,
+                                           params[0].device, floors=floors, shape=shape)
+                    yield from plan.launches(k=7)
 
 
 def step_launches() -> Iterator:

@@ -17,7 +17,7 @@ import torch
 from gallop_kernels.ops.backends import resolve
 from gallop_kernels.ops.collective import ShardLayout
 from gallop_kernels.ops.select import naive, streaming
-from gallop_kernels.rules import Score, index_dtype
+from gallop_kernels.rules import Score, check_score_floor, index_dtype
 
 __all__ = ["select"]
 
@@ -33,6 +33,7 @@ def select(
     names: Sequence[str] | None = None,
     layout: ShardLayout | None = None,
     backend: str = "auto",
+    floors: Sequence[float] | None = None,
 ) -> list[torch.Tensor]:
     """Per tensor, the sorted flat indices of the group's ``k`` largest scores, ties to the lower
     flat index of the group's concatenation, as `rules.index_dtype` (int32; int64 from 2³¹).
@@ -41,10 +42,13 @@ def select(
     the group (``ops/collective.py``): ``k`` counts the whole group and the indices returned are
     local; every rank calls with its own shards. A NaN or infinite score raises ``ValueError``
     naming the parameter (on every rank), before anything is returned. ``backend``: "auto",
-    "torch" or "triton" (`ops/backends.py`).
+    "torch" or "triton" (`ops/backends.py`). ``floors``: the magnitude floor of each tensor
+    (`docs/design.md#score-floor`; checked by `rules.check_score_floor`), or None.
     """
+    floors = check_score_floor(floors, len(params), score)
     if resolve(backend, [*params, *grads]) == "torch":
-        chosen = streaming.select(params, grads, k, score, score_eps, seed, names, layout=layout)
+        chosen = streaming.select(params, grads, k, score, score_eps, seed, names, layout=layout,
+                                  floors=floors)
         return [c.to(index_dtype(p.numel())) for c, p in zip(chosen, params)]
 
     from gallop_kernels.ops.select import launcher  # imports triton
@@ -56,7 +60,7 @@ def select(
                        for p, g, off in zip(params, grads, offsets)]
         score = "precomputed"
     return launcher.select(params, grads, k, score, score_eps=score_eps, seed=seed, names=names,
-                           precomputed=precomputed, layout=layout)
+                           precomputed=precomputed, layout=layout, floors=floors)
 
 
 def _offsets(params: Sequence[torch.Tensor]) -> list[int]:

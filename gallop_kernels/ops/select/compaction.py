@@ -35,6 +35,7 @@ from gallop_kernels.ops.select.score import (
     first_slot,
     program_tiles,
     slot_fields,
+    row_floor,
     tile_key,
     tile_of,
 )
@@ -44,7 +45,7 @@ from gallop_kernels.ops.select.score import (
 def count_kernel(
     table_ptr, state_ptr, gt_ptr, eq_ptr, eps,
     THETA_T: tl.constexpr, G_T: tl.constexpr, SCORE: tl.constexpr, HAS_G: tl.constexpr,
-    SIGNED: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    SIGNED: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, FLOOR: tl.constexpr,
 ):
     """Per tile: entries above / equal to the threshold (active when nothing was captured)."""
     t0, t1 = program_tiles(table_ptr)
@@ -63,7 +64,8 @@ def count_kernel(
             row, local, THETA_T, G_T, ALIGNED, BLOCK)
         gidx = gbase + offs
         key, _ = tile_key(theta_ptr, g_ptr, offs, m, gidx, eps, seed_mix,
-                          SCORE, HAS_G, SIGNED, THETA_T, G_T, ALIGNED, lim)
+                          SCORE, HAS_G, SIGNED, THETA_T, G_T, FLOOR, row_floor(row, FLOOR),
+                          ALIGNED, lim)
         km = key & kmask
         packed = tl.sum((m & (km > thr)).to(tl.int32) + ((m & (km == thr)).to(tl.int32) << 16), 0)
         gtile = gtile0 + local
@@ -122,6 +124,7 @@ def write_kernel(
     table_ptr, state_ptr, take_ptr, take_excl_ptr, ties_ptr, eq_ptr, eps,
     THETA_T: tl.constexpr, G_T: tl.constexpr, IDX_T: tl.constexpr, SCORE: tl.constexpr,
     HAS_G: tl.constexpr, SIGNED: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    FLOOR: tl.constexpr,
 ):
     """Writes the selected local indices of every tile from θ and g (active unless every
     selectable entry was captured)."""
@@ -144,7 +147,8 @@ def write_kernel(
                 row, local, THETA_T, G_T, ALIGNED, BLOCK)
             gidx = gbase + offs
             key, _ = tile_key(theta_ptr, g_ptr, offs, m, gidx, eps, seed_mix,
-                              SCORE, HAS_G, SIGNED, THETA_T, G_T, ALIGNED, lim)
+                              SCORE, HAS_G, SIGNED, THETA_T, G_T, FLOOR, row_floor(row, FLOOR),
+                              ALIGNED, lim)
             ties = tl.load(ties_ptr + gtile)
             partial = (ties > 0) & (ties < tl.load(eq_ptr + gtile))
             take, rank, _ = _ordered_take(key & kmask, m, thr, ties, partial, 0)

@@ -47,6 +47,7 @@ from gallop_kernels.ops.select.score import (
     first_slot,
     program_tiles,
     slot_fields,
+    row_floor,
     tile_key,
     tile_of,
 )
@@ -61,7 +62,7 @@ HIST_MISS = tl.constexpr(2)  # sampled shape: the level's exact histogram after 
 def histogram_kernel(
     table_ptr, state_ptr, hist_ptr, eps,
     THETA_T: tl.constexpr, G_T: tl.constexpr, SCORE: tl.constexpr, HAS_G: tl.constexpr,
-    SIGNED: tl.constexpr, ALIGNED: tl.constexpr, FILTER: tl.constexpr,
+    SIGNED: tl.constexpr, ALIGNED: tl.constexpr, FILTER: tl.constexpr, FLOOR: tl.constexpr,
     SHIFT: tl.constexpr, DIGIT_BITS: tl.constexpr, HI_MASK: tl.constexpr, BLOCK: tl.constexpr,
     MODE: tl.constexpr = HIST_EXACT,
 ):
@@ -91,8 +92,8 @@ def histogram_kernel(
             theta_ptr, g_ptr, offs, m, lim, base, gbase, gtile0 = tile_of(
                 row, t - start, THETA_T, G_T, ALIGNED, BLOCK)
             gidx = gbase + offs
-            key, _ = tile_key(theta_ptr, g_ptr, offs, m, gidx, eps, seed_mix,
-                              SCORE, HAS_G, SIGNED, THETA_T, G_T, ALIGNED, lim)
+            key, _ = tile_key(theta_ptr, g_ptr, offs, m, gidx, eps, seed_mix, SCORE, HAS_G,
+                              SIGNED, THETA_T, G_T, FLOOR, row_floor(row, FLOOR), ALIGNED, lim)
             digit = ((key >> SHIFT) & (BINS - 1)).to(tl.int32)
             if FILTER:
                 hm = m & ((key & HI_MASK) == prefix)
@@ -109,7 +110,7 @@ def capture_kernel(
     table_ptr, state_ptr, cand_ptr, seg_start_ptr, seg_count_ptr, cnt_gt_ptr, wcount_ptr, eps,
     THETA_T: tl.constexpr, G_T: tl.constexpr, SCORE: tl.constexpr, HAS_G: tl.constexpr,
     SIGNED: tl.constexpr, ALIGNED: tl.constexpr, HI_MASK: tl.constexpr, BLOCK: tl.constexpr,
-    WINDOWED: tl.constexpr = False,
+    FLOOR: tl.constexpr, WINDOWED: tl.constexpr = False,
 ):
     """Captures the candidates of every tile (active while S_CAPTURE is pending).
 
@@ -147,8 +148,8 @@ def capture_kernel(
         theta_ptr, g_ptr, offs, m, lim, base, gbase, gtile0 = tile_of(
             row, local, THETA_T, G_T, ALIGNED, BLOCK)
         gidx = gbase + offs
-        key, _ = tile_key(theta_ptr, g_ptr, offs, m, gidx, eps, seed_mix,
-                          SCORE, HAS_G, SIGNED, THETA_T, G_T, ALIGNED, lim)
+        key, _ = tile_key(theta_ptr, g_ptr, offs, m, gidx, eps, seed_mix, SCORE, HAS_G, SIGNED,
+                          THETA_T, G_T, FLOOR, row_floor(row, FLOOR), ALIGNED, lim)
         high = key & HI_MASK
         # low 16 bits: entries with prefix >= lo; high 16 bits: entries with prefix > hi
         packed = tl.sum((m & (high >= lo)).to(tl.int32) + ((m & (high > hi)).to(tl.int32) << 16), 0)

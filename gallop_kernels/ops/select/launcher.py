@@ -100,6 +100,7 @@ from gallop_kernels.ops.select.histogram import (
 from gallop_kernels.ops.select.naive import compute_score, seed_mix
 from gallop_kernels.ops.select.score import (
     ROW_FIELDS,
+    ROW_FLOOR,
     ROW_GOFF,
     ROW_GRAD,
     ROW_GTILE,
@@ -245,6 +246,11 @@ def resolve_shape(shape: str | None = None) -> str:
     return shape
 
 
+def _float32_bits(value: float) -> int:
+    """The bits of a float32 (>= 0, so < 2**31) as the launch table's int64 field."""
+    return int(torch.tensor(value, dtype=torch.float32).view(torch.int32))
+
+
 def _aligned(*tensors_and_numel) -> bool:
     *tensors, numel = tensors_and_numel
     return numel % 16 == 0 and all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
@@ -274,9 +280,11 @@ class SelectionPlan:
     """
 
     def __init__(self, params, grads, score, score_eps, seed, precomputed, device,
-                 layout: ShardLayout | None = None, shape: str | None = None):
+                 layout: ShardLayout | None = None, floors: Sequence[float] | None = None,
+                 shape: str | None = None):
         self.params, self.grads, self.device, self.layout = params, grads, device, layout
         self.shape = resolve_shape(shape)
+        self.floors = None if floors is None else list(floors)  # float32 values (rules.check_score_floor)
         self.score = score
         self.code = SCORE_CODES[score]
         self.signed = score == "precomputed"
@@ -335,6 +343,8 @@ class SelectionPlan:
             row[ROW_START] = start
             row[ROW_OUT] = out_ptrs[i] if out_ptrs is not None else 0
             row[ROW_TID] = i
+            if self.floors is not None:
+                row[ROW_FLOOR] = _float32_bits(self.floors[i])
             rows.append(row)
             start += self.n_tiles[i]
         header = [0] * 3
@@ -364,7 +374,7 @@ class SelectionPlan:
                 THETA_T=TL_DTYPE[t_dtype] if t_dtype is not None else tl.float32,
                 G_T=TL_DTYPE[g_dtype] if g_dtype is not None else tl.float32,
                 SCORE=self.code, HAS_G=g_dtype is not None, SIGNED=self.signed,
-                ALIGNED=aligned, BLOCK=self.block, **extra,
+                ALIGNED=aligned, BLOCK=self.block, FLOOR=self.floors is not None, **extra,
             )
             if kernel is write_kernel:
                 const["IDX_T"] = tl.int64 if idx64 else tl.int32
@@ -610,7 +620,7 @@ class SelectionPlan:
                 s = self.precomputed[i].reshape(-1)
             else:
                 s = compute_score(p, self.grads[i], self.score, self.eps, self.seed,
-                                            self.offsets[i])
+                                  self.offsets[i], None if self.floors is None else self.floors[i])
             counts.append(int((~torch.isfinite(s)).sum()))
         return counts
 
@@ -625,6 +635,7 @@ def select(
     names: Sequence[str] | None = None,
     precomputed: Sequence[torch.Tensor] | None = None,
     layout: ShardLayout | None = None,
+    floors: Sequence[float] | None = None,
 ) -> list[torch.Tensor]:
     """Per tensor, the sorted flat indices of its selected entries (int32; int64 for a tensor of
     >= 2**31 entries): the k largest scores of the group, ties to the lower flat index.
@@ -635,6 +646,8 @@ def select(
     the same collectives in the same order, whatever its data, also with empty shards.
 
     A NaN or infinite score raises ``ValueError`` naming the tensor (on every rank).
+    ``floors``: per tensor, the float32 magnitude floor of the gallop/magnitude score
+    (`rules.check_score_floor`), or None.
     """
     params, grads, names, precomputed, device, total, k = _check_inputs(
         params, grads, k, score, names, precomputed, layout
@@ -647,7 +660,7 @@ def select(
                 f"every rank must pass the same number of tensors to a sharded selection, got "
                 f"{counts.reshape(-1).tolist()}"
             )
-    plan = SelectionPlan(params, grads, score, score_eps, seed, precomputed, device, layout)
+    plan = SelectionPlan(params, grads, score, score_eps, seed, precomputed, device, layout, floors)
     if total == 0:
         return [torch.empty(0, dtype=dt, device=device) for dt in plan.index_dtypes]
 

@@ -71,11 +71,14 @@ def compute_score(
     score_eps: float = 1e-8,
     seed: int = 0,
     offset: int = 0,
+    floor: float | None = None,
 ) -> torch.Tensor:
     """Flat float32 score of every entry of ``param`` (`docs/design.md#selection-semantics`).
 
     ``grad=None`` counts as an all-zero gradient. ``offset`` is the position of ``param``'s first
-    entry in its group's concatenation; only the ``"random"`` score depends on it.
+    entry in its group's concatenation; only the ``"random"`` score depends on it. ``floor``
+    (`docs/design.md#score-floor`, a float32 value from `rules.check_score_floor`): the "gallop"
+    and "magnitude" scores read max(|θ|, floor) instead of |θ| (a NaN θ stays NaN).
     """
     theta = param.detach().reshape(-1).to(torch.float32)
     if callable(score):
@@ -93,7 +96,7 @@ def compute_score(
         index = torch.arange(offset, offset + theta.numel(), device=theta.device, dtype=torch.int64)
         return hash_uniform(index, seed)
     if score == "magnitude":
-        return 1.0 / (theta.abs() + score_eps)
+        return 1.0 / (_floored(theta, floor) + score_eps)
     g = (
         torch.zeros_like(theta)
         if grad is None
@@ -102,8 +105,17 @@ def compute_score(
     if score == "gradient":
         return g.abs()
     if score == "gallop":
-        return g.abs() / (theta.abs() + score_eps)
+        return g.abs() / (_floored(theta, floor) + score_eps)
     raise ValueError(f"unknown score {score!r}; expected one of {SCORE_NAMES} or a callable")
+
+
+def _floored(theta: torch.Tensor, floor: float | None) -> torch.Tensor:
+    """|θ|, or max(|θ|, floor) written so that a NaN θ stays NaN (``tl.where`` in the kernels)."""
+    magnitude = theta.abs()
+    if floor is None:
+        return magnitude
+    f = torch.tensor(floor, dtype=torch.float32, device=theta.device)
+    return torch.where(magnitude < f, f, magnitude)
 
 
 def check_finite(scores: torch.Tensor, name: str) -> None:
@@ -165,13 +177,16 @@ def select(
     score_eps: float = 1e-8,
     seed: int = 0,
     names: Sequence[str] | None = None,
+    floors: Sequence[float] | None = None,
 ) -> list[torch.Tensor]:
-    """Phase one of GaLLoP for one group: score every entry, then select the global top-k."""
+    """Phase one of GaLLoP for one group: score every entry, then select the global top-k.
+    ``floors``: one magnitude floor per tensor (`compute_score`), or None."""
     names = list(names) if names is not None else [f"#{i}" for i in range(len(params))]
+    floors = list(floors) if floors is not None else [None] * len(params)
     scores = []
     offset = 0
-    for p, g, name in zip(params, grads, names):
-        s = compute_score(p, g, score, score_eps, seed, offset)
+    for p, g, name, floor in zip(params, grads, names, floors):
+        s = compute_score(p, g, score, score_eps, seed, offset, floor)
         check_finite(s, name)
         scores.append(s)
         offset += p.numel()

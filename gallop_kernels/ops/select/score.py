@@ -89,19 +89,22 @@ def abs_f32(ptr, offs, mask, lim, DT: tl.constexpr, PAIRS: tl.constexpr):
 @triton.jit
 def tile_key(theta_ptr, g_ptr, offs, mask, gidx, eps, seed_mix,
              SCORE: tl.constexpr, HAS_G: tl.constexpr, SIGNED: tl.constexpr,
-             THETA_T: tl.constexpr, G_T: tl.constexpr, PAIRS: tl.constexpr = False, lim=None):
+             THETA_T: tl.constexpr, G_T: tl.constexpr, FLOOR: tl.constexpr = False, floor=0.0,
+             PAIRS: tl.constexpr = False, lim=None):
     """Radix key of the scores of entries ``offs`` of one tensor, and their NaN/inf flags.
 
     ``gidx`` is the flat index in the group's concatenation (only the random score reads it).
     ``theta_ptr`` points at the precomputed float32 scores when SCORE == SCORE_PRECOMPUTED.
-    bf16 tensors are addressed as uint16 (see _triton/tables.py) and bitcast to bf16 before the
-    upcast, which compiles to one instruction per element (a shift of the raw bits is three).
+    bf16 tensors are addressed as uint16 (see _triton/tables.py) and widened by `abs_f32`: two
+    entries per 32-bit load when PAIRS (an aligned launch; ``lim``: the tile's entries).
     Masked-off lanes get a harmless finite score; callers mask every use.
 
     Keys: unsigned comparison of keys orders like the scores. Named scores are >= 0, so their
     raw bits already order correctly (31 significant bits, the first digit starts at bit 30).
     Precomputed scores may be negative (SIGNED): flip all bits of negatives, set the sign bit of
     the others, and map -0.0 onto +0.0 (32 significant bits).
+    FLOOR: the gallop and magnitude scores read max(|θ|, floor) (`docs/design.md#score-floor`),
+    as a ``tl.where`` that keeps a NaN θ NaN; without it this compiles as it always did.
     (One function rather than several small ones: every nested call costs the interpreter.)
     """
     if SCORE == SCORE_RANDOM:
@@ -114,7 +117,10 @@ def tile_key(theta_ptr, g_ptr, offs, mask, gidx, eps, seed_mix,
         else:
             s = tl.zeros(offs.shape, tl.float32)
     else:
-        denom = abs_f32(theta_ptr, offs, mask, lim, THETA_T, PAIRS) + eps
+        mag = abs_f32(theta_ptr, offs, mask, lim, THETA_T, PAIRS)
+        if FLOOR:
+            mag = tl.where(mag < floor, floor, mag)
+        denom = mag + eps
         if SCORE == SCORE_MAGNITUDE:
             s = tl.math.div_rn(tl.full(offs.shape, 1.0, tl.float32), denom)
         else:  # gallop
@@ -148,7 +154,17 @@ ROW_GTILE = tl.constexpr(4)  # global id of the tensor's first tile
 ROW_START = tl.constexpr(5)  # id, within this launch, of the tensor's first tile
 ROW_OUT = tl.constexpr(6)  # data_ptr of the tensor's output indices (write passes only)
 ROW_TID = tl.constexpr(7)  # index of the tensor in the group
-ROW_FIELDS = tl.constexpr(8)  # (even: every row starts 16-byte aligned)
+ROW_FLOOR = tl.constexpr(8)  # float32 bits of the tensor's magnitude floor (FLOOR launches only)
+ROW_FIELDS = tl.constexpr(10)  # (even: every row starts 16-byte aligned; field 9 is padding)
+
+
+@triton.jit
+def row_floor(row, FLOOR: tl.constexpr):
+    """The tensor's magnitude floor (float32) on a FLOOR launch; 0 (unused) otherwise."""
+    if FLOOR:
+        return tl.load(row + ROW_FLOOR).to(tl.int32).to(tl.float32, bitcast=True)
+    else:
+        return 0.0
 
 
 @triton.jit

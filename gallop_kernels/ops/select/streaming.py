@@ -108,8 +108,10 @@ class _Group:
     """
 
     def __init__(self, params, grads, score, score_eps, seed, names, chunk, offsets,
-                 total: int, total_local: int, keep_keys: int) -> None:
+                 total: int, total_local: int, keep_keys: int, floors=None) -> None:
         self.params, self.grads = params, grads
+        self.floors = list(floors) if floors is not None else [None] * len(offsets)
+        self.floored = any(f is not None for f in self.floors)
         self.score, self.score_eps, self.seed = score, score_eps, seed
         self.names, self.chunk, self.offsets = names, chunk, offsets
         # Named scores are >= 0, so their bits are their keys (31 bits); a callable's may be
@@ -156,7 +158,7 @@ class _Group:
                     )
                 s = compute_score(
                     piece_p, piece_g, self.score, self.score_eps, self.seed,
-                    self.offsets[t] + start,
+                    self.offsets[t] + start, self.floors[t],
                 )
                 yield t, start, order_keys(s) if self.signed else s.view(torch.int32)
 
@@ -302,6 +304,7 @@ def select(
     chunk: int | None = None,
     layout: ShardLayout | None = None,
     keep_keys: int = KEEP_KEYS,
+    floors: Sequence[float] | None = None,
 ) -> list[torch.Tensor]:
     """Per tensor, the sorted int64 local flat indices of the exact top-k (ties to the lower
     global flat index).
@@ -314,6 +317,7 @@ def select(
     ``max(chunk, min(k, MAX_CANDIDATES))`` candidates of the threshold's bucket. A group of at
     most ``keep_keys`` local entries keeps its int32 keys between the reads of θ and g (4 bytes
     an entry, 64 MiB at the default), so its scores are computed once; 0 never keeps them.
+    ``floors``: one magnitude floor per tensor (`naive.compute_score`), or None.
     """
     names = list(names) if names is not None else [f"#{i}" for i in range(len(params))]
     # One walk over `params` for sizes and devices (a lazy sequence builds each tensor per walk).
@@ -334,7 +338,7 @@ def select(
         raise ValueError(f"k={k} must be between 1 and the number of entries {total}")
     offsets = _check_layout(layout, sizes, k, chunk, ranks)
     group = _Group(params, grads, score, score_eps, seed, names, chunk, offsets, total,
-                   total_local, keep_keys)
+                   total_local, keep_keys, floors)
     n_tensors = len(sizes)
     cap = max(chunk, min(k, MAX_CANDIDATES))  # entries of the threshold's bucket we may keep
     if layout is None and total_local <= SMALL_GROUP:
@@ -424,9 +428,10 @@ def _select_small(group: _Group, devices, k: int) -> list[torch.Tensor]:
     """One process, a small group: every key at once, the threshold is the k-th largest, its
     ties go to the lowest flat indices. A named score is computed once over the concatenated
     tensors (elementwise, with the random score's flat indices counted from 0 in group order,
-    so each entry gets exactly its own score) rather than tensor by tensor."""
+    so each entry gets exactly its own score) rather than tensor by tensor (not with per-tensor
+    magnitude floors)."""
     tensors = list(group._tensors())
-    if callable(group.score) or len(set(devices)) > 1:
+    if callable(group.score) or len(set(devices)) > 1 or group.floored:
         packed = list(group.chunks())
         segments = group.segments
         keys = torch.cat([c[1].to(devices[0]) for c in packed]) if packed else None
@@ -457,10 +462,10 @@ def _select_small(group: _Group, devices, k: int) -> list[torch.Tensor]:
     bounds = torch.tensor([seg.at for seg in segments] + [segments[-1].at + segments[-1].n],
                           dtype=chosen.dtype, device=chosen.device)
     cuts = torch.searchsorted(chosen, bounds).tolist()
-    out = [torch.empty(0, dtype=torch.int64, device=d) for d in devices]
+    parts: list[list[torch.Tensor]] = [[] for _ in devices]  # a tensor sliced into chunks has several segments
     for i, seg in enumerate(segments):
-        out[seg.t] = (chosen[cuts[i]:cuts[i + 1]] - (seg.at - seg.start)).to(devices[seg.t])
-    return out
+        parts[seg.t].append((chosen[cuts[i]:cuts[i + 1]] - (seg.at - seg.start)).to(devices[seg.t]))
+    return [torch.cat(p) if p else torch.empty(0, dtype=torch.int64, device=d) for p, d in zip(parts, devices)]
 
 
 def _keep(group: _Group, device: torch.device, lo: int, ties_needed: int | None = None,
