@@ -13,11 +13,12 @@ are rewritten after every stage, so a run stopped at any point still leaves its 
 stage      budget  what it does
 =========  ======  ==========================================================================
 env          15 s  device (name, driver, memory), software, measured copy bandwidth
-build        45 s  ``cmake`` + build of the native baselines (``kernels/``: CUB threshold, plain
+build        40 s  ``cmake`` + build of the native baselines (``kernels/``: CUB threshold, plain
                    sparse AdamW) for this GPU's architecture only
-compile     100 s  every kernel variant the launchers emit (both selection shapes, ~900),
-                   compiled for this GPU on all its cores into Triton's cache
-tests        90 s  pytest of the kernel test files, compiled for this GPU (warm: the compile
+compile     120 s  every kernel variant the launchers emit (both selection shapes, ~1400;
+                   the magnitude-floor ones last), compiled for this GPU on all its cores into
+                   Triton's cache
+tests        85 s  pytest of the kernel test files, compiled for this GPU (warm: the compile
                    stage compiled every variant they launch), the CUDA-only tests among them
 selection    75 s  exact top-k at N = 1e6, 1e7, 1e8, 1e9, 4e9 (bf16 θ and g, ρ = 1 %): ours
                    (``ops.select.select``, Triton on CUDA; and the other selection shape)
@@ -26,7 +27,7 @@ selection    75 s  exact top-k at N = 1e6, 1e7, 1e8, 1e9, 4e9 (bf16 θ and g, ρ
 step         35 s  sparse AdamW at the same N, ρ = 1 % (``ops.adamw.sparse_adamw``) beside dense
                    ``torch.optim.AdamW(fused=True)`` and bitsandbytes ``AdamW8bit`` (where it is
                    installed, and only below 2^31 entries: its kernels count in an int32)
-memory      100 s  ``gallop memory``'s measure mode on the Llama-3-8B shape (seq 2048, batch 1),
+memory       90 s  ``gallop memory``'s measure mode on the Llama-3-8B shape (seq 2048, batch 1),
                    most telling rows first, only rows whose package is there and that are
                    predicted to fit in 85 % of the device memory, as many as the budget allows
 =========  ======  ==========================================================================
@@ -40,8 +41,9 @@ measured, pass/fail) and a log per stage, every file naming the device.
 Time estimate on one H200 (why the budgets fit 8 minutes; each budget includes its process's
 start-up, ~3-5 s of Python and torch imports, and is a hard limit). env: the copy of 1 GiB and
 device queries, < 5 s. build: nvcc for one architecture, ~25 s (measured on a 2-core CPU: 27 s).
-compile: ~900 variants at ~1-2 s of one core each (measured here: ~1.4 s on a loaded 2-core VM)
-over the image's 16 cores: 60-110 s; a cut-short compile only makes the tests colder. tests: the
+compile: ~1400 variants at ~1-2 s of one core each (measured here: ~1.4 s on a loaded 2-core
+VM) over the image's 16 cores: 90-170 s; the ~500 floored variants come last and the kernel tests
+launch none of them, so a compile cut at its budget leaves the tests warm all the same. tests: the
 kernel files with warm kernels: mostly small launches, ~30-60 s. selection: the bandwidth floor
 (`docs/design.md#kernels`) is one read of bf16 θ and g = 4 B/entry per pass; at N = 4e9 that is
 16 GB per pass, 3.3 ms on an H200 (~4.8 TB/s); our selection makes ~1-2 reads (~7 ms); the torch
@@ -50,7 +52,7 @@ compositions materialise fp32 scores (write + read 32 GB) and make several passe
 case, the sizes from 1e6 to 4e9 take ~15 s of timing plus data generation (~2 s per 4e9 pair);
 kthvalue and sort are skipped where they cannot take the size. step: dense fused AdamW at 4e9
 moves 14 B/param = 56 GB (~12 ms a step), the sparse step ~1.4 GB (< 1 ms): ~10 s. memory: each
-8B row builds the model in a fresh process (random weights, ~30-60 s a row): two to three rows
+8B row builds the model in a fresh process (random weights, ~30-60 s a row): one to three rows
 fit. Sum of budgets: 460 s; the global budget (``--budget-s``, 470 s) leaves the rest of the
 8 minutes for the parent process.
 
@@ -79,8 +81,8 @@ from benchmarks.gpu_stages import DENSITY, STAGES
 
 GPU_SIZES = (10**6, 10**7, 10**8, 10**9, 4 * 10**9)
 DRY_SIZES = (2**10, 2**12)
-BUDGETS_S = {"env": 15, "build": 45, "compile": 100, "tests": 90, "selection": 75, "step": 35,
-             "memory": 100}
+BUDGETS_S = {"env": 15, "build": 40, "compile": 120, "tests": 85, "selection": 75, "step": 35,
+             "memory": 90}
 DRY_BUDGETS_S = {"env": 30, "build": 150, "compile": 150, "tests": 150, "selection": 150,
                  "step": 90, "memory": 120}
 GLOBAL_BUDGET_S = 470

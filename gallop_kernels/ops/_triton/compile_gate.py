@@ -50,9 +50,10 @@ def _int64_from(limit: int):
         rules.INT32_LIMIT = old
 
 
-def selection_launches() -> Iterator:
+def selection_launches(floored: bool = False) -> Iterator:
     """Launches of one selection per score, over every (θ dtype, g dtype or none, aligned or
-    not, index width) the selection launcher groups by."""
+    not, index width, selection shape) the selection launcher groups by; ``floored``: those
+    with a magnitude floor instead (the scores that take one)."""
     from gallop_kernels.ops.select import launcher as S
     from gallop_kernels.rules import FLOORED_SCORES
 
@@ -67,14 +68,15 @@ def selection_launches() -> Iterator:
                         params.append(_padded(nn, t_dtype, aligned))
                         grads.append(None if g_dtype is None else _padded(nn, g_dtype, aligned))
                         pre.append(_padded(nn, __import__("torch").float32, aligned))
-        floored = (None, [0.5] * len(params)) if score in FLOORED_SCORES else (None,)
-        for floors in floored:  # the magnitude floor is one more constexpr of the θ scores
-            for shape in S.SHAPES:  # both code shapes, whichever this Triton would run
-                with _int64_from(64):
-                    plan = S.SelectionPlan(params, grads, score, 1e-8, 0,
-                                           pre if score == "precomputed" else None,
-                                           params[0].device, floors=floors, shape=shape)
-                    yield from plan.launches(k=7)
+        if floored and score not in FLOORED_SCORES:
+            continue
+        floors = [0.5] * len(params) if floored else None  # (one more constexpr, FLOOR)
+        for shape in S.SHAPES:  # both code shapes, whichever this Triton would run
+            with _int64_from(64):
+                plan = S.SelectionPlan(params, grads, score, 1e-8, 0,
+                                       pre if score == "precomputed" else None,
+                                       params[0].device, floors=floors, shape=shape)
+                yield from plan.launches(k=7)
 
 
 def step_launches() -> Iterator:
@@ -116,7 +118,9 @@ def variants(subset: bool = False) -> dict[tuple, object]:
     """Distinct compiled variants (variant key -> one Launch of it). ``subset``: one per kernel
     and state layout, the launch most runs use (bf16 θ and g, gallop score, aligned, int32)."""
     out: dict[tuple, object] = {}
-    for launch in list(selection_launches()) + list(step_launches()):
+    # (the floored selections last: a compile cut short, as the GPU check's warm-up may be,
+    # leaves out what the kernel tests launch least)
+    for launch in [*selection_launches(), *step_launches(), *selection_launches(floored=True)]:
         out.setdefault(launch.variant_key(), launch)
     if not subset:
         return out
