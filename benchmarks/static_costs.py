@@ -264,6 +264,8 @@ def variant_label(launch) -> str:
         score = {"0": "gallop", "1": "gradient", "2": "magnitude", "3": "random", "4": "precomputed"}[c["SCORE"]]
         parts.append(f"{score} θ={c['THETA_T']} g={c['G_T'] if c['HAS_G'] == 'True' else '-'}")
         parts.append("aligned" if c["ALIGNED"] == "True" else "unaligned")
+        if c.get("FLOOR") == "True":
+            parts.append("magnitude floor")
     if "P_T" in c:
         parts.append(f"{'8-bit' if c['STATE'] == '1' else 'fp32'} state p={c['P_T']} g={c['G_T']}"
                      f"{' master' if c['HAS_MASTER'] == 'True' else ''}"
@@ -289,6 +291,8 @@ def representative(variants: dict) -> dict:
             ok = (same and (c["ALIGNED"] == "True" or c["THETA_T"] == "bf16")) or (
                 c["SCORE"] == "4" and c["ALIGNED"] == "True")
             ok = ok and c.get("IDX_T", "int32") == "int32"
+            if c.get("FLOOR") == "True":  # the floored launches: aligned bf16 only
+                ok = ok and c["THETA_T"] == "bf16" and c["ALIGNED"] == "True"
         elif "P_T" in c:
             ok = (c["P_T"] == c["G_T"] and c["IDX_T"] == "int32"
                   and c["HAS_MASTER"] == ("True" if c["P_T"] != "fp32" else "False"))
@@ -413,7 +417,8 @@ def budget_checks(rows: list[dict], runs_shape: str) -> list[dict]:
                     "spills": r["spill_stores"] + r["spill_loads"],
                     "vector_loads": r["vector_loads"]})
 
-    bf16 = [r for r in sm90 if r["variant"].startswith("gallop θ=bf16 g=bf16, aligned")]
+    bf16 = [r for r in sm90 if r["variant"].startswith("gallop θ=bf16 g=bf16, aligned")
+            and "magnitude floor" not in r["variant"]]
     for r in bf16:
         if r["pass"] == "pass 0: histogram":
             add("first full pass <= 1.1 / entry", RADIX, r, r["static_per_element"], 1.1)
@@ -582,7 +587,7 @@ def _budget_variant(launch) -> bool:
     label, name = variant_label(launch), _pass_name(launch)
     if name == "sparse step":
         return label == "fp32 state p=bf16 g=bf16 master, idx int32"
-    return label.startswith("gallop θ=bf16 g=bf16, aligned") and name in (
+    return label.startswith("gallop θ=bf16 g=bf16, aligned") and "floor" not in label and name in (
         "pass 0: histogram", "sample histogram", "pass 1: capture (filtered)",
         "filtered histogram (fallback)", "window pass: capture or count")
 
