@@ -132,9 +132,15 @@ def apply(group: dict, state: dict, new_indices: Sequence[torch.Tensor]) -> None
         p = local(param)
         k = idx.numel()
         master = None
+        same = "indices" in st and st["indices"].numel() > 0 and torch.equal(st["indices"], idx)
         if needs_master(p, group["master_weights"]):
-            master = p.detach().reshape(-1)[idx.to(torch.int64)].to(torch.float32)
-        if "indices" in st and st["indices"].numel() > 0:
+            if same and "master" in st:
+                master = st["master"]  # the same entries: everything carries over as it is
+            else:
+                master = p.detach().reshape(-1)[idx.to(torch.int64)].to(torch.float32)
+        if same:
+            exp_avg, exp_avg_sq = moments_fp32(st)
+        elif "indices" in st and st["indices"].numel() > 0:
             # Gather at every new index, then keep only those that were selected before
             # (torch.where, not boolean-mask indexing: no data-dependent sizes).
             kept, pos = _carry_over(st["indices"], idx)
