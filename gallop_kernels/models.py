@@ -325,13 +325,31 @@ _LLAMA_GGUF_NAMES = {
 }
 
 
+def converted_from(folder: str | os.PathLike) -> Path | None:
+    """The GGUF file a converted folder of our cache was made from, when that file is still there
+    with the size it had; None for any other folder (read from the manifest, nothing loaded)."""
+    folder = Path(folder).expanduser()
+    if not is_valid_conversion(folder):
+        return None
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        source = Path(manifest["source"])
+        return source if source.is_file() and source.stat().st_size == manifest["source_size"] else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def gguf_source(spec: str | os.PathLike | None = None) -> Path | None:
-    """The GGUF file a spec's weights come from (the embedded file for ``None``), or None for a
-    folder or hub id. Raises :class:`ModelUnavailable` like :func:`check_model_spec`."""
+    """The GGUF file a spec's weights come from: the embedded file for ``None``, the file itself,
+    or the source of one of our converted folders (`converted_from`); None for any other folder or
+    a hub id. Raises :class:`ModelUnavailable` like :func:`check_model_spec`."""
     origin = check_model_spec(spec)
     if origin == "embedded":
         return embedded_gguf()
-    return Path(os.fspath(spec)).expanduser() if origin == "gguf" else None
+    path = Path(os.fspath(spec)).expanduser()
+    if origin == "folder":
+        return converted_from(path)
+    return path if origin == "gguf" else None
 
 
 def gguf_quantization(gguf_path: str | os.PathLike) -> dict[str, str]:
@@ -360,6 +378,6 @@ def default_shaped_model(seed: int = 0) -> Any:
 
 
 __all__ = ["DEFAULT_CONFIG", "DEFAULT_HUB_ID", "DEFAULT_NAME", "ModelUnavailable", "ResolvedModel", "cache_dir", "convert_gguf",
-           "converted_dir", "default_shaped_model", "embedded_gguf", "ensure_converted", "gguf_quantization", "gguf_source",
+           "converted_dir", "converted_from", "default_shaped_model", "embedded_gguf", "ensure_converted", "gguf_quantization", "gguf_source",
            "hub_reachable", "is_valid_conversion", "load_model_and_tokenizer",
            "resolve_model"]

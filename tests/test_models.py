@@ -120,6 +120,29 @@ def test_gguf_is_converted_once_faithfully_and_reused(cache, tiny_gguf, monkeypa
     assert M.resolve_model(str(tiny_gguf)).path == resolved.path
 
 
+def test_a_converted_folder_names_its_gguf_source_while_that_file_is_unchanged(cache, tiny_gguf, tmp_path):
+    """--quantization-floor reads the quantization of the GGUF file a converted folder came from;
+    a folder that is not our conversion, or whose source moved or changed, names none."""
+    from gallop_kernels.finetune.config import FinetuneConfig, check_options
+
+    folder = Path(M.resolve_model(str(tiny_gguf)).path)
+    assert M.converted_from(folder) == tiny_gguf.resolve() and M.gguf_source(str(folder)) == tiny_gguf.resolve()
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n')
+    check_options(FinetuneConfig(model=str(folder), data=str(data), quantization_floor=True,
+                                 output=str(tmp_path / "out")))
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text("{}")
+    assert M.converted_from(plain) is None and M.gguf_source(str(plain)) is None
+    with pytest.raises(ValueError, match="needs a quantized base"):
+        check_options(FinetuneConfig(model=str(plain), data=str(data), quantization_floor=True,
+                                     output=str(tmp_path / "out")))
+    with open(tiny_gguf, "ab") as f:  # the source changed since the conversion
+        f.write(b"\0")
+    assert M.converted_from(folder) is None
+
+
 def test_a_broken_cache_is_detected_and_converted_again(cache, tiny_gguf):
     folder = Path(M.resolve_model(str(tiny_gguf)).path)
     weights = next(folder.glob("*.safetensors"))

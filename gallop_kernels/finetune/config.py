@@ -423,9 +423,13 @@ def _check_quantization_floor(config: FinetuneConfig) -> None:
         raise ValueError(f"--quantization-floor applies to --score {' or '.join(FLOORED_SCORES)}, not {config.score}")
     if config.bits == 4:
         return
-    if config.model is not None and not os.fspath(config.model).lower().endswith(".gguf"):  # (the default is one)
-        raise ValueError("--quantization-floor needs a quantized base: --bits 4, or a .gguf --model (or the "
-                         "embedded default)")
+    if config.model is None or os.fspath(config.model).lower().endswith(".gguf"):  # (the default is one)
+        return
+    from gallop_kernels.models import converted_from
+
+    if converted_from(config.model) is None:
+        raise ValueError("--quantization-floor needs a quantized base: --bits 4, a .gguf --model, a folder "
+                         "converted from one by gallop (its GGUF file still in place), or the embedded default")
 
 
 def check_options(config: FinetuneConfig) -> None:
