@@ -273,9 +273,9 @@ def gallop(argv: list[str]) -> tuple[int, str]:
 
 CONFIG_CASES = [
     ("flags", ["--lr", "1e300"], "--lr must be a number > 0 and <= 3.40282e+38, got 1e+300"),
-    ("flags", ["--max-steps", "9" * 400], "--max-steps must be an integer >= -1 and <= 2.14748e+09, got 999999...999 "
+    ("flags", ["--max-steps", "9" * 400], "--max-steps must be an integer >= -1 and <= 2147483647, got 999999...999 "
                                           "(400 digits)"),
-    ("flags", ["--seed", str(2**32)], "--seed must be an integer >= 0 and <= 4.29497e+09"),
+    ("flags", ["--seed", str(2**32)], "--seed must be an integer >= 0 and <= 4294967295"),
     ("flags", ["--epochs", "1e300"], "--epochs must be a number > 0"),
     ("run.yaml", "lr: 1.0e+300\n", "--lr must be a number > 0"),
     ("run.yaml", "max_steps: " + "9" * 400 + "\n", "--max-steps must be an integer"),

@@ -231,8 +231,9 @@ class Limits:
     high_open: bool = False
 
     def describe(self) -> str:
-        low = f"> {self.low:g}" if self.low_open else f">= {self.low:g}"
-        high = f"< {self.high:g}" if self.high_open else f"<= {self.high:g}"
+        shown = (lambda x: f"{int(x)}") if self.integer else (lambda x: f"{x:g}")  # counts exactly: 2147483647
+        low = f"> {shown(self.low)}" if self.low_open else f">= {shown(self.low)}"
+        high = f"< {shown(self.high)}" if self.high_open else f"<= {shown(self.high)}"
         return f"{'an integer' if self.integer else 'a number'} {low} and {high}"
 
     def admits(self, value: Any) -> bool:
