@@ -139,8 +139,9 @@ def _check_identity(where: str, group: dict, current: dict, names: list[str]) ->
             raise ValueError(f"{where}: '{SHAPES_KEY}' must list one shape (a list of sizes) per param")
         for shape, p, name in zip(shapes, current["params"], names):
             if tuple(shape) != tuple(p.shape):
-                raise ValueError(f"{where}: the checkpoint's state is for a parameter of shape {tuple(shape)}, but "
-                                 f"parameter {name} has shape {tuple(p.shape)}: it was saved for another model")
+                this = name if "shape" in name else f"{name}, of shape {tuple(p.shape)}"  # (unnamed labels show it)
+                raise ValueError(f"{where}: the checkpoint's state is for a parameter of shape {tuple(shape)}, not for "
+                                 f"this optimizer's {this}: it was saved for another model")
     saved_names, now = group.get("param_names"), current.get("param_names")
     if isinstance(saved_names, (list, tuple)) and isinstance(now, (list, tuple)) and len(now) == len(saved_names):
         for old, new in zip(saved_names, now):
