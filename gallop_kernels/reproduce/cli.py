@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from dataclasses import replace
+from typing import Any
 
 from gallop_kernels.argtypes import DefaultsFormatter, ints, positive_int
 
@@ -126,11 +127,9 @@ def _paper(args: argparse.Namespace, output: str, raw_path: str) -> int:
                 if args.smoke and name == "model":
                     return _error("--smoke runs the tiny random model; it takes no --model")
                 changes[field] = getattr(args, name)
-        try:
-            cfg = replace(base, **changes)
-            cfg.check()
-        except ValueError as e:
-            return _error(str(e))
+        cfg = _checked(base, changes)
+        if cfg is None:
+            return 2
         for flag, make, name in ((args.pilot, paper.pilot, "pilot.json"),
                                  (args.selections, paper.selections, "selections.json")):
             if flag:
@@ -146,6 +145,17 @@ def _paper(args: argparse.Namespace, output: str, raw_path: str) -> int:
     print(paper_report.summary(raw))
     print("wrote " + ", ".join(paths))
     return 0
+
+
+def _checked(base: Any, changes: dict[str, Any]) -> Any:
+    """``base`` with the command line's ``changes``, checked; None (after one message) when refused."""
+    try:
+        cfg = replace(base, **changes)
+        cfg.check()
+    except ValueError as e:
+        _error(str(e))
+        return None
+    return cfg
 
 
 def _probes(args: argparse.Namespace, output: str, raw_path: str) -> int:
@@ -168,11 +178,9 @@ def _probes(args: argparse.Namespace, output: str, raw_path: str) -> int:
             for name, field in (("model", "model"), ("seeds", "seeds"), ("rank", "lora_rank"), ("steps", "steps")):
                 if getattr(args, name) is not None:
                     changes[field] = getattr(args, name)
-        try:
-            cfg = replace(base, **changes)
-            cfg.check()
-        except ValueError as e:
-            return _error(str(e))
+        cfg = _checked(base, changes)
+        if cfg is None:
+            return 2
         raw = run_reproduction(cfg, raw_path=raw_path)
     paths = write_outputs(raw, output, make_plot=not args.no_plot)
     print(markdown_table(raw))
